@@ -1,0 +1,120 @@
+//! Wiring: opens the store, builds the cache, the proxy and the admin API,
+//! and runs them on listeners the caller bound, until a shutdown future
+//! resolves. Binaries and tests both start keygate through [`run`], so tests
+//! can bind port 0.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::auth::{Authenticator, CacheSettings};
+use crate::config::Config;
+use crate::key::TokenFormat;
+use crate::proxy::server::{self, ServerLimits};
+use crate::proxy::ProxyState;
+use crate::store::{self, StoreError};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::usage;
+
+/// Why keygate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the key store at {url}: {source}")]
+    Store { url: String, source: StoreError },
+}
+
+/// Runs the proxy and the admin API until `shutdown` resolves, then drains
+/// the proxy and flushes usage.
+pub async fn run(
+    config: Config,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let store = store::open(&config.store.url)
+        .await
+        .map_err(|source| StartError::Store {
+            url: config.store.url.clone(),
+            source,
+        })?;
+    let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
+    let cache = CacheSettings {
+        capacity: config.cache.capacity,
+        ttl: config.cache.ttl,
+        negative_ttl: config.cache.negative_ttl,
+        stale_if_error: config.cache.stale_if_error,
+    };
+    let authenticator = Arc::new(Authenticator::new(store.clone(), cache, metrics.clone()));
+    if let Err(error) = authenticator.load_settings().await {
+        tracing::warn!(%error, "could not read account settings; assuming API keys are enabled");
+    }
+    let (recorder, queue) = usage::channel();
+    let proxy_state = Arc::new(ProxyState::new(
+        &config,
+        authenticator.clone(),
+        recorder,
+        metrics.clone(),
+    ));
+    let admin_state = AdminState {
+        store: store.clone(),
+        authenticator: authenticator.clone(),
+        metrics: metrics.clone(),
+        tokens: TokenFormat::new(&config.keys.prefix),
+        max_body_bytes: config.admin.max_body_bytes,
+    };
+
+    // One shutdown signal fanned out to every task.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tracing::info!(
+        proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        store = %config.store.url,
+        "keygate serving"
+    );
+    let proxy = tokio::spawn(server::serve(
+        proxy_listener,
+        proxy_state,
+        ServerLimits::from(&config.proxy),
+        stopped(),
+    ));
+    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stopped()));
+    let flusher = tokio::spawn(usage::run_flusher(
+        store.clone(),
+        queue,
+        config.usage.flush_interval,
+        metrics.usage_dropped.clone(),
+        stopped(),
+    ));
+    let echo = match config.echo.listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "echo upstream serving");
+                Some(tokio::spawn(crate::echo::serve(listener, stopped())))
+            }
+            Err(error) => {
+                tracing::warn!(%error, %addr, "cannot start the echo upstream");
+                None
+            }
+        },
+        None => None,
+    };
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = proxy.await;
+    let _ = admin.await;
+    let _ = flusher.await;
+    if let Some(echo) = echo {
+        let _ = echo.await;
+    }
+    Ok(())
+}

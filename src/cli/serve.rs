@@ -1,0 +1,51 @@
+//! `keygate serve`: load and validate the config before any runtime starts,
+//! bind the listeners, run until SIGTERM or SIGINT.
+
+use std::path::Path;
+
+use tokio::net::TcpListener;
+
+use super::{Failure, EX_UNAVAILABLE};
+use crate::config::Config;
+
+pub fn run(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    crate::telemetry::init_logging(&config.log).map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let bind = |addr| async move {
+            TcpListener::bind(addr).await.map_err(|e| Failure {
+                code: EX_UNAVAILABLE,
+                message: format!("cannot listen on {addr}: {e}"),
+            })
+        };
+        let proxy = bind(config.proxy.listen).await?;
+        let admin = bind(config.admin.listen).await?;
+        crate::app::run(config, proxy, admin, shutdown_signal())
+            .await
+            .map_err(|e| Failure {
+                code: EX_UNAVAILABLE,
+                message: e.to_string(),
+            })
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; stopping only on Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

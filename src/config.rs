@@ -1,0 +1,525 @@
+//! The TOML configuration: typed structs with a default for every field, and
+//! the validation that runs once, at load, so that an invalid file never
+//! reaches the running proxy. Every error names the field, the value and the
+//! rule it broke.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::Uri;
+use serde::{Deserialize, Deserializer};
+
+use crate::store::Permission;
+
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_STORE_URL: &str = "sqlite://keygate.db";
+pub const DEFAULT_KEY_PREFIX: &str = "kg";
+pub const DEFAULT_IDENTITY_PREFIX: &str = "x-keygate-";
+pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+
+/// A configuration error, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML for keygate: {0}")]
+    Parse(String),
+    #[error("config field `{field}` = {value:?} is invalid: {rule}")]
+    Invalid {
+        field: String,
+        value: String,
+        rule: &'static str,
+    },
+}
+
+fn invalid(field: impl Into<String>, value: impl ToString, rule: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        rule,
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The data plane: where it listens, where it forwards, its limits.
+    pub proxy: ProxyConfig,
+    /// Routes by host and path prefix; empty means every request goes to
+    /// `proxy.upstream` (the sidecar case).
+    pub routes: Vec<RouteConfig>,
+    /// The control plane listener (admin API, metrics, health).
+    pub admin: AdminConfig,
+    /// Where keys live.
+    pub store: StoreConfig,
+    /// The verified-key cache in front of the store.
+    pub cache: CacheConfig,
+    /// Token format.
+    pub keys: KeysConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+    /// Per-key usage records.
+    pub usage: UsageConfig,
+    /// The built-in echo upstream, for trying keygate out.
+    pub echo: EchoConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EchoConfig {
+    /// Where to run an echo upstream that answers with what it received;
+    /// absent (the default) runs none.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address of the proxy listener (HTTP/1.1 and h2c on one port).
+    pub listen: SocketAddr,
+    /// The upstream every request goes to when no `[[routes]]` are given.
+    #[serde(deserialize_with = "deserialize_upstream_opt")]
+    pub upstream: Option<Uri>,
+    /// How to speak to `http://` upstreams: `auto` (h2c for gRPC requests,
+    /// HTTP/1.1 otherwise), `http1` or `h2c`.
+    pub upstream_protocol: UpstreamProtocol,
+    /// Forward the credential to the upstream instead of removing it.
+    pub keep_credential: bool,
+    /// Header that may carry a token besides `Authorization`.
+    pub api_key_header: String,
+    /// Prefix of the identity headers; inbound headers with it are removed.
+    pub identity_header_prefix: String,
+    /// How long to wait for the upstream's response headers.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// How long to wait for a TCP connection to the upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a client may take to send its request headers (slow-loris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted on one request.
+    pub max_headers: usize,
+    /// Most client connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    /// How long in-flight requests may run after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: DEFAULT_PROXY_LISTEN.parse().expect("valid default"),
+            upstream: None,
+            upstream_protocol: UpstreamProtocol::Auto,
+            keep_credential: false,
+            api_key_header: DEFAULT_API_KEY_HEADER.into(),
+            identity_header_prefix: DEFAULT_IDENTITY_PREFIX.into(),
+            upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    Auto,
+    Http1,
+    H2c,
+}
+
+/// One route: requests whose host and path match go to its upstream, in its
+/// namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Host to match (without port); absent matches any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, on segment boundaries; default `/`.
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Where matching requests go.
+    #[serde(deserialize_with = "deserialize_upstream")]
+    pub upstream: Uri,
+    /// Namespace the route belongs to; keys must be scoped to it.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Permission required on the namespace, instead of read for
+    /// GET/HEAD/OPTIONS and write otherwise.
+    #[serde(default)]
+    pub permission: Option<Permission>,
+}
+
+fn default_path_prefix() -> String {
+    "/".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; it serves /api/v1, /metrics, /healthz, /readyz.
+    pub listen: SocketAddr,
+    /// Largest admin request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (created on first start).
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: DEFAULT_STORE_URL.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most keys held in the cache.
+    pub capacity: u64,
+    /// How long a verified key is trusted before it is read again.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long an unknown id is remembered as unknown.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// How long past `ttl` a cached key keeps working while the store is down.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: 1_000_000,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(2),
+            stale_if_error: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Token prefix, so that leaked keys are recognisable.
+    pub prefix: String,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            prefix: DEFAULT_KEY_PREFIX.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// Default filter when RUST_LOG is not set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Most distinct `key_id` label values; the rest count as `_other`.
+    pub max_key_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_key_series: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    /// How often per-key usage is written to the store, in one batch.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            flush_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+// === impl Config ===
+
+impl FromStr for Config {
+    type Err = ConfigError;
+
+    /// Parses and validates: there is no way to get an unvalidated `Config`
+    /// from text.
+    fn from_str(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        text.parse()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.proxy.upstream.is_none() && self.routes.is_empty() {
+            return Err(invalid(
+                "proxy.upstream",
+                "",
+                "set an upstream, or at least one [[routes]] entry",
+            ));
+        }
+        validate_header_name("proxy.api_key_header", &self.proxy.api_key_header)?;
+        let prefix = &self.proxy.identity_header_prefix;
+        validate_header_name("proxy.identity_header_prefix", prefix)?;
+        if prefix.len() < 3 || !prefix.ends_with('-') {
+            return Err(invalid(
+                "proxy.identity_header_prefix",
+                prefix,
+                "must be at least 3 characters and end with '-'",
+            ));
+        }
+        let key_header = self.proxy.api_key_header.to_ascii_lowercase();
+        if key_header == "authorization" || key_header.starts_with(&prefix.to_ascii_lowercase()) {
+            return Err(invalid(
+                "proxy.api_key_header",
+                &self.proxy.api_key_header,
+                "must not be Authorization or start with the identity prefix",
+            ));
+        }
+        for (field, value) in [
+            ("proxy.upstream_timeout", self.proxy.upstream_timeout),
+            ("proxy.connect_timeout", self.proxy.connect_timeout),
+            ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("cache.ttl", self.cache.ttl),
+            ("usage.flush_interval", self.usage.flush_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "0s", "must be greater than zero"));
+            }
+        }
+        if self.proxy.max_header_bytes < 1024 {
+            return Err(invalid(
+                "proxy.max_header_bytes",
+                self.proxy.max_header_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if self.proxy.max_headers == 0 || self.proxy.max_connections == 0 {
+            return Err(invalid(
+                "proxy.max_headers/max_connections",
+                0,
+                "must be greater than zero",
+            ));
+        }
+        let https_upstream = self
+            .proxy
+            .upstream
+            .iter()
+            .chain(self.routes.iter().map(|r| &r.upstream))
+            .find(|u| u.scheme_str() == Some("https"));
+        if let Some(uri) = https_upstream {
+            return Err(invalid(
+                "upstream",
+                uri,
+                "https:// upstreams are not supported yet; use http://",
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                return Err(invalid(
+                    format!("routes[{i}].path_prefix"),
+                    &route.path_prefix,
+                    "must start with '/'",
+                ));
+            }
+            if let Some(host) = &route.host {
+                if host.is_empty() || host.contains([':', '/', ' ']) {
+                    return Err(invalid(
+                        format!("routes[{i}].host"),
+                        host,
+                        "must be a bare host name without port",
+                    ));
+                }
+            }
+        }
+        if self.cache.capacity == 0 {
+            return Err(invalid("cache.capacity", 0, "must be greater than zero"));
+        }
+        let p = &self.keys.prefix;
+        if p.is_empty()
+            || p.len() > 16
+            || !p
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(invalid(
+                "keys.prefix",
+                p,
+                "must be 1 to 16 lowercase letters or digits",
+            ));
+        }
+        if !self.store.url.starts_with("sqlite:") {
+            return Err(invalid(
+                "store.url",
+                &self.store.url,
+                "must be a sqlite://PATH URL",
+            ));
+        }
+        if self.metrics.max_key_series == 0 {
+            return Err(invalid(
+                "metrics.max_key_series",
+                0,
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_header_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    http::HeaderName::from_bytes(value.as_bytes())
+        .map(drop)
+        .map_err(|_| invalid(field, value, "must be a valid HTTP header name"))
+}
+
+/// Parses an upstream URI: `http://` or `https://`, a host, no path beyond `/`.
+pub fn parse_upstream(value: &str) -> Result<Uri, &'static str> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|_| "must be an absolute http:// or https:// URI")?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err("scheme must be http or https"),
+    }
+    if uri.authority().is_none() {
+        return Err("must name a host");
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("must not have a path or query");
+    }
+    Ok(uri)
+}
+
+fn deserialize_upstream<'de, D: Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_upstream(&text).map_err(|rule| serde::de::Error::custom(format!("{text:?} {rule}")))
+}
+
+fn deserialize_upstream_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
+    deserialize_upstream(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c: Config = "[proxy]\nupstream = \"http://127.0.0.1:9000\"\n"
+            .parse()
+            .expect("valid");
+        assert_eq!(c.proxy.listen.port(), 8080);
+        assert_eq!(c.cache.stale_if_error, Duration::from_secs(300));
+        assert_eq!(c.keys.prefix, "kg");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("", "proxy.upstream"),
+            ("[proxy]\nupstream = \"ftp://x\"", "upstream"),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[keys]\nprefix = \"K_\"",
+                "keys.prefix",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\nupstream_timeout = \"0s\"",
+                "proxy.upstream_timeout",
+            ),
+            ("[proxy]\nupstream = \"http://a\"\nbogus = 1", "bogus"),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"mysql://x\"",
+                "store.url",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = text.parse::<Config>().expect_err(text).to_string();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn shipped_config_files_are_valid() {
+        for file in ["config/keygate.toml", "config/quickstart.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+}

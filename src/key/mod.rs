@@ -1,0 +1,15 @@
+//! API key tokens: their format, generation, parsing and checksum, and the
+//! SHA-256 digests that are all the store ever keeps of a secret.
+//!
+//! This module does no I/O. It must never log, print or format a secret: the
+//! secret and the issued token are wrapped in types whose `Debug` and
+//! `Display` print `***`.
+
+mod digest;
+mod token;
+
+pub use digest::Digest;
+pub use token::{
+    random_id, IssuedToken, KeyId, ParsedToken, Secret, TokenError, TokenFormat, CHECK_LEN, ID_LEN,
+    SECRET_LEN,
+};

@@ -1,0 +1,373 @@
+//! Token format `<prefix>_<id>_<secret><check>` (SPEC section 1).
+//!
+//! - `<id>`: 16 characters of lowercase Crockford base32, 80 random bits.
+//! - `<secret>`: 32 base62 characters from the OS CSPRNG (about 190 bits).
+//! - `<check>`: 6 base62 characters of the CRC32 of everything before it, so
+//!   a mistyped or truncated token is refused without a store lookup.
+//!
+//! Parsing works on borrowed bytes and allocates nothing: it runs on every
+//! proxied request.
+
+use std::fmt;
+
+use super::Digest;
+
+pub const ID_LEN: usize = 16;
+pub const SECRET_LEN: usize = 32;
+pub const CHECK_LEN: usize = 6;
+
+const CROCKFORD: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Why a presented token was refused before any lookup. Every variant maps to
+/// `malformed_api_key`; the detail is for debug logs and tests only, and none
+/// of it echoes the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token has the wrong length")]
+    Length,
+    #[error("token does not start with the configured prefix")]
+    Prefix,
+    #[error("token is not made of <prefix>_<id>_<secret><check>")]
+    Shape,
+    #[error("key id is not 16 lowercase Crockford base32 characters")]
+    Id,
+    #[error("secret is not base62")]
+    SecretCharacters,
+    #[error("token checksum does not match")]
+    Checksum,
+}
+
+/// The public id of a key: 16 lowercase Crockford base32 characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; ID_LEN]);
+
+impl KeyId {
+    /// Parses an id as it appears in URLs, listings and tokens.
+    pub fn parse(s: &str) -> Result<KeyId, TokenError> {
+        Self::from_bytes(s.as_bytes())
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<KeyId, TokenError> {
+        let id: [u8; ID_LEN] = bytes.try_into().map_err(|_| TokenError::Id)?;
+        if id.iter().all(|c| CROCKFORD.contains(c)) {
+            Ok(KeyId(id))
+        } else {
+            Err(TokenError::Id)
+        }
+    }
+
+    /// A new random id (80 bits from the OS CSPRNG).
+    pub fn generate() -> KeyId {
+        KeyId(random_crockford())
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only Crockford characters are ever stored, which are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or("????????????????")
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.as_str())
+    }
+}
+
+/// A random 16-character Crockford id, used for every resource id.
+pub fn random_id() -> String {
+    KeyId::generate().as_str().to_owned()
+}
+
+fn random_crockford() -> [u8; ID_LEN] {
+    // 80 bits: 10 random bytes, 5 bits per character.
+    let mut raw = [0u8; 10];
+    fill_random(&mut raw);
+    let mut bits: u128 = 0;
+    for b in raw {
+        bits = (bits << 8) | u128::from(b);
+    }
+    let mut out = [0u8; ID_LEN];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let shift = 5 * (ID_LEN - 1 - i);
+        *slot = CROCKFORD[((bits >> shift) & 0x1f) as usize];
+    }
+    out
+}
+
+fn fill_random(buf: &mut [u8]) {
+    // The OS CSPRNG failing leaves no safe way to issue a key.
+    getrandom::getrandom(buf).expect("the operating system's random number generator failed");
+}
+
+/// The secret part of a presented or new token. Never printed.
+#[derive(Clone, Copy)]
+pub struct Secret([u8; SECRET_LEN]);
+
+impl Secret {
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.0)
+    }
+
+    fn generate() -> Secret {
+        let mut out = [0u8; SECRET_LEN];
+        let mut filled = 0;
+        let mut pool = [0u8; 64];
+        while filled < SECRET_LEN {
+            fill_random(&mut pool);
+            for b in pool {
+                // Rejection sampling keeps every character equally likely.
+                if b < 248 && filled < SECRET_LEN {
+                    out[filled] = BASE62[usize::from(b % 62)];
+                    filled += 1;
+                }
+            }
+        }
+        Secret(out)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A full token just issued by create or rotate: shown to its owner once,
+/// never stored, never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken(String);
+
+impl IssuedToken {
+    /// The token itself, for the one response that returns it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A presented credential that passed format and checksum checks.
+#[derive(Debug, Clone, Copy)]
+pub struct ParsedToken {
+    pub id: KeyId,
+    pub secret: Secret,
+}
+
+/// The token format with its configured prefix.
+#[derive(Debug, Clone)]
+pub struct TokenFormat {
+    prefix: Box<str>,
+}
+
+impl TokenFormat {
+    /// `prefix` must be validated by the config (lowercase alphanumerics).
+    pub fn new(prefix: &str) -> TokenFormat {
+        TokenFormat {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Length of a whole token with this prefix.
+    pub fn token_len(&self) -> usize {
+        self.prefix.len() + 1 + ID_LEN + 1 + SECRET_LEN + CHECK_LEN
+    }
+
+    /// Parses `<prefix>_<id>_<secret><check>`.
+    pub fn parse(&self, token: &[u8]) -> Result<ParsedToken, TokenError> {
+        if token.len() != self.token_len() {
+            return Err(TokenError::Length);
+        }
+        let p = self.prefix.len();
+        if &token[..p] != self.prefix.as_bytes() {
+            return Err(TokenError::Prefix);
+        }
+        if token[p] != b'_' || token[p + 1 + ID_LEN] != b'_' {
+            return Err(TokenError::Shape);
+        }
+        let id = &token[p + 1..p + 1 + ID_LEN];
+        let rest = &token[p + 2 + ID_LEN..];
+        self.parse_pair(id, rest)
+    }
+
+    /// Parses the `<id>` and `<secret><check>` halves, as presented by HTTP
+    /// Basic authentication (`<id>:<secret><check>`).
+    pub fn parse_pair(
+        &self,
+        id: &[u8],
+        secret_and_check: &[u8],
+    ) -> Result<ParsedToken, TokenError> {
+        if secret_and_check.len() != SECRET_LEN + CHECK_LEN {
+            return Err(TokenError::Length);
+        }
+        let id = KeyId::from_bytes(id)?;
+        let (secret, check) = secret_and_check.split_at(SECRET_LEN);
+        if !secret.iter().all(u8::is_ascii_alphanumeric) {
+            return Err(TokenError::SecretCharacters);
+        }
+        let presented = decode_check(check).ok_or(TokenError::Checksum)?;
+        if presented != self.checksum(&id, secret) {
+            return Err(TokenError::Checksum);
+        }
+        let mut bytes = [0u8; SECRET_LEN];
+        bytes.copy_from_slice(secret);
+        Ok(ParsedToken {
+            id,
+            secret: Secret(bytes),
+        })
+    }
+
+    /// Issues a brand-new key: its id, the token to show once, and the digest
+    /// to store.
+    pub fn generate(&self) -> (KeyId, IssuedToken, Digest) {
+        let id = KeyId::generate();
+        let (token, digest) = self.issue_secret(&id);
+        (id, token, digest)
+    }
+
+    /// Issues a new secret for an existing id (rotation).
+    pub fn issue_secret(&self, id: &KeyId) -> (IssuedToken, Digest) {
+        let secret = Secret::generate();
+        let check = encode_check(self.checksum(id, &secret.0));
+        let mut token = String::with_capacity(self.token_len());
+        token.push_str(&self.prefix);
+        token.push('_');
+        token.push_str(id.as_str());
+        token.push('_');
+        // Both are base62 ASCII.
+        token.push_str(std::str::from_utf8(&secret.0).unwrap_or_default());
+        token.push_str(std::str::from_utf8(&check).unwrap_or_default());
+        (IssuedToken(token), secret.digest())
+    }
+
+    fn checksum(&self, id: &KeyId, secret: &[u8]) -> u32 {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(self.prefix.as_bytes());
+        crc.update(b"_");
+        crc.update(&id.0);
+        crc.update(b"_");
+        crc.update(secret);
+        crc.finalize()
+    }
+}
+
+fn encode_check(mut value: u32) -> [u8; CHECK_LEN] {
+    let mut out = [b'0'; CHECK_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(value % 62) as usize];
+        value /= 62;
+    }
+    out
+}
+
+fn decode_check(check: &[u8]) -> Option<u32> {
+    let mut value: u64 = 0;
+    for &c in check {
+        let digit = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'Z' => c - b'A' + 10,
+            b'a'..=b'z' => c - b'a' + 36,
+            _ => return None,
+        };
+        value = value * 62 + u64::from(digit);
+    }
+    u32::try_from(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn format() -> TokenFormat {
+        TokenFormat::new("kg")
+    }
+
+    #[test]
+    fn generated_tokens_parse_back() {
+        let f = format();
+        for _ in 0..100 {
+            let (id, token, digest) = f.generate();
+            let t = token.expose().as_bytes();
+            assert_eq!(t.len(), f.token_len());
+            let parsed = f.parse(t).expect("own token parses");
+            assert_eq!(parsed.id, id);
+            assert!(bool::from(parsed.secret.digest().ct_eq(&digest)));
+        }
+    }
+
+    #[test]
+    fn token_shape_matches_spec() {
+        let (id, token, _) = format().generate();
+        let t = token.expose();
+        assert!(t.starts_with("kg_"));
+        assert_eq!(&t[3..19], id.as_str());
+        assert_eq!(&t[19..20], "_");
+        assert!(t[20..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert!(id.as_str().bytes().all(|c| CROCKFORD.contains(&c)));
+    }
+
+    #[test]
+    fn every_single_character_change_is_refused() {
+        let f = format();
+        let (_, token, _) = f.generate();
+        let original = token.expose().as_bytes().to_vec();
+        for i in 0..original.len() {
+            for replacement in [b'0', b'a', b'Z', b'_', b'-'] {
+                if original[i] == replacement {
+                    continue;
+                }
+                let mut t = original.clone();
+                t[i] = replacement;
+                assert!(f.parse(&t).is_err(), "mutation at {i} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_prefix_length_and_shape() {
+        let f = format();
+        let (_, token, _) = f.generate();
+        let t = token.expose();
+        assert_eq!(f.parse(&t.as_bytes()[1..]).err(), Some(TokenError::Length));
+        let other = TokenFormat::new("xx").parse(t.as_bytes());
+        assert_eq!(other.err(), Some(TokenError::Prefix));
+        assert_eq!(f.parse(b"").err(), Some(TokenError::Length));
+    }
+
+    #[test]
+    fn checksum_round_trips() {
+        for v in [0u32, 1, 61, 62, u32::MAX, 123_456_789] {
+            assert_eq!(decode_check(&encode_check(v)), Some(v));
+        }
+        assert_eq!(decode_check(b"zzzzzz"), None);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let (_, token, _) = format().generate();
+        let parsed = format().parse(token.expose().as_bytes()).expect("parses");
+        assert_eq!(format!("{token:?} {token}"), "*** ***");
+        let debug = format!("{parsed:?}");
+        assert!(!debug.contains(&token.expose()[20..52]), "{debug}");
+    }
+}

@@ -1,0 +1,199 @@
+//! The request pipeline, readable top to bottom (SPEC section 2):
+//! route → extract → verify → authorize → rewrite headers → forward → count.
+//!
+//! Each step is a call into the module that owns it; failures are typed
+//! `ProxyError`s turned into responses by `reject` alone.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{CONTENT_TYPE, UPGRADE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tokio::io::copy_bidirectional;
+
+use crate::auth::{authorize, required_permission, VerifiedKey};
+
+use super::headers::{strip_hop_by_hop, ConnectionInfo};
+use super::reject::{Blame, ProxyError};
+use super::routes::{request_host, Route};
+use super::{ProxyBody, ProxyState};
+
+/// What the pipeline learned about a request, for the access log and metrics,
+/// whether it succeeded or not.
+#[derive(Default)]
+struct Outcome<'a> {
+    route: Option<&'a Route>,
+    key: Option<Arc<VerifiedKey>>,
+    upstream_started: Option<Instant>,
+}
+
+/// Serves one request. Never fails: every error is a response.
+pub async fn handle(
+    state: Arc<ProxyState>,
+    conn: Arc<ConnectionInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let grpc = is_grpc(req.headers());
+    let method = req.method().clone();
+    let mut outcome = Outcome::default();
+    let response = match pipeline(&state, &conn, req, grpc, &mut outcome).await {
+        Ok(response) => response,
+        Err(error) => {
+            record_failure(&state, error, &outcome);
+            error.respond(grpc)
+        }
+    };
+    record(&state, &method, &response, &outcome, started);
+    Ok(response)
+}
+
+async fn pipeline<'s>(
+    state: &'s ProxyState,
+    conn: &ConnectionInfo,
+    mut req: Request<Incoming>,
+    grpc: bool,
+    outcome: &mut Outcome<'s>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    // 1. Route: which upstream and namespace.
+    let route = state
+        .routes
+        .select(request_host(&req), req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    outcome.route = Some(route);
+
+    // 2. Extract the credential (no I/O).
+    let credential = state.credentials.extract(req.headers())?;
+
+    // 3. Verify it: cache, then store; state and expiry checked every time.
+    let now = SystemTime::now();
+    let key = state.authenticator.verify(&credential.token, now).await?;
+    outcome.key = Some(key.clone());
+
+    // 4. Authorize on the route's namespace.
+    let required = required_permission(req.method(), route.permission);
+    authorize(&key.record, route.namespace.as_deref(), required)?;
+
+    // 5. Rewrite headers: strip spoofed identity, credential, hop-by-hop;
+    //    add forwarding headers and the identity.
+    let upgrade = wants_upgrade(&req);
+    state.headers.rewrite_request(
+        req.headers_mut(),
+        conn,
+        &key,
+        credential.source,
+        route,
+        upgrade,
+    );
+
+    // 6. Forward, streaming both ways.
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    outcome.upstream_started = Some(Instant::now());
+    let mut response = state.upstream.forward(&route.upstream, req, grpc).await?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            tokio::spawn(tunnel(client_upgrade, hyper::upgrade::on(&mut response)));
+        }
+    } else {
+        strip_hop_by_hop(response.headers_mut());
+    }
+
+    // 7. Count it against the key.
+    state.usage.record(key.record.id, &key.usage, now);
+    Ok(response.map(Either::Left))
+}
+
+/// Copies bytes both ways between an upgraded client and upstream (WebSocket).
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection ended with an error");
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= http::Version::HTTP_11 && req.headers().contains_key(UPGRADE)
+}
+
+fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
+    match error.blame() {
+        Blame::Client => state.metrics.auth_failure(error.code()),
+        Blame::Upstream => {
+            let route = outcome.route.map_or("", |r| r.name.as_str());
+            let kind = if error == ProxyError::UpstreamTimeout {
+                "timeout"
+            } else {
+                "unavailable"
+            };
+            state.metrics.upstream_error(route, kind);
+        }
+        Blame::Internal => state.metrics.auth_failure(error.code()),
+    }
+}
+
+/// Metrics and the one access-log event of the request.
+fn record(
+    state: &ProxyState,
+    method: &Method,
+    response: &Response<ProxyBody>,
+    outcome: &Outcome<'_>,
+    started: Instant,
+) {
+    let status = response.status().as_u16();
+    if let Some(route) = outcome.route {
+        let metrics = &state.route_metrics[route.index];
+        metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(at) = outcome.upstream_started {
+            metrics
+                .upstream_duration
+                .observe(at.elapsed().as_secs_f64());
+        }
+        if let Some(key) = &outcome.key {
+            let series = key.series.get_or_init(|| {
+                let series =
+                    state
+                        .metrics
+                        .key_series(&key.record.id, &key.record.owner_id, &route.name);
+                (route.index, series)
+            });
+            if series.0 == route.index {
+                series.1.count(status);
+            } else {
+                state
+                    .metrics
+                    .key_series(&key.record.id, &key.record.owner_id, &route.name)
+                    .count(status);
+            }
+        }
+    }
+    let key = outcome.key.as_deref();
+    tracing::info!(
+        target: "keygate::access",
+        key_id = key.map(|k| k.record.id.as_str()),
+        owner_id = key.map(|k| k.record.owner_id.as_str()),
+        method = method.as_str(),
+        route = outcome.route.map(|r| r.name.as_str()),
+        upstream = outcome.route.map(|r| r.upstream.authority.as_str()),
+        status,
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    );
+}

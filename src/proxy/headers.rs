@@ -1,0 +1,292 @@
+//! Header rewriting between client and upstream: strip spoofed identity
+//! headers (any case, `_` for `-`), the credential and hop-by-hop headers;
+//! add `x-forwarded-*` and `x-request-id`; inject the verified identity.
+//!
+//! Identity values come prebuilt with the cached key; the rest are static or
+//! built once per connection, so a rewrite only clones `HeaderValue`s.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{
+    AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::auth::{CredentialSource, VerifiedKey};
+
+use super::routes::Route;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The identity header names under the configured prefix, built once.
+#[derive(Debug, Clone)]
+pub struct HeaderRules {
+    /// Lowercase prefix; inbound names matching it (with `_` for `-`) go.
+    prefix: Vec<u8>,
+    key_id: HeaderName,
+    owner_id: HeaderName,
+    owner_type: HeaderName,
+    owner_name: HeaderName,
+    namespace: HeaderName,
+    role: HeaderName,
+    api_key_header: HeaderName,
+    keep_credential: bool,
+}
+
+/// What the rewrite needs to know about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The client's IP, as an `x-forwarded-for` element.
+    pub peer_ip: HeaderValue,
+    /// `http` or `https`.
+    pub proto: HeaderValue,
+}
+
+/// Connection-level headers that never cross a proxy (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&HeaderName; 8] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY_AUTHENTICATE,
+    &PROXY_AUTHORIZATION,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
+
+impl HeaderRules {
+    /// `prefix` and `api_key_header` were validated by the config.
+    pub fn new(prefix: &str, api_key_header: &str, keep_credential: bool) -> HeaderRules {
+        let prefix = prefix.to_ascii_lowercase();
+        let name = |suffix: &str| {
+            HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
+                .expect("validated identity prefix")
+        };
+        HeaderRules {
+            key_id: name("key-id"),
+            owner_id: name("owner-id"),
+            owner_type: name("owner-type"),
+            owner_name: name("owner-name"),
+            namespace: name("namespace"),
+            role: name("role"),
+            prefix: prefix.into_bytes(),
+            api_key_header: HeaderName::from_bytes(api_key_header.as_bytes())
+                .expect("validated key header"),
+            keep_credential,
+        }
+    }
+
+    /// Whether an inbound header name claims to be one of ours: the prefix,
+    /// compared case-insensitively (hyper lowercases names already) and with
+    /// `_` standing for `-`, because some servers treat them alike.
+    pub fn is_identity_header(&self, name: &HeaderName) -> bool {
+        let name = name.as_str().as_bytes();
+        name.len() >= self.prefix.len()
+            && name
+                .iter()
+                .zip(&self.prefix)
+                .all(|(&n, &p)| n.to_ascii_lowercase() == p || (n == b'_' && p == b'-'))
+    }
+
+    /// Rewrites request headers in place for forwarding. `upgrade` keeps
+    /// `Connection: upgrade` and `Upgrade` for a WebSocket handshake.
+    pub fn rewrite_request(
+        &self,
+        headers: &mut HeaderMap,
+        conn: &ConnectionInfo,
+        key: &VerifiedKey,
+        source: CredentialSource,
+        route: &Route,
+        upgrade: bool,
+    ) {
+        self.strip_spoofed(headers);
+        if !self.keep_credential {
+            match source {
+                CredentialSource::Authorization => headers.remove(AUTHORIZATION),
+                CredentialSource::ApiKeyHeader => headers.remove(&self.api_key_header),
+            };
+        }
+        let upgrade_to = if upgrade {
+            headers.get(UPGRADE).cloned()
+        } else {
+            None
+        };
+        strip_hop_by_hop(headers);
+        if let Some(protocol) = upgrade_to {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, protocol);
+        }
+
+        let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+            Some(existing) => {
+                let mut joined = Vec::with_capacity(existing.len() + 2 + conn.peer_ip.len());
+                joined.extend_from_slice(existing.as_bytes());
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(conn.peer_ip.as_bytes());
+                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| conn.peer_ip.clone())
+            }
+            None => conn.peer_ip.clone(),
+        };
+        headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+        headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+        if let Some(host) = headers.get(HOST).cloned() {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        if !headers.contains_key(&X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID.clone(), new_request_id());
+        }
+
+        let id = &key.headers;
+        headers.insert(self.key_id.clone(), id.key_id.clone());
+        headers.insert(self.owner_id.clone(), id.owner_id.clone());
+        headers.insert(self.owner_type.clone(), id.owner_type.clone());
+        headers.insert(self.owner_name.clone(), id.owner_name.clone());
+        headers.insert(self.role.clone(), id.role.clone());
+        if let Some(ns) = &route.namespace_header {
+            headers.insert(self.namespace.clone(), ns.clone());
+        }
+    }
+
+    /// The identity headers of a verified key, for forward-auth answers.
+    pub fn identity_pairs<'a>(
+        &'a self,
+        key: &'a VerifiedKey,
+        route: Option<&'a Route>,
+    ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+        let id = &key.headers;
+        [
+            (&self.key_id, &id.key_id),
+            (&self.owner_id, &id.owner_id),
+            (&self.owner_type, &id.owner_type),
+            (&self.owner_name, &id.owner_name),
+            (&self.role, &id.role),
+        ]
+        .into_iter()
+        .chain(
+            route
+                .and_then(|r| r.namespace_header.as_ref())
+                .map(|ns| (&self.namespace, ns)),
+        )
+    }
+
+    fn strip_spoofed(&self, headers: &mut HeaderMap) {
+        // Collecting is rare (only when a client sends such a header), so the
+        // common path allocates nothing.
+        if !headers.keys().any(|name| self.is_identity_header(name)) {
+            return;
+        }
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.is_identity_header(name))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            headers.remove(&name);
+        }
+    }
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// `TE: trailers` survives: gRPC over HTTP/2 requires it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(&name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let te_is_trailers = headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_is_trailers {
+        headers.remove(TE);
+    }
+}
+
+/// A unique request id: a per-process random prefix and a counter, so that
+/// generating one costs no syscall.
+fn new_request_id() -> HeaderValue {
+    static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::getrandom(&mut b);
+        u64::from_le_bytes(b)
+    });
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 32];
+    let hex = b"0123456789abcdef";
+    for (i, byte) in PREFIX
+        .to_be_bytes()
+        .iter()
+        .chain(n.to_be_bytes().iter())
+        .enumerate()
+    {
+        buf[2 * i] = hex[usize::from(byte >> 4)];
+        buf[2 * i + 1] = hex[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spoofed_names_in_every_disguise() {
+        let rules = HeaderRules::new("x-keygate-", "x-api-key", false);
+        for name in [
+            "x-keygate-key-id",
+            "x_keygate_owner_id",
+            "x-keygate_role",
+            "x-keygate-anything",
+        ] {
+            assert!(
+                rules.is_identity_header(&HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name}"
+            );
+        }
+        for name in ["x-keygat", "x-other", "keygate-key-id"] {
+            assert!(
+                !rules.is_identity_header(&HeaderName::from_bytes(name.as_bytes()).unwrap()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TE, HeaderValue::from_static("gzip"));
+        h.insert("x-stays", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut grpc = HeaderMap::new();
+        grpc.insert(TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut grpc);
+        assert_eq!(grpc[TE], "trailers");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

@@ -1,0 +1,94 @@
+//! The data plane: the listener, the request pipeline, header rewriting, the
+//! upstream clients and the one place errors become responses.
+
+pub mod handler;
+pub mod headers;
+pub mod reject;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use prometheus::Histogram;
+
+use crate::auth::{Authenticator, CredentialExtractor};
+use crate::config::Config;
+use crate::key::TokenFormat;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::usage::UsageRecorder;
+
+pub use reject::ProxyError;
+
+/// What the proxy answers with: the upstream's streamed body, or a small
+/// body of our own (rejections, forward-auth answers).
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything the request pipeline needs, shared by all connections.
+pub struct ProxyState {
+    /// Route table: upstream, namespace and permission per host/path.
+    pub routes: routes::RouteTable,
+    /// Finds and parses the credential.
+    pub credentials: CredentialExtractor,
+    /// Verifies keys through the cache.
+    pub authenticator: Arc<Authenticator>,
+    /// Header rewrite rules (identity names, credential removal).
+    pub headers: headers::HeaderRules,
+    /// Pooled upstream clients.
+    pub upstream: upstream::UpstreamClients,
+    /// Per-key usage counting.
+    pub usage: UsageRecorder,
+    pub metrics: Arc<Metrics>,
+    /// Per-route histograms, resolved once (indexed by `Route::index`).
+    pub route_metrics: Vec<RouteMetrics>,
+}
+
+/// A route's latency histograms, resolved once so the hot path does not look
+/// labels up.
+pub struct RouteMetrics {
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+}
+
+impl ProxyState {
+    pub fn new(
+        config: &Config,
+        authenticator: Arc<Authenticator>,
+        usage: UsageRecorder,
+        metrics: Arc<Metrics>,
+    ) -> ProxyState {
+        let proxy = &config.proxy;
+        let routes = routes::RouteTable::from_config(config);
+        let route_metrics = (0..routes.len())
+            .map(|i| {
+                let name = routes.name(i);
+                RouteMetrics {
+                    request_duration: metrics.request_duration(name),
+                    upstream_duration: metrics.upstream_duration(name),
+                }
+            })
+            .collect();
+        let api_key_header = http::HeaderName::from_bytes(proxy.api_key_header.as_bytes())
+            .expect("validated by config");
+        ProxyState {
+            routes,
+            credentials: CredentialExtractor::new(
+                TokenFormat::new(&config.keys.prefix),
+                api_key_header,
+            ),
+            authenticator,
+            headers: headers::HeaderRules::new(
+                &proxy.identity_header_prefix,
+                &proxy.api_key_header,
+                proxy.keep_credential,
+            ),
+            upstream: upstream::UpstreamClients::new(proxy.connect_timeout, proxy.upstream_timeout),
+            usage,
+            metrics,
+            route_metrics,
+        }
+    }
+}

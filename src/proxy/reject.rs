@@ -1,0 +1,254 @@
+//! The one place where a data-path failure becomes a response: its HTTP
+//! status, JSON body and `WWW-Authenticate`, or for gRPC a trailers-only
+//! response with `grpc-status` and `grpc-message`.
+//!
+//! Bodies are static strings: a rejection allocates nothing and never echoes
+//! what the client sent.
+
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::auth::{AuthError, CredentialError, Forbidden};
+
+use super::ProxyBody;
+
+/// Every way the proxy refuses or fails a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no API key was presented")]
+    MissingKey,
+    #[error("the API key is malformed")]
+    MalformedKey,
+    #[error("the API key is not valid")]
+    InvalidKey,
+    #[error("the API key is disabled")]
+    KeyDisabled,
+    #[error("the API key has expired")]
+    KeyExpired,
+    #[error("the API key's owner is disabled")]
+    OwnerDisabled,
+    #[error("API keys are disabled for this account")]
+    ApiKeysDisabled,
+    #[error("the API key may not do this")]
+    Forbidden,
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("the key store is unavailable")]
+    StoreUnavailable,
+    #[error("the upstream is unavailable")]
+    UpstreamUnavailable,
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+}
+
+/// Every variant, in declaration order (the index of `json_body`).
+const ALL: [ProxyError; 12] = [
+    ProxyError::MissingKey,
+    ProxyError::MalformedKey,
+    ProxyError::InvalidKey,
+    ProxyError::KeyDisabled,
+    ProxyError::KeyExpired,
+    ProxyError::OwnerDisabled,
+    ProxyError::ApiKeysDisabled,
+    ProxyError::Forbidden,
+    ProxyError::NoRoute,
+    ProxyError::StoreUnavailable,
+    ProxyError::UpstreamUnavailable,
+    ProxyError::UpstreamTimeout,
+];
+
+/// Who is to blame, for logs: client errors are routine, the rest are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Internal,
+}
+
+impl ProxyError {
+    /// The stable machine-readable code, also the metric's `reason` label.
+    pub fn code(self) -> &'static str {
+        match self {
+            ProxyError::MissingKey => "missing_api_key",
+            ProxyError::MalformedKey => "malformed_api_key",
+            ProxyError::InvalidKey => "invalid_api_key",
+            ProxyError::KeyDisabled => "api_key_disabled",
+            ProxyError::KeyExpired => "api_key_expired",
+            ProxyError::OwnerDisabled => "owner_disabled",
+            ProxyError::ApiKeysDisabled => "api_keys_disabled",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::StoreUnavailable => "store_unavailable",
+            ProxyError::UpstreamUnavailable => "upstream_unavailable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::MissingKey
+            | ProxyError::MalformedKey
+            | ProxyError::InvalidKey
+            | ProxyError::KeyDisabled
+            | ProxyError::KeyExpired
+            | ProxyError::OwnerDisabled
+            | ProxyError::ApiKeysDisabled => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn blame(self) -> Blame {
+        match self.status() {
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => Blame::Upstream,
+            StatusCode::SERVICE_UNAVAILABLE => Blame::Internal,
+            _ => Blame::Client,
+        }
+    }
+
+    /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
+    /// 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED.
+    fn grpc_status(self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "16",
+            StatusCode::FORBIDDEN => "7",
+            StatusCode::NOT_FOUND => "12",
+            StatusCode::TOO_MANY_REQUESTS => "8",
+            StatusCode::GATEWAY_TIMEOUT => "4",
+            _ => "14",
+        }
+    }
+
+    /// Human-readable explanation; percent-encoding safe (no `%`, ASCII only).
+    fn message(self) -> &'static str {
+        match self {
+            ProxyError::MissingKey => "An API key is required: send Authorization: Bearer <key>.",
+            ProxyError::MalformedKey => "The API key is malformed or its checksum does not match.",
+            ProxyError::InvalidKey => "The API key is not valid.",
+            ProxyError::KeyDisabled => "The API key is disabled.",
+            ProxyError::KeyExpired => "The API key has expired.",
+            ProxyError::OwnerDisabled => "The owner of the API key is disabled.",
+            ProxyError::ApiKeysDisabled => "API keys are disabled for this account.",
+            ProxyError::Forbidden => "The API key is not allowed to perform this request.",
+            ProxyError::NoRoute => "No route matches this request.",
+            ProxyError::StoreUnavailable => "The key store is unavailable; try again shortly.",
+            ProxyError::UpstreamUnavailable => "The upstream service is unavailable.",
+            ProxyError::UpstreamTimeout => "The upstream service did not answer in time.",
+        }
+    }
+
+    /// `{"error":{"code":…,"message":…}}`, rendered once per variant at
+    /// first use and shared afterwards.
+    fn json_body(self) -> Bytes {
+        static BODIES: LazyLock<Vec<Bytes>> = LazyLock::new(|| {
+            ALL.iter()
+                .map(|e| {
+                    let body = serde_json::json!({ "error": { "code": e.code(), "message": e.message() } });
+                    Bytes::from(body.to_string())
+                })
+                .collect()
+        });
+        BODIES[self as usize].clone()
+    }
+
+    /// Builds the response for an HTTP or a gRPC client.
+    pub fn respond(self, grpc: bool) -> Response<ProxyBody> {
+        if grpc {
+            let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+            headers.insert("grpc-message", HeaderValue::from_static(self.message()));
+            return response;
+        }
+        let mut response = Response::new(Either::Right(Full::new(self.json_body())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status() == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
+            );
+        }
+        if self == ProxyError::StoreUnavailable {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<CredentialError> for ProxyError {
+    fn from(e: CredentialError) -> Self {
+        match e {
+            CredentialError::Missing => ProxyError::MissingKey,
+            _ => ProxyError::MalformedKey,
+        }
+    }
+}
+
+impl From<AuthError> for ProxyError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Invalid => ProxyError::InvalidKey,
+            AuthError::Disabled => ProxyError::KeyDisabled,
+            AuthError::Expired => ProxyError::KeyExpired,
+            AuthError::OwnerDisabled => ProxyError::OwnerDisabled,
+            AuthError::ApiKeysDisabled => ProxyError::ApiKeysDisabled,
+            AuthError::StoreUnavailable => ProxyError::StoreUnavailable,
+        }
+    }
+}
+
+impl From<Forbidden> for ProxyError {
+    fn from(_: Forbidden) -> Self {
+        ProxyError::Forbidden
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_json_with_code_and_message() {
+        for e in ALL {
+            let v: serde_json::Value = serde_json::from_slice(&e.json_body()).expect("valid JSON");
+            assert_eq!(v["error"]["code"], e.code());
+            assert_eq!(v["error"]["message"], e.message());
+        }
+    }
+
+    #[test]
+    fn grpc_rejections_are_trailers_only() {
+        let r = ProxyError::KeyExpired.respond(true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "16");
+        assert_eq!(
+            ProxyError::Forbidden.respond(true).headers()["grpc-status"],
+            "7"
+        );
+        assert_eq!(
+            ProxyError::UpstreamUnavailable.respond(true).headers()["grpc-status"],
+            "14"
+        );
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let r = ProxyError::InvalidKey.respond(false);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().contains_key(WWW_AUTHENTICATE));
+        assert!(!ProxyError::Forbidden
+            .respond(false)
+            .headers()
+            .contains_key(WWW_AUTHENTICATE));
+    }
+}

@@ -1,0 +1,199 @@
+//! The route table: which upstream, namespace and permission a request gets,
+//! by host and path prefix. Built once from the config; matching allocates
+//! nothing.
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+
+use crate::config::{Config, UpstreamProtocol};
+use crate::store::Permission;
+
+/// Where a route forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub protocol: UpstreamProtocol,
+}
+
+impl Upstream {
+    fn from_uri(uri: &Uri, protocol: UpstreamProtocol) -> Upstream {
+        Upstream {
+            scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: uri
+                .authority()
+                .cloned()
+                .unwrap_or_else(|| Authority::from_static("localhost")),
+            protocol,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in the table; used to cache per-route metric handles.
+    pub index: usize,
+    /// Label for metrics and logs: `host/prefix` or `prefix`.
+    pub name: String,
+    host: Option<String>,
+    path_prefix: String,
+    pub upstream: Upstream,
+    pub namespace: Option<String>,
+    /// `x-keygate-namespace` value, built once.
+    pub namespace_header: Option<HeaderValue>,
+    pub permission: Option<Permission>,
+}
+
+impl Route {
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            match host {
+                Some(h) if h.eq_ignore_ascii_case(want) => {}
+                _ => return false,
+            }
+        }
+        prefix_matches(&self.path_prefix, path)
+    }
+}
+
+/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix(prefix) else {
+        return false;
+    };
+    prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    /// Most specific first: host routes before host-less ones, then longer
+    /// prefixes first; config order breaks ties.
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    pub fn from_config(config: &Config) -> RouteTable {
+        let protocol = config.proxy.upstream_protocol;
+        let mut routes: Vec<Route> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let name = match &r.host {
+                    Some(h) => format!("{h}{}", r.path_prefix),
+                    None => r.path_prefix.clone(),
+                };
+                Route {
+                    index: 0,
+                    name,
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    upstream: Upstream::from_uri(&r.upstream, protocol),
+                    namespace_header: r
+                        .namespace
+                        .as_deref()
+                        .and_then(|n| HeaderValue::from_str(n).ok()),
+                    namespace: r.namespace.clone(),
+                    permission: r.permission,
+                }
+            })
+            .collect();
+        if let Some(upstream) = &config.proxy.upstream {
+            // The sidecar default: everything not routed goes here.
+            routes.push(Route {
+                index: 0,
+                name: "default".into(),
+                host: None,
+                path_prefix: "/".into(),
+                upstream: Upstream::from_uri(upstream, protocol),
+                namespace: None,
+                namespace_header: None,
+                permission: None,
+            });
+        }
+        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = i;
+        }
+        RouteTable { routes }
+    }
+
+    /// The route for a request; `host` without its port.
+    pub fn select(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    /// The metrics label of the route at `index`.
+    pub fn name(&self, index: usize) -> &str {
+        &self.routes[index].name
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// The host a request is for, without the port: from the URI (HTTP/2
+/// `:authority`, absolute-form) or the `Host` header.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    // Strip a port; keep IPv6 brackets intact.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(!prefix_matches("/api", "/"));
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let config: Config = r#"
+            [proxy]
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path_prefix = "/orders"
+            upstream = "http://127.0.0.1:2"
+            namespace = "orders"
+            [[routes]]
+            host = "admin.example.com"
+            upstream = "http://127.0.0.1:3"
+            [[routes]]
+            path_prefix = "/orders/admin"
+            upstream = "http://127.0.0.1:4"
+            permission = "admin"
+        "#
+        .parse()
+        .expect("valid");
+        let t = RouteTable::from_config(&config);
+        let port = |h, p| {
+            t.select(h, p)
+                .map(|r| r.upstream.authority.port_u16().unwrap_or(0))
+        };
+        assert_eq!(port(None, "/orders/1"), Some(2));
+        assert_eq!(port(None, "/orders/admin/x"), Some(4));
+        assert_eq!(port(Some("ADMIN.example.com"), "/orders"), Some(3));
+        assert_eq!(port(None, "/other"), Some(1));
+    }
+}

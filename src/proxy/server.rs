@@ -1,0 +1,119 @@
+//! The proxy listener: accepts TCP connections and serves HTTP/1.1 and h2c
+//! (prior knowledge) on the same port, with header limits, a header read
+//! timeout, a connection cap and graceful draining on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::handler::handle;
+use super::headers::ConnectionInfo;
+use super::ProxyState;
+use crate::config::ProxyConfig;
+
+/// Limits applied to every client connection.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+impl From<&ProxyConfig> for ServerLimits {
+    fn from(c: &ProxyConfig) -> Self {
+        ServerLimits {
+            max_header_bytes: c.max_header_bytes,
+            max_headers: c.max_headers,
+            header_read_timeout: c.header_read_timeout,
+            max_connections: c.max_connections,
+            drain_timeout: c.drain_timeout,
+        }
+    }
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves, then stops
+/// accepting and lets in-flight requests finish for up to `drain_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's read buffer bounds the request head; it needs at least 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30));
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        // Waiting for a permit before accepting leaves excess connections in
+        // the kernel's backlog instead of spending memory on them.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_info = Arc::new(connection_info(peer, "http"));
+        let state = state.clone();
+        let service = service_fn(move |req| handle(state.clone(), conn_info.clone(), req));
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("proxy drained"),
+        _ = tokio::time::sleep(limits.drain_timeout) => {
+            tracing::warn!("drain deadline reached; closing remaining connections");
+        }
+    }
+}
+
+fn connection_info(peer: SocketAddr, proto: &'static str) -> ConnectionInfo {
+    ConnectionInfo {
+        peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        proto: HeaderValue::from_static(proto),
+    }
+}

@@ -1,0 +1,91 @@
+//! The pooled upstream clients: HTTP/1.1 and h2c (prior knowledge, for gRPC),
+//! both streaming bodies without buffering, with connect and response
+//! timeouts mapped to 502 and 504.
+
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamProtocol;
+
+use super::reject::ProxyError;
+use super::routes::Upstream;
+
+/// Both clients share nothing but their settings; each keeps its own pool.
+#[derive(Clone)]
+pub struct UpstreamClients {
+    http1: Client<HttpConnector, Incoming>,
+    h2c: Client<HttpConnector, Incoming>,
+    /// How long to wait for the upstream's response headers.
+    timeout: Duration,
+}
+
+impl UpstreamClients {
+    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> UpstreamClients {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .build(connector);
+        UpstreamClients {
+            http1,
+            h2c,
+            timeout: response_timeout,
+        }
+    }
+
+    /// Sends the request to the upstream and waits for its response head.
+    /// The body streams afterwards, without a deadline: long downloads and
+    /// gRPC streams are legitimate.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        mut req: Request<Incoming>,
+        grpc: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let h2 = match upstream.protocol {
+            UpstreamProtocol::H2c => true,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Auto => grpc,
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| ProxyError::UpstreamUnavailable)?;
+        let (client, version) = if h2 {
+            (&self.h2c, Version::HTTP_2)
+        } else {
+            (&self.http1, Version::HTTP_11)
+        };
+        *req.version_mut() = version;
+        match tokio::time::timeout(self.timeout, client.request(req)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");
+                Err(ProxyError::UpstreamUnavailable)
+            }
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+        }
+    }
+}

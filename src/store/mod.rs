@@ -1,0 +1,181 @@
+//! The key store: the `KeyStore` trait that the proxy's cache and the admin
+//! API see, its model types, and its backends (SQLite, embedded).
+//!
+//! Every mutation is one transaction that also writes its audit event, so a
+//! failed call leaves nothing half-done. Key policies (lifetime, per-owner
+//! cap) are enforced here, inside that transaction, so concurrent creates can
+//! never exceed them. The store never sees a secret: only digests.
+
+mod model;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+pub use model::*;
+pub use sqlite::SqliteStore;
+
+use crate::key::{Digest, KeyId};
+
+/// What can go wrong in the store. The admin API maps these to responses in
+/// `admin::error`; the proxy treats any of them as the store being unavailable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("resourceVersion {given} is stale: the current one is {current}")]
+    StaleVersion { given: i64, current: i64 },
+    #[error("{0}")]
+    Policy(#[from] PolicyViolation),
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("store holds an invalid record: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+/// A key policy that refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyViolation {
+    #[error("owner {owner_id} already has {max} API keys, the most allowed (maxKeysPerOwner)")]
+    TooManyKeys { owner_id: String, max: u32 },
+    #[error("an expiry time is required: keys may live at most {max_days} days (maxKeyLifetime)")]
+    ExpiryRequired { max_days: u64 },
+    #[error("expiry time is more than {max_days} days away (maxKeyLifetime)")]
+    LifetimeTooLong { max_days: u64 },
+    #[error("expiry time is in the past")]
+    ExpiryInPast,
+    #[error("owner {owner_id} ({owner_type}) does not exist")]
+    UnknownOwner {
+        owner_id: String,
+        owner_type: OwnerType,
+    },
+    #[error("namespace {0:?} does not exist")]
+    UnknownNamespace(String),
+}
+
+/// Storage behind the proxy cache and the admin API. Object-safe, so both
+/// hold an `Arc<dyn KeyStore>`.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The proxy's one read: a key with its digests and owner.
+    async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+
+    async fn settings(&self) -> Result<AccountSettings, StoreError>;
+    async fn update_settings(
+        &self,
+        actor: &Actor,
+        api_keys_enabled: bool,
+        max_key_lifetime: std::time::Duration,
+        max_keys_per_owner: u32,
+        expected_version: Option<i64>,
+    ) -> Result<AccountSettings, StoreError>;
+
+    async fn create_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        spec: PrincipalSpec,
+    ) -> Result<Principal, StoreError>;
+    async fn get_principal(
+        &self,
+        kind: OwnerType,
+        id: &str,
+    ) -> Result<Option<Principal>, StoreError>;
+    async fn find_principal_by_name(
+        &self,
+        kind: OwnerType,
+        name: &str,
+    ) -> Result<Option<Principal>, StoreError>;
+    async fn list_principals(
+        &self,
+        kind: OwnerType,
+        page: &PageRequest,
+    ) -> Result<Page<Principal>, StoreError>;
+    /// Returns the updated principal and the ids of its keys, whose cached
+    /// copies are now stale.
+    async fn update_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+        spec: PrincipalSpec,
+        expected_version: Option<i64>,
+    ) -> Result<(Principal, Vec<KeyId>), StoreError>;
+    /// Deletes a principal and all its keys; returns the deleted key ids.
+    async fn delete_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+    ) -> Result<Vec<KeyId>, StoreError>;
+    async fn count_principals(&self, kind: OwnerType) -> Result<u64, StoreError>;
+
+    async fn create_namespace(
+        &self,
+        actor: &Actor,
+        name: &str,
+        description: &str,
+    ) -> Result<Namespace, StoreError>;
+    async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError>;
+    async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError>;
+    async fn update_namespace(
+        &self,
+        actor: &Actor,
+        id: &str,
+        description: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Namespace, StoreError>;
+    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<(), StoreError>;
+
+    /// Creates a key, enforcing the account's lifetime and per-owner cap in
+    /// the same transaction as the insert.
+    async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError>;
+    async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError>;
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ApiKey>, StoreError>;
+    async fn update_key(
+        &self,
+        actor: &Actor,
+        id: &KeyId,
+        update: KeyUpdate,
+        expected_version: Option<i64>,
+    ) -> Result<ApiKey, StoreError>;
+    /// Replaces the key's digest; the old one keeps working until `grace_until`.
+    async fn rotate_key(
+        &self,
+        actor: &Actor,
+        id: &KeyId,
+        digest: Digest,
+        grace_until: SystemTime,
+    ) -> Result<ApiKey, StoreError>;
+    async fn delete_key(&self, actor: &Actor, id: &KeyId) -> Result<(), StoreError>;
+
+    /// Adds a batch of usage counts (one transaction for the batch).
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+
+    async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError>;
+}
+
+/// Opens the store named by a URL, creating and migrating it if needed.
+pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
+    Ok(Arc::new(SqliteStore::open(url).await?))
+}
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -1,0 +1,1074 @@
+//! The embedded SQLite store: one file in WAL mode, created and migrated on
+//! first start.
+//!
+//! Writes go through a pool of exactly one connection and each opens with
+//! `BEGIN IMMEDIATE`, so a read-check-write transaction (the per-owner key
+//! cap) is atomic against every other writer, in this process or another.
+//! Reads use a separate pool and never wait for writers (WAL).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqliteConnection, SqlitePool, Transaction};
+
+use super::*;
+use crate::key::{random_id, Digest, KeyId};
+
+pub struct SqliteStore {
+    /// Read-only connections for lookups and listings.
+    reader: SqlitePool,
+    /// The single writer connection: serialises every change.
+    writer: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `sqlite://PATH` and runs
+    /// the migrations.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("migration failed: {e}")))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { reader, writer })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+// === rows ===
+
+#[derive(FromRow)]
+struct PrincipalRow {
+    id: String,
+    kind: String,
+    name: String,
+    description: String,
+    account_role: String,
+    namespace_access: String,
+    disabled: bool,
+    resource_version: i64,
+    created_ms: i64,
+    modified_ms: i64,
+}
+
+fn owner_type(text: &str) -> Result<OwnerType, StoreError> {
+    text.parse()
+        .map_err(|()| StoreError::Corrupt(format!("owner type {text:?}")))
+}
+
+fn access(role: &str, namespaces: &str) -> Result<Access, StoreError> {
+    let account_role = role
+        .parse()
+        .map_err(|()| StoreError::Corrupt(format!("account role {role:?}")))?;
+    let namespaces: BTreeMap<String, Permission> = serde_json::from_str(namespaces)
+        .map_err(|e| StoreError::Corrupt(format!("namespace access: {e}")))?;
+    Ok(Access {
+        account_role,
+        namespaces,
+    })
+}
+
+fn namespace_access_json(access: &Access) -> String {
+    serde_json::to_string(&access.namespaces).unwrap_or_else(|_| "{}".into())
+}
+
+impl TryFrom<PrincipalRow> for Principal {
+    type Error = StoreError;
+    fn try_from(r: PrincipalRow) -> Result<Principal, StoreError> {
+        Ok(Principal {
+            kind: owner_type(&r.kind)?,
+            access: access(&r.account_role, &r.namespace_access)?,
+            id: r.id,
+            name: r.name,
+            description: r.description,
+            disabled: r.disabled,
+            resource_version: r.resource_version,
+            created: from_ms(r.created_ms),
+            modified: from_ms(r.modified_ms),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct NamespaceRow {
+    id: String,
+    name: String,
+    description: String,
+    resource_version: i64,
+    created_ms: i64,
+    modified_ms: i64,
+}
+
+impl From<NamespaceRow> for Namespace {
+    fn from(r: NamespaceRow) -> Namespace {
+        Namespace {
+            id: r.id,
+            name: r.name,
+            description: r.description,
+            resource_version: r.resource_version,
+            created: from_ms(r.created_ms),
+            modified: from_ms(r.modified_ms),
+        }
+    }
+}
+
+const KEY_COLUMNS: &str = "k.id, k.display_name, k.description, k.owner_id, p.kind AS owner_type, \
+     k.namespaces, k.expiry_ms, k.disabled, k.previous_valid_until_ms, k.resource_version, \
+     k.created_ms, k.modified_ms, k.last_used_ms, k.request_count \
+     FROM api_keys k JOIN principals p ON p.id = k.owner_id";
+
+#[derive(FromRow)]
+struct KeyRow {
+    id: String,
+    display_name: String,
+    description: String,
+    owner_id: String,
+    owner_type: String,
+    namespaces: String,
+    expiry_ms: Option<i64>,
+    disabled: bool,
+    previous_valid_until_ms: Option<i64>,
+    resource_version: i64,
+    created_ms: i64,
+    modified_ms: i64,
+    last_used_ms: Option<i64>,
+    request_count: i64,
+}
+
+fn key_id(text: &str) -> Result<KeyId, StoreError> {
+    KeyId::parse(text).map_err(|_| StoreError::Corrupt(format!("key id {text:?}")))
+}
+
+fn namespace_list(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("key namespaces: {e}")))
+}
+
+impl TryFrom<KeyRow> for ApiKey {
+    type Error = StoreError;
+    fn try_from(r: KeyRow) -> Result<ApiKey, StoreError> {
+        Ok(ApiKey {
+            id: key_id(&r.id)?,
+            owner_type: owner_type(&r.owner_type)?,
+            namespaces: namespace_list(&r.namespaces)?,
+            display_name: r.display_name,
+            description: r.description,
+            owner_id: r.owner_id,
+            expiry: r.expiry_ms.map(from_ms),
+            disabled: r.disabled,
+            previous_secret_valid_until: r.previous_valid_until_ms.map(from_ms),
+            resource_version: r.resource_version,
+            created: from_ms(r.created_ms),
+            modified: from_ms(r.modified_ms),
+            last_used: r.last_used_ms.map(from_ms),
+            request_count: u64::try_from(r.request_count).unwrap_or(0),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct KeyRecordRow {
+    id: String,
+    secret_digest: Vec<u8>,
+    previous_digest: Option<Vec<u8>>,
+    previous_valid_until_ms: Option<i64>,
+    disabled: bool,
+    expiry_ms: Option<i64>,
+    namespaces: String,
+    owner_id: String,
+    owner_type: String,
+    owner_name: String,
+    account_role: String,
+    namespace_access: String,
+    owner_disabled: bool,
+}
+
+fn digest(bytes: &[u8]) -> Result<Digest, StoreError> {
+    Digest::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("digest is not 32 bytes".into()))
+}
+
+impl TryFrom<KeyRecordRow> for KeyRecord {
+    type Error = StoreError;
+    fn try_from(r: KeyRecordRow) -> Result<KeyRecord, StoreError> {
+        let previous = match (r.previous_digest, r.previous_valid_until_ms) {
+            (Some(d), Some(until)) => Some((digest(&d)?, from_ms(until))),
+            _ => None,
+        };
+        Ok(KeyRecord {
+            id: key_id(&r.id)?,
+            digest: digest(&r.secret_digest)?,
+            previous,
+            disabled: r.disabled,
+            expiry: r.expiry_ms.map(from_ms),
+            namespaces: namespace_list(&r.namespaces)?,
+            owner_id: r.owner_id,
+            owner_type: owner_type(&r.owner_type)?,
+            owner_name: r.owner_name,
+            owner_access: access(&r.account_role, &r.namespace_access)?,
+            owner_disabled: r.owner_disabled,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct SettingsRow {
+    api_keys_enabled: bool,
+    max_key_lifetime_secs: i64,
+    max_keys_per_owner: i64,
+    resource_version: i64,
+    modified_ms: i64,
+}
+
+impl From<SettingsRow> for AccountSettings {
+    fn from(r: SettingsRow) -> AccountSettings {
+        AccountSettings {
+            api_keys_enabled: r.api_keys_enabled,
+            max_key_lifetime: Duration::from_secs(
+                u64::try_from(r.max_key_lifetime_secs).unwrap_or(0),
+            ),
+            max_keys_per_owner: u32::try_from(r.max_keys_per_owner).unwrap_or(0),
+            resource_version: r.resource_version,
+            modified: from_ms(r.modified_ms),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct AuditRow {
+    seq: i64,
+    id: String,
+    time_ms: i64,
+    actor_id: String,
+    actor_type: String,
+    actor_name: String,
+    action: String,
+    target_type: String,
+    target_id: String,
+    detail: String,
+}
+
+// === helpers used inside a write transaction ===
+
+async fn audit(
+    tx: &mut SqliteConnection,
+    actor: &Actor,
+    action: &str,
+    target_type: &str,
+    target_id: &str,
+    detail: serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
+         target_type, target_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(random_id())
+    .bind(to_ms(SystemTime::now()))
+    .bind(&actor.id)
+    .bind(&actor.kind)
+    .bind(&actor.name)
+    .bind(action)
+    .bind(target_type)
+    .bind(target_id)
+    .bind(detail.to_string())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Checks `expected` against the row's current version.
+fn check_version(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
+    match expected {
+        Some(given) if given != current => Err(StoreError::StaleVersion { given, current }),
+        _ => Ok(()),
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn page_size(page: &PageRequest) -> i64 {
+    i64::from(page.size.clamp(1, MAX_PAGE_SIZE))
+}
+
+/// Cuts the extra row fetched to learn whether a next page exists.
+fn paginate<T>(mut items: Vec<T>, size: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    let next = if items.len() > size {
+        items.truncate(size);
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+async fn principal_in(
+    tx: &mut SqliteConnection,
+    kind: OwnerType,
+    id: &str,
+) -> Result<Principal, StoreError> {
+    let row: Option<PrincipalRow> =
+        sqlx::query_as("SELECT * FROM principals WHERE id = ? AND kind = ?")
+            .bind(id)
+            .bind(kind.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+    row.ok_or_else(|| StoreError::NotFound {
+        kind: principal_kind(kind),
+        id: id.into(),
+    })?
+    .try_into()
+}
+
+fn principal_kind(kind: OwnerType) -> &'static str {
+    match kind {
+        OwnerType::User => "user",
+        OwnerType::ServiceAccount => "service account",
+    }
+}
+
+async fn owner_key_ids(
+    tx: &mut SqliteConnection,
+    owner_id: &str,
+) -> Result<Vec<KeyId>, StoreError> {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM api_keys WHERE owner_id = ?")
+        .bind(owner_id)
+        .fetch_all(tx)
+        .await?;
+    ids.iter().map(|id| key_id(id)).collect()
+}
+
+async fn require_namespaces<'a>(
+    tx: &mut SqliteConnection,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), StoreError> {
+    for name in names {
+        let found: Option<String> = sqlx::query_scalar("SELECT id FROM namespaces WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(PolicyViolation::UnknownNamespace(name.clone()).into());
+        }
+    }
+    Ok(())
+}
+
+async fn key_in(tx: &mut SqliteConnection, id: &KeyId) -> Result<ApiKey, StoreError> {
+    let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = ?"))
+        .bind(id.as_str())
+        .fetch_optional(tx)
+        .await?;
+    row.ok_or_else(|| StoreError::NotFound {
+        kind: "API key",
+        id: id.to_string(),
+    })?
+    .try_into()
+}
+
+fn max_days(d: Duration) -> u64 {
+    d.as_secs().div_ceil(86_400)
+}
+
+/// The lifetime policy: an expiry is required (unless the limit is zero), in
+/// the future, and within the limit.
+fn check_lifetime(
+    settings: &AccountSettings,
+    expiry: Option<SystemTime>,
+) -> Result<(), PolicyViolation> {
+    let now = SystemTime::now();
+    let max = settings.max_key_lifetime;
+    match expiry {
+        Some(at) if at <= now => Err(PolicyViolation::ExpiryInPast),
+        // A small allowance for the client's clock and the request's flight.
+        Some(at) if !max.is_zero() && at > now + max + Duration::from_secs(60) => {
+            Err(PolicyViolation::LifetimeTooLong {
+                max_days: max_days(max),
+            })
+        }
+        None if !max.is_zero() => Err(PolicyViolation::ExpiryRequired {
+            max_days: max_days(max),
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn settings_in(tx: &mut SqliteConnection) -> Result<AccountSettings, StoreError> {
+    let row: SettingsRow = sqlx::query_as("SELECT * FROM account_settings WHERE id = 1")
+        .fetch_one(tx)
+        .await?;
+    Ok(row.into())
+}
+
+// === impl KeyStore for SqliteStore ===
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRecordRow> = sqlx::query_as(
+            "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
+             k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
+             p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
+             FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn settings(&self) -> Result<AccountSettings, StoreError> {
+        let row: SettingsRow = sqlx::query_as("SELECT * FROM account_settings WHERE id = 1")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.into())
+    }
+
+    async fn update_settings(
+        &self,
+        actor: &Actor,
+        api_keys_enabled: bool,
+        max_key_lifetime: Duration,
+        max_keys_per_owner: u32,
+        expected_version: Option<i64>,
+    ) -> Result<AccountSettings, StoreError> {
+        let mut tx = self.begin().await?;
+        let current = settings_in(&mut tx).await?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE account_settings SET api_keys_enabled = ?, max_key_lifetime_secs = ?, \
+             max_keys_per_owner = ?, resource_version = resource_version + 1, modified_ms = ? \
+             WHERE id = 1",
+        )
+        .bind(api_keys_enabled)
+        .bind(i64::try_from(max_key_lifetime.as_secs()).unwrap_or(i64::MAX))
+        .bind(i64::from(max_keys_per_owner))
+        .bind(to_ms(SystemTime::now()))
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({
+            "apiKeysEnabled": api_keys_enabled,
+            "maxKeyLifetimeSecs": max_key_lifetime.as_secs(),
+            "maxKeysPerOwner": max_keys_per_owner,
+        });
+        audit(
+            &mut tx,
+            actor,
+            "account.settings.update",
+            "account",
+            "settings",
+            detail,
+        )
+        .await?;
+        let updated = settings_in(&mut tx).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn create_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        spec: PrincipalSpec,
+    ) -> Result<Principal, StoreError> {
+        let mut tx = self.begin().await?;
+        require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
+        let id = random_id();
+        let now = to_ms(SystemTime::now());
+        let inserted = sqlx::query(
+            "INSERT INTO principals (id, kind, name, description, account_role, namespace_access, \
+             disabled, created_ms, modified_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(kind.as_str())
+        .bind(&spec.name)
+        .bind(&spec.description)
+        .bind(spec.access.account_role.as_str())
+        .bind(namespace_access_json(&spec.access))
+        .bind(spec.disabled)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            return Err(if is_unique_violation(&e) {
+                StoreError::AlreadyExists {
+                    kind: principal_kind(kind),
+                    name: spec.name,
+                }
+            } else {
+                e.into()
+            });
+        }
+        let detail = json!({ "name": spec.name, "role": spec.access.account_role.as_str() });
+        audit(
+            &mut tx,
+            actor,
+            &format!("{kind}.create"),
+            kind.as_str(),
+            &id,
+            detail,
+        )
+        .await?;
+        let created = principal_in(&mut tx, kind, &id).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn get_principal(
+        &self,
+        kind: OwnerType,
+        id: &str,
+    ) -> Result<Option<Principal>, StoreError> {
+        let row: Option<PrincipalRow> =
+            sqlx::query_as("SELECT * FROM principals WHERE id = ? AND kind = ?")
+                .bind(id)
+                .bind(kind.as_str())
+                .fetch_optional(&self.reader)
+                .await?;
+        row.map(Principal::try_from).transpose()
+    }
+
+    async fn find_principal_by_name(
+        &self,
+        kind: OwnerType,
+        name: &str,
+    ) -> Result<Option<Principal>, StoreError> {
+        let row: Option<PrincipalRow> =
+            sqlx::query_as("SELECT * FROM principals WHERE name = ? AND kind = ?")
+                .bind(name)
+                .bind(kind.as_str())
+                .fetch_optional(&self.reader)
+                .await?;
+        row.map(Principal::try_from).transpose()
+    }
+
+    async fn list_principals(
+        &self,
+        kind: OwnerType,
+        page: &PageRequest,
+    ) -> Result<Page<Principal>, StoreError> {
+        let size = page_size(page);
+        let rows: Vec<PrincipalRow> = sqlx::query_as(
+            "SELECT * FROM principals WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(kind.as_str())
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(size + 1)
+        .fetch_all(&self.reader)
+        .await?;
+        let items = rows
+            .into_iter()
+            .map(Principal::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(paginate(items, size, |p| p.id.clone()))
+    }
+
+    async fn update_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+        spec: PrincipalSpec,
+        expected_version: Option<i64>,
+    ) -> Result<(Principal, Vec<KeyId>), StoreError> {
+        let mut tx = self.begin().await?;
+        let current = principal_in(&mut tx, kind, id).await?;
+        check_version(expected_version, current.resource_version)?;
+        require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
+        let updated = sqlx::query(
+            "UPDATE principals SET name = ?, description = ?, account_role = ?, \
+             namespace_access = ?, disabled = ?, resource_version = resource_version + 1, \
+             modified_ms = ? WHERE id = ?",
+        )
+        .bind(&spec.name)
+        .bind(&spec.description)
+        .bind(spec.access.account_role.as_str())
+        .bind(namespace_access_json(&spec.access))
+        .bind(spec.disabled)
+        .bind(to_ms(SystemTime::now()))
+        .bind(id)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = updated {
+            return Err(if is_unique_violation(&e) {
+                StoreError::AlreadyExists {
+                    kind: principal_kind(kind),
+                    name: spec.name,
+                }
+            } else {
+                e.into()
+            });
+        }
+        let detail = json!({
+            "name": spec.name,
+            "role": spec.access.account_role.as_str(),
+            "disabled": spec.disabled,
+        });
+        audit(
+            &mut tx,
+            actor,
+            &format!("{kind}.update"),
+            kind.as_str(),
+            id,
+            detail,
+        )
+        .await?;
+        let principal = principal_in(&mut tx, kind, id).await?;
+        let keys = owner_key_ids(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok((principal, keys))
+    }
+
+    async fn delete_principal(
+        &self,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        let mut tx = self.begin().await?;
+        let principal = principal_in(&mut tx, kind, id).await?;
+        let keys = owner_key_ids(&mut tx, id).await?;
+        sqlx::query("DELETE FROM api_keys WHERE owner_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM principals WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let detail = json!({
+            "name": principal.name,
+            "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
+        });
+        audit(
+            &mut tx,
+            actor,
+            &format!("{kind}.delete"),
+            kind.as_str(),
+            id,
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(keys)
+    }
+
+    async fn count_principals(&self, kind: OwnerType) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM principals WHERE kind = ?")
+            .bind(kind.as_str())
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn create_namespace(
+        &self,
+        actor: &Actor,
+        name: &str,
+        description: &str,
+    ) -> Result<Namespace, StoreError> {
+        let mut tx = self.begin().await?;
+        let id = random_id();
+        let now = to_ms(SystemTime::now());
+        let inserted = sqlx::query(
+            "INSERT INTO namespaces (id, name, description, created_ms, modified_ms) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(description)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            return Err(if is_unique_violation(&e) {
+                StoreError::AlreadyExists {
+                    kind: "namespace",
+                    name: name.into(),
+                }
+            } else {
+                e.into()
+            });
+        }
+        audit(
+            &mut tx,
+            actor,
+            "namespace.create",
+            "namespace",
+            &id,
+            json!({ "name": name }),
+        )
+        .await?;
+        let row: NamespaceRow = sqlx::query_as("SELECT * FROM namespaces WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row.into())
+    }
+
+    async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError> {
+        let row: Option<NamespaceRow> =
+            sqlx::query_as("SELECT * FROM namespaces WHERE id = ?1 OR name = ?1")
+                .bind(id_or_name)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(Namespace::from))
+    }
+
+    async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError> {
+        let size = page_size(page);
+        let rows: Vec<NamespaceRow> =
+            sqlx::query_as("SELECT * FROM namespaces WHERE id > ? ORDER BY id LIMIT ?")
+                .bind(page.after.as_deref().unwrap_or(""))
+                .bind(size + 1)
+                .fetch_all(&self.reader)
+                .await?;
+        let items = rows.into_iter().map(Namespace::from).collect();
+        Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
+    }
+
+    async fn update_namespace(
+        &self,
+        actor: &Actor,
+        id: &str,
+        description: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Namespace, StoreError> {
+        let mut tx = self.begin().await?;
+        let current: Option<NamespaceRow> = sqlx::query_as("SELECT * FROM namespaces WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let current = current.ok_or_else(|| StoreError::NotFound {
+            kind: "namespace",
+            id: id.into(),
+        })?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE namespaces SET description = ?, resource_version = resource_version + 1, \
+             modified_ms = ? WHERE id = ?",
+        )
+        .bind(description)
+        .bind(to_ms(SystemTime::now()))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            actor,
+            "namespace.update",
+            "namespace",
+            id,
+            json!({ "name": current.name }),
+        )
+        .await?;
+        let row: NamespaceRow = sqlx::query_as("SELECT * FROM namespaces WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row.into())
+    }
+
+    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let name: Option<String> = sqlx::query_scalar("SELECT name FROM namespaces WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let name = name.ok_or_else(|| StoreError::NotFound {
+            kind: "namespace",
+            id: id.into(),
+        })?;
+        sqlx::query("DELETE FROM namespaces WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            actor,
+            "namespace.delete",
+            "namespace",
+            id,
+            json!({ "name": name }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError> {
+        let mut tx = self.begin().await?;
+        let settings = settings_in(&mut tx).await?;
+        check_lifetime(&settings, key.expiry)?;
+        let owner_kind: Option<String> =
+            sqlx::query_scalar("SELECT kind FROM principals WHERE id = ?")
+                .bind(&key.owner_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if owner_kind.as_deref() != Some(key.owner_type.as_str()) {
+            return Err(PolicyViolation::UnknownOwner {
+                owner_id: key.owner_id,
+                owner_type: key.owner_type,
+            }
+            .into());
+        }
+        require_namespaces(&mut tx, &key.namespaces).await?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE owner_id = ?")
+            .bind(&key.owner_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if count >= i64::from(settings.max_keys_per_owner) {
+            return Err(PolicyViolation::TooManyKeys {
+                owner_id: key.owner_id,
+                max: settings.max_keys_per_owner,
+            }
+            .into());
+        }
+        let now = to_ms(SystemTime::now());
+        sqlx::query(
+            "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
+             namespaces, expiry_ms, disabled, created_ms, modified_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(key.id.as_str())
+        .bind(&key.digest.as_bytes()[..])
+        .bind(&key.display_name)
+        .bind(&key.description)
+        .bind(&key.owner_id)
+        .bind(serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into()))
+        .bind(key.expiry.map(to_ms))
+        .bind(key.disabled)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({
+            "displayName": key.display_name,
+            "ownerId": key.owner_id,
+            "ownerType": key.owner_type.as_str(),
+            "expiryTime": key.expiry.map(to_ms),
+        });
+        audit(
+            &mut tx,
+            actor,
+            "api-key.create",
+            "api-key",
+            key.id.as_str(),
+            detail,
+        )
+        .await?;
+        let created = key_in(&mut tx, &key.id).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(ApiKey::try_from).transpose()
+    }
+
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ApiKey>, StoreError> {
+        let size = page_size(page);
+        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} WHERE k.id > ?1 AND (?2 IS NULL OR k.owner_id = ?2) \
+             AND (?3 IS NULL OR p.kind = ?3) ORDER BY k.id LIMIT ?4"
+        ))
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(filter.owner_id.as_deref())
+        .bind(filter.owner_type.map(OwnerType::as_str))
+        .bind(size + 1)
+        .fetch_all(&self.reader)
+        .await?;
+        let items = rows
+            .into_iter()
+            .map(ApiKey::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(paginate(items, size, |k| k.id.to_string()))
+    }
+
+    async fn update_key(
+        &self,
+        actor: &Actor,
+        id: &KeyId,
+        update: KeyUpdate,
+        expected_version: Option<i64>,
+    ) -> Result<ApiKey, StoreError> {
+        let mut tx = self.begin().await?;
+        let current = key_in(&mut tx, id).await?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE api_keys SET display_name = ?, description = ?, disabled = ?, \
+             resource_version = resource_version + 1, modified_ms = ? WHERE id = ?",
+        )
+        .bind(
+            update
+                .display_name
+                .as_ref()
+                .unwrap_or(&current.display_name),
+        )
+        .bind(update.description.as_ref().unwrap_or(&current.description))
+        .bind(update.disabled.unwrap_or(current.disabled))
+        .bind(to_ms(SystemTime::now()))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let action = match update.disabled {
+            Some(true) if !current.disabled => "api-key.disable",
+            Some(false) if current.disabled => "api-key.enable",
+            _ => "api-key.update",
+        };
+        let detail = json!({
+            "displayName": update.display_name,
+            "description": update.description,
+            "disabled": update.disabled,
+        });
+        audit(&mut tx, actor, action, "api-key", id.as_str(), detail).await?;
+        let key = key_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn rotate_key(
+        &self,
+        actor: &Actor,
+        id: &KeyId,
+        digest: Digest,
+        grace_until: SystemTime,
+    ) -> Result<ApiKey, StoreError> {
+        let mut tx = self.begin().await?;
+        key_in(&mut tx, id).await?;
+        sqlx::query(
+            "UPDATE api_keys SET previous_digest = secret_digest, previous_valid_until_ms = ?, \
+             secret_digest = ?, resource_version = resource_version + 1, modified_ms = ? \
+             WHERE id = ?",
+        )
+        .bind(to_ms(grace_until))
+        .bind(&digest.as_bytes()[..])
+        .bind(to_ms(SystemTime::now()))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({ "previousSecretValidUntil": to_ms(grace_until) });
+        audit(
+            &mut tx,
+            actor,
+            "api-key.rotate",
+            "api-key",
+            id.as_str(),
+            detail,
+        )
+        .await?;
+        let key = key_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn delete_key(&self, actor: &Actor, id: &KeyId) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        let key = key_in(&mut tx, id).await?;
+        sqlx::query("DELETE FROM api_keys WHERE id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let detail = json!({ "displayName": key.display_name, "ownerId": key.owner_id });
+        audit(
+            &mut tx,
+            actor,
+            "api-key.delete",
+            "api-key",
+            id.as_str(),
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for delta in batch {
+            sqlx::query(
+                "UPDATE api_keys SET request_count = request_count + ?, \
+                 last_used_ms = MAX(COALESCE(last_used_ms, 0), ?) WHERE id = ?",
+            )
+            .bind(i64::try_from(delta.requests).unwrap_or(i64::MAX))
+            .bind(to_ms(delta.last_used))
+            .bind(delta.id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {
+        let size = page_size(page);
+        let before: i64 = match page.after.as_deref() {
+            Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
+            None => i64::MAX,
+        };
+        let rows: Vec<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_events WHERE seq < ? ORDER BY seq DESC LIMIT ?")
+                .bind(before)
+                .bind(size + 1)
+                .fetch_all(&self.reader)
+                .await?;
+        let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
+        let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
+        let items = rows
+            .into_iter()
+            .take(size_usize)
+            .map(|r| AuditEvent {
+                id: r.id,
+                time: from_ms(r.time_ms),
+                actor_id: r.actor_id,
+                actor_type: r.actor_type,
+                actor_name: r.actor_name,
+                action: r.action,
+                target_type: r.target_type,
+                target_id: r.target_id,
+                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
+            })
+            .collect();
+        Ok(Page { items, next })
+    }
+}
