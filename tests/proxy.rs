@@ -1,27 +1,623 @@
-//! The data plane end to end: real keygate, real upstreams, real clients.
+//! The data plane end to end: real keygate on 127.0.0.1:0, a real recording
+//! upstream, real clients; assertions on what the upstream received and what
+//! the client got.
 
 mod support;
 
-use support::{echo_upstream, Gate};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use keygate::key::KeyId;
+use keygate::store::{AccountRole, Actor, KeyUpdate, OwnerType, Permission, PrincipalSpec};
+use support::{dead_address, Gate, RecordingUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup() -> (Gate, RecordingUpstream) {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder().upstream(upstream.addr).start().await;
+    (gate, upstream)
+}
+
+async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
 
 #[tokio::test]
-async fn valid_key_passes_with_identity() {
-    let gate = Gate::builder()
-        .upstream(echo_upstream().await)
-        .start()
-        .await;
-    let client = reqwest::Client::new();
-    let r = client
-        .get(gate.proxy_url("/hello"))
+async fn valid_key_passes_with_identity_headers() {
+    let (gate, upstream) = setup().await;
+    let r = reqwest::Client::new()
+        .post(gate.proxy_url("/orders/7?verbose=1"))
         .bearer_auth(&gate.admin_token)
+        .header("x-request-id", "req-123")
+        .body("hello")
         .send()
         .await
         .expect("request");
     assert_eq!(r.status(), 200);
-    let seen: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(r.headers()["x-upstream"], "yes");
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let seen = upstream.last();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, "/orders/7?verbose=1");
+    assert_eq!(seen.body_len, 5);
+    let h = &seen.headers;
+    let admin_key_id = &gate.admin_token[3..19];
+    assert_eq!(h["x-keygate-key-id"], admin_key_id);
+    assert_eq!(h["x-keygate-owner-id"], gate.admin_user.id.as_str());
+    assert_eq!(h["x-keygate-owner-type"], "user");
+    assert_eq!(h["x-keygate-owner-name"], "admin@example.com");
+    assert_eq!(h["x-keygate-role"], "admin");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], gate.proxy.to_string().as_str());
+    assert_eq!(h["x-request-id"], "req-123");
+    assert!(!h.contains_key("authorization"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn all_three_presentations_are_accepted_and_stripped() {
+    let (gate, upstream) = setup().await;
+    let client = reqwest::Client::new();
+    let token = &gate.admin_token;
+    let (id_part, secret_part) = (&token[3..19], &token[20..]);
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{id_part}:{secret_part}"));
+    let requests = [
+        client
+            .get(gate.proxy_url("/"))
+            .header("authorization", format!("Bearer {token}")),
+        client
+            .get(gate.proxy_url("/"))
+            .header("authorization", format!("Basic {basic}")),
+        client
+            .get(gate.proxy_url("/"))
+            .header("x-api-key", token.as_str()),
+    ];
+    for request in requests {
+        let r = request.send().await.expect("request");
+        assert_eq!(r.status(), 200);
+        let seen = upstream.last();
+        assert!(!seen.headers.contains_key("authorization"));
+        assert!(!seen.headers.contains_key("x-api-key"));
+        assert!(
+            seen.headers.contains_key("x-request-id"),
+            "a request id is created"
+        );
+    }
+    // Keys in the query string are not accepted.
+    let r = client
+        .get(gate.proxy_url(&format!("/?api_key={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (401, "missing_api_key".into()));
+    assert_eq!(upstream.count(), 3);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn every_bad_key_is_refused_with_its_code_and_never_forwarded() {
+    let (gate, upstream) = setup().await;
+    let client = reqwest::Client::new();
+    let valid = gate.admin_token.clone();
+
+    // Wrong secret for an existing id, with a correct checksum.
+    let (wrong_secret_id, wrong_secret) = {
+        let id = KeyId::parse(&valid[3..19]).unwrap();
+        let (token, _) = gate.tokens.issue_secret(&id);
+        (id, token.expose().to_string())
+    };
+    assert_eq!(&wrong_secret[3..19], wrong_secret_id.as_str());
+    let unknown = gate.tokens.generate().1.expose().to_string();
+    let mut bad_checksum = valid.clone();
+    let last = bad_checksum.pop().unwrap();
+    bad_checksum.push(if last == 'a' { 'b' } else { 'a' });
+
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (None, "missing_api_key"),
+        (Some("Bearer".into()), "malformed_api_key"),
+        (Some("Bearer kg_short".into()), "malformed_api_key"),
+        (Some(format!("Bearer {bad_checksum}")), "malformed_api_key"),
+        (
+            Some(format!("Bearer xx{}", &valid[2..])),
+            "malformed_api_key",
+        ),
+        (Some("Digest abc".into()), "malformed_api_key"),
+        (Some("Basic !!!notbase64".into()), "malformed_api_key"),
+        (Some(format!("Bearer {unknown}")), "invalid_api_key"),
+        (Some(format!("Bearer {wrong_secret}")), "invalid_api_key"),
+    ];
+    for (authorization, code) in cases {
+        let mut request = client.get(gate.proxy_url("/"));
+        if let Some(value) = &authorization {
+            request = request.header("authorization", value);
+        }
+        let r = request.send().await.expect("request");
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            r#"Bearer realm="keygate", error="invalid_token""#
+        );
+        assert_eq!(
+            error_code(r).await,
+            (401, code.to_string()),
+            "{authorization:?}"
+        );
+    }
     assert_eq!(
-        seen["headers"]["x-keygate-owner-name"][0],
-        "admin@example.com"
+        upstream.count(),
+        0,
+        "nothing unauthenticated reaches the upstream"
     );
     gate.stop().await;
+}
+
+#[tokio::test]
+async fn disabled_expired_and_owner_disabled_keys_are_refused() {
+    let (gate, upstream) = setup().await;
+    let client = reqwest::Client::new();
+    let alice = gate
+        .user("alice@example.com", AccountRole::Developer, &[])
+        .await;
+    let (disabled_id, disabled) = gate.key_for(&alice).await;
+    let (expired_id, expired) = gate.key_for(&alice).await;
+    let bob = gate
+        .user("bob@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, bobs) = gate.key_for(&bob).await;
+
+    let id = KeyId::parse(&disabled_id).unwrap();
+    let update = KeyUpdate {
+        disabled: Some(true),
+        ..KeyUpdate::default()
+    };
+    gate.store
+        .update_key(&Actor::system("test"), &id, update, None)
+        .await
+        .unwrap();
+    gate.sql(&format!(
+        "UPDATE api_keys SET expiry_ms = 1000 WHERE id = '{expired_id}'"
+    ))
+    .await;
+    let spec = PrincipalSpec {
+        name: bob.name.clone(),
+        description: String::new(),
+        access: bob.access.clone(),
+        disabled: true,
+    };
+    gate.store
+        .update_principal(&Actor::system("test"), OwnerType::User, &bob.id, spec, None)
+        .await
+        .unwrap();
+
+    for (token, code) in [
+        (&disabled, "api_key_disabled"),
+        (&expired, "api_key_expired"),
+        (&bobs, "owner_disabled"),
+    ] {
+        let r = client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, (401, code.to_string()));
+        // A wrong secret for the same id is never told the key's state.
+        let id = KeyId::parse(&token[3..19]).unwrap();
+        let wrong = gate.tokens.issue_secret(&id).0;
+        let r = client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(wrong.expose())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, (401, "invalid_api_key".to_string()));
+    }
+    assert_eq!(upstream.count(), 0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_is_checked_on_every_request_even_when_cached() {
+    let (gate, _upstream) = setup().await;
+    let client = reqwest::Client::new();
+    let carol = gate
+        .user("carol@example.com", AccountRole::Developer, &[])
+        .await;
+    let (id, token) = gate.key_for(&carol).await;
+    // Expire two seconds from now, then use it while valid so it is cached.
+    let soon = keygate::store::to_ms(SystemTime::now() + Duration::from_secs(2));
+    gate.sql(&format!(
+        "UPDATE api_keys SET expiry_ms = {soon} WHERE id = '{id}'"
+    ))
+    .await;
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Real time must pass: the proxy compares against the wall clock.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (401, "api_key_expired".to_string()));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_key_old_secret_works_until_grace_deadline() {
+    let (gate, _upstream) = setup().await;
+    let client = reqwest::Client::new();
+    let dave = gate
+        .user("dave@example.com", AccountRole::Developer, &[])
+        .await;
+    let (id, old) = gate.key_for(&dave).await;
+    let key_id = KeyId::parse(&id).unwrap();
+    let (new, digest) = gate.tokens.issue_secret(&key_id);
+    let grace = SystemTime::now() + Duration::from_secs(3600);
+    gate.store
+        .rotate_key(&Actor::system("test"), &key_id, digest, grace)
+        .await
+        .unwrap();
+    for token in [&old, &new.expose().to_string()] {
+        let r = client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // A second rotation whose grace is already over: the first new secret fails.
+    let (newest, digest) = gate.tokens.issue_secret(&key_id);
+    let past = SystemTime::now() - Duration::from_secs(1);
+    gate.store
+        .rotate_key(&Actor::system("test"), &key_id, digest, past)
+        .await
+        .unwrap();
+    // The proxy's cache still holds the previous state; a fresh gate on the
+    // same store reads the new one (same-process invalidation is the admin
+    // API's job and is tested there).
+    let upstream = RecordingUpstream::start().await;
+    let fresh = Gate::builder()
+        .upstream(upstream.addr)
+        .start_on(&gate)
+        .await;
+    let r = client
+        .get(fresh.proxy_url("/"))
+        .bearer_auth(new.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (401, "invalid_api_key".to_string()));
+    let r = client
+        .get(fresh.proxy_url("/"))
+        .bearer_auth(newest.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    fresh.stop().await;
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let (gate, upstream) = setup().await;
+    let bob = gate.user("bob@example.com", AccountRole::Read, &[]).await;
+    let (_, token) = gate.key_for(&bob).await;
+    // Raw HTTP/1.1 so that underscores and odd cases go out exactly as written.
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\
+         X-Keygate-Owner-Id: evil\r\nx_keygate_role: admin\r\nX-KEYGATE-KEY-ID: k\r\n\
+         x-keygate-custom: 1\r\nx_Keygate-Owner_Name: root\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw_http(gate.proxy, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last();
+    let identity: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.as_str().replace('_', "-").starts_with("x-keygate-"))
+        .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap().to_string()))
+        .collect();
+    let expected: Vec<(String, String)> = vec![
+        ("x-keygate-key-id".into(), token[3..19].to_string()),
+        ("x-keygate-owner-id".into(), bob.id.clone()),
+        ("x-keygate-owner-type".into(), "user".into()),
+        ("x-keygate-owner-name".into(), "bob@example.com".into()),
+        ("x-keygate-role".into(), "read".into()),
+    ];
+    let mut identity_sorted = identity.clone();
+    identity_sorted.sort();
+    let mut expected_sorted = expected;
+    expected_sorted.sort();
+    assert_eq!(identity_sorted, expected_sorted);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let (gate, upstream) = setup().await;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nConnection: keep-alive, x-private\r\n\
+         x-private: secret-hop\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9v\r\nTE: gzip\r\n\
+         x-forwarded-for: 10.0.0.1\r\n\r\n",
+        gate.admin_token
+    );
+    let response = raw_http(gate.proxy, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("x-hop"),
+        "response hop-by-hop removed: {response}"
+    );
+    let h = upstream.last().headers;
+    for gone in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert!(!h.contains_key(gone), "{gone} reached the upstream");
+    }
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_and_slow_upstream_504() {
+    let dead = dead_address().await;
+    let gate = Gate::builder().upstream(dead).start().await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(r).await,
+        (502, "upstream_unavailable".to_string())
+    );
+    gate.stop().await;
+
+    let (gate, upstream) = setup().await;
+    let r = client
+        .get(gate.proxy_url("/slow"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (504, "upstream_timeout".to_string()));
+    assert_eq!(upstream.count(), 1);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways() {
+    let (gate, upstream) = setup().await;
+    let client = reqwest::Client::new();
+    // 8 MiB request body, sent as a stream of chunks.
+    let chunks = (0..128).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 64 * 1024]));
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = client
+        .post(gate.proxy_url("/echo-body"))
+        .bearer_auth(&gate.admin_token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), 8 * 1024 * 1024);
+    assert_eq!(upstream.last().body_len, 8 * 1024 * 1024);
+    let r = client
+        .get(gate.proxy_url("/stream/2048"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 2048 * 1024);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn namespaced_routes_check_scope_and_permission() {
+    let upstream = RecordingUpstream::start().await;
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/orders\"\nupstream = \"http://{0}\"\nnamespace = \"orders\"\n\
+         [[routes]]\npath_prefix = \"/orders/admin\"\nupstream = \"http://{0}\"\nnamespace = \"orders\"\npermission = \"admin\"\n",
+        upstream.addr
+    );
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra(&routes)
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let reader = gate
+        .user(
+            "reader@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Read)],
+        )
+        .await;
+    let (_, reader_token) = gate.key_for(&reader).await;
+    let writer = gate
+        .user(
+            "writer@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Write)],
+        )
+        .await;
+    let (_, writer_token) = gate.key_for(&writer).await;
+    let outsider = gate
+        .user("out@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, outsider_token) = gate.key_for(&outsider).await;
+
+    let status = |method: reqwest::Method, path: &str, token: &str| {
+        client
+            .request(method, gate.proxy_url(path))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(
+        status(reqwest::Method::GET, "/orders/1", &reader_token)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = status(reqwest::Method::POST, "/orders/1", &reader_token)
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (403, "forbidden".to_string()));
+    assert_eq!(
+        status(reqwest::Method::POST, "/orders/1", &writer_token)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(upstream.last().headers["x-keygate-namespace"], "orders");
+    let r = status(reqwest::Method::GET, "/orders/admin/x", &writer_token)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        status(reqwest::Method::GET, "/orders/admin/x", &gate.admin_token)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = status(reqwest::Method::GET, "/orders/1", &outsider_token)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The default route has no namespace: any valid key passes.
+    assert_eq!(
+        status(reqwest::Method::GET, "/other", &outsider_token)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn unparseable_requests_get_400_and_reach_nothing() {
+    let (gate, upstream) = setup().await;
+    let bad_requests: [&[u8]; 4] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: a\r\nx: \x01\r\n\r\n",
+    ];
+    for request in bad_requests {
+        let response = raw_http(gate.proxy, request).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{:?} -> {response}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_request_leaves_the_connection_usable() {
+    let (gate, upstream) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 401"), "{first}");
+    let second = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\n\r\n",
+        gate.admin_token
+    );
+    stream.write_all(second.as_bytes()).await.unwrap();
+    let second = read_response(&mut stream).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(upstream.count(), 1);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_clients_are_served() {
+    let (gate, upstream) = setup().await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = client
+        .get(gate.proxy_url("/h2"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(
+        seen.version,
+        http::Version::HTTP_11,
+        "non-gRPC goes upstream as HTTP/1.1"
+    );
+    assert!(seen.headers.contains_key("x-keygate-key-id"));
+    let r = client.get(gate.proxy_url("/h2")).send().await.unwrap();
+    assert_eq!(error_code(r).await, (401, "missing_api_key".to_string()));
+    gate.stop().await;
+}
+
+/// Sends raw bytes and reads until the server closes or a response is complete.
+async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// Reads one response head plus a Content-Length body (or until close).
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await;
+        let n = match read {
+            Ok(Ok(n)) => n,
+            _ => break,
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let length = text[..head_end].lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
+            if let Some(length) = length {
+                if buf.len() >= head_end + 4 + length {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }

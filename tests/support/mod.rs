@@ -30,7 +30,7 @@ pub struct Gate {
     pub tokens: TokenFormat,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 pub struct GateBuilder {
@@ -161,9 +161,48 @@ impl GateBuilder {
         self
     }
 
+    /// Starts keygate on a fresh SQLite file with a bootstrap admin.
     pub async fn start(self) -> Gate {
         let dir = tempfile::tempdir().expect("tempdir");
         let db_path = dir.path().join("keygate.db");
+        let url = format!("sqlite://{}", db_path.display());
+        let store = store::open(&url).await.expect("open store");
+        let tokens = TokenFormat::new(keygate::config::DEFAULT_KEY_PREFIX);
+        let (admin_user, _, admin_token) = bootstrap(
+            &*store,
+            &tokens,
+            "admin@example.com",
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("bootstrap");
+        let admin_token = admin_token.expose().to_string();
+        self.launch(Some(dir), db_path, store, admin_user, admin_token)
+            .await
+    }
+
+    /// Starts a second keygate on the store file of `other` (a replica).
+    pub async fn start_on(self, other: &Gate) -> Gate {
+        let url = format!("sqlite://{}", other.db_path.display());
+        let store = store::open(&url).await.expect("open store");
+        self.launch(
+            None,
+            other.db_path.clone(),
+            store,
+            other.admin_user.clone(),
+            other.admin_token.clone(),
+        )
+        .await
+    }
+
+    async fn launch(
+        self,
+        dir: Option<tempfile::TempDir>,
+        db_path: std::path::PathBuf,
+        store: Arc<dyn KeyStore>,
+        admin_user: Principal,
+        admin_token: String,
+    ) -> Gate {
         let upstream = self.upstream.map_or_else(
             || "http://127.0.0.1:9".to_string(),
             |a| format!("http://{a}"),
@@ -177,20 +216,11 @@ impl GateBuilder {
         let config: Config = text
             .parse()
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        let tokens = TokenFormat::new(&config.keys.prefix);
         let proxy_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let proxy = proxy_listener.local_addr().expect("addr");
         let admin = admin_listener.local_addr().expect("addr");
-        let store = store::open(&config.store.url).await.expect("open store");
-        let tokens = TokenFormat::new(&config.keys.prefix);
-        let (admin_user, _, admin_token) = bootstrap(
-            &*store,
-            &tokens,
-            "admin@example.com",
-            Some(Duration::from_secs(3600)),
-        )
-        .await
-        .expect("bootstrap");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             keygate::app::run(config, proxy_listener, admin_listener, async {
@@ -205,7 +235,7 @@ impl GateBuilder {
             store,
             db_path,
             admin_user,
-            admin_token: admin_token.expose().to_string(),
+            admin_token,
             tokens,
             stop: Some(stop_tx),
             task: Some(task),
@@ -226,4 +256,118 @@ pub async fn echo_upstream() -> SocketAddr {
 pub async fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr")
+}
+
+/// What a [`RecordingUpstream`] received.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+    pub body_len: usize,
+}
+
+/// A real HTTP upstream (HTTP/1.1 and h2c) that records every request it
+/// gets. Paths: `/slow` answers after 5 s; `/stream/N` streams N 1 KiB
+/// chunks; `/echo-body` returns the request body; anything else "ok".
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> RecordingUpstream {
+        use http_body_util::{BodyExt, Full, StreamBody};
+        use hyper::body::Frame;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<std::sync::Mutex<Vec<SeenRequest>>> = Arc::default();
+        let recorder = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let recorder = recorder.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                recorder.lock().unwrap().push(SeenRequest {
+                                    method: parts.method.clone(),
+                                    path: parts
+                                        .uri
+                                        .path_and_query()
+                                        .map(|p| p.to_string())
+                                        .unwrap_or_default(),
+                                    version: parts.version,
+                                    headers: parts.headers.clone(),
+                                    body_len: body.len(),
+                                });
+                                let path = parts.uri.path().to_string();
+                                type Body = http_body_util::combinators::BoxBody<
+                                    bytes::Bytes,
+                                    std::convert::Infallible,
+                                >;
+                                let body: Body = if path == "/slow" {
+                                    tokio::time::sleep(Duration::from_secs(5)).await;
+                                    Full::new(bytes::Bytes::from_static(b"slow")).boxed()
+                                } else if let Some(n) = path.strip_prefix("/stream/") {
+                                    let n: usize = n.parse().unwrap_or(1);
+                                    let chunks = (0..n).map(|_| {
+                                        Ok::<_, std::convert::Infallible>(Frame::data(
+                                            bytes::Bytes::from(vec![b'x'; 1024]),
+                                        ))
+                                    });
+                                    StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+                                } else if path == "/echo-body" {
+                                    Full::new(body).boxed()
+                                } else {
+                                    Full::new(bytes::Bytes::from_static(b"ok")).boxed()
+                                };
+                                let mut response = http::Response::new(body);
+                                response
+                                    .headers_mut()
+                                    .insert("x-upstream", http::HeaderValue::from_static("yes"));
+                                response
+                                    .headers_mut()
+                                    .insert("connection", http::HeaderValue::from_static("x-hop"));
+                                response
+                                    .headers_mut()
+                                    .insert("x-hop", http::HeaderValue::from_static("1"));
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        RecordingUpstream { addr, seen }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> SeenRequest {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw a request")
+    }
 }
