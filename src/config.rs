@@ -71,6 +71,29 @@ pub struct Config {
     pub usage: UsageConfig,
     /// The built-in echo upstream, for trying keygate out.
     pub echo: EchoConfig,
+    /// The forward-auth decision endpoint on the proxy listener.
+    pub forward_auth: ForwardAuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// Serve decisions (200 + identity headers, or the rejection) at `path`
+    /// on the proxy listener, for nginx auth_request, Traefik ForwardAuth
+    /// and Envoy ext_authz.
+    pub enabled: bool,
+    /// Path of the decision endpoint; Envoy's appended original path is
+    /// accepted below it.
+    pub path: String,
+}
+
+impl Default for ForwardAuthConfig {
+    fn default() -> Self {
+        ForwardAuthConfig {
+            enabled: false,
+            path: "/verify".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -194,14 +217,21 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (created on first start).
+    /// `sqlite://PATH` (created on first start), or `postgres://...` for a
+    /// store shared by several replicas (migrated on start).
     pub url: String,
+    /// Listen for change announcements (PostgreSQL `LISTEN/NOTIFY`), so other
+    /// replicas' changes reach this cache in milliseconds. Turn off where
+    /// `LISTEN` cannot work (behind a transaction-pooling PgBouncer); then
+    /// `cache.poll_interval` alone bounds how stale the cache can be.
+    pub notify: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: DEFAULT_STORE_URL.into(),
+            notify: true,
         }
     }
 }
@@ -220,6 +250,11 @@ pub struct CacheConfig {
     /// How long past `ttl` a cached key keeps working while the store is down.
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
+    /// How often the store's change feed is read, to drop keys that another
+    /// replica (or process on the same SQLite file) changed. It bounds
+    /// staleness when announcements are lost or unavailable.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -229,6 +264,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(2),
             stale_if_error: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -328,11 +364,19 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.proxy.upstream.is_none() && self.routes.is_empty() {
+        if self.proxy.upstream.is_none() && self.routes.is_empty() && !self.forward_auth.enabled {
             return Err(invalid(
                 "proxy.upstream",
                 "",
-                "set an upstream, or at least one [[routes]] entry",
+                "set an upstream, at least one [[routes]] entry, or enable [forward_auth]",
+            ));
+        }
+        let fa_path = &self.forward_auth.path;
+        if !fa_path.starts_with('/') || fa_path.len() < 2 || fa_path.ends_with('/') {
+            return Err(invalid(
+                "forward_auth.path",
+                fa_path,
+                "must start with '/', not end with '/', and not be '/' alone",
             ));
         }
         validate_header_name("proxy.api_key_header", &self.proxy.api_key_header)?;
@@ -358,6 +402,7 @@ impl Config {
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
             ("cache.ttl", self.cache.ttl),
+            ("cache.poll_interval", self.cache.poll_interval),
             ("usage.flush_interval", self.usage.flush_interval),
         ] {
             if value.is_zero() {
@@ -425,11 +470,17 @@ impl Config {
                 "must be 1 to 16 lowercase letters or digits",
             ));
         }
-        if !self.store.url.starts_with("sqlite:") {
+        let url = &self.store.url;
+        if !["sqlite:", "postgres:", "postgresql:"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            // Only the scheme is shown: a postgres URL may hold a password.
+            let scheme = url.split_once(':').map_or(url.as_str(), |(s, _)| s);
             return Err(invalid(
                 "store.url",
-                &self.store.url,
-                "must be a sqlite://PATH URL",
+                format!("{scheme}:..."),
+                "must be a sqlite://PATH or postgres://USER@HOST/DB URL",
             ));
         }
         if self.metrics.max_key_series == 0 {

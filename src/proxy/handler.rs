@@ -16,6 +16,7 @@ use tokio::io::copy_bidirectional;
 
 use crate::auth::{authorize, required_permission, VerifiedKey};
 
+use super::forward_auth;
 use super::headers::{strip_hop_by_hop, ConnectionInfo};
 use super::reject::{Blame, ProxyError};
 use super::routes::{request_host, Route};
@@ -58,6 +59,20 @@ async fn pipeline<'s>(
     grpc: bool,
     outcome: &mut Outcome<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Forward-auth: the same checks, answered as a decision.
+    if let Some(forward_auth) = &state.forward_auth {
+        if forward_auth.matches(req.uri().path()) {
+            return forward_auth::decide(
+                state,
+                forward_auth,
+                &req,
+                &mut outcome.route,
+                &mut outcome.key,
+            )
+            .await;
+        }
+    }
+
     // 1. Route: which upstream and namespace.
     let route = state
         .routes

@@ -1,6 +1,7 @@
 //! The data plane: the listener, the request pipeline, header rewriting, the
 //! upstream clients and the one place errors become responses.
 
+pub mod forward_auth;
 pub mod handler;
 pub mod headers;
 pub mod reject;
@@ -44,6 +45,8 @@ pub struct ProxyState {
     pub metrics: Arc<Metrics>,
     /// Per-route histograms, resolved once (indexed by `Route::index`).
     pub route_metrics: Vec<RouteMetrics>,
+    /// The forward-auth decision endpoint, when enabled.
+    pub forward_auth: Option<forward_auth::ForwardAuth>,
 }
 
 /// A route's latency histograms, resolved once so the hot path does not look
@@ -89,6 +92,12 @@ impl ProxyState {
             usage,
             metrics,
             route_metrics,
+            forward_auth: config
+                .forward_auth
+                .enabled
+                .then(|| forward_auth::ForwardAuth {
+                    path: config.forward_auth.path.clone(),
+                }),
         }
     }
 }

@@ -146,11 +146,15 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
         Some(h) => h,
         None => req.headers().get(http::header::HOST)?.to_str().ok()?,
     };
-    // Strip a port; keep IPv6 brackets intact.
-    Some(match raw.rfind(':') {
-        Some(i) if !raw[i..].contains(']') => &raw[..i],
-        _ => raw,
-    })
+    Some(strip_port(raw))
+}
+
+/// `host:port` → `host`, keeping IPv6 brackets intact.
+pub fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,105 @@
+//! Forward-auth mode: the same checks as the proxy, answered as a decision
+//! instead of forwarding, for nginx `auth_request`, Traefik ForwardAuth and
+//! Envoy `ext_authz` (HTTP service).
+//!
+//! The original request is described by the caller: Traefik sends
+//! `X-Forwarded-Method`, `-Host` and `-Uri`; nginx configurations
+//! conventionally send `X-Original-Method` and `X-Original-URI`; Envoy sends
+//! the original method and headers with the original path appended to the
+//! decision path. 200 carries the identity headers; a refusal is the same
+//! response the proxy would give.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http_body_util::{Either, Full};
+
+use crate::auth::{authorize, required_permission, VerifiedKey};
+
+use super::reject::ProxyError;
+use super::routes::{request_host, strip_port, Route};
+use super::{ProxyBody, ProxyState};
+
+static X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+static X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+
+/// The decision endpoint's path prefix, from `[forward_auth] path`.
+#[derive(Debug, Clone)]
+pub struct ForwardAuth {
+    pub path: String,
+}
+
+impl ForwardAuth {
+    /// Whether a request is for the decision endpoint (the path itself, or
+    /// below it as Envoy sends it).
+    pub fn matches(&self, path: &str) -> bool {
+        match path.strip_prefix(self.path.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+            None => false,
+        }
+    }
+}
+
+/// Decides one forward-auth request. `route` and `key` are filled in for
+/// the access log and metrics.
+pub async fn decide<'s, B>(
+    state: &'s ProxyState,
+    forward_auth: &ForwardAuth,
+    req: &Request<B>,
+    route_seen: &mut Option<&'s Route>,
+    key_seen: &mut Option<Arc<VerifiedKey>>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let headers = req.headers();
+    let method = original_method(headers).unwrap_or_else(|| req.method().clone());
+    let host = header_str(headers, &X_FORWARDED_HOST)
+        .map(strip_port)
+        .or_else(|| request_host(req));
+    let own_path = req.uri().path();
+    let envoy_path = &own_path[forward_auth.path.len().min(own_path.len())..];
+    let path = header_str(headers, &X_FORWARDED_URI)
+        .or_else(|| header_str(headers, &X_ORIGINAL_URI))
+        .unwrap_or(if envoy_path.is_empty() {
+            "/"
+        } else {
+            envoy_path
+        });
+    let path = path.split('?').next().unwrap_or("/");
+    // Without a matching route the request is only authenticated.
+    let route = state.routes.select(host, path);
+    *route_seen = route;
+
+    let credential = state.credentials.extract(headers)?;
+    let now = SystemTime::now();
+    let key = state.authenticator.verify(&credential.token, now).await?;
+    *key_seen = Some(key.clone());
+    let required = required_permission(&method, route.and_then(|r| r.permission));
+    authorize(
+        &key.record,
+        route.and_then(|r| r.namespace.as_deref()),
+        required,
+    )?;
+
+    let mut response = Response::new(Either::Right(Full::default()));
+    for (name, value) in state.headers.identity_pairs(&key, route) {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    state.usage.record(key.record.id, &key.usage, now);
+    Ok(response)
+}
+
+fn original_method(headers: &HeaderMap) -> Option<Method> {
+    let value = headers
+        .get(&X_FORWARDED_METHOD)
+        .or_else(|| headers.get(&X_ORIGINAL_METHOD))?;
+    Method::from_bytes(value.as_bytes()).ok()
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+}

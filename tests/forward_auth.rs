@@ -1,0 +1,241 @@
+//! Forward-auth mode: keygate as the decision point of a real nginx
+//! (`auth_request`), and the Traefik and Envoy request shapes over HTTP.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keygate::store::{AccountRole, Permission};
+use support::{Gate, RecordingUpstream};
+
+const ROUTES: &str = "[forward_auth]\nenabled = true\n";
+
+async fn gate_with_routes(upstream: &RecordingUpstream) -> Gate {
+    let routes = format!(
+        "{ROUTES}[[routes]]\npath_prefix = \"/orders\"\nupstream = \"http://{}\"\nnamespace = \"orders\"\n",
+        upstream.addr
+    );
+    Gate::builder()
+        .upstream(upstream.addr)
+        .extra(&routes)
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn traefik_and_envoy_shapes_get_decisions() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = gate_with_routes(&upstream).await;
+    let client = reqwest::Client::new();
+    let reader = gate
+        .user(
+            "reader@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Read)],
+        )
+        .await;
+    let (reader_id, reader_token) = gate.key_for(&reader).await;
+
+    // Traefik ForwardAuth: the original request in X-Forwarded-*.
+    let r = client
+        .get(gate.proxy_url("/verify"))
+        .header("x-forwarded-method", "GET")
+        .header("x-forwarded-uri", "/orders/42?x=1")
+        .header("x-forwarded-host", "shop.example.com")
+        .bearer_auth(&reader_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-keygate-key-id"], reader_id.as_str());
+    assert_eq!(r.headers()["x-keygate-owner-name"], "reader@example.com");
+    assert_eq!(r.headers()["x-keygate-namespace"], "orders");
+
+    // A write on the read-only namespace is refused with 403.
+    let r = client
+        .get(gate.proxy_url("/verify"))
+        .header("x-forwarded-method", "DELETE")
+        .header("x-forwarded-uri", "/orders/42")
+        .bearer_auth(&reader_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Envoy ext_authz (HTTP): original method, original path after the prefix.
+    let r = client
+        .post(gate.proxy_url("/verify/orders/42"))
+        .bearer_auth(&reader_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "POST needs write on orders");
+    let r = client
+        .get(gate.proxy_url("/verify/orders/42"))
+        .header("x-api-key", reader_token.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // No key: the proxy's own rejection.
+    let r = client.get(gate.proxy_url("/verify")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_api_key");
+
+    assert_eq!(upstream.count(), 0, "decisions never forward");
+    gate.stop().await;
+}
+
+/// nginx from Debian's packages, as .ci/run installs it.
+fn nginx_binary() -> Option<&'static str> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+}
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn nginx_auth_request_uses_keygate_as_its_decision_point() {
+    let Some(nginx) = nginx_binary() else {
+        if std::env::var_os("KEYGATE_SKIP_NGINX").is_some() {
+            eprintln!("SKIPPED: nginx is not installed and KEYGATE_SKIP_NGINX is set");
+            return;
+        }
+        panic!("nginx is not installed: run `apt-get install nginx-light` (.ci/run does) or set KEYGATE_SKIP_NGINX=1");
+    };
+    let upstream = RecordingUpstream::start().await;
+    let gate = gate_with_routes(&upstream).await;
+    let reader = gate
+        .user(
+            "reader@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Read)],
+        )
+        .await;
+    let (reader_id, reader_token) = gate.key_for(&reader).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::dead_address().await.port();
+    let conf = format!(
+        r#"
+daemon off;
+master_process off;
+worker_processes 1;
+user root;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      auth_request /_keygate;
+      auth_request_set $keygate_key_id $upstream_http_x_keygate_key_id;
+      auth_request_set $keygate_owner $upstream_http_x_keygate_owner_name;
+      proxy_set_header X-Keygate-Key-Id $keygate_key_id;
+      proxy_set_header X-Keygate-Owner-Name $keygate_owner;
+      proxy_set_header Authorization "";
+      proxy_pass http://{upstream};
+    }}
+    location = /_keygate {{
+      internal;
+      proxy_pass http://{keygate}/verify;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI $request_uri;
+      proxy_set_header X-Original-Method $request_method;
+    }}
+  }}
+}}
+"#,
+        dir = dir.path().display(),
+        upstream = upstream.addr,
+        keygate = gate.proxy,
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nginx");
+    let _nginx = Nginx(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    // Wait for nginx to listen.
+    let mut ready = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ready,
+        "nginx did not start: {:?}",
+        std::fs::read_to_string(dir.path().join("error.log"))
+    );
+
+    let r = client
+        .get(format!("{url}/orders/1"))
+        .bearer_auth(&reader_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-keygate-key-id"], reader_id.as_str());
+    assert_eq!(seen.headers["x-keygate-owner-name"], "reader@example.com");
+    assert!(!seen.headers.contains_key("authorization"));
+
+    let before = upstream.count();
+    let r = client.get(format!("{url}/orders/1")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(format!("{url}/orders/1"))
+        .bearer_auth(&reader_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let wrong = gate.tokens.generate().1.expose().to_string();
+    let r = client
+        .get(format!("{url}/orders/1"))
+        .bearer_auth(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        upstream.count(),
+        before,
+        "refused requests never reach the upstream"
+    );
+    gate.stop().await;
+}
