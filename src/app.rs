@@ -37,7 +37,7 @@ pub async fn run(
     let store = store::open(&config.store.url)
         .await
         .map_err(|source| StartError::Store {
-            url: config.store.url.clone(),
+            url: store::display_url(&config.store.url),
             source,
         })?;
     let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
@@ -77,7 +77,7 @@ pub async fn run(
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        store = %config.store.url,
+        store = %store::display_url(&config.store.url),
         "keygate serving"
     );
     let proxy = tokio::spawn(server::serve(
@@ -92,6 +92,17 @@ pub async fn run(
         queue,
         config.usage.flush_interval,
         metrics.usage_dropped.clone(),
+        stopped(),
+    ));
+    // Drops keys changed by other replicas from this one's cache.
+    let feed = tokio::spawn(store::feed::run(
+        store.clone(),
+        authenticator.clone(),
+        metrics.clone(),
+        store::feed::FeedSettings {
+            poll_interval: config.cache.poll_interval,
+            notifications: config.store.notify,
+        },
         stopped(),
     ));
     let echo = match config.echo.listen {
@@ -113,6 +124,7 @@ pub async fn run(
     let _ = proxy.await;
     let _ = admin.await;
     let _ = flusher.await;
+    let _ = feed.await;
     if let Some(echo) = echo {
         let _ = echo.await;
     }

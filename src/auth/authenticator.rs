@@ -195,6 +195,13 @@ impl Authenticator {
                         loaded_at: Instant::now(),
                     };
                     self.cache.insert(*id, entry);
+                    // An invalidation may have landed between the check and
+                    // the insert (its own cache.invalidate then ran before
+                    // our insert): look again, so a slow fill never brings
+                    // back a key revoked while it was loading.
+                    if self.epoch.load(Ordering::Acquire) != epoch {
+                        self.cache.invalidate(id);
+                    }
                 }
                 Ok(Some(key))
             }
@@ -225,6 +232,15 @@ impl Authenticator {
             self.cache.invalidate(id);
             self.unknown.invalidate(id);
         }
+    }
+
+    /// Drops every cached key and unknown id: for when the change feed
+    /// cannot tell what changed (it fell behind the feed's retention, or the
+    /// store was replaced).
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        self.unknown.invalidate_all();
     }
 
     /// Sets the account-wide `apiKeysEnabled` switch.

@@ -1,12 +1,15 @@
 //! The key store: the `KeyStore` trait that the proxy's cache and the admin
-//! API see, its model types, and its backends (SQLite, embedded).
+//! API see, its model types, its backends (SQLite, embedded; PostgreSQL,
+//! shared by replicas) and the change feed that keeps replicas' caches fresh.
 //!
 //! Every mutation is one transaction that also writes its audit event, so a
 //! failed call leaves nothing half-done. Key policies (lifetime, per-owner
 //! cap) are enforced here, inside that transaction, so concurrent creates can
 //! never exceed them. The store never sees a secret: only digests.
 
+pub mod feed;
 mod model;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 pub use model::*;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::key::{Digest, KeyId};
@@ -170,12 +174,76 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
 
     async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError>;
+
+    /// The change feed: changes committed after `watermark`, oldest first,
+    /// at most [`CHANGE_BATCH`] of them, and the watermark to ask with next.
+    /// That is the last returned change's `seq` or, when nothing is newer,
+    /// the feed's head, which is below `watermark` only if the store was
+    /// replaced (restored from a backup): the caller must then drop its whole
+    /// cache. `changes_since(i64::MAX)` thus reads the head.
+    async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError>;
+
+    /// Subscribes to change announcements, on backends that push them
+    /// (PostgreSQL `LISTEN`); `None` where only polling works (SQLite).
+    async fn subscribe(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
+        Ok(None)
+    }
 }
 
-/// Opens the store named by a URL, creating and migrating it if needed.
-pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
-    Ok(Arc::new(SqliteStore::open(url).await?))
+/// What a change subscription delivers. Announcements only say *that*
+/// something changed; the feed reads *what* with `changes_since`, so a lost
+/// announcement costs latency, never correctness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// A change committed (its `seq`, when the payload carried one).
+    Changed(Option<i64>),
+    /// The connection was lost and is back: announcements may have been
+    /// missed meanwhile, so poll now.
+    Reconnected,
 }
+
+/// A live subscription to change announcements.
+#[async_trait]
+pub trait ChangeSubscription: Send {
+    /// Waits for the next announcement. An error means the connection is
+    /// gone and could not be re-established; calling again retries.
+    async fn next(&mut self) -> Result<Announcement, StoreError>;
+}
+
+/// Opens the store named by a URL (`sqlite:`, `postgres:` or `postgresql:`),
+/// creating and migrating it if needed.
+pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
+    match url.split_once(':').map(|(scheme, _)| scheme) {
+        Some("sqlite") => Ok(Arc::new(SqliteStore::open(url).await?)),
+        Some("postgres" | "postgresql") => Ok(Arc::new(PostgresStore::open(url).await?)),
+        // Config validation refuses other schemes first; this guards callers
+        // that open a store without a validated config (the local CLI).
+        _ => Err(StoreError::Unavailable(sqlx::Error::Configuration(
+            "the store URL must start with sqlite:, postgres: or postgresql:".into(),
+        ))),
+    }
+}
+
+/// The store URL as it may be logged: any password replaced by `***`.
+pub fn display_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Most changes one `changes_since` call returns.
+pub const CHANGE_BATCH: i64 = 1000;
+/// How many of the newest changes the feed keeps; a replica that falls
+/// further behind than this drops its whole cache instead.
+pub const CHANGE_RETENTION: i64 = 10_000;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -254,6 +254,21 @@ pub struct AuditEvent {
     pub detail: serde_json::Value,
 }
 
+/// One committed change from the change feed: what every replica must drop
+/// from its cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Position in the feed: gapless and in commit order.
+    pub seq: i64,
+    /// When the change was written (the writer's clock), to measure how long
+    /// it took to reach each replica.
+    pub time: SystemTime,
+    /// Keys whose cached copies are now stale.
+    pub key_ids: Vec<KeyId>,
+    /// The account settings changed (the `apiKeysEnabled` switch).
+    pub settings: bool,
+}
+
 /// One page request: at most `size` items after the `after` cursor.
 #[derive(Debug, Clone, Default)]
 pub struct PageRequest {

@@ -5,6 +5,10 @@
 //! `BEGIN IMMEDIATE`, so a read-check-write transaction (the per-owner key
 //! cap) is atomic against every other writer, in this process or another.
 //! Reads use a separate pool and never wait for writers (WAL).
+//!
+//! SQLite has no notifications: the change feed here is polled, which is
+//! also what lets several processes on one file keep their caches in step.
+//! The row types and pure helpers are shared with the PostgreSQL backend.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -58,7 +62,7 @@ impl SqliteStore {
 // === rows ===
 
 #[derive(FromRow)]
-struct PrincipalRow {
+pub(super) struct PrincipalRow {
     id: String,
     kind: String,
     name: String,
@@ -71,12 +75,12 @@ struct PrincipalRow {
     modified_ms: i64,
 }
 
-fn owner_type(text: &str) -> Result<OwnerType, StoreError> {
+pub(super) fn owner_type(text: &str) -> Result<OwnerType, StoreError> {
     text.parse()
         .map_err(|()| StoreError::Corrupt(format!("owner type {text:?}")))
 }
 
-fn access(role: &str, namespaces: &str) -> Result<Access, StoreError> {
+pub(super) fn access(role: &str, namespaces: &str) -> Result<Access, StoreError> {
     let account_role = role
         .parse()
         .map_err(|()| StoreError::Corrupt(format!("account role {role:?}")))?;
@@ -88,7 +92,7 @@ fn access(role: &str, namespaces: &str) -> Result<Access, StoreError> {
     })
 }
 
-fn namespace_access_json(access: &Access) -> String {
+pub(super) fn namespace_access_json(access: &Access) -> String {
     serde_json::to_string(&access.namespaces).unwrap_or_else(|_| "{}".into())
 }
 
@@ -110,13 +114,13 @@ impl TryFrom<PrincipalRow> for Principal {
 }
 
 #[derive(FromRow)]
-struct NamespaceRow {
-    id: String,
-    name: String,
-    description: String,
-    resource_version: i64,
-    created_ms: i64,
-    modified_ms: i64,
+pub(super) struct NamespaceRow {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) description: String,
+    pub(super) resource_version: i64,
+    pub(super) created_ms: i64,
+    pub(super) modified_ms: i64,
 }
 
 impl From<NamespaceRow> for Namespace {
@@ -132,13 +136,14 @@ impl From<NamespaceRow> for Namespace {
     }
 }
 
-const KEY_COLUMNS: &str = "k.id, k.display_name, k.description, k.owner_id, p.kind AS owner_type, \
+pub(super) const KEY_COLUMNS: &str =
+    "k.id, k.display_name, k.description, k.owner_id, p.kind AS owner_type, \
      k.namespaces, k.expiry_ms, k.disabled, k.previous_valid_until_ms, k.resource_version, \
      k.created_ms, k.modified_ms, k.last_used_ms, k.request_count \
      FROM api_keys k JOIN principals p ON p.id = k.owner_id";
 
 #[derive(FromRow)]
-struct KeyRow {
+pub(super) struct KeyRow {
     id: String,
     display_name: String,
     description: String,
@@ -155,11 +160,11 @@ struct KeyRow {
     request_count: i64,
 }
 
-fn key_id(text: &str) -> Result<KeyId, StoreError> {
+pub(super) fn key_id(text: &str) -> Result<KeyId, StoreError> {
     KeyId::parse(text).map_err(|_| StoreError::Corrupt(format!("key id {text:?}")))
 }
 
-fn namespace_list(text: &str) -> Result<Vec<String>, StoreError> {
+pub(super) fn namespace_list(text: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("key namespaces: {e}")))
 }
 
@@ -186,7 +191,7 @@ impl TryFrom<KeyRow> for ApiKey {
 }
 
 #[derive(FromRow)]
-struct KeyRecordRow {
+pub(super) struct KeyRecordRow {
     id: String,
     secret_digest: Vec<u8>,
     previous_digest: Option<Vec<u8>>,
@@ -202,7 +207,7 @@ struct KeyRecordRow {
     owner_disabled: bool,
 }
 
-fn digest(bytes: &[u8]) -> Result<Digest, StoreError> {
+pub(super) fn digest(bytes: &[u8]) -> Result<Digest, StoreError> {
     Digest::from_slice(bytes).ok_or_else(|| StoreError::Corrupt("digest is not 32 bytes".into()))
 }
 
@@ -230,7 +235,7 @@ impl TryFrom<KeyRecordRow> for KeyRecord {
 }
 
 #[derive(FromRow)]
-struct SettingsRow {
+pub(super) struct SettingsRow {
     api_keys_enabled: bool,
     max_key_lifetime_secs: i64,
     max_keys_per_owner: i64,
@@ -253,20 +258,72 @@ impl From<SettingsRow> for AccountSettings {
 }
 
 #[derive(FromRow)]
-struct AuditRow {
+pub(super) struct AuditRow {
+    pub(super) seq: i64,
+    pub(super) id: String,
+    pub(super) time_ms: i64,
+    pub(super) actor_id: String,
+    pub(super) actor_type: String,
+    pub(super) actor_name: String,
+    pub(super) action: String,
+    pub(super) target_type: String,
+    pub(super) target_id: String,
+    pub(super) detail: String,
+}
+
+#[derive(FromRow)]
+pub(super) struct ChangeRow {
     seq: i64,
-    id: String,
     time_ms: i64,
-    actor_id: String,
-    actor_type: String,
-    actor_name: String,
-    action: String,
-    target_type: String,
-    target_id: String,
-    detail: String,
+    key_ids: String,
+    settings: bool,
+}
+
+impl TryFrom<ChangeRow> for Change {
+    type Error = StoreError;
+    fn try_from(r: ChangeRow) -> Result<Change, StoreError> {
+        let ids: Vec<String> = serde_json::from_str(&r.key_ids)
+            .map_err(|e| StoreError::Corrupt(format!("change key ids: {e}")))?;
+        Ok(Change {
+            seq: r.seq,
+            time: from_ms(r.time_ms),
+            key_ids: ids.iter().map(|id| key_id(id)).collect::<Result<_, _>>()?,
+            settings: r.settings,
+        })
+    }
+}
+
+pub(super) fn key_ids_json(keys: &[KeyId]) -> String {
+    serde_json::to_string(&keys.iter().map(KeyId::as_str).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
 }
 
 // === helpers used inside a write transaction ===
+
+/// Appends to the change feed inside the mutation's transaction, so the
+/// change is visible exactly when the mutation commits. `MAX(seq) + 1` is
+/// gapless and in commit order because every write goes through the one
+/// writer connection under `BEGIN IMMEDIATE`.
+async fn record_change(
+    tx: &mut SqliteConnection,
+    keys: &[KeyId],
+    settings: bool,
+) -> Result<(), StoreError> {
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO changes (seq, time_ms, key_ids, settings) \
+         SELECT COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM changes RETURNING seq",
+    )
+    .bind(to_ms(SystemTime::now()))
+    .bind(key_ids_json(keys))
+    .bind(settings)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM changes WHERE seq <= ?")
+        .bind(seq - CHANGE_RETENTION)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
 
 async fn audit(
     tx: &mut SqliteConnection,
@@ -295,23 +352,23 @@ async fn audit(
 }
 
 /// Checks `expected` against the row's current version.
-fn check_version(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
+pub(super) fn check_version(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
     match expected {
         Some(given) if given != current => Err(StoreError::StaleVersion { given, current }),
         _ => Ok(()),
     }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-fn page_size(page: &PageRequest) -> i64 {
+pub(super) fn page_size(page: &PageRequest) -> i64 {
     i64::from(page.size.clamp(1, MAX_PAGE_SIZE))
 }
 
 /// Cuts the extra row fetched to learn whether a next page exists.
-fn paginate<T>(mut items: Vec<T>, size: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
+pub(super) fn paginate<T>(mut items: Vec<T>, size: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
     let size = usize::try_from(size).unwrap_or(usize::MAX);
     let next = if items.len() > size {
         items.truncate(size);
@@ -340,7 +397,7 @@ async fn principal_in(
     .try_into()
 }
 
-fn principal_kind(kind: OwnerType) -> &'static str {
+pub(super) fn principal_kind(kind: OwnerType) -> &'static str {
     match kind {
         OwnerType::User => "user",
         OwnerType::ServiceAccount => "service account",
@@ -392,7 +449,7 @@ fn max_days(d: Duration) -> u64 {
 
 /// The lifetime policy: an expiry is required (unless the limit is zero), in
 /// the future, and within the limit.
-fn check_lifetime(
+pub(super) fn check_lifetime(
     settings: &AccountSettings,
     expiry: Option<SystemTime>,
 ) -> Result<(), PolicyViolation> {
@@ -485,6 +542,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
+        record_change(&mut tx, &[], true).await?;
         let updated = settings_in(&mut tx).await?;
         tx.commit().await?;
         Ok(updated)
@@ -641,6 +699,7 @@ impl KeyStore for SqliteStore {
         .await?;
         let principal = principal_in(&mut tx, kind, id).await?;
         let keys = owner_key_ids(&mut tx, id).await?;
+        record_change(&mut tx, &keys, false).await?;
         tx.commit().await?;
         Ok((principal, keys))
     }
@@ -675,6 +734,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
+        record_change(&mut tx, &keys, false).await?;
         tx.commit().await?;
         Ok(keys)
     }
@@ -886,6 +946,8 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
+        // Announced too: other replicas may remember this id as unknown.
+        record_change(&mut tx, &[key.id], false).await?;
         let created = key_in(&mut tx, &key.id).await?;
         tx.commit().await?;
         Ok(created)
@@ -959,6 +1021,7 @@ impl KeyStore for SqliteStore {
             "disabled": update.disabled,
         });
         audit(&mut tx, actor, action, "api-key", id.as_str(), detail).await?;
+        record_change(&mut tx, &[*id], false).await?;
         let key = key_in(&mut tx, id).await?;
         tx.commit().await?;
         Ok(key)
@@ -994,6 +1057,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
+        record_change(&mut tx, &[*id], false).await?;
         let key = key_in(&mut tx, id).await?;
         tx.commit().await?;
         Ok(key)
@@ -1016,6 +1080,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
+        record_change(&mut tx, &[*id], false).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1070,5 +1135,27 @@ impl KeyStore for SqliteStore {
             })
             .collect();
         Ok(Page { items, next })
+    }
+
+    async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {
+        let rows: Vec<ChangeRow> =
+            sqlx::query_as("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(watermark)
+                .bind(CHANGE_BATCH)
+                .fetch_all(&self.reader)
+                .await?;
+        let changes = rows
+            .into_iter()
+            .map(Change::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = match changes.last() {
+            Some(last) => last.seq,
+            None => {
+                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
+                    .fetch_one(&self.reader)
+                    .await?
+            }
+        };
+        Ok((next, changes))
     }
 }

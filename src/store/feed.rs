@@ -1,0 +1,230 @@
+//! The change feed consumer: keeps this replica's key cache in step with
+//! changes committed by any replica sharing the store.
+//!
+//! It reads what changed with [`KeyStore::changes_since`] from a watermark,
+//! drops those keys from the [`Authenticator`]'s cache and reloads the
+//! `apiKeysEnabled` switch after a settings change. It reads when an
+//! announcement arrives (PostgreSQL `NOTIFY`, typically a few milliseconds
+//! after the commit) and on every `poll_interval` tick, which bounds
+//! staleness when announcements are lost (a dropped listening connection,
+//! `notify = false`) and is the only path on SQLite.
+//!
+//! Correctness never depends on an announcement arriving: announcements only
+//! say *when* to read. And a fill racing an invalidation is the
+//! authenticator's epoch's job, so a key revoked while it was loading is
+//! not cached.
+//!
+//! It never writes to the store and never blocks the proxy: it runs in its
+//! own task, and a store outage only makes it retry on the next tick.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use super::{Announcement, Change, KeyStore, StoreError, CHANGE_BATCH};
+use crate::auth::Authenticator;
+use crate::key::KeyId;
+use crate::telemetry::metrics::Metrics;
+
+/// How the feed runs, from `[cache] poll_interval` and `[store] notify`.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedSettings {
+    /// Longest time between two reads of the feed.
+    pub poll_interval: Duration,
+    /// Subscribe to announcements where the store has them.
+    pub notifications: bool,
+}
+
+/// Runs the feed until `shutdown` resolves.
+pub async fn run(
+    store: Arc<dyn KeyStore>,
+    authenticator: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    settings: FeedSettings,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let wake = Arc::new(Notify::new());
+    let listener: Option<JoinHandle<()>> = settings
+        .notifications
+        .then(|| tokio::spawn(listen(store.clone(), wake.clone(), settings.poll_interval)));
+    let mut feed = Feed {
+        store,
+        authenticator,
+        metrics,
+        watermark: None,
+        failing: false,
+    };
+    let mut tick = tokio::time::interval(settings.poll_interval);
+    // After a slow read (an outage), poll once and carry on, not in a burst.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+            _ = wake.notified() => {}
+        }
+        feed.catch_up().await;
+    }
+    if let Some(listener) = listener {
+        listener.abort();
+    }
+}
+
+/// Turns announcements into wake-ups of the feed. `Notify` keeps at most one
+/// pending wake-up, so a burst of announcements costs one read.
+async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>, retry: Duration) {
+    let mut subscription = loop {
+        match store.subscribe().await {
+            Ok(Some(subscription)) => break subscription,
+            // The backend has no announcements: the poll does everything.
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "change feed: cannot subscribe to announcements; polling meanwhile");
+                tokio::time::sleep(retry).await;
+            }
+        }
+    };
+    tracing::debug!("change feed: listening for announcements");
+    // Changes committed before LISTEN took effect were never announced.
+    wake.notify_one();
+    let mut failing = false;
+    loop {
+        match subscription.next().await {
+            Ok(announcement) => {
+                if failing || announcement == Announcement::Reconnected {
+                    tracing::info!("change feed: listening again; catching up");
+                }
+                failing = false;
+                wake.notify_one();
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "change feed: announcements lost; polling until the store is back");
+                }
+                failing = true;
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+/// The consumer's state: how far it has applied the feed.
+struct Feed {
+    store: Arc<dyn KeyStore>,
+    authenticator: Arc<Authenticator>,
+    /// Where `keygate_invalidation_delay_seconds` is recorded.
+    metrics: Arc<Metrics>,
+    /// The last change applied; `None` until the store first answered.
+    watermark: Option<i64>,
+    /// The last read failed: log the outage once, and its end once.
+    failing: bool,
+}
+
+impl Feed {
+    /// Reads and applies everything after the watermark.
+    async fn catch_up(&mut self) {
+        loop {
+            match self.step().await {
+                Ok(more) => {
+                    if self.failing {
+                        tracing::info!("change feed: store reachable again; caught up");
+                        self.failing = false;
+                    }
+                    if !more {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    if !self.failing {
+                        tracing::warn!(%error, "change feed: cannot read changes; retrying every poll");
+                        self.failing = true;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies one batch; says whether there may be more.
+    async fn step(&mut self) -> Result<bool, StoreError> {
+        let Some(watermark) = self.watermark else {
+            // First contact: start at the head. Anything cached before now
+            // may predate changes at or below the head, which this feed will
+            // never replay, so start from an empty cache.
+            let (head, _) = self.store.changes_since(i64::MAX).await?;
+            self.reset().await?;
+            self.watermark = Some(head);
+            return Ok(false);
+        };
+        let (next, changes) = self.store.changes_since(watermark).await?;
+        let Some(first) = changes.first() else {
+            if next != watermark {
+                // Nothing after our watermark, yet the head moved backwards:
+                // the store was replaced (restored from a backup).
+                tracing::warn!(
+                    watermark,
+                    head = next,
+                    "change feed: the store's change log restarted; dropping the whole cache"
+                );
+                self.reset().await?;
+                self.watermark = Some(next);
+            }
+            return Ok(false);
+        };
+        if first.seq != watermark + 1 {
+            // Seqs are gapless: a jump means the changes in between were
+            // pruned before we read them (we were away a long time).
+            tracing::warn!(
+                watermark,
+                next = first.seq,
+                "change feed: fell behind the change log's retention; dropping the whole cache"
+            );
+            self.reset().await?;
+        }
+        self.apply(&changes).await?;
+        self.watermark = Some(next);
+        Ok(i64::try_from(changes.len()).unwrap_or(i64::MAX) >= CHANGE_BATCH)
+    }
+
+    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let ids: Vec<KeyId> = changes
+            .iter()
+            .flat_map(|c| c.key_ids.iter().copied())
+            .collect();
+        if !ids.is_empty() {
+            self.authenticator.invalidate(&ids);
+        }
+        if changes.iter().any(|c| c.settings) {
+            // The latest settings, not the change's: a later change may
+            // already have flipped the switch back.
+            let settings = self.store.settings().await?;
+            self.authenticator
+                .set_api_keys_enabled(settings.api_keys_enabled);
+        }
+        let now = SystemTime::now();
+        for change in changes {
+            let delay = now.duration_since(change.time).unwrap_or_default();
+            self.metrics.invalidation_delay.observe(delay.as_secs_f64());
+        }
+        tracing::debug!(
+            changes = changes.len(),
+            keys = ids.len(),
+            "change feed: applied"
+        );
+        Ok(())
+    }
+
+    /// Forgets everything cached and rereads the settings.
+    async fn reset(&self) -> Result<(), StoreError> {
+        self.authenticator.invalidate_all();
+        let settings = self.store.settings().await?;
+        self.authenticator
+            .set_api_keys_enabled(settings.api_keys_enabled);
+        Ok(())
+    }
+}
