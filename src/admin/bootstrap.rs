@@ -99,8 +99,6 @@ pub fn looks_like_email(email: &str) -> bool {
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && email.len() <= 254
-        && email
-            .chars()
-            .all(|c| c.is_ascii_graphic() && c != '@' || c == '@')
+        && email.chars().all(|c| c.is_ascii_graphic())
         && email.matches('@').count() == 1
 }

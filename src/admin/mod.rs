@@ -3,20 +3,41 @@
 //!
 //! It shares the process with the proxy: every change it makes invalidates
 //! the affected keys in the proxy's cache before the response is sent.
+//!
+//! - [`access`]: who is calling (the same API keys as the proxy) and RBAC.
+//! - [`users`], [`service_accounts`] (over [`principals`]), [`namespaces`],
+//!   [`api_keys`], [`settings`], [`audit`]: one module per resource.
+//! - [`resource`]: the shared Cloud Ops shape (times, versions, pages, access).
+//! - [`extract`]: JSON bodies and query strings with typed rejections.
+//! - [`error`]: the one place an error becomes a response.
+//! - [`openapi`]: the document served at `/api/v1/openapi.json`.
+//! - [`bootstrap`]: the first admin, and keys issued straight into the store.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use axum::routing::{get, MethodRouter};
+use axum::{Json, Router};
 use tokio::net::TcpListener;
 
+pub mod access;
+pub mod api_keys;
+pub mod audit;
 pub mod bootstrap;
+pub mod error;
+pub mod extract;
+pub mod namespaces;
+pub mod openapi;
+pub mod principals;
+pub mod resource;
+pub mod service_accounts;
+pub mod settings;
+pub mod users;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, CredentialExtractor};
 use crate::key::TokenFormat;
 use crate::store::KeyStore;
 use crate::telemetry::metrics::Metrics;
@@ -30,16 +51,53 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Issues tokens for create and rotate.
     pub tokens: TokenFormat,
+    /// Finds the caller's API key, configured exactly as the proxy's.
+    pub credentials: CredentialExtractor,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let api = api_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        // Past the limit a body is refused with 413 before it is read whole.
+        .layer(DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// Every `/api/v1` resource route (all but the OpenAPI document), as the
+/// router mounts them; the OpenAPI test compares them with the document.
+pub fn api_routes() -> Vec<(&'static str, MethodRouter<AdminState>)> {
+    let mut routes = users::routes();
+    routes.extend(service_accounts::routes());
+    routes.extend(namespaces::routes());
+    routes.extend(api_keys::routes());
+    routes.extend(settings::routes());
+    routes.extend(audit::routes());
+    routes
+}
+
+/// The paths of [`api_routes`], plus the OpenAPI document's own.
+pub fn api_paths() -> Vec<&'static str> {
+    let mut paths: Vec<&'static str> = api_routes().into_iter().map(|(p, _)| p).collect();
+    paths.push("/api/v1/openapi.json");
+    paths
+}
+
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi::document())
+}
+
+async fn not_found() -> error::AdminError {
+    error::AdminError::NotFound("no such endpoint; see /api/v1/openapi.json".into())
 }
 
 /// Serves the admin listener until `shutdown` resolves.

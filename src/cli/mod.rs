@@ -1,11 +1,14 @@
 //! The command line: `serve` runs the server; `bootstrap` and `apikey create
-//! --local` work on the store directly; the other commands are clients of
-//! the admin API.
+//! --local` work on the store directly (`local`); the other commands are
+//! clients of the admin API (`commands` over `remote`, printed by `output`).
 //!
 //! Exit codes: 0 success, 1 runtime failure, 64 bad usage or configuration
 //! (EX_USAGE), 69 server or store unavailable (EX_UNAVAILABLE).
 
+mod commands;
 mod local;
+mod output;
+mod remote;
 mod serve;
 
 use std::path::PathBuf;
@@ -50,8 +53,108 @@ pub enum Command {
         duration: Option<Duration>,
     },
     /// Manage API keys.
-    #[command(subcommand)]
-    Apikey(ApikeyCommand),
+    Apikey {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+    /// Manage users (account admins).
+    User {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Manage service accounts (account admins).
+    ServiceAccount {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: ServiceAccountCommand,
+    },
+    /// Manage namespaces.
+    Namespace {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: NamespaceCommand,
+    },
+    /// Read or change the account settings (key policy, API-key switch).
+    Account {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Read the audit log (account admins).
+    Audit {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// Where the admin API is and how to authenticate to it. Given before or
+/// after the subcommand.
+#[derive(Args)]
+pub struct RemoteArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "KEYGATE_SERVER",
+        global = true,
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub server: String,
+    /// API key to call the admin API with.
+    #[arg(long, env = "KEYGATE_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, global = true, default_value = "table")]
+    pub output: output::Output,
+}
+
+impl std::fmt::Debug for RemoteArgs {
+    // By hand, so that the API key never reaches a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteArgs")
+            .field("server", &self.server)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("output", &self.output)
+            .finish()
+    }
+}
+
+/// Paging flags of the list commands.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Items per page (1-1000).
+    #[arg(long)]
+    pub page_size: Option<u32>,
+    /// The token a previous page printed.
+    #[arg(long)]
+    pub page_token: Option<String>,
+}
+
+/// The `--id` of the resource a command acts on.
+#[derive(Debug, Args)]
+pub struct IdArg {
+    #[arg(long)]
+    pub id: String,
+}
+
+/// Access flags of user and service-account commands.
+#[derive(Debug, Args)]
+pub struct AccessArgs {
+    /// Account role: admin, developer or read.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Namespace permission as NAMESPACE=admin|write|read; repeatable. On
+    /// update, replaces all of them.
+    #[arg(long = "namespace-access", value_name = "NS=PERMISSION")]
+    pub namespace_access: Vec<String>,
 }
 
 /// Where the store is, for commands that open it directly.
@@ -85,7 +188,160 @@ pub enum ApikeyCommand {
         owner_email: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
+        /// Owner id (default: yourself).
+        #[arg(long, conflicts_with = "local")]
+        owner_id: Option<String>,
+        /// Owner type: user or service-account (default: found from the id).
+        #[arg(long, conflicts_with = "local")]
+        owner_type: Option<String>,
+        /// Limit the key to this namespace; repeatable (default: all of the owner's).
+        #[arg(long = "namespace", conflicts_with = "local")]
+        namespaces: Vec<String>,
     },
+    /// List API keys (yours; admins: everyone's).
+    List {
+        #[arg(long)]
+        owner_id: Option<String>,
+        #[arg(long)]
+        owner_type: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one API key.
+    Get(IdArg),
+    /// Delete an API key for good.
+    Delete(IdArg),
+    /// Enable a disabled API key.
+    Enable(IdArg),
+    /// Disable an API key: it fails on the proxy at once.
+    Disable(IdArg),
+    /// Issue a new secret; the old one keeps working for the grace period.
+    Rotate {
+        #[arg(long)]
+        id: String,
+        /// How long the old secret keeps working, e.g. 1h, 0s (default 24h).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Change an API key's display name or description.
+    Update {
+        #[arg(long)]
+        id: String,
+        /// New display name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Fail if the key changed since this version (default: the current one).
+        #[arg(long)]
+        resource_version: Option<String>,
+    },
+    /// Request count and last use of an API key.
+    Usage(IdArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    Create {
+        #[arg(long)]
+        email: String,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    List(PageArgs),
+    Get(IdArg),
+    /// Delete a user and all their API keys.
+    Delete(IdArg),
+    Update {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[command(flatten)]
+        access: AccessArgs,
+        /// Disable (true) or enable (false) the user and so all their keys.
+        #[arg(long)]
+        disabled: Option<bool>,
+        #[arg(long)]
+        resource_version: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceAccountCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    List(PageArgs),
+    Get(IdArg),
+    /// Delete a service account and all its API keys.
+    Delete(IdArg),
+    Update {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        access: AccessArgs,
+        #[arg(long)]
+        disabled: Option<bool>,
+        #[arg(long)]
+        resource_version: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamespaceCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List(PageArgs),
+    /// Show a namespace (by id or name).
+    Get(IdArg),
+    Delete(IdArg),
+    Update {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        description: String,
+        #[arg(long)]
+        resource_version: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Show the account settings.
+    Get,
+    /// Change the account settings.
+    Update {
+        /// Turn every API key on or off at once.
+        #[arg(long)]
+        api_keys_enabled: Option<bool>,
+        /// Longest key lifetime, e.g. 90d; 0s lets keys live forever.
+        #[arg(long)]
+        max_key_lifetime: Option<String>,
+        #[arg(long)]
+        max_keys_per_owner: Option<u32>,
+        #[arg(long)]
+        resource_version: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The audit log, newest first.
+    List(PageArgs),
 }
 
 /// A failure with the exit code it deserves.
@@ -118,7 +374,12 @@ impl From<ConfigError> for Failure {
 pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve::run(&config),
-        other => runtime().and_then(|rt| rt.block_on(local::run(other))),
+        command @ (Command::Bootstrap { .. }
+        | Command::Apikey {
+            command: ApikeyCommand::Create { local: true, .. },
+            ..
+        }) => runtime().and_then(|rt| rt.block_on(local::run(command))),
+        other => runtime().and_then(|rt| rt.block_on(commands::run(other))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

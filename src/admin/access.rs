@@ -1,0 +1,229 @@
+//! Who may do what on the admin API (RBAC).
+//!
+//! The caller is identified exactly as on the proxy: the same credential
+//! (`Authorization: Bearer`, `Basic`, or the key header) extracted by
+//! `auth::CredentialExtractor` and verified by the shared
+//! `auth::Authenticator`. The key's owner is the caller, with the owner's
+//! access: a service account's key acts with the service account's access,
+//! never with that of whoever created it.
+//!
+//! The rules:
+//! - account admins (`accountAccess.role = admin`) may do everything;
+//! - every caller may read the account settings, the namespaces it has
+//!   access to, its own principal and its own keys;
+//! - every caller may edit, enable, disable, rotate and delete its own keys;
+//! - a user may create keys for itself, scoped within its own access (and
+//!   within its calling key's scope, so a scoped key cannot mint a broader
+//!   one);
+//! - only admins create, change or delete users, service accounts and
+//!   namespaces, create keys for others or for service accounts, change the
+//!   account settings and read the audit log; a namespace admin may also
+//!   edit that namespace's description.
+//!
+//! While the account-wide `apiKeysEnabled` switch is off, keys fail on the
+//! proxy; on this API an account admin's key still works, so that an admin
+//! can turn the switch back on without touching the store by hand.
+
+use std::time::SystemTime;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::error::AdminError;
+use super::AdminState;
+use crate::auth::AuthError;
+use crate::store::{AccountRole, Actor, ApiKey, KeyRecord, OwnerType, Permission};
+
+/// The authenticated caller of an admin request.
+pub struct Caller {
+    /// The verified key's record, as the proxy's cache holds it: owner and
+    /// access included.
+    record: KeyRecord,
+}
+
+impl FromRequestParts<AdminState> for Caller {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AdminState,
+    ) -> Result<Caller, AdminError> {
+        let credential = state.credentials.extract(&parts.headers)?;
+        match state
+            .authenticator
+            .verify(&credential.token, SystemTime::now())
+            .await
+        {
+            Ok(key) => Ok(Caller {
+                record: key.record.clone(),
+            }),
+            // `verify` says this only after the secret verified and the key
+            // passed every other check, so reading the record is safe.
+            Err(AuthError::ApiKeysDisabled) => {
+                let record = state
+                    .store
+                    .find_key(&credential.token.id)
+                    .await?
+                    .ok_or(AuthError::Invalid)?;
+                if record.owner_access.account_role != AccountRole::Admin {
+                    return Err(AuthError::ApiKeysDisabled.into());
+                }
+                Ok(Caller { record })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Caller {
+    fn record(&self) -> &KeyRecord {
+        &self.record
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.record().owner_access.account_role == AccountRole::Admin
+    }
+
+    /// The caller's principal id.
+    pub fn principal_id(&self) -> &str {
+        &self.record().owner_id
+    }
+
+    pub fn principal_type(&self) -> OwnerType {
+        self.record().owner_type
+    }
+
+    /// The audit log's "who": the key's owner.
+    pub fn actor(&self) -> Actor {
+        let r = self.record();
+        Actor {
+            id: r.owner_id.clone(),
+            kind: r.owner_type.as_str().into(),
+            name: r.owner_name.clone(),
+        }
+    }
+
+    pub fn require_admin(&self, what: &str) -> Result<(), AdminError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(AdminError::forbidden(format!(
+                "only account admins may {what}"
+            )))
+        }
+    }
+
+    /// Reading a user or service account: admins, or the principal itself.
+    pub fn may_read_principal(&self, kind: OwnerType, id: &str) -> Result<(), AdminError> {
+        if self.is_admin() || (self.principal_type() == kind && self.principal_id() == id) {
+            Ok(())
+        } else {
+            Err(AdminError::forbidden(format!(
+                "only account admins may read another {}",
+                kind_name(kind)
+            )))
+        }
+    }
+
+    /// The caller's permission on a namespace, if any.
+    pub fn permission_on(&self, namespace: &str) -> Option<Permission> {
+        self.record().owner_access.permission_on(namespace)
+    }
+
+    pub fn may_read_namespace(&self, namespace: &str) -> Result<(), AdminError> {
+        match self.permission_on(namespace) {
+            Some(_) => Ok(()),
+            None => Err(AdminError::forbidden(format!(
+                "you have no access to namespace {namespace:?}"
+            ))),
+        }
+    }
+
+    pub fn may_edit_namespace(&self, namespace: &str) -> Result<(), AdminError> {
+        match self.permission_on(namespace) {
+            Some(Permission::Admin) => Ok(()),
+            _ => Err(AdminError::forbidden(format!(
+                "only account admins and admins of namespace {namespace:?} may edit it"
+            ))),
+        }
+    }
+
+    /// Reading, editing, enabling, disabling, rotating or deleting a key:
+    /// admins, or the key's owner.
+    pub fn may_manage_key(&self, key: &ApiKey) -> Result<(), AdminError> {
+        if self.is_admin() || self.owns(key) {
+            Ok(())
+        } else {
+            Err(AdminError::forbidden(format!(
+                "API key {} belongs to someone else; only its owner and account admins may use it here",
+                key.id
+            )))
+        }
+    }
+
+    fn owns(&self, key: &ApiKey) -> bool {
+        key.owner_id == self.principal_id() && key.owner_type == self.principal_type()
+    }
+
+    /// Listing keys: admins list anyone's; others only their own, so their
+    /// listing is filtered to themselves.
+    pub fn may_list_keys_of(&self, owner_id: Option<&str>) -> Result<(), AdminError> {
+        match owner_id {
+            _ if self.is_admin() => Ok(()),
+            Some(id) if id != self.principal_id() => Err(AdminError::forbidden(
+                "only account admins may list other principals' API keys",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creating a key for `owner` scoped to `namespaces`. The store checks
+    /// that the owner and namespaces exist and the key policies; this checks
+    /// who may ask.
+    pub fn may_create_key(
+        &self,
+        owner_type: OwnerType,
+        owner_id: &str,
+        namespaces: &[String],
+    ) -> Result<(), AdminError> {
+        if self.is_admin() {
+            return Ok(());
+        }
+        if owner_type == OwnerType::ServiceAccount {
+            return Err(AdminError::forbidden(
+                "only account admins may create API keys for service accounts",
+            ));
+        }
+        if owner_type != self.principal_type() || owner_id != self.principal_id() {
+            return Err(AdminError::forbidden(
+                "only account admins may create API keys for other users",
+            ));
+        }
+        let scope = &self.record().namespaces;
+        if !scope.is_empty() && namespaces.is_empty() {
+            return Err(AdminError::forbidden(format!(
+                "the calling API key is limited to namespaces {scope:?}; a new key must be too"
+            )));
+        }
+        for ns in namespaces {
+            if self.permission_on(ns).is_none() {
+                return Err(AdminError::forbidden(format!(
+                    "you have no access to namespace {ns:?}, so a key of yours cannot be scoped to it"
+                )));
+            }
+            if !scope.is_empty() && !scope.contains(ns) {
+                return Err(AdminError::forbidden(format!(
+                    "the calling API key is not scoped to namespace {ns:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn kind_name(kind: OwnerType) -> &'static str {
+    match kind {
+        OwnerType::User => "user",
+        OwnerType::ServiceAccount => "service account",
+    }
+}

@@ -1,0 +1,177 @@
+//! The one place an admin API failure becomes a response: every handler
+//! returns `Result<_, AdminError>`, and only this module picks the status,
+//! the stable `code` and the message of `{"error":{"code","message"}}`.
+//!
+//! Client errors (4xx) say what was wrong with the request; internal ones
+//! (store down, corrupt record) are logged here and answered with a generic
+//! message, so no response leaks store internals. Nothing here may print a
+//! secret: messages are built from ids, names and serde's error text, which
+//! never contains a token (tokens are never request input).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::auth::{AuthError, CredentialError};
+use crate::store::StoreError;
+
+/// Everything an admin handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No usable API key, or one that failed verification.
+    #[error("{message}")]
+    Unauthenticated {
+        code: &'static str,
+        message: &'static str,
+    },
+    /// The caller is authenticated but its access does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is not well-formed (not JSON, bad query string).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// Well-formed, but a field is wrong: unknown, missing, mistyped or out
+    /// of range.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("request body must be JSON (content-type: application/json)")]
+    UnsupportedMediaType,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store is down and the authenticator had nothing cached.
+    #[error("the key store is unavailable")]
+    Unavailable,
+}
+
+impl AdminError {
+    pub fn forbidden(message: impl Into<String>) -> AdminError {
+        AdminError::Forbidden(message.into())
+    }
+
+    pub fn invalid(message: impl Into<String>) -> AdminError {
+        AdminError::Invalid(message.into())
+    }
+
+    pub fn not_found(kind: &str, id: &str) -> AdminError {
+        AdminError::NotFound(format!("{kind} {id} not found"))
+    }
+}
+
+impl From<CredentialError> for AdminError {
+    fn from(e: CredentialError) -> Self {
+        match e {
+            CredentialError::Missing => AdminError::Unauthenticated {
+                code: "missing_api_key",
+                message: "no API key was presented",
+            },
+            _ => AdminError::Unauthenticated {
+                code: "malformed_api_key",
+                message: "the API key is malformed",
+            },
+        }
+    }
+}
+
+impl From<AuthError> for AdminError {
+    fn from(e: AuthError) -> Self {
+        let (code, message) = match e {
+            AuthError::Invalid => ("invalid_api_key", "the API key is not valid"),
+            AuthError::Disabled => ("api_key_disabled", "the API key is disabled"),
+            AuthError::Expired => ("api_key_expired", "the API key has expired"),
+            AuthError::OwnerDisabled => ("owner_disabled", "the API key's owner is disabled"),
+            AuthError::ApiKeysDisabled => (
+                "api_keys_disabled",
+                "API keys are disabled for this account",
+            ),
+            AuthError::StoreUnavailable => return AdminError::Unavailable,
+        };
+        AdminError::Unauthenticated { code, message }
+    }
+}
+
+impl AdminError {
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            AdminError::Unauthenticated { code, message } => {
+                (StatusCode::UNAUTHORIZED, code, (*message).to_string())
+            }
+            AdminError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
+            AdminError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
+            AdminError::Unavailable => unavailable(),
+            AdminError::BadRequest { code, message } => {
+                (StatusCode::BAD_REQUEST, code, message.clone())
+            }
+            AdminError::Invalid(m) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_argument",
+                m.clone(),
+            ),
+            AdminError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                self.to_string(),
+            ),
+            AdminError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                self.to_string(),
+            ),
+            AdminError::Store(e) => match e {
+                StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", e.to_string()),
+                StoreError::AlreadyExists { .. } => {
+                    (StatusCode::CONFLICT, "already_exists", e.to_string())
+                }
+                StoreError::StaleVersion { .. } => (
+                    StatusCode::CONFLICT,
+                    "stale_resource_version",
+                    e.to_string(),
+                ),
+                StoreError::Policy(p) => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "policy_violation",
+                    p.to_string(),
+                ),
+                StoreError::Unavailable(error) => {
+                    tracing::warn!(%error, "admin API: key store unavailable");
+                    unavailable()
+                }
+                StoreError::Corrupt(detail) => {
+                    tracing::warn!(%detail, "admin API: store holds an invalid record");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error; see the server log".into(),
+                    )
+                }
+            },
+        }
+    }
+}
+
+fn unavailable() -> (StatusCode, &'static str, String) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the key store is unavailable; try again".into(),
+    )
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.parts();
+        let body = Json(json!({ "error": { "code": code, "message": message } }));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,153 @@
+//! `/api/v1/namespaces`: the names routes and access are scoped to.
+//! `spec.name` (immutable) and `spec.description`. A namespace is addressed
+//! by its id or its name.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, MethodRouter};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::access::Caller;
+use super::error::AdminError;
+use super::extract::{JsonBody, QueryParams};
+use super::resource::{self, validate_description, validate_namespace_name, ListParams};
+use super::AdminState;
+use crate::store::Namespace;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateRequest {
+    pub spec: NamespaceSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateRequest {
+    pub resource_version: String,
+    pub spec: NamespaceSpec,
+}
+
+pub fn render(n: &Namespace) -> Value {
+    json!({
+        "id": n.id,
+        "resourceVersion": resource::version(n.resource_version),
+        "spec": { "name": n.name, "description": n.description },
+        "state": "active",
+        "createdTime": resource::time(n.created),
+        "lastModifiedTime": resource::time(n.modified),
+    })
+}
+
+/// Admins see every namespace; others those they have a permission on.
+async fn list(
+    State(state): State<AdminState>,
+    caller: Caller,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<Value>, AdminError> {
+    let page = state.store.list_namespaces(&params.page()?).await?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .filter(|n| caller.permission_on(&n.name).is_some())
+        .map(render)
+        .collect();
+    Ok(Json(json!({
+        "namespaces": items,
+        "nextPageToken": resource::next_token(page.next),
+    })))
+}
+
+async fn get_one(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AdminError> {
+    let n = find(&state, &id).await?;
+    caller.may_read_namespace(&n.name)?;
+    Ok(Json(render(&n)))
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateRequest>,
+) -> Result<(StatusCode, Json<Value>), AdminError> {
+    caller.require_admin("create namespaces")?;
+    let name = body
+        .spec
+        .name
+        .ok_or_else(|| AdminError::invalid("spec.name is required"))?;
+    validate_namespace_name("spec.name", &name)?;
+    let description = body.spec.description.unwrap_or_default();
+    validate_description("spec.description", &description)?;
+    let n = state
+        .store
+        .create_namespace(&caller.actor(), &name, &description)
+        .await?;
+    Ok((StatusCode::CREATED, Json(render(&n))))
+}
+
+async fn update(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<UpdateRequest>,
+) -> Result<Json<Value>, AdminError> {
+    let current = find(&state, &id).await?;
+    caller.may_edit_namespace(&current.name)?;
+    let expected = resource::parse_version(&body.resource_version)?;
+    if body.spec.name.as_ref().is_some_and(|n| *n != current.name) {
+        return Err(AdminError::invalid(
+            "spec.name cannot be changed: routes and access refer to it",
+        ));
+    }
+    let description = body.spec.description.unwrap_or(current.description);
+    validate_description("spec.description", &description)?;
+    let n = state
+        .store
+        .update_namespace(&caller.actor(), &current.id, &description, Some(expected))
+        .await?;
+    Ok(Json(render(&n)))
+}
+
+async fn delete(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AdminError> {
+    caller.require_admin("delete namespaces")?;
+    let current = find(&state, &id).await?;
+    state
+        .store
+        .delete_namespace(&caller.actor(), &current.id)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn find(state: &AdminState, id_or_name: &str) -> Result<Namespace, AdminError> {
+    state
+        .store
+        .get_namespace(id_or_name)
+        .await?
+        .ok_or_else(|| AdminError::not_found("namespace", id_or_name))
+}
+
+pub fn routes() -> Vec<(&'static str, MethodRouter<AdminState>)> {
+    vec![
+        ("/api/v1/namespaces", get(list).post(create)),
+        (
+            "/api/v1/namespaces/{id}",
+            get(get_one).put(update).delete(delete),
+        ),
+        ("/api/v1/namespaces/{id}/update", post(update)),
+    ]
+}

@@ -1,0 +1,602 @@
+//! The admin API commands: each builds its request from the flags, calls
+//! the API through `remote::Client`, and prints the answer with `output`.
+//!
+//! Updates read the resource first and send its `resourceVersion` back
+//! (unless `--resource-version` is given), so a change made in between is
+//! refused with 409 rather than overwritten.
+
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value};
+
+use super::output::{self, Column, Output};
+use super::remote::Client;
+use super::{
+    AccessArgs, AccountCommand, ApikeyCommand, AuditCommand, Command, Failure, NamespaceCommand,
+    PageArgs, RemoteArgs, ServiceAccountCommand, UserCommand,
+};
+
+pub async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Apikey { remote, command } => apikey(&remote, command).await,
+        Command::User { remote, command } => user(&remote, command).await,
+        Command::ServiceAccount { remote, command } => service_account(&remote, command).await,
+        Command::Namespace { remote, command } => namespace(&remote, command).await,
+        Command::Account { remote, command } => account(&remote, command).await,
+        Command::Audit { remote, command } => audit(&remote, command).await,
+        Command::Serve { .. } | Command::Bootstrap { .. } => Err(Failure::usage(
+            "this command does not talk to the admin API",
+        )),
+    }
+}
+
+// === api keys ===
+
+const KEYS: &str = "/api/v1/api-keys";
+
+fn key_columns() -> Vec<Column> {
+    vec![
+        Column {
+            header: "ID",
+            read: |v| output::text(&v["id"]),
+        },
+        Column {
+            header: "NAME",
+            read: |v| output::text(&v["spec"]["displayName"]),
+        },
+        Column {
+            header: "OWNER",
+            read: |v| {
+                format!(
+                    "{} {}",
+                    output::text(&v["spec"]["ownerType"]),
+                    output::text(&v["spec"]["ownerId"])
+                )
+            },
+        },
+        Column {
+            header: "STATE",
+            read: |v| output::text(&v["state"]),
+        },
+        Column {
+            header: "NAMESPACES",
+            read: |v| output::text(&v["spec"]["namespaces"]),
+        },
+        Column {
+            header: "EXPIRES",
+            read: |v| output::text(&v["spec"]["expiryTime"]),
+        },
+        Column {
+            header: "LAST USED",
+            read: |v| output::text(&v["lastUsedTime"]),
+        },
+    ]
+}
+
+async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failure> {
+    let client = Client::new(remote)?;
+    let out = remote.output;
+    match command {
+        ApikeyCommand::Create {
+            name,
+            description,
+            duration,
+            owner_id,
+            owner_type,
+            namespaces,
+            ..
+        } => {
+            let lifetime = match duration {
+                Some(d) => Some(d),
+                // The account's longest, or none when keys may live forever.
+                None => {
+                    let settings = client.get("/api/v1/account/settings", &[]).await?;
+                    let max = settings["spec"]["maxKeyLifetime"].as_str().unwrap_or("0s");
+                    let max = humantime::parse_duration(max).map_err(|_| {
+                        Failure::runtime(format!("the server sent maxKeyLifetime {max:?}"))
+                    })?;
+                    (!max.is_zero()).then_some(max)
+                }
+            };
+            let mut spec = json!({
+                "displayName": name,
+                "description": description,
+                "namespaces": namespaces,
+            });
+            if let Some(l) = lifetime {
+                let at = SystemTime::now() + l;
+                spec["expiryTime"] = json!(humantime::format_rfc3339_seconds(at).to_string());
+            }
+            if let Some(id) = owner_id {
+                spec["ownerId"] = json!(id);
+            }
+            if let Some(t) = owner_type {
+                spec["ownerType"] = json!(t);
+            }
+            let created = client.post(KEYS, json!({ "spec": spec })).await?;
+            issued(out, &created, "Created");
+            Ok(())
+        }
+        ApikeyCommand::List {
+            owner_id,
+            owner_type,
+            page,
+        } => {
+            let mut query = page_query(&page);
+            if let Some(id) = owner_id {
+                query.push(("ownerId", id));
+            }
+            if let Some(t) = owner_type {
+                query.push(("ownerType", t));
+            }
+            let list = client.get(KEYS, &query).await?;
+            show_list(out, &list, "apiKeys", &key_columns());
+            Ok(())
+        }
+        ApikeyCommand::Get(id) => {
+            show(out, &client.get(&format!("{KEYS}/{}", id.id), &[]).await?);
+            Ok(())
+        }
+        ApikeyCommand::Delete(id) => {
+            client.delete(&format!("{KEYS}/{}", id.id)).await?;
+            done(out, &format!("Deleted API key {}.", id.id));
+            Ok(())
+        }
+        ApikeyCommand::Enable(id) => {
+            let key = client
+                .post(&format!("{KEYS}/{}/enable", id.id), json!({}))
+                .await?;
+            show(out, &key);
+            Ok(())
+        }
+        ApikeyCommand::Disable(id) => {
+            let key = client
+                .post(&format!("{KEYS}/{}/disable", id.id), json!({}))
+                .await?;
+            show(out, &key);
+            Ok(())
+        }
+        ApikeyCommand::Rotate { id, grace } => {
+            let body = match grace {
+                Some(g) => json!({ "gracePeriod": g }),
+                None => json!({}),
+            };
+            let rotated = client.post(&format!("{KEYS}/{id}/rotate"), body).await?;
+            issued(out, &rotated, "Rotated");
+            Ok(())
+        }
+        ApikeyCommand::Update {
+            id,
+            name,
+            description,
+            resource_version,
+        } => {
+            let path = format!("{KEYS}/{id}");
+            let version = version_of(&client, &path, resource_version).await?;
+            let mut spec = Map::new();
+            if let Some(n) = name {
+                spec.insert("displayName".into(), json!(n));
+            }
+            if let Some(d) = description {
+                spec.insert("description".into(), json!(d));
+            }
+            let key = client
+                .put(&path, json!({ "resourceVersion": version, "spec": spec }))
+                .await?;
+            show(out, &key);
+            Ok(())
+        }
+        ApikeyCommand::Usage(id) => {
+            show(
+                out,
+                &client.get(&format!("{KEYS}/{}/usage", id.id), &[]).await?,
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Prints a create or rotate answer. In a table the token goes alone to
+/// stdout (so `$(keygate apikey create ...)` captures just it) and the rest
+/// to stderr.
+fn issued(out: Output, answer: &Value, verb: &str) {
+    match out {
+        Output::Json => output::json(answer),
+        Output::Table => {
+            let key = &answer["apiKey"];
+            eprintln!(
+                "{verb} API key {} ({}), expires {}.",
+                output::text(&key["id"]),
+                output::text(&key["spec"]["displayName"]),
+                output::text(&key["spec"]["expiryTime"]),
+            );
+            if let Some(until) = key["previousSecretValidUntil"].as_str() {
+                eprintln!("The previous secret keeps working until {until}.");
+            }
+            eprintln!("This is the only time the token is shown; store it safely:");
+            println!("{}", output::text(&answer["token"]));
+        }
+    }
+}
+
+// === users and service accounts ===
+
+fn user_columns() -> Vec<Column> {
+    vec![
+        Column {
+            header: "ID",
+            read: |v| output::text(&v["id"]),
+        },
+        Column {
+            header: "EMAIL",
+            read: |v| output::text(&v["spec"]["email"]),
+        },
+        Column {
+            header: "ROLE",
+            read: |v| output::text(&v["spec"]["access"]["accountAccess"]["role"]),
+        },
+        Column {
+            header: "NAMESPACES",
+            read: |v| output::namespace_accesses(&v["spec"]["access"]),
+        },
+        Column {
+            header: "STATE",
+            read: |v| output::text(&v["state"]),
+        },
+    ]
+}
+
+fn service_account_columns() -> Vec<Column> {
+    vec![
+        Column {
+            header: "ID",
+            read: |v| output::text(&v["id"]),
+        },
+        Column {
+            header: "NAME",
+            read: |v| output::text(&v["spec"]["name"]),
+        },
+        Column {
+            header: "ROLE",
+            read: |v| output::text(&v["spec"]["access"]["accountAccess"]["role"]),
+        },
+        Column {
+            header: "NAMESPACES",
+            read: |v| output::namespace_accesses(&v["spec"]["access"]),
+        },
+        Column {
+            header: "STATE",
+            read: |v| output::text(&v["state"]),
+        },
+        Column {
+            header: "DESCRIPTION",
+            read: |v| output::text(&v["spec"]["description"]),
+        },
+    ]
+}
+
+/// `spec.access` from the flags, over `current` (on update). `None` when
+/// no access flag was given.
+fn access(args: &AccessArgs, current: Option<&Value>) -> Result<Option<Value>, Failure> {
+    if args.role.is_none() && args.namespace_access.is_empty() {
+        return Ok(None);
+    }
+    let role = match (&args.role, current) {
+        (Some(r), _) => json!(r),
+        (None, Some(c)) => c["accountAccess"]["role"].clone(),
+        (None, None) => json!("read"),
+    };
+    let namespaces = if args.namespace_access.is_empty() {
+        current
+            .map(|c| c["namespaceAccesses"].clone())
+            .unwrap_or_else(|| json!({}))
+    } else {
+        let mut map = Map::new();
+        for pair in &args.namespace_access {
+            let (ns, permission) = pair.split_once('=').ok_or_else(|| {
+                Failure::usage(format!(
+                    "--namespace-access takes NAMESPACE=admin|write|read; got {pair:?}"
+                ))
+            })?;
+            map.insert(ns.into(), json!({ "permission": permission }));
+        }
+        Value::Object(map)
+    };
+    Ok(Some(json!({
+        "accountAccess": { "role": role },
+        "namespaceAccesses": namespaces,
+    })))
+}
+
+async fn user(remote: &RemoteArgs, command: UserCommand) -> Result<(), Failure> {
+    const USERS: &str = "/api/v1/users";
+    let client = Client::new(remote)?;
+    let out = remote.output;
+    match command {
+        UserCommand::Create { email, access: a } => {
+            let mut spec = json!({ "email": email });
+            if let Some(a) = access(&a, None)? {
+                spec["access"] = a;
+            }
+            show(out, &client.post(USERS, json!({ "spec": spec })).await?);
+        }
+        UserCommand::List(page) => {
+            let list = client.get(USERS, &page_query(&page)).await?;
+            show_list(out, &list, "users", &user_columns());
+        }
+        UserCommand::Get(id) => show(out, &client.get(&format!("{USERS}/{}", id.id), &[]).await?),
+        UserCommand::Delete(id) => {
+            let answer = client.delete(&format!("{USERS}/{}", id.id)).await?;
+            deleted_principal(out, "user", &id.id, &answer);
+        }
+        UserCommand::Update {
+            id,
+            email,
+            access: a,
+            disabled,
+            resource_version,
+        } => {
+            let path = format!("{USERS}/{id}");
+            let current = client.get(&path, &[]).await?;
+            let mut spec = Map::new();
+            if let Some(e) = email {
+                spec.insert("email".into(), json!(e));
+            }
+            if let Some(a) = access(&a, Some(&current["spec"]["access"]))? {
+                spec.insert("access".into(), a);
+            }
+            if let Some(d) = disabled {
+                spec.insert("disabled".into(), json!(d));
+            }
+            let version =
+                resource_version.unwrap_or_else(|| output::text(&current["resourceVersion"]));
+            let updated = client
+                .put(&path, json!({ "resourceVersion": version, "spec": spec }))
+                .await?;
+            show(out, &updated);
+        }
+    }
+    Ok(())
+}
+
+async fn service_account(
+    remote: &RemoteArgs,
+    command: ServiceAccountCommand,
+) -> Result<(), Failure> {
+    const SAS: &str = "/api/v1/service-accounts";
+    let client = Client::new(remote)?;
+    let out = remote.output;
+    match command {
+        ServiceAccountCommand::Create {
+            name,
+            description,
+            access: a,
+        } => {
+            let mut spec = json!({ "name": name, "description": description });
+            if let Some(a) = access(&a, None)? {
+                spec["access"] = a;
+            }
+            show(out, &client.post(SAS, json!({ "spec": spec })).await?);
+        }
+        ServiceAccountCommand::List(page) => {
+            let list = client.get(SAS, &page_query(&page)).await?;
+            show_list(out, &list, "serviceAccounts", &service_account_columns());
+        }
+        ServiceAccountCommand::Get(id) => {
+            show(out, &client.get(&format!("{SAS}/{}", id.id), &[]).await?)
+        }
+        ServiceAccountCommand::Delete(id) => {
+            let answer = client.delete(&format!("{SAS}/{}", id.id)).await?;
+            deleted_principal(out, "service account", &id.id, &answer);
+        }
+        ServiceAccountCommand::Update {
+            id,
+            name,
+            description,
+            access: a,
+            disabled,
+            resource_version,
+        } => {
+            let path = format!("{SAS}/{id}");
+            let current = client.get(&path, &[]).await?;
+            let mut spec = Map::new();
+            if let Some(n) = name {
+                spec.insert("name".into(), json!(n));
+            }
+            if let Some(d) = description {
+                spec.insert("description".into(), json!(d));
+            }
+            if let Some(a) = access(&a, Some(&current["spec"]["access"]))? {
+                spec.insert("access".into(), a);
+            }
+            if let Some(d) = disabled {
+                spec.insert("disabled".into(), json!(d));
+            }
+            let version =
+                resource_version.unwrap_or_else(|| output::text(&current["resourceVersion"]));
+            let updated = client
+                .put(&path, json!({ "resourceVersion": version, "spec": spec }))
+                .await?;
+            show(out, &updated);
+        }
+    }
+    Ok(())
+}
+
+fn deleted_principal(out: Output, kind: &str, id: &str, answer: &Value) {
+    match out {
+        Output::Json => output::json(answer),
+        Output::Table => println!(
+            "Deleted {kind} {id} and its API keys: {}.",
+            output::text(&answer["deletedApiKeys"])
+        ),
+    }
+}
+
+// === namespaces, account, audit ===
+
+async fn namespace(remote: &RemoteArgs, command: NamespaceCommand) -> Result<(), Failure> {
+    const NAMESPACES: &str = "/api/v1/namespaces";
+    let client = Client::new(remote)?;
+    let out = remote.output;
+    let columns = [
+        Column {
+            header: "ID",
+            read: |v| output::text(&v["id"]),
+        },
+        Column {
+            header: "NAME",
+            read: |v| output::text(&v["spec"]["name"]),
+        },
+        Column {
+            header: "DESCRIPTION",
+            read: |v| output::text(&v["spec"]["description"]),
+        },
+    ];
+    match command {
+        NamespaceCommand::Create { name, description } => {
+            let spec = json!({ "name": name, "description": description });
+            show(
+                out,
+                &client.post(NAMESPACES, json!({ "spec": spec })).await?,
+            );
+        }
+        NamespaceCommand::List(page) => {
+            let list = client.get(NAMESPACES, &page_query(&page)).await?;
+            show_list(out, &list, "namespaces", &columns);
+        }
+        NamespaceCommand::Get(id) => show(
+            out,
+            &client.get(&format!("{NAMESPACES}/{}", id.id), &[]).await?,
+        ),
+        NamespaceCommand::Delete(id) => {
+            client.delete(&format!("{NAMESPACES}/{}", id.id)).await?;
+            done(out, &format!("Deleted namespace {}.", id.id));
+        }
+        NamespaceCommand::Update {
+            id,
+            description,
+            resource_version,
+        } => {
+            let path = format!("{NAMESPACES}/{id}");
+            let version = version_of(&client, &path, resource_version).await?;
+            let body =
+                json!({ "resourceVersion": version, "spec": { "description": description } });
+            show(out, &client.put(&path, body).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn account(remote: &RemoteArgs, command: AccountCommand) -> Result<(), Failure> {
+    const SETTINGS: &str = "/api/v1/account/settings";
+    let client = Client::new(remote)?;
+    let out = remote.output;
+    match command {
+        AccountCommand::Get => show(out, &client.get(SETTINGS, &[]).await?),
+        AccountCommand::Update {
+            api_keys_enabled,
+            max_key_lifetime,
+            max_keys_per_owner,
+            resource_version,
+        } => {
+            let version = version_of(&client, SETTINGS, resource_version).await?;
+            let mut spec = Map::new();
+            if let Some(e) = api_keys_enabled {
+                spec.insert("apiKeysEnabled".into(), json!(e));
+            }
+            if let Some(l) = max_key_lifetime {
+                spec.insert("maxKeyLifetime".into(), json!(l));
+            }
+            if let Some(n) = max_keys_per_owner {
+                spec.insert("maxKeysPerOwner".into(), json!(n));
+            }
+            let body = json!({ "resourceVersion": version, "spec": spec });
+            show(out, &client.put(SETTINGS, body).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn audit(remote: &RemoteArgs, command: AuditCommand) -> Result<(), Failure> {
+    let client = Client::new(remote)?;
+    let AuditCommand::List(page) = command;
+    let list = client
+        .get("/api/v1/audit-events", &page_query(&page))
+        .await?;
+    let columns = [
+        Column {
+            header: "TIME",
+            read: |v| output::text(&v["time"]),
+        },
+        Column {
+            header: "ACTOR",
+            read: |v| output::text(&v["actor"]["name"]),
+        },
+        Column {
+            header: "ACTION",
+            read: |v| output::text(&v["action"]),
+        },
+        Column {
+            header: "TARGET",
+            read: |v| {
+                format!(
+                    "{} {}",
+                    output::text(&v["target"]["type"]),
+                    output::text(&v["target"]["id"])
+                )
+            },
+        },
+    ];
+    show_list(remote.output, &list, "auditEvents", &columns);
+    Ok(())
+}
+
+// === helpers ===
+
+fn page_query(page: &PageArgs) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(n) = page.page_size {
+        q.push(("pageSize", n.to_string()));
+    }
+    if let Some(t) = &page.page_token {
+        q.push(("pageToken", t.clone()));
+    }
+    q
+}
+
+async fn version_of(client: &Client, path: &str, given: Option<String>) -> Result<String, Failure> {
+    match given {
+        Some(v) => Ok(v),
+        None => Ok(output::text(
+            &client.get(path, &[]).await?["resourceVersion"],
+        )),
+    }
+}
+
+fn show(out: Output, value: &Value) {
+    match out {
+        Output::Json => output::json(value),
+        Output::Table => output::fields(value),
+    }
+}
+
+fn show_list(out: Output, list: &Value, field: &str, columns: &[Column]) {
+    match out {
+        Output::Json => output::json(list),
+        Output::Table => {
+            let items = list[field].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            output::table(items, columns);
+            if let Some(next) = list["nextPageToken"].as_str().filter(|t| !t.is_empty()) {
+                eprintln!("More: --page-token {next}");
+            }
+        }
+    }
+}
+
+fn done(out: Output, message: &str) {
+    match out {
+        Output::Json => output::json(&json!({})),
+        Output::Table => println!("{message}"),
+    }
+}
