@@ -64,6 +64,7 @@ pub async fn run(
         metrics: metrics.clone(),
         tokens: TokenFormat::new(&config.keys.prefix),
         max_body_bytes: config.admin.max_body_bytes,
+        credentials: proxy_state.credentials.clone(),
     };
 
     // One shutdown signal fanned out to every task.
