@@ -6,15 +6,22 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminState};
 use crate::auth::{Authenticator, CacheSettings};
 use crate::config::Config;
 use crate::key::TokenFormat;
 use crate::proxy::server::{self, ServerLimits};
+use crate::proxy::tls::{load_certified_key, server_config, CertResolver, TlsError};
 use crate::proxy::ProxyState;
+use crate::reload::{self, Reloader};
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage;
@@ -24,6 +31,18 @@ use crate::telemetry::usage;
 pub enum StartError {
     #[error("cannot open the key store at {url}: {source}")]
     Store { url: String, source: StoreError },
+    #[error("TLS: {0}")]
+    Tls(TlsError),
+}
+
+/// Where a running keygate reloads its configuration from.
+pub struct ReloadSource {
+    /// The config file, re-read on a trigger or when it changes.
+    pub path: PathBuf,
+    /// One message per reload request (SIGHUP).
+    pub triggers: mpsc::UnboundedReceiver<()>,
+    /// How often the config and certificate files are checked for changes.
+    pub poll: Duration,
 }
 
 /// Runs the proxy and the admin API until `shutdown` resolves, then drains
@@ -34,6 +53,30 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    run_with_reload(config, None, proxy_listener, admin_listener, shutdown).await
+}
+
+/// [`run`], reloading the configuration and certificate from `reload`.
+pub async fn run_with_reload(
+    config: Config,
+    reload: Option<ReloadSource>,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    // TLS first: a bad certificate must stop the start before anything runs.
+    let certs = match &config.proxy.tls {
+        Some(tls) => Some(CertResolver::new(
+            load_certified_key(&tls.cert_file, &tls.key_file).map_err(StartError::Tls)?,
+        )),
+        None => None,
+    };
+    let acceptor = match &certs {
+        Some(resolver) => Some(TlsAcceptor::from(
+            server_config(resolver.clone()).map_err(StartError::Tls)?,
+        )),
+        None => None,
+    };
     let store = store::open(&config.store.url)
         .await
         .map_err(|source| StartError::Store {
@@ -52,12 +95,15 @@ pub async fn run(
         tracing::warn!(%error, "could not read account settings; assuming API keys are enabled");
     }
     let (recorder, queue) = usage::channel();
-    let proxy_state = Arc::new(ProxyState::new(
-        &config,
-        authenticator.clone(),
-        recorder,
-        metrics.clone(),
-    ));
+    let proxy_state = Arc::new(
+        ProxyState::new(
+            &config,
+            authenticator.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        )
+        .map_err(StartError::Tls)?,
+    );
     let admin_state = AdminState {
         store: store.clone(),
         authenticator: authenticator.clone(),
@@ -81,9 +127,28 @@ pub async fn run(
         store = %store::display_url(&config.store.url),
         "keygate serving"
     );
+    let live_state = Arc::new(ArcSwap::new(proxy_state.clone()));
+    let reloader = reload.map(|source| {
+        let reloader = Reloader::new(
+            source.path,
+            config.clone(),
+            live_state.clone(),
+            certs.clone(),
+            authenticator.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        );
+        tokio::spawn(reload::run(
+            reloader,
+            source.triggers,
+            source.poll,
+            stopped(),
+        ))
+    });
     let proxy = tokio::spawn(server::serve(
         proxy_listener,
-        proxy_state,
+        live_state,
+        acceptor,
         ServerLimits::from(&config.proxy),
         stopped(),
     ));
@@ -123,6 +188,9 @@ pub async fn run(
     tracing::info!("shutting down: draining in-flight requests");
     let _ = stop_tx.send(true);
     let _ = proxy.await;
+    if let Some(reloader) = reloader {
+        let _ = reloader.await;
+    }
     let _ = admin.await;
     let _ = flusher.await;
     let _ = feed.await;

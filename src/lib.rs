@@ -38,5 +38,6 @@ pub mod config;
 pub mod echo;
 pub mod key;
 pub mod proxy;
+pub mod reload;
 pub mod store;
 pub mod telemetry;

@@ -1,7 +1,9 @@
 //! `keygate serve`: load and validate the config before any runtime starts,
-//! bind the listeners, run until SIGTERM or SIGINT.
+//! bind the listeners, reload on SIGHUP or file change, run until SIGTERM or
+//! SIGINT.
 
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -24,13 +26,38 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         };
         let proxy = bind(config.proxy.listen).await?;
         let admin = bind(config.admin.listen).await?;
-        crate::app::run(config, proxy, admin, shutdown_signal())
+        let (triggers, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_sighup(triggers));
+        let reload = crate::app::ReloadSource {
+            path: path.to_owned(),
+            triggers: receiver,
+            poll: Duration::from_secs(2),
+        };
+        crate::app::run_with_reload(config, Some(reload), proxy, admin, shutdown_signal())
             .await
             .map_err(|e| Failure {
                 code: EX_UNAVAILABLE,
                 message: e.to_string(),
             })
     })
+}
+
+/// Turns every SIGHUP into a reload request.
+async fn forward_sighup(triggers: tokio::sync::mpsc::UnboundedSender<()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; reload only on file change");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading configuration");
+        if triggers.send(()).is_err() {
+            return;
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

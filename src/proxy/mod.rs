@@ -7,6 +7,7 @@ pub mod headers;
 pub mod reject;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -57,12 +58,15 @@ pub struct RouteMetrics {
 }
 
 impl ProxyState {
+    /// Builds the pipeline's state from a validated config. Fails only when
+    /// the upstream CA bundle cannot be read.
     pub fn new(
         config: &Config,
         authenticator: Arc<Authenticator>,
         usage: UsageRecorder,
         metrics: Arc<Metrics>,
-    ) -> ProxyState {
+    ) -> Result<ProxyState, tls::TlsError> {
+        let upstream_tls = tls::client_config(config.proxy.upstream_ca_file.as_deref())?;
         let proxy = &config.proxy;
         let routes = routes::RouteTable::from_config(config);
         let route_metrics = (0..routes.len())
@@ -76,7 +80,7 @@ impl ProxyState {
             .collect();
         let api_key_header = http::HeaderName::from_bytes(proxy.api_key_header.as_bytes())
             .expect("validated by config");
-        ProxyState {
+        Ok(ProxyState {
             routes,
             credentials: CredentialExtractor::new(
                 TokenFormat::new(&config.keys.prefix),
@@ -88,7 +92,11 @@ impl ProxyState {
                 &proxy.api_key_header,
                 proxy.keep_credential,
             ),
-            upstream: upstream::UpstreamClients::new(proxy.connect_timeout, proxy.upstream_timeout),
+            upstream: upstream::UpstreamClients::new(
+                proxy.connect_timeout,
+                proxy.upstream_timeout,
+                upstream_tls,
+            ),
             usage,
             metrics,
             route_metrics,
@@ -98,6 +106,6 @@ impl ProxyState {
                 .then(|| forward_auth::ForwardAuth {
                     path: config.forward_auth.path.clone(),
                 }),
-        }
+        })
     }
 }

@@ -1,12 +1,17 @@
 //! The proxy listener: accepts TCP connections and serves HTTP/1.1 and h2c
-//! (prior knowledge) on the same port, with header limits, a header read
-//! timeout, a connection cap and graceful draining on shutdown.
+//! (prior knowledge) on the same port, or TLS with ALPN h2/http1.1, with
+//! header limits, a header read timeout, a connection cap and graceful
+//! draining on shutdown.
+//!
+//! Each request reads the current `ProxyState` from an `ArcSwap`, so a
+//! config reload applies to the next request on every connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,6 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use super::handler::handle;
 use super::headers::ConnectionInfo;
@@ -46,7 +52,8 @@ impl From<&ProxyConfig> for ServerLimits {
 /// accepting and lets in-flight requests finish for up to `drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<ProxyState>,
+    state: Arc<ArcSwap<ProxyState>>,
+    tls: Option<TlsAcceptor>,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -89,17 +96,55 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn_info = Arc::new(connection_info(peer, "http"));
+        let proto = if tls.is_some() { "https" } else { "http" };
+        let conn_info = Arc::new(connection_info(peer, proto));
         let state = state.clone();
-        let service = service_fn(move |req| handle(state.clone(), conn_info.clone(), req));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
+        let service = service_fn(move |req| handle(state.load_full(), conn_info.clone(), req));
+        match &tls {
+            None => {
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let handshake_timeout = limits.header_read_timeout;
+                tokio::spawn(async move {
+                    // The handshake gets the same budget as a request head:
+                    // a client that stalls it is a slow-loris too.
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(error) = watcher.watch(connection.into_owned()).await {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {

@@ -1,12 +1,14 @@
-//! The pooled upstream clients: HTTP/1.1 and h2c (prior knowledge, for gRPC),
-//! both streaming bodies without buffering, with connect and response
-//! timeouts mapped to 502 and 504.
+//! The pooled upstream clients: HTTP/1.1 and HTTP/2 (h2c with prior
+//! knowledge over `http://`, ALPN h2 over `https://`), both streaming bodies
+//! without buffering, with connect and response timeouts mapped to 502 and
+//! 504.
 
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -16,31 +18,50 @@ use crate::config::UpstreamProtocol;
 use super::reject::ProxyError;
 use super::routes::Upstream;
 
+type Connector = HttpsConnector<HttpConnector>;
+
 /// Both clients share nothing but their settings; each keeps its own pool.
 #[derive(Clone)]
 pub struct UpstreamClients {
-    http1: Client<HttpConnector, Incoming>,
-    h2c: Client<HttpConnector, Incoming>,
+    http1: Client<Connector, Incoming>,
+    h2c: Client<Connector, Incoming>,
     /// How long to wait for the upstream's response headers.
     timeout: Duration,
 }
 
 impl UpstreamClients {
-    pub fn new(connect_timeout: Duration, response_timeout: Duration) -> UpstreamClients {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
+    /// `tls` is used for `https://` upstreams.
+    pub fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        tls: rustls::ClientConfig,
+    ) -> UpstreamClients {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        // The TLS layer decides per URI scheme; plain http stays plain.
+        http.enforce_http(false);
+        let h1_connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
+        let h2_connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(http);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector.clone());
+            .build(h1_connector);
         let h2c = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector);
+            .build(h2_connector);
         UpstreamClients {
             http1,
             h2c,

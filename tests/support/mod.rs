@@ -30,12 +30,18 @@ pub struct Gate {
     pub tokens: TokenFormat,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The config file keygate reloads from.
+    pub config_path: std::path::PathBuf,
+    /// Sends a reload request (what SIGHUP does).
+    pub reload_tx: tokio::sync::mpsc::UnboundedSender<()>,
     _dir: Option<tempfile::TempDir>,
+    _config_dir: tempfile::TempDir,
 }
 
 pub struct GateBuilder {
-    upstream: Option<SocketAddr>,
+    upstream: Option<String>,
     extra: String,
+    proxy_extra: String,
 }
 
 impl Gate {
@@ -43,6 +49,7 @@ impl Gate {
         GateBuilder {
             upstream: None,
             extra: String::new(),
+            proxy_extra: String::new(),
         }
     }
 
@@ -128,6 +135,13 @@ impl Gate {
             .expect("sql");
     }
 
+    /// Rewrites the config file and asks keygate to reload it.
+    pub fn rewrite_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+        let _ = self.reload_tx.send(());
+    }
+
     /// Stops keygate and waits for it to drain.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -149,7 +163,20 @@ impl Drop for Gate {
 
 impl GateBuilder {
     pub fn upstream(mut self, addr: SocketAddr) -> Self {
-        self.upstream = Some(addr);
+        self.upstream = Some(format!("http://{addr}"));
+        self
+    }
+
+    /// Any upstream URL (e.g. `https://localhost:PORT`).
+    pub fn upstream_url(mut self, url: &str) -> Self {
+        self.upstream = Some(url.to_string());
+        self
+    }
+
+    /// Extra `key = value` lines inside the generated `[proxy]` table.
+    pub fn proxy(mut self, lines: &str) -> Self {
+        self.proxy_extra.push_str(lines);
+        self.proxy_extra.push('\n');
         self
     }
 
@@ -203,19 +230,28 @@ impl GateBuilder {
         admin_user: Principal,
         admin_token: String,
     ) -> Gate {
-        let upstream = self.upstream.map_or_else(
-            || "http://127.0.0.1:9".to_string(),
-            |a| format!("http://{a}"),
-        );
+        let upstream = self
+            .upstream
+            .unwrap_or_else(|| "http://127.0.0.1:9".to_string());
         let text = format!(
             "[proxy]\nupstream = \"{upstream}\"\nupstream_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\
-             drain_timeout = \"2s\"\n[store]\nurl = \"sqlite://{}\"\n[usage]\nflush_interval = \"100ms\"\n{}",
+             drain_timeout = \"2s\"\n{}[store]\nurl = \"sqlite://{}\"\n[usage]\nflush_interval = \"100ms\"\n{}",
+            self.proxy_extra,
             db_path.display(),
             self.extra
         );
         let config: Config = text
             .parse()
             .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        let config_dir = tempfile::tempdir().expect("tempdir");
+        let config_path = config_dir.path().join("keygate.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let (reload_tx, triggers) = tokio::sync::mpsc::unbounded_channel();
+        let reload = keygate::app::ReloadSource {
+            path: config_path.clone(),
+            triggers,
+            poll: Duration::from_millis(200),
+        };
         let tokens = TokenFormat::new(&config.keys.prefix);
         let proxy_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -223,12 +259,29 @@ impl GateBuilder {
         let admin = admin_listener.local_addr().expect("addr");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            keygate::app::run(config, proxy_listener, admin_listener, async {
-                let _ = stop_rx.await;
-            })
+            keygate::app::run_with_reload(
+                config,
+                Some(reload),
+                proxy_listener,
+                admin_listener,
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await
             .expect("keygate runs");
         });
+        // Serving once the admin listener answers (the store is open and the
+        // certificate loaded by then).
+        for _ in 0..100 {
+            let ok = reqwest::get(format!("http://{admin}/healthz"))
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Gate {
             proxy,
             admin,
@@ -239,7 +292,10 @@ impl GateBuilder {
             tokens,
             stop: Some(stop_tx),
             task: Some(task),
+            config_path,
+            reload_tx,
             _dir: dir,
+            _config_dir: config_dir,
         }
     }
 }
@@ -371,3 +427,6 @@ impl RecordingUpstream {
             .expect("upstream saw a request")
     }
 }
+
+/// PostgreSQL test databases (see `support/postgres.rs`).
+pub mod postgres;

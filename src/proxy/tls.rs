@@ -1,0 +1,148 @@
+//! TLS for both sides of the proxy (rustls, ring): the listener's
+//! certificate, swappable without a restart, and the client configuration for
+//! `https://` upstreams (system roots or a configured CA bundle).
+//!
+//! The listener resolves its certificate per handshake from an `ArcSwap`, so
+//! a reload changes what new connections get and never touches open ones.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A certificate, key or CA file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {reason}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("the private key in {path} is not usable: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("TLS configuration failed: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain and private key into a signing key.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let file_error = |what, path: &Path, e: &dyn fmt::Display| TlsError::File {
+        what,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file_error("certificate file", cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error("certificate file", cert, &e))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert.to_owned(),
+        });
+    }
+    // Never echo the key file's content in an error: only its path.
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("private key file", key, &e))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| TlsError::Key {
+            path: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// The listener's current certificate; `replace` swaps it for new handshakes.
+pub struct CertResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertResolver {
+    pub fn new(key: CertifiedKey) -> Arc<CertResolver> {
+        Arc::new(CertResolver {
+            current: ArcSwap::from_pointee(key),
+        })
+    }
+
+    pub fn replace(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+}
+
+impl fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Server configuration with ALPN `h2` then `http/1.1`.
+pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client configuration for `https://` upstreams: the CA bundle at
+/// `ca_file` if given, else the system's roots.
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| TlsError::File {
+                what: "CA file",
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })? {
+                let cert = cert.map_err(|e| TlsError::File {
+                    what: "CA file",
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+                roots.add(cert)?;
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoCertificate {
+                    path: path.to_owned(),
+                });
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for error in &native.errors {
+                tracing::warn!(%error, "could not load some system root certificates");
+            }
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                tracing::warn!("no system root certificates found: https upstreams will fail");
+            }
+        }
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

@@ -1,0 +1,394 @@
+//! Transport: the TLS listener (ALPN, certificate reload without dropping
+//! connections), https upstreams with a configured CA, config reload, and
+//! the connection limits (header size and count, slow headers, max
+//! connections).
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::{Gate, RecordingUpstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A self-signed certificate for `localhost`, written as PEM files.
+struct TestCert {
+    der: CertificateDer<'static>,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+}
+
+fn make_cert(dir: &Path, name: &str) -> TestCert {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    TestCert {
+        der: certified.cert.der().clone(),
+        cert_path,
+        key_path,
+    }
+}
+
+fn client_config(trusted: &[&TestCert], alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in trusted {
+        roots.add(cert.der.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// Connects with TLS and returns the negotiated ALPN and the server's leaf.
+async fn handshake(
+    port: u16,
+    config: rustls::ClientConfig,
+) -> (Option<Vec<u8>>, CertificateDer<'static>) {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let (_, session) = tls.get_ref();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let leaf = session.peer_certificates().unwrap()[0].clone().into_owned();
+    (alpn, leaf)
+}
+
+fn tls_lines(cert: &TestCert) -> String {
+    format!(
+        "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+        cert.cert_path.display(),
+        cert.key_path.display()
+    )
+}
+
+#[tokio::test]
+async fn tls_listener_speaks_h2_and_http1_and_reloads_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = make_cert(dir.path(), "first");
+    let second = make_cert(dir.path(), "second");
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(&tls_lines(&first))
+        .start()
+        .await;
+    let port = gate.proxy.port();
+
+    let (alpn, leaf) = handshake(port, client_config(&[&first], &[b"h2", b"http/1.1"])).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(leaf, first.der);
+    let (alpn, _) = handshake(port, client_config(&[&first], &[b"http/1.1"])).await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+
+    // A real HTTPS request over HTTP/2, identity injected, proto https.
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config(&[&first, &second], &[]))
+        .https_only()
+        .enable_http2()
+        .build();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector);
+    let request = http::Request::get(format!("https://localhost:{port}/secure"))
+        .header("authorization", format!("Bearer {}", gate.admin_token))
+        .body(Empty::new())
+        .unwrap();
+    let response = client.request(request).await.expect("https request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(upstream.last().headers["x-forwarded-proto"], "https");
+
+    // Replace the certificate files and reload: new handshakes get the new
+    // certificate, and the open HTTP/2 connection keeps working.
+    std::fs::copy(&second.cert_path, &first.cert_path).unwrap();
+    std::fs::copy(&second.key_path, &first.key_path).unwrap();
+    gate.reload_tx.send(()).unwrap();
+    let mut reloaded = false;
+    for _ in 0..50 {
+        let (_, leaf) = handshake(port, client_config(&[&first, &second], &[b"h2"])).await;
+        if leaf == second.der {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the new certificate was not served");
+    let request = http::Request::get(format!("https://localhost:{port}/again"))
+        .header("authorization", format!("Bearer {}", gate.admin_token))
+        .body(Empty::new())
+        .unwrap();
+    assert_eq!(
+        client.request(request).await.expect("same client").status(),
+        200
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_certificate_on_reload_is_refused_and_the_old_one_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "good");
+    let gate = Gate::builder().proxy(&tls_lines(&cert)).start().await;
+    std::fs::write(&cert.cert_path, "not a certificate").unwrap();
+    gate.reload_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, leaf) = handshake(gate.proxy.port(), client_config(&[&cert], &[b"h2"])).await;
+    assert_eq!(leaf, cert.der);
+    gate.stop().await;
+}
+
+/// An HTTPS upstream with its own certificate.
+async fn https_upstream(cert: &TestCert) -> u16 {
+    let certified =
+        keygate::proxy::tls::load_certified_key(&cert.cert_path, &cert.key_path).unwrap();
+    let resolver = keygate::proxy::tls::CertResolver::new(certified);
+    let config = keygate::proxy::tls::server_config(resolver).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let who = req.headers().get("x-keygate-key-id").cloned();
+                        let mut response = http::Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"secure upstream"),
+                        ));
+                        if let Some(who) = who {
+                            response.headers_mut().insert("x-saw-key", who);
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "upstream");
+    let port = https_upstream(&cert).await;
+    let url = format!("https://localhost:{port}");
+    let client = reqwest::Client::new();
+
+    let gate = Gate::builder()
+        .upstream_url(&url)
+        .proxy(&format!(
+            "upstream_ca_file = \"{}\"",
+            cert.cert_path.display()
+        ))
+        .start()
+        .await;
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-saw-key"], &gate.admin_token[3..19]);
+    assert_eq!(r.text().await.unwrap(), "secure upstream");
+    gate.stop().await;
+
+    // System roots do not trust a self-signed upstream: 502, never plaintext.
+    let gate = Gate::builder().upstream_url(&url).start().await;
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn config_reload_applies_and_a_bad_config_is_refused() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder().upstream(upstream.addr).start().await;
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(&gate.admin_token)
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert!(!upstream.last().headers.contains_key("authorization"));
+
+    // Valid change: keep the credential from now on.
+    gate.rewrite_config(|text| text.replacen("[proxy]\n", "[proxy]\nkeep_credential = true\n", 1));
+    let mut applied = false;
+    for _ in 0..50 {
+        send().await.unwrap();
+        if upstream.last().headers.contains_key("authorization") {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(applied, "the reloaded config was not applied");
+
+    // Invalid change: refused; the previous config keeps serving.
+    gate.rewrite_config(|text| {
+        text.replace("keep_credential = true", "keep_credential = \"maybe\"")
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert!(upstream.last().headers.contains_key("authorization"));
+    gate.stop().await;
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_and_too_many_headers_are_refused() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("max_header_bytes = 8192\nmax_headers = 20")
+        .start()
+        .await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nx-big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let response = raw_exchange(gate.proxy, big.as_bytes(), Duration::from_secs(3)).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..40 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let response = raw_exchange(gate.proxy, many.as_bytes(), Duration::from_secs(3)).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    assert_eq!(upstream.count(), 0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn slow_header_senders_are_cut_off() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("header_read_timeout = \"500ms\"")
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert_eq!(upstream.count(), 0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("max_connections = 1")
+        .start()
+        .await;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\n\r\n",
+        gate.admin_token
+    );
+    let mut first = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    first.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // The first connection is still open (keep-alive): the second waits.
+    let mut second = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    second.write_all(request.as_bytes()).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(waited.is_err(), "served beyond max_connections");
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(3), second.read(&mut buf))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn response_bodies_are_collected_by_clients_of_the_tls_listener() {
+    // Keep the body path honest over TLS too: a streamed upstream body.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "stream");
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(&tls_lines(&cert))
+        .start()
+        .await;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config(&[&cert], &[]))
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let request = http::Request::get(format!(
+        "https://localhost:{}/stream/512",
+        gate.proxy.port()
+    ))
+    .header("authorization", format!("Bearer {}", gate.admin_token))
+    .body(Empty::new())
+    .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 512 * 1024);
+    gate.stop().await;
+}
