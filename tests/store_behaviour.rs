@@ -1,0 +1,1345 @@
+//! The KeyStore behaviour suite: the SAME test functions run against the
+//! SQLite store (a fresh temp file) and the PostgreSQL store (a fresh
+//! database on the machine's server), as `sqlite::<name>` and
+//! `postgres::<name>`. Whatever one backend does, the other must do too:
+//! errors, audit events, pagination cursors, policies, the change feed.
+//!
+//! Without a reachable PostgreSQL the `postgres::*` tests fail with the
+//! reason, unless `KEYGATE_SKIP_POSTGRES=1` (then each prints that it was
+//! skipped).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use keygate::auth::{AuthError, Authenticator, CacheSettings};
+use keygate::key::{KeyId, TokenFormat};
+use keygate::store::{
+    self, Access, AccountRole, Actor, ApiKey, KeyFilter, KeyStore, KeyUpdate, NewKey, OwnerType,
+    PageRequest, Permission, PolicyViolation, Principal, PrincipalSpec, StoreError, UsageDelta,
+};
+use keygate::telemetry::metrics::Metrics;
+use support::postgres::PgDatabase;
+
+/// A store under test and what keeps it alive (its file or database).
+struct Backend {
+    store: Arc<dyn KeyStore>,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<PgDatabase>,
+}
+
+impl Backend {
+    async fn sqlite() -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+        let store = store::open(&url).await.expect("open sqlite store");
+        Backend {
+            store,
+            _dir: Some(dir),
+            _db: None,
+        }
+    }
+
+    async fn postgres() -> Option<Backend> {
+        let db = PgDatabase::create().await?;
+        let store = store::open(&db.url).await.expect("open postgres store");
+        Some(Backend {
+            store,
+            _dir: None,
+            _db: Some(db),
+        })
+    }
+}
+
+/// Declares each behaviour once per backend.
+macro_rules! behaviour {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = super::Backend::sqlite().await;
+                    super::$name(backend.store.clone()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(backend) = super::Backend::postgres().await else {
+                        return;
+                    };
+                    super::$name(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+behaviour!(
+    principals_crud,
+    service_accounts_are_apart_from_users,
+    namespaces_crud,
+    keys_crud_and_find_key,
+    stale_resource_version_is_refused,
+    pagination_covers_everything_once,
+    audit_pagination_newest_first,
+    lifetime_policy,
+    owner_and_namespace_must_exist,
+    cap_holds_under_50_concurrent_creates,
+    owner_deletion_cascades_to_keys,
+    owner_update_reports_its_keys,
+    rotation_keeps_previous_digest_until_grace,
+    usage_is_recorded,
+    every_change_is_audited_and_no_digest_appears,
+    change_feed_lists_every_key_affecting_change,
+    settings_round_trip,
+);
+
+// === fixtures ===
+
+fn actor() -> Actor {
+    Actor {
+        id: "u-actor".into(),
+        kind: "user".into(),
+        name: "actor@example.com".into(),
+    }
+}
+
+fn spec(name: &str, role: AccountRole, namespaces: &[(&str, Permission)]) -> PrincipalSpec {
+    PrincipalSpec {
+        name: name.into(),
+        description: format!("{name} for tests"),
+        access: Access {
+            account_role: role,
+            namespaces: namespaces
+                .iter()
+                .map(|(n, p)| (n.to_string(), *p))
+                .collect::<BTreeMap<_, _>>(),
+        },
+        disabled: false,
+    }
+}
+
+async fn user(store: &dyn KeyStore, email: &str) -> Principal {
+    store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec(email, AccountRole::Developer, &[]),
+        )
+        .await
+        .expect("create user")
+}
+
+fn in_a_day() -> Option<SystemTime> {
+    Some(SystemTime::now() + Duration::from_secs(86_400))
+}
+
+fn new_key(owner: &Principal, tokens: &TokenFormat) -> (NewKey, String) {
+    let (id, token, digest) = tokens.generate();
+    let key = NewKey {
+        id,
+        digest,
+        display_name: "k".into(),
+        description: "a test key".into(),
+        owner_id: owner.id.clone(),
+        owner_type: owner.kind,
+        namespaces: Vec::new(),
+        expiry: in_a_day(),
+        disabled: false,
+    };
+    (key, token.expose().to_string())
+}
+
+async fn key(store: &dyn KeyStore, owner: &Principal) -> (ApiKey, String) {
+    let (new, token) = new_key(owner, &TokenFormat::new("kg"));
+    (
+        store.create_key(&actor(), new).await.expect("create key"),
+        token,
+    )
+}
+
+fn page(size: u32, after: Option<String>) -> PageRequest {
+    PageRequest { size, after }
+}
+
+fn is_not_found(r: &StoreError) -> bool {
+    matches!(r, StoreError::NotFound { .. })
+}
+
+async fn head(store: &dyn KeyStore) -> i64 {
+    store.changes_since(i64::MAX).await.expect("head").0
+}
+
+// === behaviours ===
+
+async fn principals_crud(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let a = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec("a@example.com", AccountRole::Admin, &[]),
+        )
+        .await
+        .expect("create");
+    assert_eq!(a.kind, OwnerType::User);
+    assert_eq!(a.name, "a@example.com");
+    assert_eq!(a.description, "a@example.com for tests");
+    assert_eq!(a.access.account_role, AccountRole::Admin);
+    assert_eq!(a.resource_version, 1);
+    assert!(!a.disabled);
+    assert_eq!(
+        store.get_principal(OwnerType::User, &a.id).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .find_principal_by_name(OwnerType::User, "a@example.com")
+            .await
+            .unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(store.count_principals(OwnerType::User).await.unwrap(), 1);
+
+    let dup = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec("a@example.com", AccountRole::Read, &[]),
+        )
+        .await
+        .expect_err("duplicate email");
+    assert!(
+        matches!(&dup, StoreError::AlreadyExists { kind: "user", name } if name == "a@example.com"),
+        "{dup:?}"
+    );
+
+    store.create_namespace(&actor(), "prod", "").await.unwrap();
+    let mut changed = spec(
+        "a2@example.com",
+        AccountRole::Developer,
+        &[("prod", Permission::Write)],
+    );
+    changed.disabled = true;
+    let (updated, keys) = store
+        .update_principal(&actor(), OwnerType::User, &a.id, changed, Some(1))
+        .await
+        .expect("update");
+    assert!(keys.is_empty());
+    assert_eq!(updated.name, "a2@example.com");
+    assert_eq!(updated.resource_version, 2);
+    assert!(updated.disabled);
+    assert_eq!(
+        updated.access.namespaces.get("prod"),
+        Some(&Permission::Write)
+    );
+    assert_eq!(updated.created, a.created);
+
+    // Renaming onto another principal's name is refused like a create.
+    let b = user(store, "b@example.com").await;
+    let err = store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            &b.id,
+            spec("a2@example.com", AccountRole::Read, &[]),
+            None,
+        )
+        .await
+        .expect_err("rename onto a taken name");
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+
+    store
+        .delete_principal(&actor(), OwnerType::User, &a.id)
+        .await
+        .expect("delete");
+    assert_eq!(
+        store.get_principal(OwnerType::User, &a.id).await.unwrap(),
+        None
+    );
+    let again = store
+        .delete_principal(&actor(), OwnerType::User, &a.id)
+        .await
+        .expect_err("deleted twice");
+    assert!(is_not_found(&again), "{again:?}");
+    let missing = store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            "nope",
+            spec("x@example.com", AccountRole::Read, &[]),
+            None,
+        )
+        .await
+        .expect_err("update of a missing principal");
+    assert!(
+        matches!(&missing, StoreError::NotFound { kind: "user", id } if id == "nope"),
+        "{missing:?}"
+    );
+    assert_eq!(store.count_principals(OwnerType::User).await.unwrap(), 1);
+}
+
+async fn service_accounts_are_apart_from_users(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let sa = store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("ci-bot", AccountRole::Developer, &[]),
+        )
+        .await
+        .unwrap();
+    // The same name may be a user too: names are unique per kind.
+    user(store, "ci-bot").await;
+    assert_eq!(
+        store.get_principal(OwnerType::User, &sa.id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .get_principal(OwnerType::ServiceAccount, &sa.id)
+            .await
+            .unwrap()
+            .map(|p| p.name),
+        Some("ci-bot".to_string())
+    );
+    assert_eq!(
+        store
+            .count_principals(OwnerType::ServiceAccount)
+            .await
+            .unwrap(),
+        1
+    );
+    let err = store
+        .delete_principal(&actor(), OwnerType::User, &sa.id)
+        .await
+        .expect_err("a service account is not a user");
+    assert!(
+        matches!(err, StoreError::NotFound { kind: "user", .. }),
+        "{err:?}"
+    );
+    let err = store
+        .delete_principal(&actor(), OwnerType::ServiceAccount, "missing")
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                kind: "service account",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+async fn namespaces_crud(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let ns = store
+        .create_namespace(&actor(), "orders", "the orders service")
+        .await
+        .unwrap();
+    assert_eq!(ns.name, "orders");
+    assert_eq!(ns.description, "the orders service");
+    assert_eq!(ns.resource_version, 1);
+    assert_eq!(store.get_namespace(&ns.id).await.unwrap(), Some(ns.clone()));
+    assert_eq!(
+        store.get_namespace("orders").await.unwrap(),
+        Some(ns.clone())
+    );
+    let dup = store
+        .create_namespace(&actor(), "orders", "")
+        .await
+        .expect_err("duplicate");
+    assert!(
+        matches!(&dup, StoreError::AlreadyExists { kind: "namespace", name } if name == "orders"),
+        "{dup:?}"
+    );
+    let updated = store
+        .update_namespace(&actor(), &ns.id, "new words", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(updated.description, "new words");
+    assert_eq!(updated.resource_version, 2);
+    let stale = store
+        .update_namespace(&actor(), &ns.id, "x", Some(1))
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(
+            stale,
+            StoreError::StaleVersion {
+                given: 1,
+                current: 2
+            }
+        ),
+        "{stale:?}"
+    );
+    store.delete_namespace(&actor(), &ns.id).await.unwrap();
+    assert_eq!(store.get_namespace("orders").await.unwrap(), None);
+    let err = store
+        .delete_namespace(&actor(), &ns.id)
+        .await
+        .expect_err("gone");
+    assert!(
+        matches!(&err, StoreError::NotFound { kind: "namespace", id } if *id == ns.id),
+        "{err:?}"
+    );
+    let err = store
+        .update_namespace(&actor(), "missing", "", None)
+        .await
+        .expect_err("missing");
+    assert!(is_not_found(&err), "{err:?}");
+}
+
+async fn keys_crud_and_find_key(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    store.create_namespace(&actor(), "prod", "").await.unwrap();
+    let owner = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec(
+                "dev@example.com",
+                AccountRole::Developer,
+                &[("prod", Permission::Read)],
+            ),
+        )
+        .await
+        .unwrap();
+    let tokens = TokenFormat::new("kg");
+    let (mut new, _token) = new_key(&owner, &tokens);
+    new.namespaces = vec!["prod".into()];
+    new.display_name = "deploy".into();
+    let expiry = new.expiry;
+    let digest = new.digest;
+    let created = store.create_key(&actor(), new.clone()).await.unwrap();
+    assert_eq!(created.id, new.id);
+    assert_eq!(created.display_name, "deploy");
+    assert_eq!(created.owner_id, owner.id);
+    assert_eq!(created.owner_type, OwnerType::User);
+    assert_eq!(created.namespaces, vec!["prod".to_string()]);
+    assert_eq!(created.expiry.map(store::to_ms), expiry.map(store::to_ms));
+    assert_eq!(created.resource_version, 1);
+    assert!(!created.disabled);
+    assert_eq!(created.last_used, None);
+    assert_eq!(created.request_count, 0);
+    assert_eq!(created.previous_secret_valid_until, None);
+    assert_eq!(store.get_key(&new.id).await.unwrap(), Some(created.clone()));
+
+    let record = store.find_key(&new.id).await.unwrap().expect("found");
+    assert_eq!(record.digest.as_bytes(), digest.as_bytes());
+    assert!(record.previous.is_none());
+    assert_eq!(record.owner_id, owner.id);
+    assert_eq!(record.owner_name, "dev@example.com");
+    assert_eq!(record.owner_type, OwnerType::User);
+    assert_eq!(record.owner_access, owner.access);
+    assert!(!record.owner_disabled && !record.disabled);
+    assert_eq!(record.namespaces, vec!["prod".to_string()]);
+
+    let updated = store
+        .update_key(
+            &actor(),
+            &new.id,
+            KeyUpdate {
+                display_name: Some("renamed".into()),
+                description: Some("new words".into()),
+                disabled: Some(true),
+            },
+            Some(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.display_name, "renamed");
+    assert_eq!(updated.description, "new words");
+    assert!(updated.disabled);
+    assert_eq!(updated.resource_version, 2);
+    assert!(store.find_key(&new.id).await.unwrap().unwrap().disabled);
+    // `None` fields stay as they are.
+    let enabled = store
+        .update_key(
+            &actor(),
+            &new.id,
+            KeyUpdate {
+                disabled: Some(false),
+                ..KeyUpdate::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(enabled.display_name, "renamed");
+    assert!(!enabled.disabled);
+
+    store.delete_key(&actor(), &new.id).await.unwrap();
+    assert!(store.find_key(&new.id).await.unwrap().is_none());
+    assert!(store.get_key(&new.id).await.unwrap().is_none());
+    for err in [
+        store.delete_key(&actor(), &new.id).await.expect_err("gone"),
+        store
+            .update_key(&actor(), &new.id, KeyUpdate::default(), None)
+            .await
+            .expect_err("gone"),
+        store
+            .rotate_key(&actor(), &new.id, digest, SystemTime::now())
+            .await
+            .expect_err("gone"),
+    ] {
+        assert!(
+            matches!(&err, StoreError::NotFound { kind: "API key", id } if *id == new.id.to_string()),
+            "{err:?}"
+        );
+    }
+    // Disabling the owner shows on its keys.
+    let (k2, _) = key(store, &owner).await;
+    let mut off = spec(
+        "dev@example.com",
+        AccountRole::Developer,
+        &[("prod", Permission::Read)],
+    );
+    off.disabled = true;
+    store
+        .update_principal(&actor(), OwnerType::User, &owner.id, off, None)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .find_key(&k2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .owner_disabled
+    );
+}
+
+async fn stale_resource_version_is_refused(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "v@example.com").await;
+    let (k, _) = key(store, &owner).await;
+    store
+        .update_key(&actor(), &k.id, KeyUpdate::default(), Some(1))
+        .await
+        .unwrap();
+    let err = store
+        .update_key(&actor(), &k.id, KeyUpdate::default(), Some(1))
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleVersion {
+                given: 1,
+                current: 2
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            &owner.id,
+            spec("v@example.com", AccountRole::Read, &[]),
+            Some(7),
+        )
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleVersion {
+                given: 7,
+                current: 1
+            }
+        ),
+        "{err:?}"
+    );
+    let settings = store.settings().await.unwrap();
+    let err = store
+        .update_settings(
+            &actor(),
+            true,
+            settings.max_key_lifetime,
+            3,
+            Some(settings.resource_version + 1),
+        )
+        .await
+        .expect_err("stale");
+    assert!(matches!(err, StoreError::StaleVersion { .. }), "{err:?}");
+    // Nothing of a refused update was written.
+    assert_eq!(store.settings().await.unwrap(), settings);
+    assert_eq!(
+        store
+            .get_key(&k.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .resource_version,
+        2
+    );
+    // Concurrent updates with the same version: exactly one wins.
+    let attempts = (0..10).map(|i| {
+        let id = k.id;
+        async move {
+            store
+                .update_key(
+                    &actor(),
+                    &id,
+                    KeyUpdate {
+                        display_name: Some(format!("n{i}")),
+                        ..KeyUpdate::default()
+                    },
+                    Some(2),
+                )
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(
+            e,
+            StoreError::StaleVersion {
+                given: 2,
+                current: 3
+            }
+        )));
+}
+
+async fn pagination_covers_everything_once(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let mut user_ids = BTreeSet::new();
+    for i in 0..7 {
+        user_ids.insert(user(store, &format!("u{i}@example.com")).await.id);
+    }
+    let owner = store
+        .get_principal(OwnerType::User, user_ids.iter().next().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let other = store
+        .get_principal(OwnerType::User, user_ids.iter().nth(1).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let sa = store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("bot", AccountRole::Developer, &[]),
+        )
+        .await
+        .unwrap();
+    let mut owner_keys = BTreeSet::new();
+    for _ in 0..5 {
+        owner_keys.insert(key(store, &owner).await.0.id.to_string());
+    }
+    key(store, &other).await;
+    let sa_key = key(store, &sa).await.0.id.to_string();
+    for name in ["a", "b", "c", "d"] {
+        store.create_namespace(&actor(), name, "").await.unwrap();
+    }
+
+    // Users, three a page: every id once, in id order, the cursor being the
+    // last id of the page and no cursor after the last page.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store
+            .list_principals(OwnerType::User, &page(3, after.clone()))
+            .await
+            .unwrap();
+        assert!(p.items.len() <= 3);
+        seen.extend(p.items.iter().map(|u| u.id.clone()));
+        match p.next {
+            Some(next) => {
+                assert_eq!(Some(&next), p.items.last().map(|u| &u.id));
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, user_ids.iter().cloned().collect::<Vec<_>>());
+    // A page that ends exactly at the last item says there is no next one.
+    let exact = store
+        .list_principals(OwnerType::User, &page(7, None))
+        .await
+        .unwrap();
+    assert_eq!(exact.items.len(), 7);
+    assert_eq!(exact.next, None);
+
+    // Keys filtered by owner, two a page.
+    let filter = KeyFilter {
+        owner_id: Some(owner.id.clone()),
+        owner_type: None,
+    };
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store
+            .list_keys(&filter, &page(2, after.clone()))
+            .await
+            .unwrap();
+        seen.extend(p.items.iter().map(|k| k.id.to_string()));
+        assert!(p.items.iter().all(|k| k.owner_id == owner.id));
+        match p.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, owner_keys.iter().cloned().collect::<Vec<_>>());
+    // By owner type; and all keys.
+    let by_type = store
+        .list_keys(
+            &KeyFilter {
+                owner_id: None,
+                owner_type: Some(OwnerType::ServiceAccount),
+            },
+            &page(100, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        by_type
+            .items
+            .iter()
+            .map(|k| k.id.to_string())
+            .collect::<Vec<_>>(),
+        vec![sa_key]
+    );
+    let all = store
+        .list_keys(&KeyFilter::default(), &page(100, None))
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 7);
+    assert!(all
+        .items
+        .windows(2)
+        .all(|w| w[0].id.as_str() < w[1].id.as_str()));
+
+    let first = store.list_namespaces(&page(3, None)).await.unwrap();
+    assert_eq!(first.items.len(), 3);
+    let second = store
+        .list_namespaces(&page(3, first.next.clone()))
+        .await
+        .unwrap();
+    assert_eq!(second.items.len(), 1);
+    assert_eq!(second.next, None);
+    // Sizes are clamped: 0 means one item.
+    assert_eq!(
+        store
+            .list_namespaces(&page(0, None))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+}
+
+async fn audit_pagination_newest_first(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    for name in ["n1", "n2", "n3", "n4", "n5"] {
+        store.create_namespace(&actor(), name, "").await.unwrap();
+    }
+    let mut names = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store.list_audit(&page(2, after.clone())).await.unwrap();
+        names.extend(
+            p.items
+                .iter()
+                .map(|e| e.detail["name"].as_str().unwrap_or_default().to_string()),
+        );
+        match p.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(names, ["n5", "n4", "n3", "n2", "n1"]);
+}
+
+async fn lifetime_policy(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "life@example.com").await;
+    let tokens = TokenFormat::new("kg");
+    let settings = store.settings().await.unwrap();
+    assert_eq!(settings.max_key_lifetime, store::DEFAULT_MAX_KEY_LIFETIME);
+    let create = |expiry: Option<SystemTime>| {
+        let (mut new, _) = new_key(&owner, &tokens);
+        new.expiry = expiry;
+        async move { store.create_key(&actor(), new).await }
+    };
+    let policy = |r: Result<ApiKey, StoreError>| match r {
+        Err(StoreError::Policy(p)) => p,
+        other => panic!("expected a policy violation, got {other:?}"),
+    };
+    assert_eq!(
+        policy(create(None).await),
+        PolicyViolation::ExpiryRequired { max_days: 90 }
+    );
+    assert_eq!(
+        policy(create(Some(SystemTime::now() - Duration::from_secs(1))).await),
+        PolicyViolation::ExpiryInPast
+    );
+    assert_eq!(
+        policy(create(Some(SystemTime::now() + Duration::from_secs(91 * 86_400))).await),
+        PolicyViolation::LifetimeTooLong { max_days: 90 }
+    );
+    create(Some(SystemTime::now() + Duration::from_secs(89 * 86_400)))
+        .await
+        .expect("within the lifetime");
+    // maxKeyLifetime 0: keys may never expire.
+    store
+        .update_settings(&actor(), true, Duration::ZERO, 10, None)
+        .await
+        .unwrap();
+    let forever = create(None).await.expect("never expiring");
+    assert_eq!(forever.expiry, None);
+    store
+        .update_settings(&actor(), true, Duration::from_secs(86_400), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        policy(create(Some(SystemTime::now() + Duration::from_secs(3 * 86_400))).await),
+        PolicyViolation::LifetimeTooLong { max_days: 1 }
+    );
+}
+
+async fn owner_and_namespace_must_exist(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "o@example.com").await;
+    let tokens = TokenFormat::new("kg");
+    let (mut new, _) = new_key(&owner, &tokens);
+    new.owner_id = "nobody".into();
+    let err = store.create_key(&actor(), new).await.expect_err("no owner");
+    assert!(
+        matches!(&err, StoreError::Policy(PolicyViolation::UnknownOwner { owner_id, owner_type: OwnerType::User }) if owner_id == "nobody"),
+        "{err:?}"
+    );
+    // The right id with the wrong type is unknown too.
+    let (mut new, _) = new_key(&owner, &tokens);
+    new.owner_type = OwnerType::ServiceAccount;
+    let err = store
+        .create_key(&actor(), new)
+        .await
+        .expect_err("wrong type");
+    assert!(
+        matches!(
+            err,
+            StoreError::Policy(PolicyViolation::UnknownOwner { .. })
+        ),
+        "{err:?}"
+    );
+    let (mut new, _) = new_key(&owner, &tokens);
+    new.namespaces = vec!["ghost".into()];
+    let err = store
+        .create_key(&actor(), new)
+        .await
+        .expect_err("no namespace");
+    assert!(
+        matches!(&err, StoreError::Policy(PolicyViolation::UnknownNamespace(n)) if n == "ghost"),
+        "{err:?}"
+    );
+    let err = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec(
+                "p@example.com",
+                AccountRole::Read,
+                &[("ghost", Permission::Read)],
+            ),
+        )
+        .await
+        .expect_err("no namespace");
+    assert!(
+        matches!(
+            err,
+            StoreError::Policy(PolicyViolation::UnknownNamespace(_))
+        ),
+        "{err:?}"
+    );
+    // Nothing refused was written.
+    let all = store
+        .list_keys(&KeyFilter::default(), &page(100, None))
+        .await
+        .unwrap();
+    assert!(all.items.is_empty());
+    assert_eq!(store.count_principals(OwnerType::User).await.unwrap(), 1);
+}
+
+async fn cap_holds_under_50_concurrent_creates(store: Arc<dyn KeyStore>) {
+    let owner = user(&*store, "cap@example.com").await;
+    let other = user(&*store, "other@example.com").await;
+    store
+        .update_settings(&actor(), true, store::DEFAULT_MAX_KEY_LIFETIME, 5, None)
+        .await
+        .unwrap();
+    key(&*store, &other).await;
+    let tokens = TokenFormat::new("kg");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            let (new, _) = new_key(&owner, &tokens);
+            tokio::spawn(async move { store.create_key(&actor(), new).await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => created += 1,
+            Err(StoreError::Policy(PolicyViolation::TooManyKeys { owner_id, max: 5 }))
+                if owner_id == owner.id =>
+            {
+                refused += 1
+            }
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!((created, refused), (5, 45));
+    let listed = store
+        .list_keys(
+            &KeyFilter {
+                owner_id: Some(owner.id.clone()),
+                owner_type: None,
+            },
+            &page(100, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 5);
+    // Other owners have caps of their own.
+    key(&*store, &other).await;
+}
+
+async fn owner_deletion_cascades_to_keys(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "gone@example.com").await;
+    let keeper = user(store, "stays@example.com").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(key(store, &owner).await.0.id);
+    }
+    let (kept, _) = key(store, &keeper).await;
+    let mut deleted = store
+        .delete_principal(&actor(), OwnerType::User, &owner.id)
+        .await
+        .unwrap();
+    deleted.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(deleted, ids);
+    for id in &ids {
+        assert!(store.find_key(id).await.unwrap().is_none());
+    }
+    assert!(store.find_key(&kept.id).await.unwrap().is_some());
+    let audit = store.list_audit(&page(1, None)).await.unwrap();
+    let event = &audit.items[0];
+    assert_eq!(event.action, "user.delete");
+    assert_eq!(
+        event.detail["deletedKeys"].as_array().map(Vec::len),
+        Some(3)
+    );
+}
+
+async fn owner_update_reports_its_keys(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "keys@example.com").await;
+    let (a, _) = key(store, &owner).await;
+    let (b, _) = key(store, &owner).await;
+    let (_, mut keys) = store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            &owner.id,
+            spec("keys@example.com", AccountRole::Read, &[]),
+            None,
+        )
+        .await
+        .unwrap();
+    keys.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    let mut expected = vec![a.id, b.id];
+    expected.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(keys, expected);
+    let record = store.find_key(&a.id).await.unwrap().unwrap();
+    assert_eq!(record.owner_access.account_role, AccountRole::Read);
+}
+
+async fn rotation_keeps_previous_digest_until_grace(store: Arc<dyn KeyStore>) {
+    let owner = user(&*store, "rot@example.com").await;
+    let tokens = TokenFormat::new("kg");
+    let (created, old_token) = key(&*store, &owner).await;
+    let old_digest = store.find_key(&created.id).await.unwrap().unwrap().digest;
+    let (new_token, new_digest) = tokens.issue_secret(&created.id);
+    let grace = SystemTime::now() + Duration::from_secs(3600);
+    let rotated = store
+        .rotate_key(&actor(), &created.id, new_digest, grace)
+        .await
+        .unwrap();
+    assert_eq!(rotated.resource_version, 2);
+    assert_eq!(
+        rotated.previous_secret_valid_until.map(store::to_ms),
+        Some(store::to_ms(grace))
+    );
+    let record = store.find_key(&created.id).await.unwrap().unwrap();
+    assert_eq!(record.digest.as_bytes(), new_digest.as_bytes());
+    let (previous, until) = record.previous.expect("previous digest kept");
+    assert_eq!(previous.as_bytes(), old_digest.as_bytes());
+    assert_eq!(store::to_ms(until), store::to_ms(grace));
+
+    // Through the real authenticator: the old secret works until the grace
+    // deadline and not after; the new one works throughout.
+    let auth = Authenticator::new(
+        store.clone(),
+        CacheSettings {
+            capacity: 100,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(1),
+            stale_if_error: Duration::from_secs(60),
+        },
+        Arc::new(Metrics::new(10)),
+    );
+    let old = tokens.parse(old_token.as_bytes()).unwrap();
+    let new = tokens.parse(new_token.expose().as_bytes()).unwrap();
+    let before = grace - Duration::from_secs(1);
+    let after = grace + Duration::from_secs(1);
+    assert!(auth.verify(&old, before).await.is_ok());
+    assert!(auth.verify(&new, before).await.is_ok());
+    assert_eq!(
+        auth.verify(&old, after).await.err(),
+        Some(AuthError::Invalid)
+    );
+    assert!(auth.verify(&new, after).await.is_ok());
+
+    // A second rotation replaces the previous digest with the current one.
+    let (_, third) = tokens.issue_secret(&created.id);
+    store
+        .rotate_key(&actor(), &created.id, third, grace)
+        .await
+        .unwrap();
+    let record = store.find_key(&created.id).await.unwrap().unwrap();
+    assert_eq!(
+        record.previous.map(|(d, _)| *d.as_bytes()),
+        Some(*new_digest.as_bytes())
+    );
+}
+
+async fn usage_is_recorded(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "use@example.com").await;
+    let (a, _) = key(store, &owner).await;
+    let (b, _) = key(store, &owner).await;
+    let t1 = SystemTime::now();
+    let t2 = t1 + Duration::from_secs(5);
+    store
+        .record_usage(&[
+            UsageDelta {
+                id: a.id,
+                requests: 3,
+                last_used: t2,
+            },
+            UsageDelta {
+                id: b.id,
+                requests: 1,
+                last_used: t1,
+            },
+        ])
+        .await
+        .unwrap();
+    // An older timestamp never moves last_used back; counts add up.
+    store
+        .record_usage(&[UsageDelta {
+            id: a.id,
+            requests: 4,
+            last_used: t1,
+        }])
+        .await
+        .unwrap();
+    store.record_usage(&[]).await.unwrap();
+    // Usage of a deleted key is dropped, not an error.
+    store
+        .record_usage(&[UsageDelta {
+            id: KeyId::generate(),
+            requests: 1,
+            last_used: t1,
+        }])
+        .await
+        .unwrap();
+    let a = store.get_key(&a.id).await.unwrap().unwrap();
+    let b = store.get_key(&b.id).await.unwrap().unwrap();
+    assert_eq!(a.request_count, 7);
+    assert_eq!(a.last_used.map(store::to_ms), Some(store::to_ms(t2)));
+    assert_eq!(b.request_count, 1);
+    assert_eq!(b.last_used.map(store::to_ms), Some(store::to_ms(t1)));
+    // Usage is not a change: it alters nothing a cache holds... but it must
+    // not bump resourceVersion either, or every client update would 409.
+    assert_eq!(a.resource_version, 1);
+}
+
+async fn every_change_is_audited_and_no_digest_appears(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let tokens = TokenFormat::new("kg");
+    let ns = store.create_namespace(&actor(), "ns", "").await.unwrap();
+    store
+        .update_namespace(&actor(), &ns.id, "d", None)
+        .await
+        .unwrap();
+    let owner = user(store, "aud@example.com").await;
+    let sa = store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("svc", AccountRole::Read, &[]),
+        )
+        .await
+        .unwrap();
+    let (new, token) = new_key(&owner, &tokens);
+    let id = new.id;
+    let mut digests = vec![new.digest];
+    store.create_key(&actor(), new).await.unwrap();
+    let disable = KeyUpdate {
+        disabled: Some(true),
+        ..KeyUpdate::default()
+    };
+    store
+        .update_key(&actor(), &id, disable, None)
+        .await
+        .unwrap();
+    let enable = KeyUpdate {
+        disabled: Some(false),
+        ..KeyUpdate::default()
+    };
+    store.update_key(&actor(), &id, enable, None).await.unwrap();
+    let rename = KeyUpdate {
+        display_name: Some("r".into()),
+        ..KeyUpdate::default()
+    };
+    store.update_key(&actor(), &id, rename, None).await.unwrap();
+    let (new_token, new_digest) = tokens.issue_secret(&id);
+    digests.push(new_digest);
+    store
+        .rotate_key(&actor(), &id, new_digest, SystemTime::now())
+        .await
+        .unwrap();
+    store.delete_key(&actor(), &id).await.unwrap();
+    store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            &owner.id,
+            spec("aud@example.com", AccountRole::Read, &[]),
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .delete_principal(&actor(), OwnerType::ServiceAccount, &sa.id)
+        .await
+        .unwrap();
+    store
+        .update_settings(&actor(), false, Duration::ZERO, 3, None)
+        .await
+        .unwrap();
+    store.delete_namespace(&actor(), &ns.id).await.unwrap();
+    // A refused change writes no event.
+    let _ = store.delete_key(&actor(), &id).await;
+
+    let events = store.list_audit(&page(100, None)).await.unwrap().items;
+    let actions: Vec<&str> = events.iter().rev().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "namespace.create",
+            "namespace.update",
+            "user.create",
+            "service-account.create",
+            "api-key.create",
+            "api-key.disable",
+            "api-key.enable",
+            "api-key.update",
+            "api-key.rotate",
+            "api-key.delete",
+            "user.update",
+            "service-account.delete",
+            "account.settings.update",
+            "namespace.delete",
+        ]
+    );
+    let key_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.target_type == "api-key")
+        .collect();
+    assert!(key_events.iter().all(|e| e.target_id == id.as_str()));
+    for e in &events {
+        assert_eq!(e.actor_id, "u-actor");
+        assert_eq!(e.actor_type, "user");
+        assert_eq!(e.actor_name, "actor@example.com");
+        assert!(!e.id.is_empty());
+        assert!(e.time <= SystemTime::now());
+    }
+    // Neither a secret nor a digest, in any common encoding, anywhere.
+    let text = format!("{events:?}");
+    let secrets = [token.as_str(), new_token.expose()];
+    for secret in secrets {
+        let secret_part = &secret[secret.len() - 38..];
+        assert!(!text.contains(secret_part), "a secret is in the audit log");
+    }
+    for digest in digests {
+        let bytes = digest.as_bytes();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let array = format!("{:?}", &bytes[..8]);
+        let upper = hex.to_uppercase();
+        for form in [&hex[..], &upper[..], &b64[..20], &b64url[..20], &array[..]] {
+            assert!(!text.contains(form), "a digest is in the audit log");
+        }
+    }
+}
+
+async fn change_feed_lists_every_key_affecting_change(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let tokens = TokenFormat::new("kg");
+    let (start, none) = store.changes_since(0).await.unwrap();
+    assert_eq!((start, none.len()), (0, 0), "a fresh store has no changes");
+    let before_any = SystemTime::now() - Duration::from_secs(1);
+
+    // Not key-affecting: namespaces, creating principals, usage.
+    let ns = store.create_namespace(&actor(), "ns", "").await.unwrap();
+    let owner = user(store, "feed@example.com").await;
+    let sa = store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("svc", AccountRole::Read, &[]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(head(store).await, 0);
+
+    let (a, _) = key(store, &owner).await; // 1
+    let (b, _) = key(store, &owner).await; // 2
+    let (c, _) = key(store, &sa).await; // 3
+    store
+        .record_usage(&[UsageDelta {
+            id: a.id,
+            requests: 1,
+            last_used: SystemTime::now(),
+        }])
+        .await
+        .unwrap();
+    store
+        .update_namespace(&actor(), &ns.id, "x", None)
+        .await
+        .unwrap();
+    let off = KeyUpdate {
+        disabled: Some(true),
+        ..KeyUpdate::default()
+    };
+    store.update_key(&actor(), &a.id, off, None).await.unwrap(); // 4
+    let (_, digest) = tokens.issue_secret(&b.id);
+    store
+        .rotate_key(&actor(), &b.id, digest, SystemTime::now())
+        .await
+        .unwrap(); // 5
+    store.delete_key(&actor(), &a.id).await.unwrap(); // 6
+    store
+        .update_principal(
+            &actor(),
+            OwnerType::User,
+            &owner.id,
+            spec("feed@example.com", AccountRole::Read, &[]),
+            None,
+        )
+        .await
+        .unwrap(); // 7: b (a is gone)
+    store
+        .update_settings(&actor(), false, store::DEFAULT_MAX_KEY_LIFETIME, 10, None)
+        .await
+        .unwrap(); // 8
+    store
+        .delete_principal(&actor(), OwnerType::ServiceAccount, &sa.id)
+        .await
+        .unwrap(); // 9: c
+                   // A refused change is not a change.
+    let _ = store
+        .update_key(&actor(), &b.id, KeyUpdate::default(), Some(99))
+        .await
+        .expect_err("stale");
+    store.delete_namespace(&actor(), &ns.id).await.unwrap();
+
+    let (watermark, changes) = store.changes_since(0).await.unwrap();
+    assert_eq!(watermark, 9);
+    let seqs: Vec<i64> = changes.iter().map(|c| c.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=9).collect::<Vec<_>>(),
+        "gapless, in commit order"
+    );
+    let ids: Vec<Vec<KeyId>> = changes.iter().map(|c| c.key_ids.clone()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            vec![a.id],
+            vec![b.id],
+            vec![c.id],
+            vec![a.id],
+            vec![b.id],
+            vec![a.id],
+            vec![b.id],
+            vec![],
+            vec![c.id],
+        ]
+    );
+    let settings: Vec<bool> = changes.iter().map(|c| c.settings).collect();
+    assert_eq!(
+        settings,
+        [false, false, false, false, false, false, false, true, false]
+    );
+    let now = SystemTime::now();
+    assert!(changes
+        .iter()
+        .all(|c| c.time >= before_any && c.time <= now));
+    assert!(changes.windows(2).all(|w| w[0].time <= w[1].time));
+
+    // From a watermark: only what is newer; at the head: nothing, and the
+    // head back; far ahead (a replaced store): the real head, lower.
+    let (w, tail) = store.changes_since(7).await.unwrap();
+    assert_eq!(
+        (w, tail.iter().map(|c| c.seq).collect::<Vec<_>>()),
+        (9, vec![8, 9])
+    );
+    assert_eq!(store.changes_since(9).await.unwrap(), (9, vec![]));
+    assert_eq!(store.changes_since(i64::MAX).await.unwrap(), (9, vec![]));
+    assert_eq!(store.changes_since(500).await.unwrap(), (9, vec![]));
+}
+
+async fn settings_round_trip(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let s = store.settings().await.unwrap();
+    assert!(s.api_keys_enabled);
+    assert_eq!(s.max_key_lifetime, store::DEFAULT_MAX_KEY_LIFETIME);
+    assert_eq!(s.max_keys_per_owner, store::DEFAULT_MAX_KEYS_PER_OWNER);
+    assert_eq!(s.resource_version, 1);
+    let updated = store
+        .update_settings(&actor(), false, Duration::from_secs(7 * 86_400), 3, Some(1))
+        .await
+        .unwrap();
+    assert!(!updated.api_keys_enabled);
+    assert_eq!(updated.max_key_lifetime, Duration::from_secs(7 * 86_400));
+    assert_eq!(updated.max_keys_per_owner, 3);
+    assert_eq!(updated.resource_version, 2);
+    assert_eq!(store.settings().await.unwrap(), updated);
+    assert!(store.ping().await.is_ok());
+}
