@@ -1,0 +1,253 @@
+//! The real binary as an operator runs it: bootstrap, serve, SIGHUP reload,
+//! SIGTERM drain, and configuration errors with exit code 64.
+
+mod support;
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::RecordingUpstream;
+
+const KEYGATE: &str = env!("CARGO_BIN_EXE_keygate");
+
+struct Server {
+    child: Child,
+    proxy: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(
+    dir: &std::path::Path,
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> (std::path::PathBuf, u16, u16) {
+    let (proxy, admin) = (free_port(), free_port());
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://{upstream}\"\ndrain_timeout = \"10s\"\n{extra}\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n[store]\nurl = \"sqlite://{}/keygate.db\"\n",
+        dir.display()
+    );
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, proxy, admin)
+}
+
+fn bootstrap(config: &std::path::Path) -> String {
+    let out = Command::new(KEYGATE)
+        .args(["bootstrap", "--email", "ops@example.com", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+async fn serve(config: &std::path::Path, proxy: u16, admin: u16) -> Server {
+    let child = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let server = Server { child, proxy };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("keygate did not become ready");
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args(["-s", name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+
+    // A request the upstream answers after 5 s is in flight at SIGTERM.
+    let client = reqwest::Client::new();
+    let slow = tokio::spawn(
+        client
+            .get(format!("http://127.0.0.1:{}/slow", server.proxy))
+            .bearer_auth(&key)
+            .timeout(Duration::from_secs(20))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&server.child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new connections once draining.
+    let refused = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/", server.proxy))
+        .bearer_auth(&key)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(refused.is_err(), "accepted a new connection while draining");
+    let response = slow.await.unwrap().expect("in-flight request completed");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "slow");
+    let status = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let server = serve(&config, proxy, admin).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/", server.proxy);
+    client.get(&url).bearer_auth(&key).send().await.unwrap();
+    assert!(!upstream.last().headers.contains_key("x-api-key"));
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[proxy]\n", "[proxy]\nkeep_credential = true\n", 1),
+    )
+    .unwrap();
+    signal(&server.child, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client
+            .get(&url)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if upstream.last().headers.contains_key("x-api-key") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the config"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn invalid_configs_exit_64_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\nmax_headers = 0\n",
+            "max_headers",
+        ),
+        ("[proxy]\nupstream = \"gopher://x\"\n", "upstream"),
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[cache]\nttl = \"soon\"\n",
+            "ttl",
+        ),
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"nowhere\"\n",
+            "listen",
+        ),
+        ("[proxi]\nupstream = \"http://127.0.0.1:1\"\n", "proxi"),
+    ];
+    for (text, field) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(KEYGATE)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(field), "{field} not named in: {stderr}");
+    }
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config", "/nonexistent/keygate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn bootstrap_refuses_once_a_user_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let (config, _, _) = write_config(dir.path(), upstream, "");
+    let key = bootstrap(&config);
+    assert!(
+        key.starts_with("kg_") && key.len() == 3 + 16 + 1 + 38,
+        "{key}"
+    );
+    let out = Command::new(KEYGATE)
+        .args(["bootstrap", "--email", "again@example.com", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exist"));
+    assert!(out.stdout.is_empty(), "no key printed");
+    let out = Command::new(KEYGATE)
+        .args(["bootstrap", "--email", "not-an-email", "--store"])
+        .arg(format!("sqlite://{}/other.db", dir.path().display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            if let Some(mut stderr) = child.stderr.take() {
+                let mut text = String::new();
+                let _ = stderr.read_to_string(&mut text);
+                assert!(
+                    text.contains("drained") || text.contains("shutting down"),
+                    "{text}"
+                );
+            }
+            return status;
+        }
+        assert!(Instant::now() < deadline, "keygate did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
