@@ -1,0 +1,85 @@
+//! WebSocket through keygate: the HTTP/1.1 upgrade passes after
+//! authentication and frames flow both ways; without a key there is no
+//! upgrade.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::Gate;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A real WebSocket echo server on 127.0.0.1:0 that also echoes, as its
+/// first message, the identity header it received.
+async fn websocket_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut key_id = String::new();
+                let callback = |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                                resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                    key_id = req
+                        .headers()
+                        .get("x-keygate-key-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_string();
+                    Ok(resp)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text(format!("hello {key_id}"))).await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        let _ = ws.send(message).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_after_authentication() {
+    let gate = Gate::builder()
+        .upstream(websocket_upstream().await)
+        .start()
+        .await;
+    let url = format!("ws://{}/socket", gate.proxy);
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", gate.admin_token).parse().unwrap(),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade through keygate");
+    assert_eq!(response.status(), 101);
+    let greeting = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        greeting.into_text().unwrap().as_str(),
+        format!("hello {}", &gate.admin_token[3..19])
+    );
+    for i in 0..10 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let echo = ws.next().await.unwrap().unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_data().len(), 100_000);
+    ws.close(None).await.unwrap();
+
+    // Without a key: a plain 401, no upgrade.
+    let err = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect_err("refused");
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => assert_eq!(response.status(), 401),
+        other => panic!("expected an HTTP 401, got {other:?}"),
+    }
+    gate.stop().await;
+}
