@@ -1,0 +1,423 @@
+//! Who may do what on the admin API, allowed and refused, over real HTTP:
+//! the same API keys as the proxy, account admins manage everything, others
+//! only their own keys within their own access, service-account keys carry
+//! the service account's access.
+
+mod admin_common;
+mod support;
+
+use admin_common::{in_hours, proxy_call, proxy_get, Api};
+use keygate::store::{AccountRole, Permission};
+use reqwest::Method;
+use serde_json::json;
+use support::{echo_upstream, Gate};
+
+fn code(body: &serde_json::Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn credentials_are_required_and_checked() {
+    let gate = Gate::builder().start().await;
+    let anon = Api::anonymous(&gate);
+    let r = reqwest::Client::new()
+        .get(gate.admin_url("/api/v1/users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer realm=\"keygate\""));
+    let (status, body) = anon.get("/api/v1/api-keys").await;
+    assert_eq!((status, code(&body)), (401, "missing_api_key"));
+    let (status, body) = anon.as_key("kg_nope").get("/api/v1/api-keys").await;
+    assert_eq!((status, code(&body)), (401, "malformed_api_key"));
+    // A well-formed token with a wrong secret.
+    let (_, other, _) = gate.tokens.generate();
+    let (status, body) = anon.as_key(other.expose()).get("/api/v1/api-keys").await;
+    assert_eq!((status, code(&body)), (401, "invalid_api_key"));
+    // x-api-key and Basic work as on the proxy.
+    let r = reqwest::Client::new()
+        .get(gate.admin_url("/api/v1/account/settings"))
+        .header("x-api-key", &gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t = &gate.admin_token;
+    let (id, rest) = (&t[3..19], &t[20..]);
+    let r = reqwest::Client::new()
+        .get(gate.admin_url("/api/v1/account/settings"))
+        .basic_auth(id, Some(rest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A disabled key is refused here too.
+    let admin = Api::new(&gate, &gate.admin_token);
+    let (key_id, token) = admin.create_key(json!({})).await;
+    admin
+        .post(&format!("/api/v1/api-keys/{key_id}/disable"), json!({}))
+        .await;
+    let (status, body) = admin.as_key(&token).get("/api/v1/api-keys").await;
+    assert_eq!((status, code(&body)), (401, "api_key_disabled"));
+    // The OpenAPI document needs no key.
+    assert_eq!(anon.get("/api/v1/openapi.json").await.0, 200);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_developer_manages_only_their_own_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    let dev = gate
+        .user(
+            "dev@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Write)],
+        )
+        .await;
+    let other = gate
+        .user("other@example.com", AccountRole::Developer, &[])
+        .await;
+    admin.create_namespace("billing").await;
+    let (_, dev_token) = gate.key_for(&dev).await;
+    let (other_key, _) = gate.key_for(&other).await;
+    let sa = admin.create_service_account("bot", "read", &[]).await;
+    let api = admin.as_key(&dev_token);
+
+    // Allowed: own user, own keys, settings, namespaces they can see.
+    assert_eq!(api.get(&format!("/api/v1/users/{}", dev.id)).await.0, 200);
+    assert_eq!(api.get("/api/v1/account/settings").await.0, 200);
+    let (id, token) = api.create_key(json!({ "namespaces": ["orders"] })).await;
+    let (status, mine) = api
+        .post(
+            "/api/v1/api-keys",
+            json!({ "spec": { "displayName": "explicit", "ownerId": dev.id, "expiryTime": in_hours(1) } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{mine}");
+    assert_eq!(api.get(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+    assert_eq!(
+        api.post(&format!("/api/v1/api-keys/{id}/disable"), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        api.post(&format!("/api/v1/api-keys/{id}/enable"), json!({}))
+            .await
+            .0,
+        200
+    );
+    let (status, rotated) = api
+        .post(&format!("/api/v1/api-keys/{id}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(
+        api.get(&format!("/api/v1/api-keys/{id}/usage")).await.0,
+        200
+    );
+    let (status, list) = api.get("/api/v1/api-keys").await;
+    assert_eq!(status, 200);
+    let owners: Vec<&str> = list["apiKeys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["spec"]["ownerId"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners.len(), 3, "the fixture key and the two created");
+    assert!(owners.iter().all(|o| *o == dev.id), "only own keys listed");
+    let (status, list) = api
+        .get(&format!("/api/v1/api-keys?ownerId={}", dev.id))
+        .await;
+    assert_eq!(
+        (status, list["apiKeys"].as_array().unwrap().len()),
+        (200, 3)
+    );
+    let (status, ns) = api.get("/api/v1/namespaces").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = ns["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["orders"], "only namespaces they have access to");
+    assert_eq!(api.get("/api/v1/namespaces/orders").await.0, 200);
+    assert_eq!(api.delete(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+    let _ = token;
+
+    // Refused: everything else.
+    let refusals = [
+        api.get("/api/v1/users").await,
+        api.get(&format!("/api/v1/users/{}", other.id)).await,
+        api.post("/api/v1/users", json!({ "spec": { "email": "x@example.com" } }))
+            .await,
+        api.put(
+            &format!("/api/v1/users/{}", dev.id),
+            json!({ "resourceVersion": "1", "spec": { "access": { "accountAccess": { "role": "admin" } } } }),
+        )
+        .await,
+        api.delete(&format!("/api/v1/users/{}", other.id)).await,
+        api.get("/api/v1/service-accounts").await,
+        api.post("/api/v1/service-accounts", json!({ "spec": { "name": "mine" } }))
+            .await,
+        api.get(&format!("/api/v1/service-accounts/{sa}")).await,
+        api.post("/api/v1/namespaces", json!({ "spec": { "name": "new" } }))
+            .await,
+        api.delete("/api/v1/namespaces/orders").await,
+        api.get("/api/v1/namespaces/billing").await,
+        api.put(
+            "/api/v1/namespaces/orders",
+            json!({ "resourceVersion": "1", "spec": { "description": "x" } }),
+        )
+        .await,
+        api.put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": "1", "spec": { "maxKeysPerOwner": 100 } }),
+        )
+        .await,
+        api.get("/api/v1/audit-events").await,
+        api.get(&format!("/api/v1/api-keys?ownerId={}", other.id)).await,
+        api.get(&format!("/api/v1/api-keys/{other_key}")).await,
+        api.post(&format!("/api/v1/api-keys/{other_key}/disable"), json!({}))
+            .await,
+        api.post(&format!("/api/v1/api-keys/{other_key}/rotate"), json!({}))
+            .await,
+        api.put(
+            &format!("/api/v1/api-keys/{other_key}"),
+            json!({ "resourceVersion": "1", "spec": { "description": "x" } }),
+        )
+        .await,
+        api.get(&format!("/api/v1/api-keys/{other_key}/usage")).await,
+        api.delete(&format!("/api/v1/api-keys/{other_key}")).await,
+        api.try_create_key(&mut json!({ "ownerId": other.id })).await,
+        api.try_create_key(&mut json!({ "ownerId": sa })).await,
+        api.try_create_key(&mut json!({ "ownerId": sa, "ownerType": "service-account" }))
+            .await,
+        // Outside their own access.
+        api.try_create_key(&mut json!({ "namespaces": ["billing"] })).await,
+    ];
+    for (i, (status, body)) in refusals.iter().enumerate() {
+        assert_eq!(*status, 403, "refusal #{i}: {body}");
+        assert_eq!(code(body), "forbidden", "refusal #{i}");
+    }
+    // Nothing happened to the other user's key.
+    assert_eq!(
+        admin.get(&format!("/api/v1/api-keys/{other_key}")).await.1["state"],
+        "active"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn scoped_keys_cannot_mint_broader_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    let dev = admin.create_user("dev@example.com", "developer", &[]).await;
+    admin.create_namespace("orders").await;
+    admin.create_namespace("billing").await;
+    let (_, user) = admin.get(&format!("/api/v1/users/{dev}")).await;
+    let (status, _) = admin
+        .put(
+            &format!("/api/v1/users/{dev}"),
+            json!({ "resourceVersion": user["resourceVersion"], "spec": { "access": {
+                "accountAccess": { "role": "developer" },
+                "namespaceAccesses": { "orders": { "permission": "write" }, "billing": { "permission": "read" } } } } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, scoped) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["orders"] }))
+        .await;
+    let api = admin.as_key(&scoped);
+    api.create_key(json!({ "namespaces": ["orders"] })).await;
+    let (status, body) = api.try_create_key(&mut json!({})).await;
+    assert_eq!((status, code(&body)), (403, "forbidden"), "{body}");
+    let (status, body) = api
+        .try_create_key(&mut json!({ "namespaces": ["billing"] }))
+        .await;
+    assert_eq!((status, code(&body)), (403, "forbidden"), "{body}");
+    // An admin creating a key for someone must keep it in their access.
+    let (status, body) = admin
+        .try_create_key(&mut json!({ "ownerId": dev, "namespaces": ["nope"] }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_read_user_still_manages_their_own_keys() {
+    let gate = Gate::builder().start().await;
+    let reader = gate.user("r@example.com", AccountRole::Read, &[]).await;
+    let (_, token) = gate.key_for(&reader).await;
+    let api = Api::new(&gate, &token);
+    let (id, _) = api.create_key(json!({})).await;
+    assert_eq!(api.delete(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+    assert_eq!(
+        api.post("/api/v1/namespaces", json!({ "spec": { "name": "x" } }))
+            .await
+            .0,
+        403
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn service_account_keys_carry_the_service_accounts_access() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+
+    // The admin creates a read-only service account and a key for it: the
+    // key acts as the service account, not as the admin who created it.
+    let bot = admin.create_service_account("bot", "read", &[]).await;
+    let (bot_key, bot_token) = admin.create_key(json!({ "ownerId": bot })).await;
+    let (_, key) = admin.get(&format!("/api/v1/api-keys/{bot_key}")).await;
+    assert_eq!(key["spec"]["ownerType"], "service-account");
+    let as_bot = admin.as_key(&bot_token);
+    let (status, body) = as_bot
+        .post(
+            "/api/v1/users",
+            json!({ "spec": { "email": "x@example.com" } }),
+        )
+        .await;
+    assert_eq!((status, code(&body)), (403, "forbidden"));
+    let (status, body) = as_bot.try_create_key(&mut json!({})).await;
+    assert_eq!(
+        (status, code(&body)),
+        (403, "forbidden"),
+        "only admins create service-account keys: {body}"
+    );
+    // It may read and manage its own keys.
+    assert_eq!(
+        as_bot
+            .get(&format!("/api/v1/service-accounts/{bot}"))
+            .await
+            .0,
+        200
+    );
+    let (status, list) = as_bot.get("/api/v1/api-keys").await;
+    assert_eq!(
+        (status, list["apiKeys"].as_array().unwrap().len()),
+        (200, 1)
+    );
+    let (status, _) = as_bot
+        .post(&format!("/api/v1/api-keys/{bot_key}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+
+    // A service account with the admin role is an account admin.
+    let ops = admin.create_service_account("ops", "admin", &[]).await;
+    let (_, ops_token) = admin.create_key(json!({ "ownerId": ops })).await;
+    let as_ops = admin.as_key(&ops_token);
+    as_ops
+        .create_user("made-by-ops@example.com", "read", &[])
+        .await;
+    let (_, log) = admin.get("/api/v1/audit-events?pageSize=1").await;
+    assert_eq!(log["auditEvents"][0]["actor"]["type"], "service-account");
+    assert_eq!(log["auditEvents"][0]["actor"]["name"], "ops");
+
+    // Demoting the service account takes effect on its next call.
+    let (_, ops_sa) = admin.get(&format!("/api/v1/service-accounts/{ops}")).await;
+    let (status, _) = admin
+        .put(
+            &format!("/api/v1/service-accounts/{ops}"),
+            json!({ "resourceVersion": ops_sa["resourceVersion"], "spec": { "access": {
+                "accountAccess": { "role": "developer" } } } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(as_ops.get("/api/v1/users").await.0, 403);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn namespace_admins_edit_their_namespace() {
+    let gate = Gate::builder().start().await;
+    let ns_admin = gate
+        .user(
+            "nsa@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Admin)],
+        )
+        .await;
+    let writer = gate
+        .user(
+            "w@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Write)],
+        )
+        .await;
+    let (_, a) = gate.key_for(&ns_admin).await;
+    let (_, w) = gate.key_for(&writer).await;
+    let body = json!({ "resourceVersion": "1", "spec": { "description": "mine" } });
+    let (status, answer) = Api::new(&gate, &a)
+        .put("/api/v1/namespaces/orders", body.clone())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = Api::new(&gate, &w)
+        .put("/api/v1/namespaces/orders", body)
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        Api::new(&gate, &w)
+            .delete("/api/v1/namespaces/orders")
+            .await
+            .0,
+        403
+    );
+    gate.stop().await;
+}
+
+/// SPEC section 2 step 3 with the same access model: a route naming a
+/// namespace needs the key's scope and its owner's permission.
+#[tokio::test]
+async fn namespaced_proxy_routes_use_the_same_access() {
+    let upstream = echo_upstream().await;
+    let gate = Gate::builder()
+        .upstream(upstream)
+        .extra(&format!(
+            "[[routes]]\npath_prefix = \"/orders\"\nupstream = \"http://{upstream}\"\nnamespace = \"orders\"\n"
+        ))
+        .start()
+        .await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    admin.create_namespace("orders").await;
+    admin.create_namespace("billing").await;
+    let reader = admin
+        .create_service_account("reader", "read", &[("orders", "read")])
+        .await;
+    let (_, r) = admin.create_key(json!({ "ownerId": reader })).await;
+    assert_eq!(proxy_get(&gate, "/orders/1", &r).await.0, 200);
+    assert_eq!(
+        proxy_call(&gate, Method::POST, "/orders/1", &r).await,
+        (403, "forbidden".into())
+    );
+    // Granting write through the API takes effect at once.
+    let (_, sa) = admin
+        .get(&format!("/api/v1/service-accounts/{reader}"))
+        .await;
+    let (status, _) = admin
+        .put(
+            &format!("/api/v1/service-accounts/{reader}"),
+            json!({ "resourceVersion": sa["resourceVersion"], "spec": { "access": {
+                "accountAccess": { "role": "read" },
+                "namespaceAccesses": { "orders": { "permission": "write" } } } } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        proxy_call(&gate, Method::POST, "/orders/1", &r).await.0,
+        200
+    );
+    // A key scoped to another namespace is refused on this route.
+    let (_, scoped) = admin.create_key(json!({ "namespaces": ["billing"] })).await;
+    assert_eq!(
+        proxy_get(&gate, "/orders/1", &scoped).await,
+        (403, "forbidden".into())
+    );
+    gate.stop().await;
+}
