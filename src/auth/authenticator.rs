@@ -255,8 +255,10 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Number of verified keys cached (approximate, for metrics).
+    /// Number of verified keys cached, for the metrics scrape. Runs the
+    /// cache's pending maintenance first: moka counts lazily.
     pub fn cached_keys(&self) -> u64 {
+        self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 }

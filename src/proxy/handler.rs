@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
 
 use crate::auth::{authorize, required_permission, VerifiedKey};
+use crate::telemetry::counted::CountedBody;
 
 use super::forward_auth;
 use super::headers::{strip_hop_by_hop, ConnectionInfo};
@@ -41,14 +42,14 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let mut outcome = Outcome::default();
-    let response = match pipeline(&state, &conn, req, grpc, &mut outcome).await {
-        Ok(response) => response,
+    let (response, refusal) = match pipeline(&state, &conn, req, grpc, &mut outcome).await {
+        Ok(response) => (response, None),
         Err(error) => {
             record_failure(&state, error, &outcome);
-            error.respond(grpc)
+            (error.respond(grpc), Some(error))
         }
     };
-    record(&state, &method, &response, &outcome, started);
+    record(&state, &method, &response, refusal, &outcome, started);
     Ok(response)
 }
 
@@ -107,6 +108,7 @@ async fn pipeline<'s>(
     // 6. Forward, streaming both ways.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     outcome.upstream_started = Some(Instant::now());
+    let req = req.map(|body| CountedBody::new(body, state.bytes_in.clone()));
     let mut response = state.upstream.forward(&route.upstream, req, grpc).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -118,7 +120,7 @@ async fn pipeline<'s>(
 
     // 7. Count it against the key.
     state.usage.record(key.record.id, &key.usage, now);
-    Ok(response.map(Either::Left))
+    Ok(response.map(|body| Either::Left(CountedBody::new(body, state.bytes_out.clone()))))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream (WebSocket).
@@ -168,6 +170,7 @@ fn record(
     state: &ProxyState,
     method: &Method,
     response: &Response<ProxyBody>,
+    refusal: Option<ProxyError>,
     outcome: &Outcome<'_>,
     started: Instant,
 ) {
@@ -209,6 +212,7 @@ fn record(
         route = outcome.route.map(|r| r.name.as_str()),
         upstream = outcome.route.map(|r| r.upstream.authority.as_str()),
         status,
+        refusal = refusal.map(ProxyError::code),
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
     );
 }

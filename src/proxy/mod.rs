@@ -15,19 +15,24 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 
 use crate::auth::{Authenticator, CredentialExtractor};
 use crate::config::Config;
 use crate::key::TokenFormat;
+use crate::telemetry::counted::CountedBody;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageRecorder;
 
 pub use reject::ProxyError;
 
-/// What the proxy answers with: the upstream's streamed body, or a small
-/// body of our own (rejections, forward-auth answers).
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// What the proxy answers with: the upstream's streamed body (counted as
+/// bytes out), or a small body of our own (rejections, forward-auth answers).
+pub type ProxyBody = Either<CountedBody<Incoming>, Full<Bytes>>;
+
+/// What the proxy sends upstream: the client's streamed body, counted as
+/// bytes in.
+pub type UpstreamBody = CountedBody<Incoming>;
 
 /// Everything the request pipeline needs, shared by all connections.
 pub struct ProxyState {
@@ -44,6 +49,9 @@ pub struct ProxyState {
     /// Per-key usage counting.
     pub usage: UsageRecorder,
     pub metrics: Arc<Metrics>,
+    /// Body byte counters, by direction.
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
     /// Per-route histograms, resolved once (indexed by `Route::index`).
     pub route_metrics: Vec<RouteMetrics>,
     /// The forward-auth decision endpoint, when enabled.
@@ -98,6 +106,8 @@ impl ProxyState {
                 upstream_tls,
             ),
             usage,
+            bytes_in: metrics.bytes("in"),
+            bytes_out: metrics.bytes("out"),
             metrics,
             route_metrics,
             forward_auth: config

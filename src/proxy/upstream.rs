@@ -17,14 +17,15 @@ use crate::config::UpstreamProtocol;
 
 use super::reject::ProxyError;
 use super::routes::Upstream;
+use super::UpstreamBody;
 
 type Connector = HttpsConnector<HttpConnector>;
 
 /// Both clients share nothing but their settings; each keeps its own pool.
 #[derive(Clone)]
 pub struct UpstreamClients {
-    http1: Client<Connector, Incoming>,
-    h2c: Client<Connector, Incoming>,
+    http1: Client<Connector, UpstreamBody>,
+    h2c: Client<Connector, UpstreamBody>,
     /// How long to wait for the upstream's response headers.
     timeout: Duration,
 }
@@ -75,7 +76,7 @@ impl UpstreamClients {
     pub async fn forward(
         &self,
         upstream: &Upstream,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
         grpc: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let h2 = match upstream.protocol {

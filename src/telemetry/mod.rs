@@ -1,6 +1,7 @@
 //! Telemetry: tracing setup (pretty or JSON), the Prometheus metrics, and
 //! the per-key usage batcher.
 
+pub mod counted;
 pub mod metrics;
 pub mod usage;
 

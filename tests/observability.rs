@@ -1,0 +1,173 @@
+//! Metrics as Prometheus scrapes them from the admin listener, the per-key
+//! series cap, and health endpoints.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use keygate::store::AccountRole;
+use support::{Gate, RecordingUpstream};
+
+/// Parses `name{labels} value` lines of one metric family.
+fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let labels = series
+                .split_once('{')
+                .map(|(_, rest)| rest.trim_end_matches('}'))
+                .unwrap_or("")
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap();
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            (labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+async fn scrape(gate: &Gate) -> String {
+    let r = reqwest::get(gate.admin_url("/metrics")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    r.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn requests_failures_bytes_cache_and_latency_are_exported() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder().upstream(upstream.addr).start().await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(gate.proxy_url("/echo-body"))
+            .bearer_auth(&gate.admin_token)
+            .body(vec![b'x'; 1000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 1000);
+    }
+    let unknown = gate.tokens.generate().1.expose().to_string();
+    client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&unknown)
+        .send()
+        .await
+        .unwrap();
+    client.get(gate.proxy_url("/")).send().await.unwrap();
+
+    let text = scrape(&gate).await;
+    let key_id = &gate.admin_token[3..19];
+    let requests = samples(&text, "keygate_requests_total");
+    let ok: f64 = requests
+        .iter()
+        .filter(|(l, _)| {
+            l["key_id"] == key_id && l["status_class"] == "2xx" && l["route"] == "default"
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(ok, 3.0, "{text}");
+    assert!(requests
+        .iter()
+        .all(|(l, _)| l["owner_id"] == gate.admin_user.id));
+    let failures = samples(&text, "keygate_auth_failures_total");
+    let reason = |r: &str| {
+        failures
+            .iter()
+            .find(|(l, _)| l["reason"] == r)
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(reason("invalid_api_key"), Some(1.0));
+    assert_eq!(reason("missing_api_key"), Some(1.0));
+    let bytes = samples(&text, "keygate_bytes_total");
+    let dir = |d: &str| {
+        bytes
+            .iter()
+            .find(|(l, _)| l["direction"] == d)
+            .map(|(_, v)| *v)
+            .unwrap()
+    };
+    assert_eq!(dir("in"), 3000.0);
+    assert!(dir("out") >= 3000.0);
+    // Four lookups (three with the admin key, one unknown); the first of
+    // each id misses. (The change feed's first contact may drop the cache
+    // once more at start, hence no exact split.)
+    let hits = samples(&text, "keygate_cache_hits_total")[0].1;
+    let misses = samples(&text, "keygate_cache_misses_total")[0].1;
+    assert_eq!(hits + misses, 4.0, "{text}");
+    assert!(misses >= 2.0 && hits >= 1.0, "{text}");
+    assert_eq!(samples(&text, "keygate_cache_entries")[0].1, 1.0);
+    let latency = samples(&text, "keygate_request_duration_seconds_count");
+    assert_eq!(latency.iter().map(|(_, v)| v).sum::<f64>(), 5.0);
+    assert_eq!(
+        samples(&text, "keygate_upstream_duration_seconds_count")[0].1,
+        3.0
+    );
+    assert!(
+        !text.contains(&gate.admin_token[20..]),
+        "a secret in /metrics"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn per_key_series_are_capped_with_the_rest_under_other() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra("[metrics]\nmax_key_series = 3")
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        let user = gate
+            .user(&format!("u{i}@example.com"), AccountRole::Developer, &[])
+            .await;
+        tokens.push(gate.key_for(&user).await.1);
+    }
+    for token in &tokens {
+        for _ in 0..2 {
+            let r = client
+                .get(gate.proxy_url("/"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let text = scrape(&gate).await;
+    let requests = samples(&text, "keygate_requests_total");
+    let ids: std::collections::BTreeSet<_> =
+        requests.iter().map(|(l, _)| l["key_id"].clone()).collect();
+    assert_eq!(ids.len(), 4, "three keys and _other: {ids:?}");
+    assert!(ids.contains("_other"));
+    let total: f64 = requests.iter().map(|(_, v)| v).sum();
+    assert_eq!(total, 16.0, "every request counted once");
+    let other: f64 = requests
+        .iter()
+        .filter(|(l, _)| l["key_id"] == "_other")
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(other, 10.0);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let gate = Gate::builder().start().await;
+    let r = reqwest::get(gate.admin_url("/healthz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = reqwest::get(gate.admin_url("/readyz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    gate.stop().await;
+}
