@@ -1,0 +1,434 @@
+//! The `keygate` binary as a real process against a real keygate: the admin
+//! API commands, table and JSON output, exit codes.
+
+mod admin_common;
+mod support;
+
+use std::process::{Command, Output};
+
+use admin_common::proxy_get;
+use serde_json::Value;
+use support::{dead_address, echo_upstream, Gate};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs `keygate ARGS` with the server and key in the environment, off the
+/// async runtime so keygate keeps serving.
+async fn keygate(server: &str, api_key: Option<&str>, args: &[&str]) -> Run {
+    let server = server.to_string();
+    let api_key = api_key.map(str::to_string);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.args(&args)
+            .env_remove("KEYGATE_API_KEY")
+            .env_remove("KEYGATE_CONFIG")
+            .env("KEYGATE_SERVER", server);
+        if let Some(k) = api_key {
+            cmd.env("KEYGATE_API_KEY", k);
+        }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = cmd.output().expect("run keygate");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn api_key_commands() {
+    let gate = Gate::builder()
+        .upstream(echo_upstream().await)
+        .start()
+        .await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+
+    // Create: the token alone on stdout, and it works on the proxy.
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "apikey",
+            "create",
+            "--name",
+            "ci",
+            "--description",
+            "for CI",
+            "--duration",
+            "24h",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let token = run.stdout.trim().to_string();
+    assert!(token.starts_with("kg_"), "{}", run.stdout);
+    assert!(run.stderr.contains("only time"), "{}", run.stderr);
+    assert_eq!(proxy_get(&gate, "/", &token).await.0, 200);
+    let id = token[3..19].to_string();
+
+    // List as a table, and as JSON; neither shows the token.
+    let run = keygate(&server, key, &["apikey", "list"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let header = run.stdout.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("STATE"),
+        "{header}"
+    );
+    assert!(run.stdout.contains(&id) && run.stdout.contains("ci"));
+    assert!(!run.stdout.contains(&token[20..]));
+    let run = keygate(&server, key, &["apikey", "list", "--output", "json"]).await;
+    assert_eq!(run.json()["apiKeys"].as_array().unwrap().len(), 2);
+
+    // Get, update, disable (refused on the proxy at once), enable.
+    let run = keygate(&server, key, &["apikey", "get", "--id", &id, "-o", "json"]).await;
+    assert_eq!(run.json()["spec"]["description"], "for CI");
+    let run = keygate(&server, key, &["apikey", "get", "--id", &id]).await;
+    assert!(run.stdout.contains("displayName:"), "{}", run.stdout);
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "apikey",
+            "update",
+            "--id",
+            &id,
+            "--name",
+            "ci-2",
+            "--description",
+            "renamed",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = keygate(&server, key, &["apikey", "get", "--id", &id, "-o", "json"]).await;
+    assert_eq!(run.json()["spec"]["displayName"], "ci-2");
+    let run = keygate(&server, key, &["apikey", "disable", "--id", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(proxy_get(&gate, "/", &token).await.1, "api_key_disabled");
+    let run = keygate(&server, key, &["apikey", "enable", "--id", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(proxy_get(&gate, "/", &token).await.0, 200);
+
+    // Rotate with no grace: the new token works, the old one not.
+    let run = keygate(
+        &server,
+        key,
+        &["apikey", "rotate", "--id", &id, "--grace", "0s"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let rotated = run.stdout.trim().to_string();
+    assert_ne!(rotated, token);
+    assert_eq!(proxy_get(&gate, "/", &rotated).await.0, 200);
+    assert_eq!(proxy_get(&gate, "/", &token).await.0, 401);
+    let run = keygate(
+        &server,
+        key,
+        &["apikey", "usage", "--id", &id, "-o", "json"],
+    )
+    .await;
+    assert_eq!(run.json()["keyId"], id.as_str());
+
+    // Without --duration the key gets the account's longest lifetime.
+    let run = keygate(
+        &server,
+        key,
+        &["apikey", "create", "--name", "default", "-o", "json"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.json()["apiKey"]["spec"]["expiryTime"].is_string());
+
+    // Delete.
+    let run = keygate(&server, key, &["apikey", "delete", "--id", &id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(proxy_get(&gate, "/", &rotated).await.0, 401);
+    let run = keygate(&server, key, &["apikey", "get", "--id", &id]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("404 not_found"), "{}", run.stderr);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn user_service_account_namespace_account_and_audit_commands() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "namespace",
+            "create",
+            "--name",
+            "orders",
+            "--description",
+            "order service",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = keygate(&server, key, &["namespace", "list"]).await;
+    assert!(run.stdout.contains("orders") && run.stdout.contains("order service"));
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "namespace",
+            "update",
+            "--id",
+            "orders",
+            "--description",
+            "orders v2",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = keygate(
+        &server,
+        key,
+        &["namespace", "get", "--id", "orders", "-o", "json"],
+    )
+    .await;
+    assert_eq!(run.json()["spec"]["description"], "orders v2");
+
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "user",
+            "create",
+            "--email",
+            "dev@example.com",
+            "--role",
+            "developer",
+            "--namespace-access",
+            "orders=write",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let user = run.json();
+    let user_id = user["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        user["spec"]["access"]["namespaceAccesses"]["orders"]["permission"],
+        "write"
+    );
+    let run = keygate(&server, key, &["user", "list"]).await;
+    assert!(run.stdout.contains("dev@example.com") && run.stdout.contains("orders=write"));
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "user", "update", "--id", &user_id, "--role", "read", "-o", "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let updated = run.json();
+    assert_eq!(updated["spec"]["access"]["accountAccess"]["role"], "read");
+    assert_eq!(
+        updated["spec"]["access"]["namespaceAccesses"]["orders"]["permission"], "write",
+        "namespace access kept when only --role is given"
+    );
+
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "service-account",
+            "create",
+            "--name",
+            "ci-bot",
+            "--role",
+            "developer",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let sa_id = run.json()["id"].as_str().unwrap().to_string();
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "apikey",
+            "create",
+            "--name",
+            "bot",
+            "--duration",
+            "1h",
+            "--owner-id",
+            &sa_id,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = keygate(&server, key, &["service-account", "list"]).await;
+    assert!(run.stdout.contains("ci-bot"));
+    let run = keygate(&server, key, &["service-account", "delete", "--id", &sa_id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("Deleted service account"),
+        "{}",
+        run.stdout
+    );
+    let run = keygate(&server, key, &["user", "delete", "--id", &user_id]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    let run = keygate(
+        &server,
+        key,
+        &[
+            "account",
+            "update",
+            "--max-keys-per-owner",
+            "5",
+            "--max-key-lifetime",
+            "30d",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = keygate(&server, key, &["account", "get", "-o", "json"]).await;
+    assert_eq!(run.json()["spec"]["maxKeysPerOwner"], 5);
+    assert_eq!(run.json()["spec"]["maxKeyLifetime"], "30d");
+
+    let run = keygate(&server, key, &["audit", "list"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("account.settings.update"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("service-account.delete"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn flags_errors_and_exit_codes() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+
+    // --server and --api-key flags instead of the environment.
+    let run = keygate(
+        "http://127.0.0.1:1",
+        None,
+        &[
+            "apikey",
+            "list",
+            "--server",
+            &server,
+            "--api-key",
+            &gate.admin_token,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // No key: usage error.
+    let run = keygate(&server, None, &["apikey", "list"]).await;
+    assert_eq!(run.code, 64);
+    assert!(run.stderr.contains("KEYGATE_API_KEY"), "{}", run.stderr);
+    // Nothing listening: unavailable.
+    let dead = format!("http://{}", dead_address().await);
+    let run = keygate(&dead, Some(&gate.admin_token), &["apikey", "list"]).await;
+    assert_eq!(run.code, 69, "{}", run.stderr);
+    assert!(run.stderr.contains("cannot reach"), "{}", run.stderr);
+    // A wrong key: refused, and the key is not echoed.
+    let (_, bogus, _) = gate.tokens.generate();
+    let run = keygate(&server, Some(bogus.expose()), &["apikey", "list"]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("401 invalid_api_key"), "{}", run.stderr);
+    assert!(!run.stderr.contains(bogus.expose()));
+    // A policy refusal is a usage error with the policy's message.
+    let run = keygate(
+        &server,
+        Some(&gate.admin_token),
+        &["apikey", "create", "--name", "long", "--duration", "365d"],
+    )
+    .await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("maxKeyLifetime"), "{}", run.stderr);
+    // Forbidden for a developer.
+    let admin = admin_common::Api::new(&gate, &gate.admin_token);
+    let dev = admin.create_user("dev@example.com", "developer", &[]).await;
+    let (_, dev_token) = admin
+        .create_key(serde_json::json!({ "ownerId": dev }))
+        .await;
+    let run = keygate(&server, Some(&dev_token), &["user", "list"]).await;
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("403 forbidden"), "{}", run.stderr);
+    // --help does not show the key from the environment.
+    let run = keygate(
+        &server,
+        Some(&gate.admin_token),
+        &["apikey", "list", "--help"],
+    )
+    .await;
+    assert_eq!(run.code, 0);
+    assert!(!run.stdout.contains(&gate.admin_token));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn bootstrap_and_local_create_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("k.db").display());
+    let run = keygate(
+        "",
+        None,
+        &[
+            "bootstrap",
+            "--email",
+            "first@example.com",
+            "--store",
+            &store,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.trim().starts_with("kg_"));
+    let run = keygate(
+        "",
+        None,
+        &[
+            "apikey",
+            "create",
+            "--local",
+            "--name",
+            "x",
+            "--duration",
+            "1h",
+            "--owner-email",
+            "first@example.com",
+            "--store",
+            &store,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.trim().starts_with("kg_"));
+}
