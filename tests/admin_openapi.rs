@@ -179,10 +179,9 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut V
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     };
-    if !types.is_empty()
-        && !types.contains(&actual)
-        && !(actual == "integer" && types.contains(&"number"))
-    {
+    // An integer is also a JSON Schema number.
+    let fits = types.contains(&actual) || (actual == "integer" && types.contains(&"number"));
+    if !types.is_empty() && !fits {
         errors.push(format!("{at}: {actual}, documented {types:?}"));
         return;
     }
