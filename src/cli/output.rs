@@ -62,6 +62,8 @@ pub fn table(items: &[Value], columns: &[Column]) {
 pub fn fields(value: &Value) {
     let mut pairs: Vec<(String, String)> = Vec::new();
     flatten("", value, &mut pairs);
+    // The id first; the rest stay in their (alphabetical) order.
+    pairs.sort_by_key(|(k, _)| k != "id");
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in pairs {
         println!(
