@@ -164,6 +164,10 @@ fn unavailable() -> (StatusCode, &'static str, String) {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let (status, code, message) = self.parts();
+        // Messages may quote what the client sent (serde's "unknown variant
+        // `...`", a bad time); a key pasted into the wrong field must not
+        // come back in a response that proxies and clients log.
+        let message = redact_token_like(&message);
         let body = Json(json!({ "error": { "code": code, "message": message } }));
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -173,5 +177,48 @@ impl IntoResponse for AdminError {
             );
         }
         response
+    }
+}
+
+/// Replaces every run of token characters that is long enough to be a key
+/// (24 or more of `[A-Za-z0-9_.-]`, with an underscore) by `<redacted>`.
+/// Error messages have no legitimate run that long.
+pub fn redact_token_like(message: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    let mut out = String::with_capacity(message.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 24 && run.contains('_') {
+            out.push_str("<redacted>");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in message.chars() {
+        if is_token_char(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::redact_token_like;
+
+    #[test]
+    fn token_like_runs_are_redacted_and_the_rest_kept() {
+        let token = "kg_6qapv6sg93srp1pv_5GJwpJP7n1l9h7ZEGkVfDlC3YBM4wSkp39OQZh";
+        let message = format!("spec.expiryTime must be an RFC 3339 time; got \"{token}\"");
+        let redacted = redact_token_like(&message);
+        assert!(!redacted.contains(&token[20..]), "{redacted}");
+        assert!(redacted.contains("spec.expiryTime must be an RFC 3339 time; got \"<redacted>\""));
+        let plain = "unknown variant `owner`, expected one of `user`, `service-account`";
+        assert_eq!(redact_token_like(plain), plain);
     }
 }

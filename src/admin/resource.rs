@@ -201,7 +201,30 @@ impl AccessJson {
 
 /// Non-empty, at most `MAX_NAME_CHARS`, no control characters, no
 /// surrounding whitespace.
+/// Whether free text holds something shaped like a native API key
+/// (`<prefix>_<16 id>_<38 secret+check>`): refused in names and descriptions,
+/// which are listed, logged and sent as headers.
+fn contains_key_shape(value: &str) -> bool {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    value.split(|c: char| !is_token_char(c)).any(|run| {
+        let parts: Vec<&str> = run.split('_').collect();
+        parts.len() >= 3
+            && parts[parts.len() - 2].len() == crate::key::ID_LEN
+            && parts[parts.len() - 1].len() == crate::key::SECRET_LEN + crate::key::CHECK_LEN
+    })
+}
+
+fn refuse_key_shape(field: &str, value: &str) -> Result<(), AdminError> {
+    if contains_key_shape(value) {
+        return Err(AdminError::invalid(format!(
+            "{field} looks like it contains an API key; never put a key in a name or description"
+        )));
+    }
+    Ok(())
+}
+
 pub fn validate_name(field: &str, value: &str) -> Result<(), AdminError> {
+    refuse_key_shape(field, value)?;
     if value.trim().is_empty() {
         return Err(AdminError::invalid(format!("{field} must not be empty")));
     }
@@ -226,6 +249,7 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), AdminError> {
 /// At most `MAX_DESCRIPTION_CHARS`; line breaks and tabs allowed, other
 /// control characters not.
 pub fn validate_description(field: &str, value: &str) -> Result<(), AdminError> {
+    refuse_key_shape(field, value)?;
     if value.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(AdminError::invalid(format!(
             "{field} must be at most {MAX_DESCRIPTION_CHARS} characters"

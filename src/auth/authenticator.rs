@@ -131,7 +131,7 @@ impl Authenticator {
         token: &ParsedToken,
         now: SystemTime,
     ) -> Result<Arc<VerifiedKey>, AuthError> {
-        let presented = token.secret.digest();
+        let presented = token.digest;
         let Some(key) = self.lookup(&token.id).await? else {
             let _ = self.dummy.ct_eq(&presented);
             return Err(AuthError::Invalid);

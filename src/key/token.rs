@@ -6,7 +6,14 @@
 //!   a mistyped or truncated token is refused without a store lookup.
 //!
 //! Parsing works on borrowed bytes and allocates nothing: it runs on every
-//! proxied request.
+//! proxied request. It hashes the secret once, so what leaves this module is
+//! the key id and the digest, never the secret.
+//!
+//! Imported keys: keys issued by another system can be migrated (`keygate
+//! apikey import`) when `[keys] accept_imported` is on. Such a token is any
+//! `<prefix>_...` string of URL-safe characters; its digest is the SHA-256 of
+//! the whole token and its id is derived from that digest, so it is stored
+//! and verified like a native key.
 
 use std::fmt;
 
@@ -48,6 +55,14 @@ impl KeyId {
         Self::from_bytes(s.as_bytes())
     }
 
+    /// The id of an imported token: the first 80 bits of its digest in
+    /// Crockford base32.
+    pub fn from_digest(digest: &Digest) -> KeyId {
+        KeyId(crockford(
+            digest.as_bytes()[..10].try_into().unwrap_or([0; 10]),
+        ))
+    }
+
     fn from_bytes(bytes: &[u8]) -> Result<KeyId, TokenError> {
         let id: [u8; ID_LEN] = bytes.try_into().map_err(|_| TokenError::Id)?;
         if id.iter().all(|c| CROCKFORD.contains(c)) {
@@ -86,9 +101,13 @@ pub fn random_id() -> String {
 }
 
 fn random_crockford() -> [u8; ID_LEN] {
-    // 80 bits: 10 random bytes, 5 bits per character.
     let mut raw = [0u8; 10];
     fill_random(&mut raw);
+    crockford(raw)
+}
+
+/// 80 bits as 16 Crockford characters, 5 bits each.
+fn crockford(raw: [u8; 10]) -> [u8; ID_LEN] {
     let mut bits: u128 = 0;
     for b in raw {
         bits = (bits << 8) | u128::from(b);
@@ -163,17 +182,24 @@ impl fmt::Display for IssuedToken {
     }
 }
 
-/// A presented credential that passed format and checksum checks.
+/// A presented credential that passed format and checksum checks: the key
+/// id to look up and the digest of the presented secret.
 #[derive(Debug, Clone, Copy)]
 pub struct ParsedToken {
     pub id: KeyId,
-    pub secret: Secret,
+    pub digest: Digest,
 }
+
+/// Imported tokens: at least the prefix, `_` and 16 characters; at most 256.
+const IMPORTED_MIN: usize = 16;
+const IMPORTED_MAX: usize = 256;
 
 /// The token format with its configured prefix.
 #[derive(Debug, Clone)]
 pub struct TokenFormat {
     prefix: Box<str>,
+    /// Also accept imported tokens (see the module docs).
+    accept_imported: bool,
 }
 
 impl TokenFormat {
@@ -181,7 +207,35 @@ impl TokenFormat {
     pub fn new(prefix: &str) -> TokenFormat {
         TokenFormat {
             prefix: prefix.into(),
+            accept_imported: false,
         }
+    }
+
+    /// Also accepts imported tokens of another system's shape.
+    pub fn accepting_imported(mut self, accept: bool) -> TokenFormat {
+        self.accept_imported = accept;
+        self
+    }
+
+    /// Reads an imported token: `<prefix>_` then URL-safe characters. Its
+    /// digest covers the whole token; its id comes from the digest.
+    pub fn parse_imported(&self, token: &[u8]) -> Result<ParsedToken, TokenError> {
+        let p = self.prefix.len();
+        if token.len() < p + 1 + IMPORTED_MIN || token.len() > IMPORTED_MAX {
+            return Err(TokenError::Length);
+        }
+        if &token[..p] != self.prefix.as_bytes() || token[p] != b'_' {
+            return Err(TokenError::Prefix);
+        }
+        let allowed = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
+        if !token.iter().all(allowed) {
+            return Err(TokenError::SecretCharacters);
+        }
+        let digest = Digest::of(token);
+        Ok(ParsedToken {
+            id: KeyId::from_digest(&digest),
+            digest,
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -193,8 +247,18 @@ impl TokenFormat {
         self.prefix.len() + 1 + ID_LEN + 1 + SECRET_LEN + CHECK_LEN
     }
 
-    /// Parses `<prefix>_<id>_<secret><check>`.
+    /// Parses `<prefix>_<id>_<secret><check>`, or, when imported tokens are
+    /// accepted, any token of their shape that is not a native one.
     pub fn parse(&self, token: &[u8]) -> Result<ParsedToken, TokenError> {
+        match self.parse_native(token) {
+            Err(native) if self.accept_imported && native != TokenError::Prefix => {
+                self.parse_imported(token).map_err(|_| native)
+            }
+            result => result,
+        }
+    }
+
+    fn parse_native(&self, token: &[u8]) -> Result<ParsedToken, TokenError> {
         if token.len() != self.token_len() {
             return Err(TokenError::Length);
         }
@@ -229,11 +293,9 @@ impl TokenFormat {
         if presented != self.checksum(&id, secret) {
             return Err(TokenError::Checksum);
         }
-        let mut bytes = [0u8; SECRET_LEN];
-        bytes.copy_from_slice(secret);
         Ok(ParsedToken {
             id,
-            secret: Secret(bytes),
+            digest: Digest::of(secret),
         })
     }
 
@@ -311,7 +373,7 @@ mod tests {
             assert_eq!(t.len(), f.token_len());
             let parsed = f.parse(t).expect("own token parses");
             assert_eq!(parsed.id, id);
-            assert!(bool::from(parsed.secret.digest().ct_eq(&digest)));
+            assert!(bool::from(parsed.digest.ct_eq(&digest)));
         }
     }
 
@@ -352,6 +414,28 @@ mod tests {
         let other = TokenFormat::new("xx").parse(t.as_bytes());
         assert_eq!(other.err(), Some(TokenError::Prefix));
         assert_eq!(f.parse(b"").err(), Some(TokenError::Length));
+    }
+
+    #[test]
+    fn imported_tokens_only_when_accepted() {
+        let legacy = b"kg_a1b2c3d4e5f6_Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0FeDcBa";
+        assert!(format().parse(legacy).is_err());
+        let f = format().accepting_imported(true);
+        let parsed = f.parse(legacy).expect("imported token parses");
+        assert!(bool::from(parsed.digest.ct_eq(&Digest::of(legacy))));
+        assert_eq!(parsed.id, KeyId::from_digest(&Digest::of(legacy)));
+        assert_ne!(
+            f.parse(b"kg_a1b2c3d4e5f6_Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0FeDcBax")
+                .unwrap()
+                .id,
+            parsed.id
+        );
+        assert!(f.parse(b"xx_a1b2c3d4e5f6_Zx9Yw8Vu7Ts6Rq5Po4Nm3").is_err());
+        assert!(f.parse(b"kg_short").is_err());
+        assert!(f.parse(b"kg_a1b2c3d4e5f6_Zx9Yw8Vu7Ts6 space").is_err());
+        // Native tokens still parse natively with imports on.
+        let (id, token, _) = f.generate();
+        assert_eq!(f.parse(token.expose().as_bytes()).unwrap().id, id);
     }
 
     #[test]
