@@ -291,12 +291,17 @@ impl Default for CacheConfig {
 pub struct KeysConfig {
     /// Token prefix, so that leaked keys are recognisable.
     pub prefix: String,
+    /// Also accept tokens imported from another system (`keygate apikey
+    /// import`): any `<prefix>_...` token of URL-safe characters, verified by
+    /// the SHA-256 of the whole token.
+    pub accept_imported: bool,
 }
 
 impl Default for KeysConfig {
     fn default() -> Self {
         KeysConfig {
             prefix: DEFAULT_KEY_PREFIX.into(),
+            accept_imported: false,
         }
     }
 }

@@ -193,6 +193,10 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
             );
             Ok(())
         }
+        // `cli::main` runs imports against the store (cli::local).
+        ApikeyCommand::Import { .. } => Err(Failure::usage(
+            "apikey import writes to the store directly; give it --config or --store",
+        )),
     }
 }
 

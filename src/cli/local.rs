@@ -4,7 +4,7 @@
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, BootstrapError};
 use crate::key::TokenFormat;
-use crate::store::{self, Actor, KeyStore, OwnerType};
+use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal};
 
 async fn open(url: &str) -> Result<std::sync::Arc<dyn KeyStore>, Failure> {
     store::open(url).await.map_err(|e| Failure {
@@ -56,11 +56,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             let owner_email =
                 owner_email.ok_or_else(|| Failure::usage("--local needs --owner-email"))?;
             let store = open(&url).await?;
-            let owner = store
-                .find_principal_by_name(OwnerType::User, &owner_email)
-                .await
-                .map_err(|e| Failure::runtime(e.to_string()))?
-                .ok_or_else(|| Failure::usage(format!("no user with email {owner_email:?}")))?;
+            let owner = find_user(&*store, &owner_email).await?;
             let tokens = TokenFormat::new(&prefix);
             let actor = Actor::system("local-cli");
             let (key, token) = issue_key(
@@ -81,9 +77,97 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             println!("{}", token.expose());
             Ok(())
         }
-        // `cli::main` sends only the two commands above here.
+        Command::Apikey {
+            command:
+                ApikeyCommand::Import {
+                    tsv,
+                    owner_email,
+                    duration,
+                    store,
+                },
+            ..
+        } => {
+            let (url, prefix) = store_settings(&store)?;
+            let text = if tsv.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&tsv)
+            }
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", tsv.display())))?;
+            let store = open(&url).await?;
+            let owner = find_user(&*store, &owner_email).await?;
+            let lifetime = match duration {
+                Some(d) => Some(d),
+                None => {
+                    let max = store
+                        .settings()
+                        .await
+                        .map_err(|e| Failure::runtime(e.to_string()))?
+                        .max_key_lifetime;
+                    (!max.is_zero()).then_some(max)
+                }
+            };
+            let expiry = lifetime.map(|l| std::time::SystemTime::now() + l);
+            let tokens = TokenFormat::new(&prefix).accepting_imported(true);
+            let keys = parse_import(&text, &tokens, &owner, expiry)?;
+            let imported = store
+                .import_keys(&Actor::system("local-cli"), &keys)
+                .await
+                .map_err(|e| Failure::usage(e.to_string()))?;
+            eprintln!("Imported {imported} API keys for {}.", owner.name);
+            Ok(())
+        }
+        // `cli::main` sends only the commands above here.
         _ => Err(Failure::usage(
             "this command talks to the admin API, not the store",
         )),
     }
+}
+
+async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failure> {
+    store
+        .find_principal_by_name(OwnerType::User, email)
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))?
+        .ok_or_else(|| Failure::usage(format!("no user with email {email:?}")))
+}
+
+/// Reads `token<TAB>name` lines into keys for `owner`. A line that does not
+/// hold a token is refused by its number, never by its content.
+fn parse_import(
+    text: &str,
+    tokens: &TokenFormat,
+    owner: &Principal,
+    expiry: Option<std::time::SystemTime>,
+) -> Result<Vec<NewKey>, Failure> {
+    let mut keys = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (token, name) = line.split_once('\t').unwrap_or((line, ""));
+        let parsed = tokens.parse(token.trim().as_bytes()).map_err(|e| {
+            Failure::usage(format!(
+                "line {}: not an importable token ({e})",
+                number + 1
+            ))
+        })?;
+        let name = name.trim();
+        keys.push(NewKey {
+            id: parsed.id,
+            digest: parsed.digest,
+            display_name: if name.is_empty() {
+                format!("imported {}", parsed.id)
+            } else {
+                name.to_string()
+            },
+            description: "imported".into(),
+            owner_id: owner.id.clone(),
+            owner_type: owner.kind,
+            namespaces: Vec::new(),
+            expiry,
+            disabled: false,
+        });
+    }
+    Ok(keys)
 }

@@ -198,6 +198,22 @@ pub enum ApikeyCommand {
         #[arg(long = "namespace", conflicts_with = "local")]
         namespaces: Vec<String>,
     },
+    /// Import keys issued by another system, straight into the store: one
+    /// `token<TAB>name` per line. Needs `[keys] accept_imported = true` on
+    /// the servers that should accept them.
+    Import {
+        /// The file of `token<TAB>name` lines (`-` for standard input).
+        #[arg(long)]
+        tsv: PathBuf,
+        /// Email of the user who will own the keys.
+        #[arg(long)]
+        owner_email: String,
+        /// Lifetime of the imported keys (default: the account's maximum).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// List API keys (yours; admins: everyone's).
     List {
         #[arg(long)]
@@ -376,7 +392,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Serve { config } => serve::run(&config),
         command @ (Command::Bootstrap { .. }
         | Command::Apikey {
-            command: ApikeyCommand::Create { local: true, .. },
+            command: ApikeyCommand::Create { local: true, .. } | ApikeyCommand::Import { .. },
             ..
         }) => runtime().and_then(|rt| rt.block_on(local::run(command))),
         other => runtime().and_then(|rt| rt.block_on(commands::run(other))),

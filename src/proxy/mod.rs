@@ -91,7 +91,8 @@ impl ProxyState {
         Ok(ProxyState {
             routes,
             credentials: CredentialExtractor::new(
-                TokenFormat::new(&config.keys.prefix),
+                TokenFormat::new(&config.keys.prefix)
+                    .accepting_imported(config.keys.accept_imported),
                 api_key_header,
             ),
             authenticator,

@@ -147,6 +147,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Creates a key, enforcing the account's lifetime and per-owner cap in
     /// the same transaction as the insert.
     async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError>;
+    /// Creates many keys in one transaction (migrating keys issued
+    /// elsewhere): the same lifetime and per-owner cap as `create_key`, all
+    /// or nothing, one audit event per owner.
+    async fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<u64, StoreError>;
     async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError>;
     async fn list_keys(
         &self,
@@ -244,6 +248,21 @@ pub const CHANGE_BATCH: i64 = 1000;
 /// How many of the newest changes the feed keeps; a replica that falls
 /// further behind than this drops its whole cache instead.
 pub const CHANGE_RETENTION: i64 = 10_000;
+
+/// Rows per INSERT statement when importing keys: 10 parameters a row stays
+/// well inside SQLite's and PostgreSQL's parameter limits.
+pub(crate) const IMPORT_BATCH: usize = 1000;
+
+/// How many keys each owner in an import gets, for the cap check.
+pub(crate) fn import_counts(keys: &[NewKey]) -> std::collections::BTreeMap<(&str, OwnerType), u64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for key in keys {
+        *counts
+            .entry((key.owner_id.as_str(), key.owner_type))
+            .or_insert(0) += 1;
+    }
+    counts
+}
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::key::{Digest, KeyId};
 
 /// Who owns a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OwnerType {
     User,

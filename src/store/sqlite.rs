@@ -953,6 +953,85 @@ impl KeyStore for SqliteStore {
         Ok(created)
     }
 
+    async fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let settings = settings_in(&mut tx).await?;
+        for key in keys {
+            check_lifetime(&settings, key.expiry)?;
+        }
+        for ((owner_id, owner_type), adding) in import_counts(keys) {
+            let kind: Option<String> =
+                sqlx::query_scalar("SELECT kind FROM principals WHERE id = ?")
+                    .bind(owner_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if kind.as_deref() != Some(owner_type.as_str()) {
+                return Err(PolicyViolation::UnknownOwner {
+                    owner_id: owner_id.to_string(),
+                    owner_type,
+                }
+                .into());
+            }
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE owner_id = ?")
+                .bind(owner_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let after = u64::try_from(count).unwrap_or(0) + adding;
+            if after > u64::from(settings.max_keys_per_owner) {
+                return Err(PolicyViolation::TooManyKeys {
+                    owner_id: owner_id.to_string(),
+                    max: settings.max_keys_per_owner,
+                }
+                .into());
+            }
+        }
+        let now = to_ms(SystemTime::now());
+        for batch in keys.chunks(IMPORT_BATCH) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
+                 namespaces, expiry_ms, disabled, created_ms, modified_ms) ",
+            );
+            insert.push_values(batch, |mut row, key| {
+                row.push_bind(key.id.as_str())
+                    .push_bind(&key.digest.as_bytes()[..])
+                    .push_bind(&key.display_name)
+                    .push_bind(&key.description)
+                    .push_bind(&key.owner_id)
+                    .push_bind(
+                        serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into()),
+                    )
+                    .push_bind(key.expiry.map(to_ms))
+                    .push_bind(key.disabled)
+                    .push_bind(now)
+                    .push_bind(now);
+            });
+            if let Err(e) = insert.build().execute(&mut *tx).await {
+                return Err(if is_unique_violation(&e) {
+                    StoreError::AlreadyExists {
+                        kind: "API key",
+                        name: "an imported token (imported twice?)".into(),
+                    }
+                } else {
+                    e.into()
+                });
+            }
+        }
+        for ((owner_id, owner_type), added) in import_counts(keys) {
+            let detail = json!({ "ownerType": owner_type.as_str(), "imported": added });
+            audit(
+                &mut tx,
+                actor,
+                "api-key.import",
+                owner_type.as_str(),
+                owner_id,
+                detail,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(keys.len() as u64)
+    }
+
     async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
         let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = ?"))
             .bind(id.as_str())

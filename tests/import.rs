@@ -1,0 +1,180 @@
+//! Importing keys issued by another system: `keygate apikey import` (the real
+//! binary) writes them into the store in one transaction, under the same
+//! policies as created keys, and the proxy accepts them only with
+//! `[keys] accept_imported`.
+
+mod support;
+
+use std::process::Command;
+
+use support::{Gate, RecordingUpstream};
+
+const KEYGATE: &str = env!("CARGO_BIN_EXE_keygate");
+
+fn legacy_tokens(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "kg_{:012x}_{}",
+                0xa1b2c3d4e5u64 + i as u64,
+                "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"
+            )
+        })
+        .collect()
+}
+
+fn import(gate: &Gate, tsv: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.tsv");
+    std::fs::write(&path, tsv).unwrap();
+    Command::new(KEYGATE)
+        .args([
+            "apikey",
+            "import",
+            "--owner-email",
+            "admin@example.com",
+            "--duration",
+            "7d",
+            "--tsv",
+        ])
+        .arg(&path)
+        .arg("--store")
+        .arg(format!("sqlite://{}", gate.db_path.display()))
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn imported_keys_work_on_the_proxy_when_accepted() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let tokens = legacy_tokens(5);
+    let tsv: String = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{t}\tlegacy-{i}\n"))
+        .collect();
+    let out = import(&gate, &tsv);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Imported 5 API keys"));
+
+    let client = reqwest::Client::new();
+    for token in &tokens {
+        let r = client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let id = upstream.last().headers["x-keygate-key-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let listed = gate
+        .store
+        .get_key(&keygate::key::KeyId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed.display_name, "legacy-4");
+    // One character more or less: refused without a match.
+    for wrong in [
+        format!("{}x", tokens[0]),
+        tokens[0][..tokens[0].len() - 1].to_string(),
+    ] {
+        let r = client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(&wrong)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // Native keys keep working beside them.
+    let r = client
+        .get(gate.proxy_url("/"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Importing the same token twice is refused as a whole.
+    let out = import(&gate, &format!("{}\tagain\n", tokens[0]));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn imports_respect_the_owner_cap_all_or_nothing() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    // The bootstrap admin has one key; the default cap is 10.
+    let tsv: String = legacy_tokens(10)
+        .iter()
+        .map(|t| format!("{t}\tk\n"))
+        .collect();
+    let out = import(&gate, &tsv);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("maxKeysPerOwner"), "{stderr}");
+    let keys = gate
+        .store
+        .list_keys(
+            &Default::default(),
+            &keygate::store::PageRequest {
+                size: 100,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(keys.items.len(), 1, "nothing was imported");
+    // A bad line is named by number, never echoed.
+    let out = import(
+        &gate,
+        "kg_fine_enough_token_here\tok\nnot a token at all\tx\n",
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(!stderr.contains("not a token at all"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn imported_tokens_are_refused_without_accept_imported() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let token = legacy_tokens(1).remove(0);
+    assert!(import(&gate, &format!("{token}\tx\n")).status.success());
+    gate.stop().await;
+    let strict = Gate::builder().start().await;
+    let r = reqwest::Client::new()
+        .get(strict.proxy_url("/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "malformed_api_key");
+    strict.stop().await;
+}
