@@ -50,7 +50,7 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let listener: Option<JoinHandle<()>> = settings
         .notifications
-        .then(|| tokio::spawn(listen(store.clone(), wake.clone(), settings.poll_interval)));
+        .then(|| tokio::spawn(listen(store.clone(), wake.clone())));
     let mut feed = Feed {
         store,
         authenticator,
@@ -75,9 +75,16 @@ pub async fn run(
     }
 }
 
+/// First wait before re-subscribing after a failure; doubled up to
+/// [`MAX_RETRY`]. Independent of the poll interval, so that announcements
+/// come back within a second or so of the store, however long the poll.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
 /// Turns announcements into wake-ups of the feed. `Notify` keeps at most one
 /// pending wake-up, so a burst of announcements costs one read.
-async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>, retry: Duration) {
+async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>) {
+    let mut retry = FIRST_RETRY;
     let mut subscription = loop {
         match store.subscribe().await {
             Ok(Some(subscription)) => break subscription,
@@ -86,6 +93,7 @@ async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>, retry: Duration) {
             Err(error) => {
                 tracing::warn!(%error, "change feed: cannot subscribe to announcements; polling meanwhile");
                 tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
             }
         }
     };
@@ -100,6 +108,7 @@ async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>, retry: Duration) {
                     tracing::info!("change feed: listening again; catching up");
                 }
                 failing = false;
+                retry = FIRST_RETRY;
                 wake.notify_one();
             }
             Err(error) => {
@@ -108,6 +117,7 @@ async fn listen(store: Arc<dyn KeyStore>, wake: Arc<Notify>, retry: Duration) {
                 }
                 failing = true;
                 tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(MAX_RETRY);
             }
         }
     }
@@ -163,8 +173,11 @@ impl Feed {
         };
         let (next, changes) = self.store.changes_since(watermark).await?;
         let Some(first) = changes.first() else {
-            if next != watermark {
-                // Nothing after our watermark, yet the head moved backwards:
+            // A head above the watermark with nothing returned is a change
+            // that committed between the store's two reads: the next read
+            // gets it. Only a head *below* the watermark means trouble.
+            if next < watermark {
+                // Nothing after our watermark, and the head moved backwards:
                 // the store was replaced (restored from a backup).
                 tracing::warn!(
                     watermark,

@@ -1,0 +1,775 @@
+//! Several keygate replicas on one PostgreSQL database, and a store outage.
+//!
+//! Each replica is a real `keygate::app::run` on 127.0.0.1:0 with its own
+//! store pool, cache and change feed; they share only the database, as
+//! separate processes would. Changes go through replica A's admin API and
+//! we measure how long replica B keeps accepting the changed key.
+//!
+//! Needs PostgreSQL (see `support/postgres.rs`): without it these tests fail
+//! with the reason, unless `KEYGATE_SKIP_POSTGRES=1`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate::admin::bootstrap::{bootstrap, issue_key};
+use keygate::config::Config;
+use keygate::key::{KeyId, TokenFormat};
+use keygate::store::{self, Actor, KeyFilter, KeyStore, KeyUpdate, PageRequest, Principal};
+use support::postgres::PgDatabase;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// One running keygate.
+struct Replica {
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Replica {
+    /// `notify` is `[store] notify`; `extra` is more TOML (other sections).
+    async fn start(db_url: &str, upstream: SocketAddr, notify: bool, extra: &str) -> Replica {
+        let text = format!(
+            "[proxy]\nupstream = \"http://{upstream}\"\ndrain_timeout = \"1s\"\n\
+             [store]\nurl = \"{db_url}\"\nnotify = {notify}\n\
+             [usage]\nflush_interval = \"100ms\"\n{extra}"
+        );
+        let config: Config = text
+            .parse()
+            .unwrap_or_else(|e| panic!("replica config: {e}\n{text}"));
+        let proxy_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy = proxy_listener.local_addr().expect("addr");
+        let admin = admin_listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            keygate::app::run(config, proxy_listener, admin_listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .expect("keygate runs");
+        });
+        let replica = Replica {
+            proxy,
+            admin,
+            stop: Some(stop_tx),
+            task: Some(task),
+        };
+        replica.wait_ready().await;
+        replica
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The proxy's answer to a request with `token`: status and error code.
+    async fn call(&self, client: &reqwest::Client, token: &str) -> (u16, String) {
+        let response = client
+            .get(format!("http://{}/work", self.proxy))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("proxy answers");
+        let status = response.status().as_u16();
+        let code = if status == 200 {
+            String::new()
+        } else {
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        };
+        (status, code)
+    }
+
+    async fn readyz(&self, client: &reqwest::Client) -> u16 {
+        client
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("admin answers")
+            .status()
+            .as_u16()
+    }
+
+    /// `keygate_invalidation_delay_seconds` on this replica: (count, sum).
+    async fn invalidation_delays(&self, client: &reqwest::Client) -> (u64, f64) {
+        let text = client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            value("keygate_invalidation_delay_seconds_count ") as u64,
+            value("keygate_invalidation_delay_seconds_sum "),
+        )
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A database with a bootstrapped admin, and a store handle on it.
+struct Shared {
+    db: PgDatabase,
+    store: Arc<dyn KeyStore>,
+    admin: Principal,
+    admin_token: String,
+    tokens: TokenFormat,
+}
+
+impl Shared {
+    async fn create() -> Option<Shared> {
+        let db = PgDatabase::create().await?;
+        let store = store::open(&db.url).await.expect("open store");
+        let tokens = TokenFormat::new("kg");
+        let (admin, _, token) = bootstrap(
+            &*store,
+            &tokens,
+            "admin@example.com",
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("bootstrap");
+        // Room for every key the tests issue to one owner.
+        store
+            .update_settings(
+                &Actor::system("test"),
+                true,
+                store::DEFAULT_MAX_KEY_LIFETIME,
+                1000,
+                None,
+            )
+            .await
+            .expect("settings");
+        Some(Shared {
+            db,
+            store,
+            admin,
+            admin_token: token.expose().to_string(),
+            tokens,
+        })
+    }
+
+    async fn key(&self) -> (KeyId, String) {
+        let (key, token) = issue_key(
+            &*self.store,
+            &self.tokens,
+            &Actor::system("test"),
+            &self.admin,
+            "replica test",
+            "",
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("issue key");
+        (key.id, token.expose().to_string())
+    }
+
+    async fn head(&self) -> i64 {
+        self.store
+            .changes_since(i64::MAX)
+            .await
+            .expect("change head")
+            .0
+    }
+}
+
+/// Waits until `replica`'s feed is live (it has applied a fresh change), and
+/// returns the mark for [`wait_applied`]: (its applied count, the head).
+/// Changes before a feed's first read are never counted, so a mark taken
+/// before that would wait forever.
+async fn in_step(replica: &Replica, client: &reqwest::Client, shared: &Shared) -> (u64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = replica.invalidation_delays(client).await.0;
+        shared.key().await;
+        let probe_deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < probe_deadline {
+            let applied = replica.invalidation_delays(client).await.0;
+            if applied > before {
+                return (applied, shared.head().await);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica's feed never went live"
+        );
+    }
+}
+
+/// Waits until `replica`'s feed has applied every change up to the store's
+/// current head. `mark` is (the replica's applied count, the head), taken
+/// together at a quiet moment before.
+async fn wait_applied(
+    replica: &Replica,
+    client: &reqwest::Client,
+    shared: &Shared,
+    mark: (u64, i64),
+) {
+    let changes = mark.0 + u64::try_from(shared.head().await - mark.1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let applied = replica.invalidation_delays(client).await.0;
+        if applied >= changes {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica's feed applied {applied} changes, never {changes} (mark {mark:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `replica` with `token` until it stops answering 200; returns how
+/// long that took from `since` and the refusal.
+async fn time_until_refused(
+    replica: &Replica,
+    client: &reqwest::Client,
+    token: &str,
+    since: Instant,
+) -> (Duration, (u16, String)) {
+    loop {
+        let answer = replica.call(client, token).await;
+        if answer.0 != 200 {
+            return (since.elapsed(), answer);
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the replica kept accepting a revoked key for 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Whether some connection to `db` is listening for announcements.
+async fn listening(db: &PgDatabase) -> bool {
+    let mut admin = db.admin().await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&db.name)
+    .fetch_one(&mut admin)
+    .await
+    .expect("pg_stat_activity");
+    n > 0
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn summary(label: &str, samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let (p50, p99) = (percentile(samples, 0.50), percentile(samples, 0.99));
+    println!(
+        "{label}: n={} p50={:.1}ms p99={:.1}ms max={:.1}ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    (p50, p99)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Disable,
+    Delete,
+    Rotate,
+}
+
+/// Makes `op` on `id` through replica A's admin API.
+async fn admin_op(
+    client: &reqwest::Client,
+    shared: &Shared,
+    replica_a: &Replica,
+    op: Op,
+    id: &KeyId,
+) {
+    let base = format!("http://{}/api/v1/api-keys/{id}", replica_a.admin);
+    let request = match op {
+        Op::Disable => client.post(format!("{base}/disable")),
+        Op::Delete => client.delete(&base),
+        Op::Rotate => client
+            .post(format!("{base}/rotate"))
+            .json(&serde_json::json!({ "gracePeriod": "0s" })),
+    };
+    let response = request
+        .bearer_auth(&shared.admin_token)
+        .send()
+        .await
+        .expect("admin API answers");
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{op:?} through replica A: {status} {}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+/// Issues `n` keys per op, waits until B has seen them created, warms B's
+/// cache with each, then changes each through A and measures how long B
+/// keeps accepting it.
+async fn measure_propagation(
+    shared: &Shared,
+    a: &Replica,
+    b: &Replica,
+    ops: &[Op],
+    n: usize,
+) -> Vec<(Op, Duration)> {
+    let client = reqwest::Client::new();
+    let mark = in_step(b, &client, shared).await;
+    let mut keys = Vec::new();
+    for &op in ops {
+        for _ in 0..n {
+            keys.push((op, shared.key().await));
+        }
+    }
+    // B must have applied the creations, or a warm entry could be dropped
+    // by a late create announcement and the measurement would be a miss.
+    wait_applied(b, &client, shared, mark).await;
+    for (_, (_, token)) in &keys {
+        assert_eq!(b.call(&client, token).await, (200, String::new()));
+        // And A has it cached too, as a busy replica would.
+        assert_eq!(a.call(&client, token).await, (200, String::new()));
+    }
+    let mut samples = Vec::new();
+    for (i, (op, (id, token))) in keys.iter().enumerate() {
+        // Spread the changes over the poll's phase: each refusal is seen
+        // right after a poll, so back-to-back changes would all land at the
+        // same point of the next interval.
+        tokio::time::sleep(Duration::from_millis((i as u64 * 137) % 500)).await;
+        // Still served from B's cache right before the change.
+        assert_eq!(b.call(&client, token).await.0, 200);
+        let start = Instant::now();
+        admin_op(&client, shared, a, *op, id).await;
+        // A refuses at once: it invalidated its own cache.
+        let on_a = a.call(&client, token).await;
+        assert_ne!(on_a.0, 200, "replica A still accepts after {op:?}");
+        let (delay, refusal) = time_until_refused(b, &client, token, start).await;
+        let expected = match op {
+            Op::Disable => "api_key_disabled",
+            Op::Delete | Op::Rotate => "invalid_api_key",
+        };
+        assert_eq!(refusal, (401, expected.to_string()), "after {op:?}");
+        samples.push((*op, delay));
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocations_reach_the_other_replica_within_a_second() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    // A long poll interval: only notifications can be this fast.
+    let extra = "[cache]\nttl = \"60s\"\npoll_interval = \"30s\"\n";
+    let a = Replica::start(&shared.db.url, upstream, true, extra).await;
+    let b = Replica::start(&shared.db.url, upstream, true, extra).await;
+    let ops = [Op::Disable, Op::Delete, Op::Rotate];
+    let samples = measure_propagation(&shared, &a, &b, &ops, 20).await;
+    let mut all: Vec<Duration> = samples.iter().map(|(_, d)| *d).collect();
+    for op in ops {
+        let mut of_op: Vec<Duration> = samples
+            .iter()
+            .filter(|(o, _)| std::mem::discriminant(o) == std::mem::discriminant(&op))
+            .map(|(_, d)| *d)
+            .collect();
+        summary(&format!("notify, {op:?} via A -> refused by B"), &mut of_op);
+    }
+    let (_, p99) = summary("notify, all changes via A -> refused by B", &mut all);
+    let client = reqwest::Client::new();
+    let (count, sum) = b.invalidation_delays(&client).await;
+    println!(
+        "B's keygate_invalidation_delay_seconds: count={count} mean={:.1}ms",
+        sum / count.max(1) as f64 * 1e3
+    );
+    assert!(
+        p99 < Duration::from_secs(1),
+        "p99 {p99:?} is not under 1 s with notifications"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_notifications_the_poll_bounds_staleness() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let poll = Duration::from_millis(500);
+    let extra = "[cache]\npoll_interval = \"500ms\"\n";
+    let a = Replica::start(&shared.db.url, upstream, true, extra).await;
+    // B hears no announcements at all: only its poll tells it.
+    let b = Replica::start(&shared.db.url, upstream, false, extra).await;
+    let samples = measure_propagation(&shared, &a, &b, &[Op::Disable, Op::Delete], 10).await;
+    let mut all: Vec<Duration> = samples.iter().map(|(_, d)| *d).collect();
+    let (p50, p99) = summary("poll only (500ms), via A -> refused by B", &mut all);
+    // Uniform over the interval, so the median is well inside it...
+    assert!(p50 < poll, "p50 {p50:?}");
+    // ...and the worst case is the interval plus one read of the feed and
+    // the admin call itself.
+    assert!(
+        p99 < poll + Duration::from_millis(100),
+        "p99 {p99:?} is not within the poll interval {poll:?}"
+    );
+    // And it is the poll, not luck: some changes took a good part of it.
+    assert!(
+        all.last().copied().unwrap_or_default() > Duration::from_millis(100),
+        "{all:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_outage_serves_cached_keys_then_recovers_without_restart() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    // ttl 1s: cached keys are re-read (and fail) during the outage, so
+    // stale_if_error is what keeps them working; the long poll interval
+    // means only the reconnected listener can bring the change below back
+    // quickly.
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\nttl = \"1s\"\nstale_if_error = \"4s\"\nnegative_ttl = \"100ms\"\n\
+         poll_interval = \"30s\"\n",
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let (cached_id, cached) = shared.key().await;
+    let (unknown_id, uncached) = shared.key().await;
+    let mut written = Vec::new();
+    for _ in 0..5 {
+        written.push(shared.key().await.0);
+    }
+    assert_eq!(replica.call(&client, &cached).await.0, 200);
+
+    // Traffic flows on the cached key throughout.
+    let stop_traffic = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (stop, served, refused) = (stop_traffic.clone(), served.clone(), refused.clone());
+        let proxy = replica.proxy;
+        let token = cached.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let ok = client
+                    .get(format!("http://{proxy}/load"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                let counter = if ok { &served } else { &refused };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Let usage reach the store before the outage.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used_before = shared
+        .store
+        .get_key(&cached_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .request_count;
+    assert!(used_before > 0, "usage was flushed before the outage");
+    let head_before = shared.head().await;
+    let audit_before = shared
+        .store
+        .list_audit(&PageRequest {
+            size: 1000,
+            after: None,
+        })
+        .await
+        .unwrap()
+        .items
+        .len();
+
+    shared.db.cut().await;
+    let cut_at = Instant::now();
+    // Past the ttl: the cached key is re-read, the read fails, the stale
+    // entry is served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    assert_eq!(
+        replica.call(&client, &uncached).await,
+        (503, "store_unavailable".to_string()),
+        "a key the cache never saw cannot be checked"
+    );
+    assert_eq!(replica.readyz(&client).await, 503);
+    let refused_in_window = refused.load(Ordering::Relaxed);
+    assert_eq!(
+        refused_in_window, 0,
+        "cached traffic was refused inside stale_if_error"
+    );
+    // Past ttl + stale_if_error, even the cached key is refused: the cache
+    // no longer vouches for it.
+    tokio::time::sleep((Duration::from_millis(5200)).saturating_sub(cut_at.elapsed())).await;
+    assert_eq!(
+        replica.call(&client, &cached).await,
+        (503, "store_unavailable".to_string())
+    );
+    println!(
+        "outage: {} cached requests served, {} refused (once stale_if_error ran out, until the store returned)",
+        served.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed)
+    );
+
+    shared.db.restore().await;
+    let restored_at = Instant::now();
+    // No restart: readiness, the unknown key and the cached key come back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if replica.readyz(&client).await == 200
+            && replica.call(&client, &uncached).await.0 == 200
+            && replica.call(&client, &cached).await.0 == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery 10 s after the store returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "recovered {:.0}ms after the store returned",
+        restored_at.elapsed().as_secs_f64() * 1e3
+    );
+    stop_traffic.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+
+    // Nothing written before the outage was lost.
+    let store = store::open(&shared.db.url).await.expect("reopen");
+    let keys = store
+        .list_keys(
+            &KeyFilter::default(),
+            &PageRequest {
+                size: 1000,
+                after: None,
+            },
+        )
+        .await
+        .unwrap();
+    for id in written.iter().chain([&cached_id, &unknown_id]) {
+        assert!(keys.items.iter().any(|k| k.id == *id), "{id} was lost");
+    }
+    assert!(store.changes_since(i64::MAX).await.unwrap().0 >= head_before);
+    let audit_after = store
+        .list_audit(&PageRequest {
+            size: 1000,
+            after: None,
+        })
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert!(audit_after >= audit_before);
+    let used_after = store
+        .get_key(&cached_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .request_count;
+    assert!(used_after >= used_before, "{used_after} < {used_before}");
+
+    // The listener reconnects by itself (its retries back off to 1 s)...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listening(&shared.db).await {
+        assert!(Instant::now() < deadline, "the listener never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and announcements flow again: a change made elsewhere (the poll is
+    // 30 s) reaches this replica's cache quickly.
+    assert_eq!(replica.call(&client, &uncached).await.0, 200);
+    let start = Instant::now();
+    store
+        .update_key(
+            &Actor::system("test"),
+            &unknown_id,
+            KeyUpdate {
+                disabled: Some(true),
+                ..KeyUpdate::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (delay, refusal) = time_until_refused(&replica, &client, &uncached, start).await;
+    assert_eq!(refusal, (401, "api_key_disabled".to_string()));
+    println!(
+        "after recovery, a change elsewhere was refused here in {:.1}ms",
+        delay.as_secs_f64() * 1e3
+    );
+    // Well under the 1 s ttl of the entry just loaded and the 30 s poll:
+    // it came by announcement.
+    assert!(delay < Duration::from_millis(500), "{delay:?}");
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_listener_is_backed_up_by_the_poll_and_reconnects() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\npoll_interval = \"300ms\"\n",
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mark = in_step(&replica, &client, &shared).await;
+    let (id, token) = shared.key().await;
+    let (id2, token2) = shared.key().await;
+    wait_applied(&replica, &client, &shared, mark).await;
+    assert_eq!(replica.call(&client, &token).await.0, 200);
+    assert_eq!(replica.call(&client, &token2).await.0, 200);
+
+    // Kill the listening connection, as a network blip would, and change a
+    // key in the same breath: its announcement is lost.
+    let mut admin = shared.db.admin().await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&shared.db.name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        !killed.is_empty(),
+        "found the replica's listening connection"
+    );
+    let start = Instant::now();
+    let off = KeyUpdate {
+        disabled: Some(true),
+        ..KeyUpdate::default()
+    };
+    shared
+        .store
+        .update_key(&Actor::system("test"), &id, off.clone(), None)
+        .await
+        .unwrap();
+    let (delay, refusal) = time_until_refused(&replica, &client, &token, start).await;
+    assert_eq!(refusal.0, 401);
+    println!(
+        "listener killed: change refused after {:.1}ms",
+        delay.as_secs_f64() * 1e3
+    );
+    assert!(delay < Duration::from_millis(300 + 200), "{delay:?}");
+
+    // The listener is back: wait for it, then a change arrives by
+    // announcement (well under the poll interval, most of the time; we only
+    // assert it is there).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(&shared.db).await {
+        assert!(Instant::now() < deadline, "the listener never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared
+        .store
+        .update_key(&Actor::system("test"), &id2, off, None)
+        .await
+        .unwrap();
+    let (delay, _) = time_until_refused(&replica, &client, &token2, Instant::now()).await;
+    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_announces_each_committed_change() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let mut subscription = shared
+        .store
+        .subscribe()
+        .await
+        .expect("subscribe")
+        .expect("PostgreSQL announces changes");
+    let head = shared.head().await;
+    let (id, _) = shared.key().await;
+    let announcement = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+        .await
+        .expect("announced within 2 s")
+        .expect("announcement");
+    assert_eq!(announcement, store::Announcement::Changed(Some(head + 1)));
+    // A refused change announces nothing; the next real one does.
+    let _ = shared
+        .store
+        .update_key(&Actor::system("test"), &id, KeyUpdate::default(), Some(99))
+        .await
+        .expect_err("stale");
+    shared
+        .store
+        .delete_key(&Actor::system("test"), &id)
+        .await
+        .unwrap();
+    let announcement = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+        .await
+        .expect("announced within 2 s")
+        .expect("announcement");
+    assert_eq!(announcement, store::Announcement::Changed(Some(head + 2)));
+}
