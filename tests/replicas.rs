@@ -773,3 +773,35 @@ async fn postgres_announces_each_committed_change() {
         .expect("announcement");
     assert_eq!(announcement, store::Announcement::Changed(Some(head + 2)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_scheme_and_config_validation() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let url = db.url.replacen("postgres://", "postgresql://", 1);
+    let store = store::open(&url).await.expect("postgresql:// opens");
+    store.ping().await.expect("ping");
+    let config = format!("[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"{url}\"\n");
+    config
+        .parse::<Config>()
+        .expect("a postgresql:// URL is a valid store.url");
+    // A bad scheme is refused at load, naming the field but not echoing a
+    // URL that may hold a password.
+    let bad =
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"mysql://u:hunter2@h/db\"\n";
+    let err = bad
+        .parse::<Config>()
+        .expect_err("mysql is not a store")
+        .to_string();
+    assert!(err.contains("store.url"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert_eq!(
+        store::display_url("postgres://keygate:hunter2@db:5432/keygate?sslmode=require"),
+        "postgres://keygate:***@db:5432/keygate?sslmode=require"
+    );
+    assert_eq!(
+        store::display_url("postgres://keygate@db/keygate"),
+        "postgres://keygate@db/keygate"
+    );
+}
