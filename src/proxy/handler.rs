@@ -108,7 +108,11 @@ async fn pipeline<'s>(
     // 6. Forward, streaming both ways.
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     outcome.upstream_started = Some(Instant::now());
-    let req = req.map(|body| CountedBody::new(body, state.bytes_in.clone()));
+    let req = req.map(|body| {
+        state
+            .headers
+            .strip_trailers(CountedBody::new(body, state.bytes_in.clone()))
+    });
     let mut response = state.upstream.forward(&route.upstream, req, grpc).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {

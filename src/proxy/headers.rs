@@ -5,13 +5,17 @@
 //! Identity values come prebuilt with the cached key; the rest are static or
 //! built once per connection, so a rewrite only clones `HeaderValue`s.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::header::{
     AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
 
 use crate::auth::{CredentialSource, VerifiedKey};
 
@@ -28,7 +32,9 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 #[derive(Debug, Clone)]
 pub struct HeaderRules {
     /// Lowercase prefix; inbound names matching it (with `_` for `-`) go.
-    prefix: Vec<u8>,
+    /// Shared so that a request body's trailer filter gets it without
+    /// allocating.
+    prefix: Arc<[u8]>,
     key_id: HeaderName,
     owner_id: HeaderName,
     owner_type: HeaderName,
@@ -75,7 +81,7 @@ impl HeaderRules {
             owner_name: name("owner-name"),
             namespace: name("namespace"),
             role: name("role"),
-            prefix: prefix.into_bytes(),
+            prefix: prefix.into_bytes().into(),
             api_key_header: HeaderName::from_bytes(api_key_header.as_bytes())
                 .expect("validated key header"),
             keep_credential,
@@ -86,12 +92,16 @@ impl HeaderRules {
     /// compared case-insensitively (hyper lowercases names already) and with
     /// `_` standing for `-`, because some servers treat them alike.
     pub fn is_identity_header(&self, name: &HeaderName) -> bool {
-        let name = name.as_str().as_bytes();
-        name.len() >= self.prefix.len()
-            && name
-                .iter()
-                .zip(&self.prefix)
-                .all(|(&n, &p)| n.to_ascii_lowercase() == p || (n == b'_' && p == b'-'))
+        is_identity_name(&self.prefix, name)
+    }
+
+    /// Wraps a request body so that its trailers get the same anti-spoofing
+    /// as its headers (see [`StripTrailers`]).
+    pub fn strip_trailers<B>(&self, body: B) -> StripTrailers<B> {
+        StripTrailers {
+            inner: body,
+            prefix: self.prefix.clone(),
+        }
     }
 
     /// Rewrites request headers in place for forwarding. `upgrade` keeps
@@ -189,6 +199,61 @@ impl HeaderRules {
         for name in spoofed {
             headers.remove(&name);
         }
+    }
+}
+
+fn is_identity_name(prefix: &[u8], name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    name.len() >= prefix.len()
+        && name
+            .iter()
+            .zip(prefix)
+            .all(|(&n, &p)| n.to_ascii_lowercase() == p || (n == b'_' && p == b'-'))
+}
+
+/// A request body whose trailer fields lose every identity-prefixed name.
+/// HTTP/1.1 chunked and HTTP/2 requests may end with trailers, which travel
+/// to an h2c (gRPC) upstream as trailers; an upstream that reads them as
+/// metadata would otherwise see an identity the client chose.
+#[derive(Debug)]
+pub struct StripTrailers<B> {
+    inner: B,
+    prefix: Arc<[u8]>,
+}
+
+impl<B> Body for StripTrailers<B>
+where
+    B: Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
+            if let Some(trailers) = frame.trailers_mut() {
+                let spoofed: Vec<HeaderName> = trailers
+                    .keys()
+                    .filter(|name| is_identity_name(&self.prefix, name))
+                    .cloned()
+                    .collect();
+                for name in spoofed {
+                    trailers.remove(&name);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

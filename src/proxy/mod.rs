@@ -31,8 +31,8 @@ pub use reject::ProxyError;
 pub type ProxyBody = Either<CountedBody<Incoming>, Full<Bytes>>;
 
 /// What the proxy sends upstream: the client's streamed body, counted as
-/// bytes in.
-pub type UpstreamBody = CountedBody<Incoming>;
+/// bytes in, with spoofed identity names removed from its trailers.
+pub type UpstreamBody = headers::StripTrailers<CountedBody<Incoming>>;
 
 /// Everything the request pipeline needs, shared by all connections.
 pub struct ProxyState {
