@@ -430,3 +430,25 @@ impl RecordingUpstream {
 
 /// PostgreSQL test databases (see `support/postgres.rs`).
 pub mod postgres;
+
+impl GateBuilder {
+    /// Starts keygate with its SQLite file in `dir` (a directory the test
+    /// controls, e.g. a small tmpfs to fill up), with a bootstrap admin.
+    pub async fn start_in(self, dir: &std::path::Path) -> Gate {
+        let db_path = dir.join("keygate.db");
+        let url = format!("sqlite://{}", db_path.display());
+        let store = store::open(&url).await.expect("open store");
+        let tokens = TokenFormat::new(keygate::config::DEFAULT_KEY_PREFIX);
+        let (admin_user, _, admin_token) = bootstrap(
+            &*store,
+            &tokens,
+            "admin@example.com",
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("bootstrap");
+        let admin_token = admin_token.expose().to_string();
+        self.launch(None, db_path, store, admin_user, admin_token)
+            .await
+    }
+}
