@@ -55,7 +55,21 @@ impl SqliteStore {
     }
 
     async fn begin(&self) -> Result<Transaction<'static, sqlx::Sqlite>, StoreError> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        match self.writer.begin_with("BEGIN IMMEDIATE").await {
+            // When SQLite rolls a transaction back by itself (SQLITE_FULL or
+            // an I/O error during COMMIT), sqlx's own transaction depth stays
+            // at 1 and every later BEGIN on the one writer connection fails
+            // with this error: writes would stay broken after the disk has
+            // room again. Replace the wedged connection and try once more.
+            Err(sqlx::Error::InvalidSavePointStatement) => {
+                let mut wedged = self.writer.acquire().await?;
+                wedged.close_on_drop();
+                drop(wedged);
+                tracing::warn!("replaced the SQLite writer connection after a failed transaction");
+                Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+            }
+            other => Ok(other?),
+        }
     }
 }
 
