@@ -26,13 +26,13 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keygate::auth::{CredentialExtractor, CredentialSource, IdentityHeaders, VerifiedKey};
+use keygate::auth::{CredentialExtractor, CredentialSource, VerifiedKey};
 use keygate::config::Config;
 use keygate::key::{Digest, TokenFormat};
 use keygate::proxy::headers::{ConnectionInfo, HeaderRules};
@@ -318,11 +318,11 @@ fn check_one(
     };
     rules.rewrite_request(&mut headers, &connection, key, source, route, false);
     let expected: BTreeMap<&str, &[u8]> = [
-        ("x-keygate-key-id", key.headers.key_id.as_bytes()),
-        ("x-keygate-owner-id", key.headers.owner_id.as_bytes()),
-        ("x-keygate-owner-type", key.headers.owner_type.as_bytes()),
-        ("x-keygate-owner-name", key.headers.owner_name.as_bytes()),
-        ("x-keygate-role", key.headers.role.as_bytes()),
+        ("x-keygate-key-id", key.id.as_str().as_bytes()),
+        ("x-keygate-owner-id", key.owner.headers.owner_id.as_bytes()),
+        ("x-keygate-owner-type", key.owner.headers.owner_type.as_bytes()),
+        ("x-keygate-owner-name", key.owner.headers.owner_name.as_bytes()),
+        ("x-keygate-role", key.owner.headers.role.as_bytes()),
         ("x-keygate-namespace", b"orders".as_slice()),
     ]
     .into_iter()
@@ -521,15 +521,7 @@ fn routes() -> &'static RouteTable {
 
 fn verified_key(format: &TokenFormat) -> VerifiedKey {
     let (id, _, digest): (_, _, Digest) = format.generate();
-    VerifiedKey {
-        headers: IdentityHeaders {
-            key_id: HeaderValue::from_str(id.as_str()).expect("ascii id"),
-            owner_id: HeaderValue::from_static("owner-1"),
-            owner_type: HeaderValue::from_static("user"),
-            owner_name: HeaderValue::from_static("bob@example.com"),
-            role: HeaderValue::from_static("read"),
-        },
-        record: KeyRecord {
+    VerifiedKey::new(KeyRecord {
             id,
             digest,
             previous: None,
@@ -544,10 +536,7 @@ fn verified_key(format: &TokenFormat) -> VerifiedKey {
                 namespaces: BTreeMap::new(),
             },
             owner_disabled: false,
-        },
-        usage: Arc::default(),
-        series: OnceLock::new(),
-    }
+        })
 }
 
 #[allow(dead_code)] // The smoke test includes this file and calls `run`.

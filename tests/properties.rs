@@ -15,7 +15,7 @@ use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::auth::{
-    CredentialError, CredentialExtractor, CredentialSource, IdentityHeaders, VerifiedKey,
+    CredentialError, CredentialExtractor, CredentialSource, VerifiedKey,
 };
 use keygate::config::Config;
 use keygate::key::{Digest, KeyId, TokenError, TokenFormat, CHECK_LEN, ID_LEN, SECRET_LEN};
@@ -266,7 +266,7 @@ proptest! {
         let route = table.select(None, "/orders/1").expect("route");
         rules().rewrite_request(&mut h, &connection(), &key, source, route, false);
         let expected: BTreeMap<&str, &str> = [
-            ("x-keygate-key-id", key.record.id.as_str()),
+            ("x-keygate-key-id", key.id.as_str()),
             ("x-keygate-owner-id", "owner-1"),
             ("x-keygate-owner-type", "user"),
             ("x-keygate-owner-name", "bob@example.com"),
@@ -355,15 +355,7 @@ fn connection() -> ConnectionInfo {
 
 fn verified_key() -> VerifiedKey {
     let (id, _, digest) = issued();
-    VerifiedKey {
-        headers: IdentityHeaders {
-            key_id: HeaderValue::from_str(id.as_str()).unwrap(),
-            owner_id: HeaderValue::from_static("owner-1"),
-            owner_type: HeaderValue::from_static("user"),
-            owner_name: HeaderValue::from_static("bob@example.com"),
-            role: HeaderValue::from_static("read"),
-        },
-        record: KeyRecord {
+    VerifiedKey::new(KeyRecord {
             id,
             digest,
             previous: None,
@@ -378,10 +370,7 @@ fn verified_key() -> VerifiedKey {
                 namespaces: BTreeMap::new(),
             },
             owner_disabled: false,
-        },
-        usage: Arc::default(),
-        series: OnceLock::new(),
-    }
+        })
 }
 
 /// A valid-format token with a secret other than the key's (what an

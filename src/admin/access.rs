@@ -27,18 +27,20 @@
 use std::time::SystemTime;
 
 use axum::extract::FromRequestParts;
+use std::sync::Arc;
+
 use axum::http::request::Parts;
 
 use super::error::AdminError;
 use super::AdminState;
-use crate::auth::AuthError;
-use crate::store::{AccountRole, Actor, ApiKey, KeyRecord, OwnerType, Permission};
+use crate::auth::{AuthError, VerifiedKey};
+use crate::store::{AccountRole, Actor, ApiKey, OwnerType, Permission};
 
 /// The authenticated caller of an admin request.
 pub struct Caller {
-    /// The verified key's record, as the proxy's cache holds it: owner and
-    /// access included.
-    record: KeyRecord,
+    /// The verified key, as the proxy's cache holds it: owner and access
+    /// included.
+    key: Arc<VerifiedKey>,
 }
 
 impl FromRequestParts<AdminState> for Caller {
@@ -54,9 +56,7 @@ impl FromRequestParts<AdminState> for Caller {
             .verify(&credential.token, SystemTime::now())
             .await
         {
-            Ok(key) => Ok(Caller {
-                record: key.record.clone(),
-            }),
+            Ok(key) => Ok(Caller { key }),
             // `verify` says this only after the secret verified and the key
             // passed every other check, so reading the record is safe.
             Err(AuthError::ApiKeysDisabled) => {
@@ -68,7 +68,9 @@ impl FromRequestParts<AdminState> for Caller {
                 if record.owner_access.account_role != AccountRole::Admin {
                     return Err(AuthError::ApiKeysDisabled.into());
                 }
-                Ok(Caller { record })
+                Ok(Caller {
+                    key: Arc::new(VerifiedKey::new(record)),
+                })
             }
             Err(e) => Err(e.into()),
         }
@@ -76,30 +78,26 @@ impl FromRequestParts<AdminState> for Caller {
 }
 
 impl Caller {
-    fn record(&self) -> &KeyRecord {
-        &self.record
-    }
-
     pub fn is_admin(&self) -> bool {
-        self.record().owner_access.account_role == AccountRole::Admin
+        self.key.owner.access.account_role == AccountRole::Admin
     }
 
     /// The caller's principal id.
     pub fn principal_id(&self) -> &str {
-        &self.record().owner_id
+        &self.key.owner.id
     }
 
     pub fn principal_type(&self) -> OwnerType {
-        self.record().owner_type
+        self.key.owner.kind
     }
 
     /// The audit log's "who": the key's owner.
     pub fn actor(&self) -> Actor {
-        let r = self.record();
+        let owner = &self.key.owner;
         Actor {
-            id: r.owner_id.clone(),
-            kind: r.owner_type.as_str().into(),
-            name: r.owner_name.clone(),
+            id: owner.id.clone(),
+            kind: owner.kind.as_str().into(),
+            name: owner.name.clone(),
         }
     }
 
@@ -127,7 +125,7 @@ impl Caller {
 
     /// The caller's permission on a namespace, if any.
     pub fn permission_on(&self, namespace: &str) -> Option<Permission> {
-        self.record().owner_access.permission_on(namespace)
+        self.key.owner.access.permission_on(namespace)
     }
 
     pub fn may_read_namespace(&self, namespace: &str) -> Result<(), AdminError> {
@@ -199,7 +197,7 @@ impl Caller {
                 "only account admins may create API keys for other users",
             ));
         }
-        let scope = &self.record().namespaces;
+        let scope = &self.key.namespaces;
         if !scope.is_empty() && namespaces.is_empty() {
             return Err(AdminError::forbidden(format!(
                 "the calling API key is limited to namespaces {scope:?}; a new key must be too"
@@ -211,7 +209,7 @@ impl Caller {
                     "you have no access to namespace {ns:?}, so a key of yours cannot be scoped to it"
                 )));
             }
-            if !scope.is_empty() && !scope.contains(ns) {
+            if self.key.out_of_scope(ns) {
                 return Err(AdminError::forbidden(format!(
                     "the calling API key is not scoped to namespace {ns:?}"
                 )));

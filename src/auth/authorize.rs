@@ -3,7 +3,8 @@
 
 use http::Method;
 
-use crate::store::{KeyRecord, Permission};
+use super::VerifiedKey;
+use crate::store::Permission;
 
 /// The key may not do this here. Carries nothing: the response never says
 /// which rule refused.
@@ -29,17 +30,17 @@ pub fn required_permission(method: &Method, route_override: Option<Permission>) 
 /// its owner's namespaces) and the owner's permission on it to cover
 /// `required`.
 pub fn authorize(
-    key: &KeyRecord,
+    key: &VerifiedKey,
     namespace: Option<&str>,
     required: Permission,
 ) -> Result<(), Forbidden> {
     let Some(namespace) = namespace else {
         return Ok(());
     };
-    if !key.namespaces.is_empty() && !key.namespaces.iter().any(|n| n == namespace) {
+    if key.out_of_scope(namespace) {
         return Err(Forbidden(()));
     }
-    match key.owner_access.permission_on(namespace) {
+    match key.owner.access.permission_on(namespace) {
         Some(granted) if granted >= required => Ok(()),
         _ => Err(Forbidden(())),
     }
@@ -51,10 +52,10 @@ mod tests {
 
     use super::*;
     use crate::key::{Digest, KeyId};
-    use crate::store::{Access, AccountRole, OwnerType};
+    use crate::store::{Access, AccountRole, KeyRecord, OwnerType};
 
-    fn key(role: AccountRole, access: &[(&str, Permission)], scope: &[&str]) -> KeyRecord {
-        KeyRecord {
+    fn key(role: AccountRole, access: &[(&str, Permission)], scope: &[&str]) -> VerifiedKey {
+        VerifiedKey::new(KeyRecord {
             id: KeyId::generate(),
             digest: Digest::of(b"x"),
             previous: None,
@@ -72,7 +73,7 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
             },
             owner_disabled: false,
-        }
+        })
     }
 
     #[test]

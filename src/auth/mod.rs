@@ -9,6 +9,8 @@ mod authenticator;
 mod authorize;
 mod credential;
 
-pub use authenticator::{AuthError, Authenticator, CacheSettings, IdentityHeaders, VerifiedKey};
+pub use authenticator::{
+    AuthError, Authenticator, CacheSettings, Owner, OwnerHeaders, VerifiedKey,
+};
 pub use authorize::{authorize, required_permission, Forbidden};
 pub use credential::{Credential, CredentialError, CredentialExtractor, CredentialSource};

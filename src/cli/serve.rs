@@ -12,7 +12,8 @@ use crate::config::Config;
 
 pub fn run(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
-    crate::telemetry::init_logging(&config.log).map_err(Failure::usage)?;
+    // Held until exit: dropping it flushes the log lines still queued.
+    let _log_guard = crate::telemetry::init_logging(&config.log).map_err(Failure::usage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

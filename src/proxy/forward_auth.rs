@@ -77,17 +77,13 @@ pub async fn decide<'s, B>(
     let key = state.authenticator.verify(&credential.token, now).await?;
     *key_seen = Some(key.clone());
     let required = required_permission(&method, route.and_then(|r| r.permission));
-    authorize(
-        &key.record,
-        route.and_then(|r| r.namespace.as_deref()),
-        required,
-    )?;
+    authorize(&key, route.and_then(|r| r.namespace.as_deref()), required)?;
 
     let mut response = Response::new(Either::Right(Full::default()));
     for (name, value) in state.headers.identity_pairs(&key, route) {
-        response.headers_mut().insert(name.clone(), value.clone());
+        response.headers_mut().insert(name.clone(), value);
     }
-    state.usage.record(key.record.id, &key.usage, now);
+    state.usage.record(&key, now);
     Ok(response)
 }
 

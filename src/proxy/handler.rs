@@ -91,7 +91,7 @@ async fn pipeline<'s>(
 
     // 4. Authorize on the route's namespace.
     let required = required_permission(req.method(), route.permission);
-    authorize(&key.record, route.namespace.as_deref(), required)?;
+    authorize(&key, route.namespace.as_deref(), required)?;
 
     // 5. Rewrite headers: strip spoofed identity, credential, hop-by-hop;
     //    add forwarding headers and the identity.
@@ -123,7 +123,7 @@ async fn pipeline<'s>(
     }
 
     // 7. Count it against the key.
-    state.usage.record(key.record.id, &key.usage, now);
+    state.usage.record(&key, now);
     Ok(response.map(|body| Either::Left(CountedBody::new(body, state.bytes_out.clone()))))
 }
 
@@ -191,18 +191,17 @@ fn record(
         }
         if let Some(key) = &outcome.key {
             let series = key.series.get_or_init(|| {
-                let series =
-                    state
-                        .metrics
-                        .key_series(&key.record.id, &key.record.owner_id, &route.name);
-                (route.index, series)
+                let series = state
+                    .metrics
+                    .key_series(&key.id, &key.owner.id, &route.name);
+                Box::new((route.index, series))
             });
             if series.0 == route.index {
                 series.1.count(status);
             } else {
                 state
                     .metrics
-                    .key_series(&key.record.id, &key.record.owner_id, &route.name)
+                    .key_series(&key.id, &key.owner.id, &route.name)
                     .count(status);
             }
         }
@@ -210,8 +209,8 @@ fn record(
     let key = outcome.key.as_deref();
     tracing::info!(
         target: "keygate::access",
-        key_id = key.map(|k| k.record.id.as_str()),
-        owner_id = key.map(|k| k.record.owner_id.as_str()),
+        key_id = key.map(|k| k.id.as_str()),
+        owner_id = key.map(|k| k.owner.id.as_str()),
         method = method.as_str(),
         route = outcome.route.map(|r| r.name.as_str()),
         upstream = outcome.route.map(|r| r.upstream.authority.as_str()),

@@ -152,12 +152,12 @@ impl HeaderRules {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
 
-        let id = &key.headers;
-        headers.insert(self.key_id.clone(), id.key_id.clone());
-        headers.insert(self.owner_id.clone(), id.owner_id.clone());
-        headers.insert(self.owner_type.clone(), id.owner_type.clone());
-        headers.insert(self.owner_name.clone(), id.owner_name.clone());
-        headers.insert(self.role.clone(), id.role.clone());
+        let owner = &key.owner.headers;
+        headers.insert(self.key_id.clone(), key.key_id_header());
+        headers.insert(self.owner_id.clone(), owner.owner_id.clone());
+        headers.insert(self.owner_type.clone(), owner.owner_type.clone());
+        headers.insert(self.owner_name.clone(), owner.owner_name.clone());
+        headers.insert(self.role.clone(), owner.role.clone());
         if let Some(ns) = &route.namespace_header {
             headers.insert(self.namespace.clone(), ns.clone());
         }
@@ -168,19 +168,19 @@ impl HeaderRules {
         &'a self,
         key: &'a VerifiedKey,
         route: Option<&'a Route>,
-    ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
-        let id = &key.headers;
+    ) -> impl Iterator<Item = (&'a HeaderName, HeaderValue)> {
+        let owner = &key.owner.headers;
         [
-            (&self.key_id, &id.key_id),
-            (&self.owner_id, &id.owner_id),
-            (&self.owner_type, &id.owner_type),
-            (&self.owner_name, &id.owner_name),
-            (&self.role, &id.role),
+            (&self.key_id, key.key_id_header()),
+            (&self.owner_id, owner.owner_id.clone()),
+            (&self.owner_type, owner.owner_type.clone()),
+            (&self.owner_name, owner.owner_name.clone()),
+            (&self.role, owner.role.clone()),
         ]
         .into_iter()
         .chain(
             route
-                .and_then(|r| r.namespace_header.as_ref())
+                .and_then(|r| r.namespace_header.clone())
                 .map(|ns| (&self.namespace, ns)),
         )
     }

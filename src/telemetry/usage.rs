@@ -28,14 +28,23 @@ pub struct UsageCell {
     enlisted: AtomicBool,
 }
 
+/// Something that carries a key's usage cell (the cached key itself, so the
+/// cell costs no allocation of its own).
+pub trait UsageSource: Send + Sync {
+    fn usage_id(&self) -> KeyId;
+    fn usage_cell(&self) -> &UsageCell;
+}
+
+type Enlisted = Arc<dyn UsageSource>;
+
 /// The handle the proxy counts through.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UsageRecorder {
-    queue: mpsc::UnboundedSender<(KeyId, Arc<UsageCell>)>,
+    queue: mpsc::UnboundedSender<Enlisted>,
 }
 
 /// The receiving end, drained by [`run_flusher`].
-pub struct UsageQueue(mpsc::UnboundedReceiver<(KeyId, Arc<UsageCell>)>);
+pub struct UsageQueue(mpsc::UnboundedReceiver<Enlisted>);
 
 pub fn channel() -> (UsageRecorder, UsageQueue) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -43,14 +52,15 @@ pub fn channel() -> (UsageRecorder, UsageQueue) {
 }
 
 impl UsageRecorder {
-    pub fn record(&self, id: KeyId, cell: &Arc<UsageCell>, now: SystemTime) {
+    pub fn record<S: UsageSource + 'static>(&self, source: &Arc<S>, now: SystemTime) {
+        let cell = source.usage_cell();
         cell.pending.fetch_add(1, Ordering::Relaxed);
         let ms = u64::try_from(to_ms(now)).unwrap_or(0);
         cell.last_used_ms.fetch_max(ms, Ordering::Relaxed);
         // The flusher clears `enlisted` before it takes `pending`, so a count
         // added after the take always finds the cell un-enlisted and queues it.
         if !cell.enlisted.swap(true, Ordering::AcqRel) {
-            let _ = self.queue.send((id, cell.clone()));
+            let _ = self.queue.send(source.clone());
         }
     }
 }
@@ -59,8 +69,8 @@ impl UsageQueue {
     /// Takes everything counted since the last call, one delta per key.
     pub fn drain(&mut self) -> Vec<UsageDelta> {
         let mut batch: HashMap<KeyId, UsageDelta> = HashMap::new();
-        while let Ok((id, cell)) = self.0.try_recv() {
-            take(&mut batch, id, &cell);
+        while let Ok(source) = self.0.try_recv() {
+            take(&mut batch, source.usage_id(), source.usage_cell());
         }
         batch.into_values().collect()
     }
