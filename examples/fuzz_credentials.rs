@@ -320,8 +320,14 @@ fn check_one(
     let expected: BTreeMap<&str, &[u8]> = [
         ("x-keygate-key-id", key.id.as_str().as_bytes()),
         ("x-keygate-owner-id", key.owner.headers.owner_id.as_bytes()),
-        ("x-keygate-owner-type", key.owner.headers.owner_type.as_bytes()),
-        ("x-keygate-owner-name", key.owner.headers.owner_name.as_bytes()),
+        (
+            "x-keygate-owner-type",
+            key.owner.headers.owner_type.as_bytes(),
+        ),
+        (
+            "x-keygate-owner-name",
+            key.owner.headers.owner_name.as_bytes(),
+        ),
         ("x-keygate-role", key.owner.headers.role.as_bytes()),
         ("x-keygate-namespace", b"orders".as_slice()),
     ]
@@ -522,21 +528,21 @@ fn routes() -> &'static RouteTable {
 fn verified_key(format: &TokenFormat) -> VerifiedKey {
     let (id, _, digest): (_, _, Digest) = format.generate();
     VerifiedKey::new(KeyRecord {
-            id,
-            digest,
-            previous: None,
-            disabled: false,
-            expiry: None,
-            namespaces: Vec::new(),
-            owner_id: "owner-1".into(),
-            owner_type: OwnerType::User,
-            owner_name: "bob@example.com".into(),
-            owner_access: Access {
-                account_role: AccountRole::Read,
-                namespaces: BTreeMap::new(),
-            },
-            owner_disabled: false,
-        })
+        id,
+        digest,
+        previous: None,
+        disabled: false,
+        expiry: None,
+        namespaces: Vec::new(),
+        owner_id: "owner-1".into(),
+        owner_type: OwnerType::User,
+        owner_name: "bob@example.com".into(),
+        owner_access: Access {
+            account_role: AccountRole::Read,
+            namespaces: BTreeMap::new(),
+        },
+        owner_disabled: false,
+    })
 }
 
 #[allow(dead_code)] // The smoke test includes this file and calls `run`.

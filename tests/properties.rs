@@ -14,9 +14,7 @@ use std::time::SystemTime;
 use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use keygate::auth::{
-    CredentialError, CredentialExtractor, CredentialSource, VerifiedKey,
-};
+use keygate::auth::{CredentialError, CredentialExtractor, CredentialSource, VerifiedKey};
 use keygate::config::Config;
 use keygate::key::{Digest, KeyId, TokenError, TokenFormat, CHECK_LEN, ID_LEN, SECRET_LEN};
 use keygate::proxy::headers::{ConnectionInfo, HeaderRules};
@@ -283,7 +281,7 @@ proptest! {
                 prop_assert_eq!(values[0].as_bytes(), want.unwrap().as_bytes());
             }
         }
-        for (name, _) in &expected {
+        for name in expected.keys() {
             prop_assert!(h.contains_key(*name), "{} missing", name);
         }
         for hop in ["connection", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding", "upgrade", "trailer"] {
@@ -356,21 +354,21 @@ fn connection() -> ConnectionInfo {
 fn verified_key() -> VerifiedKey {
     let (id, _, digest) = issued();
     VerifiedKey::new(KeyRecord {
-            id,
-            digest,
-            previous: None,
-            disabled: false,
-            expiry: None,
-            namespaces: Vec::new(),
-            owner_id: "owner-1".into(),
-            owner_type: OwnerType::User,
-            owner_name: "bob@example.com".into(),
-            owner_access: Access {
-                account_role: AccountRole::Read,
-                namespaces: BTreeMap::new(),
-            },
-            owner_disabled: false,
-        })
+        id,
+        digest,
+        previous: None,
+        disabled: false,
+        expiry: None,
+        namespaces: Vec::new(),
+        owner_id: "owner-1".into(),
+        owner_type: OwnerType::User,
+        owner_name: "bob@example.com".into(),
+        owner_access: Access {
+            account_role: AccountRole::Read,
+            namespaces: BTreeMap::new(),
+        },
+        owner_disabled: false,
+    })
 }
 
 /// A valid-format token with a secret other than the key's (what an
