@@ -63,7 +63,9 @@ stop_keygate() {
 }
 
 fuzz() {
-  schemathesis run "http://127.0.0.1:${admin_port}/api/v1/openapi.json" \
+  # From the scratch directory: schemathesis keeps its example database in
+  # ./.schemathesis, which does not belong in the repository.
+  (cd "$work" && schemathesis run "http://127.0.0.1:${admin_port}/api/v1/openapi.json" \
     --url "http://127.0.0.1:${admin_port}" \
     --header "Authorization: Bearer ${token}" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
@@ -73,7 +75,7 @@ fuzz() {
     --continue-on-failure \
     --workers 1 \
     --report junit --report-dir "$work/report" \
-    "$@"
+    "$@")
 }
 
 # Some operations can lock the fuzzer's own admin key out (disable, rotate
