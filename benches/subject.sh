@@ -40,10 +40,13 @@ export KEYGATE_API_KEY=$ADMIN_KEY KEYGATE_SERVER="http://127.0.0.1:$((PREP_PORT 
 # A short-lived instance to create the owners through the admin API.
 "$BIN" serve --config "$DIR/prep.toml" >"$DIR/prep.log" 2>&1 &
 PREP=$!
+trap 'kill "$PREP" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
   curl -sf "$KEYGATE_SERVER/readyz" >/dev/null && break
   sleep 0.1
 done
+# The per-owner cap stays enforced; raise it to its highest allowed value.
+"$BIN" account update --max-keys-per-owner 10000 >/dev/null
 split -l "$PER_OWNER" -d -a 4 "$KEYS_TSV" "$DIR/chunk."
 i=0
 for chunk in "$DIR"/chunk.*; do
@@ -53,6 +56,7 @@ for chunk in "$DIR"/chunk.*; do
   i=$((i + 1))
 done
 kill "$PREP"; wait "$PREP" 2>/dev/null || true
+trap - EXIT
 echo "imported $(wc -l <"$KEYS_TSV") keys for $i owners" >&2
 # PREPARE_ONLY=1: leave the store and config ready, do not serve.
 [ -n "${PREPARE_ONLY:-}" ] && exit 0

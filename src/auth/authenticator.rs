@@ -2,9 +2,12 @@
 //! the key store, with a constant-time digest comparison, and checks the
 //! key's state and expiry on every call.
 //!
-//! Timing: an unknown id costs the same hash and comparison as a known one
-//! (against a dummy digest), and both are answered `invalid_api_key`. Only a
-//! verified secret may learn that its key is disabled or expired.
+//! Timing: an unknown id takes the same path as a known one. Known and
+//! unknown ids live in the same cache (one lookup either way), and an
+//! unknown id is verified against a dummy key with the same two digest
+//! comparisons, so that only the final boolean differs; both are answered
+//! `invalid_api_key`. Only a verified secret may learn that its key is
+//! disabled or expired. `examples/timing.rs` checks this statistically.
 //!
 //! Freshness: entries are trusted for `ttl`; past it they are re-read, and if
 //! the store is down they keep working until `ttl + stale_if_error`. Every
@@ -167,14 +170,23 @@ fn owner_of(record: &KeyRecord) -> Owner {
     }
 }
 
+/// What the cache holds for an id.
+#[derive(Clone)]
+enum Cached {
+    /// The key; trusted for `ttl`, served up to `ttl + stale_if_error`
+    /// while the store is down.
+    Known(Arc<VerifiedKey>),
+    /// The store said no such id, this many milliseconds after `started`.
+    Unknown(u64),
+}
+
 pub struct Authenticator {
     /// Where keys come from on a cache miss.
     store: Arc<dyn KeyStore>,
-    /// Verified keys by id; trusted for `ttl`, served up to
-    /// `ttl + stale_if_error` while the store is down.
-    cache: Cache<KeyId, Arc<VerifiedKey>>,
-    /// Ids the store said do not exist, and when it said so.
-    unknown: Cache<KeyId, Instant>,
+    /// Known and unknown ids alike, so both cost one lookup.
+    cache: Cache<KeyId, Cached>,
+    /// The time origin of `Cached::Unknown`.
+    started: Instant,
     /// One `Owner` per owner id, so that keys share it.
     owners: Cache<String, Arc<Owner>>,
     settings: CacheSettings,
@@ -182,8 +194,8 @@ pub struct Authenticator {
     epoch: AtomicU64,
     /// The account-wide switch (`apiKeysEnabled`).
     api_keys_enabled: AtomicBool,
-    /// Compared against when the id is unknown, to spend the same time.
-    dummy: Digest,
+    /// Verified against when the id is unknown, to spend the same time.
+    dummy: Arc<VerifiedKey>,
     /// Cache hit/miss and store error counters.
     metrics: Arc<Metrics>,
 }
@@ -200,12 +212,12 @@ impl Authenticator {
         Authenticator {
             store,
             cache: Cache::new(capacity),
-            unknown: Cache::new(capacity.min(100_000)),
+            started: Instant::now(),
             owners: Cache::new(capacity.min(100_000)),
             settings,
             epoch: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
-            dummy: Digest::of(b"keygate-dummy-secret-for-unknown-ids"),
+            dummy: Arc::new(dummy_key()),
             metrics,
         }
     }
@@ -217,19 +229,19 @@ impl Authenticator {
         now: SystemTime,
     ) -> Result<Arc<VerifiedKey>, AuthError> {
         let presented = token.digest;
-        let Some(key) = self.lookup(&token.id).await? else {
-            let _ = self.dummy.ct_eq(&presented);
-            return Err(AuthError::Invalid);
-        };
+        let found = self.lookup(&token.id).await?;
+        let exists = found.is_some();
+        // The same work for an unknown id: the dummy key has a digest no
+        // secret hashes to, and no previous one.
+        let key = found.unwrap_or_else(|| self.dummy.clone());
         let current = key.digest.ct_eq(&presented);
         let previous = match key.previous.as_deref() {
             Some((digest, until)) => {
                 digest.ct_eq(&presented) & Choice::from(u8::from(now < *until))
             }
-            // Same work whether or not the key was rotated.
-            None => self.dummy.ct_eq(&presented) & Choice::from(0),
+            None => self.dummy.digest.ct_eq(&presented) & Choice::from(0),
         };
-        if !bool::from(current | previous) {
+        if !(exists & bool::from(current | previous)) {
             return Err(AuthError::Invalid);
         }
         if key.disabled {
@@ -247,47 +259,37 @@ impl Authenticator {
         Ok(key)
     }
 
+    fn millis_since_start(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     async fn lookup(&self, id: &KeyId) -> Result<Option<Arc<VerifiedKey>>, AuthError> {
-        let cached = self.cache.get(id);
-        match &cached {
-            Some(key) if key.loaded_at.elapsed() < self.settings.ttl => {
+        let cached = match self.cache.get(id) {
+            Some(Cached::Known(key)) if key.loaded_at.elapsed() < self.settings.ttl => {
                 self.metrics.cache_hits.inc();
-                return Ok(Some(key.clone()));
+                return Ok(Some(key));
             }
-            Some(_) => {}
-            None => {
-                if let Some(since) = self.unknown.get(id) {
-                    if since.elapsed() < self.settings.negative_ttl {
-                        self.metrics.cache_hits.inc();
-                        return Ok(None);
-                    }
-                    self.unknown.remove(id);
-                }
+            Some(Cached::Unknown(at))
+                if self.millis_since_start().saturating_sub(at)
+                    < duration_millis(self.settings.negative_ttl) =>
+            {
+                self.metrics.cache_hits.inc();
+                return Ok(None);
             }
-        }
+            Some(Cached::Known(stale)) => Some(stale),
+            Some(Cached::Unknown(_)) | None => None,
+        };
         self.metrics.cache_misses.inc();
         let epoch = self.epoch.load(Ordering::Acquire);
         match self.store.find_key(id).await {
             Ok(Some(record)) => {
                 let owner = self.shared_owner(&record);
                 let key = Arc::new(VerifiedKey::with_owner(record, owner));
-                if self.epoch.load(Ordering::Acquire) == epoch {
-                    self.cache.insert(*id, key.clone());
-                    // An invalidation may have landed between the check and
-                    // the insert (its own removal then ran before our
-                    // insert): look again, so a slow fill never brings back
-                    // a key revoked while it was loading.
-                    if self.epoch.load(Ordering::Acquire) != epoch {
-                        self.cache.remove(id);
-                    }
-                }
+                self.fill(id, Cached::Known(key.clone()), epoch);
                 Ok(Some(key))
             }
             Ok(None) => {
-                self.cache.remove(id);
-                if self.epoch.load(Ordering::Acquire) == epoch {
-                    self.unknown.insert(*id, Instant::now());
-                }
+                self.fill(id, Cached::Unknown(self.millis_since_start()), epoch);
                 Ok(None)
             }
             Err(error) => {
@@ -303,6 +305,22 @@ impl Authenticator {
                     _ => Err(AuthError::StoreUnavailable),
                 }
             }
+        }
+    }
+
+    /// Caches what the store said, unless an invalidation ran since the
+    /// read began (`epoch`): then the answer may predate it.
+    fn fill(&self, id: &KeyId, entry: Cached, epoch: u64) {
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            self.cache.remove(id);
+            return;
+        }
+        self.cache.insert(*id, entry);
+        // An invalidation may have landed between the check and the insert
+        // (its own removal then ran before our insert): look again, so a
+        // slow fill never brings back a key revoked while it was loading.
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            self.cache.remove(id);
         }
     }
 
@@ -325,7 +343,6 @@ impl Authenticator {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for id in ids {
             self.cache.remove(id);
-            self.unknown.remove(id);
         }
     }
 
@@ -335,7 +352,6 @@ impl Authenticator {
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.cache.clear();
-        self.unknown.clear();
     }
 
     /// Sets the account-wide `apiKeysEnabled` switch.
@@ -350,10 +366,36 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Number of verified keys cached, for the metrics scrape.
+    /// Number of ids cached (known and unknown), for the metrics scrape.
     pub fn cached_keys(&self) -> u64 {
         self.cache.len() as u64
     }
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The stand-in verified when an id is unknown: a digest of a string that is
+/// not a possible secret (secrets are 32 base62 characters), and a disabled
+/// owner in case anything ever got past the `exists` check.
+fn dummy_key() -> VerifiedKey {
+    VerifiedKey::new(KeyRecord {
+        id: KeyId::generate(),
+        digest: Digest::of(b"keygate-dummy-secret-for-unknown-ids"),
+        previous: None,
+        disabled: true,
+        expiry: None,
+        namespaces: Vec::new(),
+        owner_id: String::new(),
+        owner_type: OwnerType::User,
+        owner_name: String::new(),
+        owner_access: Access {
+            account_role: crate::store::AccountRole::Read,
+            namespaces: Default::default(),
+        },
+        owner_disabled: true,
+    })
 }
 
 /// A header value from stored text. The admin API refuses control

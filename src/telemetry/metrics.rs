@@ -123,8 +123,11 @@ impl Metrics {
             "Key lookups that went to the store.",
         )
         .expect("valid metric");
-        let cache_entries = IntGauge::new("keygate_cache_entries", "Verified keys in the cache.")
-            .expect("valid metric");
+        let cache_entries = IntGauge::new(
+            "keygate_cache_entries",
+            "Key ids in the cache, known and unknown.",
+        )
+        .expect("valid metric");
         let store_errors =
             IntCounter::new("keygate_store_errors_total", "Failed key store operations.")
                 .expect("valid metric");
