@@ -6,9 +6,9 @@
 //! Two experiments, on the library's real code (`--release` matters):
 //!
 //! 1. `Authenticator` verification (parse + verify, as on a request) of a
-//!    wrong secret for an existing, cached key id, against a random unknown
-//!    id (answered from the negative cache). Both must take the same time,
-//!    or timing would tell an attacker which ids exist.
+//!    wrong secret for one of 64 existing, cached key ids, against one of 64
+//!    random unknown ids (answered from the cache too). Both must take the
+//!    same time, or timing would tell an attacker which ids exist.
 //! 2. `Digest::ct_eq` on equal digests against digests that differ in the
 //!    first byte (where an early-exit comparison would be fastest).
 //!
@@ -166,7 +166,36 @@ async fn verification(samples: usize) -> Verdict {
     )
     .await
     .expect("bootstrap");
-    let real = format.parse(admin.expose().as_bytes()).expect("token");
+    drop(admin);
+    // 64 existing keys and 64 unknown ids, each probed in turn: the same
+    // number of distinct ids on both sides, so that neither side is favoured
+    // by one hot entry in the CPU caches (the question is whether an id
+    // exists, so that is what varies).
+    let actor = keygate::store::Actor::system("timing");
+    store
+        .update_settings(&actor, true, Duration::from_secs(90 * 86_400), 100, None)
+        .await
+        .expect("settings");
+    let owner = store
+        .find_principal_by_name(keygate::store::OwnerType::User, "timing@example.com")
+        .await
+        .expect("store")
+        .expect("the bootstrap admin");
+    let mut existing_ids = Vec::new();
+    for i in 0..64 {
+        let (key, _) = keygate::admin::bootstrap::issue_key(
+            &*store,
+            &format,
+            &actor,
+            &owner,
+            &format!("probe {i}"),
+            "",
+            Some(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("key");
+        existing_ids.push(key.id);
+    }
     // Long TTLs: every sample is served from the caches, as an attacker's
     // repeated probes would be.
     let settings = CacheSettings {
@@ -176,10 +205,11 @@ async fn verification(samples: usize) -> Verdict {
         stale_if_error: Duration::from_secs(3600),
     };
     let auth = Authenticator::new(store, settings, Arc::new(Metrics::new(10)));
-    // 64 wrong secrets for the real id, 64 unknown ids (valid format and
-    // checksum, so both reach verification).
-    let wrong: Vec<String> = (0..64)
-        .map(|_| format.issue_secret(&real.id).0.expose().to_string())
+    // A wrong secret for each existing id, and 64 unknown ids (valid format
+    // and checksum, so both reach verification).
+    let wrong: Vec<String> = existing_ids
+        .iter()
+        .map(|id| format.issue_secret(id).0.expose().to_string())
         .collect();
     let unknown: Vec<String> = (0..64)
         .map(|_| format.generate().1.expose().to_string())

@@ -139,6 +139,10 @@ pub struct ProxyConfig {
     /// How long in-flight requests may run after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Runtime worker threads; 0 means one per CPU this process may use
+    /// (its affinity mask). With one, keygate runs a single-threaded runtime,
+    /// which spends less per request than a one-worker multi-threaded one.
+    pub worker_threads: usize,
     /// Serve TLS (ALPN h2 and http/1.1) on `listen` instead of plain TCP.
     pub tls: Option<TlsConfig>,
     /// CA bundle (PEM) trusted for `https://` upstreams instead of the
@@ -172,6 +176,7 @@ impl Default for ProxyConfig {
             max_headers: 100,
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
+            worker_threads: 0,
             tls: None,
             upstream_ca_file: None,
         }

@@ -101,8 +101,8 @@ pub struct VerifiedKey {
     /// The request counters of the first route this key was used on,
     /// resolved once (index of the route, counters).
     pub series: OnceLock<Box<(usize, KeySeries)>>,
-    /// When it was read from the store.
-    loaded_at: Instant,
+    /// False for the stand-ins cached for unknown ids.
+    real: bool,
 }
 
 impl VerifiedKey {
@@ -127,7 +127,7 @@ impl VerifiedKey {
             owner,
             usage: UsageCell::default(),
             series: OnceLock::new(),
-            loaded_at: Instant::now(),
+            real: true,
         }
     }
 
@@ -170,14 +170,15 @@ fn owner_of(record: &KeyRecord) -> Owner {
     }
 }
 
-/// What the cache holds for an id.
+/// What the cache holds for an id: the key, or the shared dummy key when
+/// the store said there is no such id, so that both cost the same.
 #[derive(Clone)]
-enum Cached {
-    /// The key; trusted for `ttl`, served up to `ttl + stale_if_error`
-    /// while the store is down.
-    Known(Arc<VerifiedKey>),
-    /// The store said no such id, this many milliseconds after `started`.
-    Unknown(u64),
+struct Cached {
+    key: Arc<VerifiedKey>,
+    /// Trusted until this many milliseconds after `started` (`ttl` for a
+    /// key, `negative_ttl` for an unknown id); a key is served up to
+    /// `stale_if_error` longer while the store is down.
+    fresh_until: u64,
 }
 
 pub struct Authenticator {
@@ -185,7 +186,7 @@ pub struct Authenticator {
     store: Arc<dyn KeyStore>,
     /// Known and unknown ids alike, so both cost one lookup.
     cache: Cache<KeyId, Cached>,
-    /// The time origin of `Cached::Unknown`.
+    /// The time origin of `Cached::fresh_until`.
     started: Instant,
     /// One `Owner` per owner id, so that keys share it.
     owners: Cache<String, Arc<Owner>>,
@@ -194,8 +195,8 @@ pub struct Authenticator {
     epoch: AtomicU64,
     /// The account-wide switch (`apiKeysEnabled`).
     api_keys_enabled: AtomicBool,
-    /// Verified against when the id is unknown, to spend the same time.
-    dummy: Arc<VerifiedKey>,
+    /// The template of the stand-ins verified when an id is unknown.
+    dummy: VerifiedKey,
     /// Cache hit/miss and store error counters.
     metrics: Arc<Metrics>,
 }
@@ -217,7 +218,7 @@ impl Authenticator {
             settings,
             epoch: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
-            dummy: Arc::new(dummy_key()),
+            dummy: dummy_key(),
             metrics,
         }
     }
@@ -229,11 +230,11 @@ impl Authenticator {
         now: SystemTime,
     ) -> Result<Arc<VerifiedKey>, AuthError> {
         let presented = token.digest;
-        let found = self.lookup(&token.id).await?;
-        let exists = found.is_some();
-        // The same work for an unknown id: the dummy key has a digest no
-        // secret hashes to, and no previous one.
-        let key = found.unwrap_or_else(|| self.dummy.clone());
+        // An unknown id comes back as a stand-in key of its own, whose
+        // digest no secret hashes to: from here on both take exactly the
+        // same steps, on a key object of their own.
+        let key = self.lookup(&token.id).await?;
+        let exists = key.real;
         let current = key.digest.ct_eq(&presented);
         let previous = match key.previous.as_deref() {
             Some((digest, until)) => {
@@ -263,21 +264,15 @@ impl Authenticator {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn lookup(&self, id: &KeyId) -> Result<Option<Arc<VerifiedKey>>, AuthError> {
-        let cached = match self.cache.get(id) {
-            Some(Cached::Known(key)) if key.loaded_at.elapsed() < self.settings.ttl => {
+    /// The key for an id, or the dummy key if there is none.
+    async fn lookup(&self, id: &KeyId) -> Result<Arc<VerifiedKey>, AuthError> {
+        let now = self.millis_since_start();
+        let stale = match self.cache.get(id) {
+            Some(cached) if now < cached.fresh_until => {
                 self.metrics.cache_hits.inc();
-                return Ok(Some(key));
+                return Ok(cached.key);
             }
-            Some(Cached::Unknown(at))
-                if self.millis_since_start().saturating_sub(at)
-                    < duration_millis(self.settings.negative_ttl) =>
-            {
-                self.metrics.cache_hits.inc();
-                return Ok(None);
-            }
-            Some(Cached::Known(stale)) => Some(stale),
-            Some(Cached::Unknown(_)) | None => None,
+            stale => stale,
         };
         self.metrics.cache_misses.inc();
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -285,26 +280,60 @@ impl Authenticator {
             Ok(Some(record)) => {
                 let owner = self.shared_owner(&record);
                 let key = Arc::new(VerifiedKey::with_owner(record, owner));
-                self.fill(id, Cached::Known(key.clone()), epoch);
-                Ok(Some(key))
+                let fresh_until = now.saturating_add(duration_millis(self.settings.ttl));
+                self.fill(
+                    id,
+                    Cached {
+                        key: key.clone(),
+                        fresh_until,
+                    },
+                    epoch,
+                );
+                Ok(key)
             }
             Ok(None) => {
-                self.fill(id, Cached::Unknown(self.millis_since_start()), epoch);
-                Ok(None)
+                let fresh_until = now.saturating_add(duration_millis(self.settings.negative_ttl));
+                let stand_in = Arc::new(self.stand_in(id));
+                self.fill(
+                    id,
+                    Cached {
+                        key: stand_in.clone(),
+                        fresh_until,
+                    },
+                    epoch,
+                );
+                Ok(stand_in)
             }
             Err(error) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(%error, key_id = %id, "key store lookup failed");
-                match cached {
-                    Some(key)
-                        if key.loaded_at.elapsed()
-                            < self.settings.ttl + self.settings.stale_if_error =>
+                let grace = duration_millis(self.settings.stale_if_error);
+                match stale {
+                    Some(cached)
+                        if cached.key.real && now < cached.fresh_until.saturating_add(grace) =>
                     {
-                        Ok(Some(key))
+                        Ok(cached.key)
                     }
                     _ => Err(AuthError::StoreUnavailable),
                 }
             }
+        }
+    }
+
+    /// A stand-in for an unknown id: its own object, like a real key, so
+    /// that verifying it touches memory the way verifying a key does.
+    fn stand_in(&self, id: &KeyId) -> VerifiedKey {
+        VerifiedKey {
+            id: *id,
+            digest: self.dummy.digest,
+            previous: None,
+            disabled: true,
+            expiry: None,
+            namespaces: Box::default(),
+            owner: self.dummy.owner.clone(),
+            usage: UsageCell::default(),
+            series: OnceLock::new(),
+            real: false,
         }
     }
 
@@ -376,11 +405,11 @@ fn duration_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The stand-in verified when an id is unknown: a digest of a string that is
-/// not a possible secret (secrets are 32 base62 characters), and a disabled
-/// owner in case anything ever got past the `exists` check.
+/// The template of stand-ins for unknown ids: a digest of a string that is
+/// not a possible secret (secrets are 32 base62 characters), disabled, with a
+/// disabled owner, in case anything ever got past the `exists` check.
 fn dummy_key() -> VerifiedKey {
-    VerifiedKey::new(KeyRecord {
+    let mut key = VerifiedKey::new(KeyRecord {
         id: KeyId::generate(),
         digest: Digest::of(b"keygate-dummy-secret-for-unknown-ids"),
         previous: None,
@@ -395,7 +424,9 @@ fn dummy_key() -> VerifiedKey {
             namespaces: Default::default(),
         },
         owner_disabled: true,
-    })
+    });
+    key.real = false;
+    key
 }
 
 /// A header value from stored text. The admin API refuses control

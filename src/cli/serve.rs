@@ -14,7 +14,18 @@ pub fn run(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
     // Held until exit: dropping it flushes the log lines still queued.
     let _log_guard = crate::telemetry::init_logging(&config.log).map_err(Failure::usage)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let workers = match config.proxy.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
