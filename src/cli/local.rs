@@ -95,7 +95,6 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             }
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", tsv.display())))?;
             let store = open(&url).await?;
-            let owner = find_user(&*store, &owner_email).await?;
             let lifetime = match duration {
                 Some(d) => Some(d),
                 None => {
@@ -109,12 +108,44 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             };
             let expiry = lifetime.map(|l| std::time::SystemTime::now() + l);
             let tokens = TokenFormat::new(&prefix).accepting_imported(true);
-            let keys = parse_import(&text, &tokens, &owner, expiry)?;
+            let lines = parse_import(&text, &tokens, &owner_email)?;
+            // Each distinct owner is looked up once.
+            let mut owners: std::collections::BTreeMap<&str, Principal> = Default::default();
+            for line in &lines {
+                if !owners.contains_key(line.owner_email) {
+                    owners.insert(
+                        line.owner_email,
+                        find_user(&*store, line.owner_email).await?,
+                    );
+                }
+            }
+            let keys: Vec<NewKey> = lines
+                .into_iter()
+                .map(|line| {
+                    let owner = &owners[line.owner_email];
+                    NewKey {
+                        id: line.token.id,
+                        digest: line.token.digest,
+                        display_name: line.name,
+                        description: "imported".into(),
+                        owner_id: owner.id.clone(),
+                        owner_type: owner.kind,
+                        namespaces: Vec::new(),
+                        expiry,
+                        disabled: false,
+                    }
+                })
+                .collect();
             let imported = store
                 .import_keys(&Actor::system("local-cli"), &keys)
                 .await
                 .map_err(|e| Failure::usage(e.to_string()))?;
-            eprintln!("Imported {imported} API keys for {}.", owner.name);
+            let names: Vec<&str> = owners.values().map(|o| o.name.as_str()).collect();
+            if names.len() == 1 {
+                eprintln!("Imported {imported} API keys for {}.", names[0]);
+            } else {
+                eprintln!("Imported {imported} API keys for {} owners.", names.len());
+            }
             Ok(())
         }
         // `cli::main` sends only the commands above here.
@@ -132,42 +163,44 @@ async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failu
         .ok_or_else(|| Failure::usage(format!("no user with email {email:?}")))
 }
 
-/// Reads `token<TAB>name` lines into keys for `owner`. A line that does not
-/// hold a token is refused by its number, never by its content.
-fn parse_import(
-    text: &str,
+/// One line of an import file.
+struct ImportLine<'a> {
+    token: crate::key::ParsedToken,
+    name: String,
+    owner_email: &'a str,
+}
+
+/// Reads `token<TAB>name[<TAB>owner-email]` lines. A line that does not hold
+/// a token is refused by its number, never by its content.
+fn parse_import<'a>(
+    text: &'a str,
     tokens: &TokenFormat,
-    owner: &Principal,
-    expiry: Option<std::time::SystemTime>,
-) -> Result<Vec<NewKey>, Failure> {
-    let mut keys = Vec::new();
+    default_owner: &'a str,
+) -> Result<Vec<ImportLine<'a>>, Failure> {
+    let mut lines = Vec::new();
     for (number, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let (token, name) = line.split_once('\t').unwrap_or((line, ""));
-        let parsed = tokens.parse(token.trim().as_bytes()).map_err(|e| {
+        let mut fields = line.split('\t');
+        let token = fields.next().unwrap_or_default();
+        let token = tokens.parse(token.trim().as_bytes()).map_err(|e| {
             Failure::usage(format!(
                 "line {}: not an importable token ({e})",
                 number + 1
             ))
         })?;
-        let name = name.trim();
-        keys.push(NewKey {
-            id: parsed.id,
-            digest: parsed.digest,
-            display_name: if name.is_empty() {
-                format!("imported {}", parsed.id)
+        let name = fields.next().map(str::trim).unwrap_or_default();
+        let owner_email = fields.next().map(str::trim).filter(|o| !o.is_empty());
+        lines.push(ImportLine {
+            name: if name.is_empty() {
+                format!("imported {}", token.id)
             } else {
                 name.to_string()
             },
-            description: "imported".into(),
-            owner_id: owner.id.clone(),
-            owner_type: owner.kind,
-            namespaces: Vec::new(),
-            expiry,
-            disabled: false,
+            token,
+            owner_email: owner_email.unwrap_or(default_owner),
         });
     }
-    Ok(keys)
+    Ok(lines)
 }

@@ -199,13 +199,14 @@ pub enum ApikeyCommand {
         namespaces: Vec<String>,
     },
     /// Import keys issued by another system, straight into the store: one
-    /// `token<TAB>name` per line. Needs `[keys] accept_imported = true` on
-    /// the servers that should accept them.
+    /// `token<TAB>name[<TAB>owner-email]` per line. Needs `[keys]
+    /// accept_imported = true` on the servers that should accept them.
     Import {
-        /// The file of `token<TAB>name` lines (`-` for standard input).
+        /// The file of `token<TAB>name[<TAB>owner-email]` lines (`-` for
+        /// standard input).
         #[arg(long)]
         tsv: PathBuf,
-        /// Email of the user who will own the keys.
+        /// Email of the user who owns keys whose line names no owner.
         #[arg(long)]
         owner_email: String,
         /// Lifetime of the imported keys (default: the account's maximum).
