@@ -73,7 +73,7 @@ pub async fn with_keys(n: usize) -> Bench {
     let settings = CacheSettings {
         capacity: 2_000_000,
         ttl: Duration::from_secs(3600),
-        negative_ttl: Duration::from_secs(2),
+        negative_ttl: Duration::from_secs(3600),
         stale_if_error: Duration::from_secs(300),
     };
     let auth = Arc::new(Authenticator::new(
