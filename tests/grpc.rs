@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::Gate;
@@ -150,5 +151,62 @@ async fn grpc_upstream_down_is_unavailable() {
         .await
         .expect_err("no upstream");
     assert_eq!(err.code(), Code::Unavailable);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn identity_reaches_the_grpc_server_as_metadata() {
+    // The upstream records the metadata each call arrives with.
+    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+    let seen: Seen = Arc::default();
+    let recorder = seen.clone();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("orders", tonic_health::ServingStatus::Serving)
+        .await;
+    let service =
+        tonic::service::interceptor::InterceptedService::new(service, move |req: Request<()>| {
+            let get = |name: &str| {
+                req.metadata()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            recorder
+                .lock()
+                .unwrap()
+                .push((get("x-keygate-key-id"), get("x-keygate-role")));
+            if req.metadata().contains_key("authorization") {
+                return Err(Status::internal("the credential reached the upstream"));
+            }
+            Ok(req)
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let gate = Gate::builder().upstream(addr).start().await;
+    let bob = gate
+        .user("bob@example.com", keygate::store::AccountRole::Read, &[])
+        .await;
+    let (bob_id, bob_token) = gate.key_for(&bob).await;
+    let mut client =
+        HealthClient::with_interceptor(channel(&gate).await, with_key(Some(bob_token)));
+    client
+        .check(HealthCheckRequest {
+            service: "orders".into(),
+        })
+        .await
+        .expect("call passes, without the credential upstream");
+    let seen = seen.lock().unwrap().clone();
+    // The client sent x-keygate-role: admin; the server saw the key's owner's role.
+    assert_eq!(seen, vec![(bob_id, "read".to_string())]);
     gate.stop().await;
 }

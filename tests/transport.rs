@@ -392,3 +392,39 @@ async fn response_bodies_are_collected_by_clients_of_the_tls_listener() {
     assert_eq!(body.len(), 512 * 1024);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("header_read_timeout = \"500ms\"")
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nAuthorization: Bearer {}\r\n\r\n",
+        gate.admin_token
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle: the wait for the next request head is bounded too.
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed too early"
+    );
+    gate.stop().await;
+}
