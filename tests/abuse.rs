@@ -8,6 +8,8 @@
 //! connection, and the upstream sees nothing the proxy did not authorize.
 //! (tests/proxy.rs and tests/transport.rs already cover two differing
 //! Content-Lengths, a control byte, 431 on big heads and a stalled head.)
+// Test servers record what they saw behind a plain Mutex; no hot path here.
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

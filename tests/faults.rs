@@ -9,6 +9,8 @@
 //! up or remounted read-only. (Root ignores file permissions, so chmod would
 //! prove nothing.) Mounting needs root; set KEYGATE_SKIP_MOUNT_TESTS=1 to
 //! skip those on a machine where the tests do not run as root.
+// Test servers record what they saw behind a plain Mutex; no hot path here.
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -7,6 +7,10 @@
 //! `key_id="_other"`. A key's counters are resolved once and kept with its
 //! usage cell, so counting a request is an atomic add, not a label lookup.
 
+// The key-series admission set is a plain Mutex: taken once per key when the
+// key is first counted, never per request and never across an await.
+#![allow(clippy::disallowed_types)]
+
 use std::collections::HashSet;
 use std::sync::Mutex;
 

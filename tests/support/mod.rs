@@ -1,6 +1,8 @@
 //! Test support: start keygate on 127.0.0.1:0 with a fresh SQLite file, real
 //! upstreams, and fixtures written through the real store.
 #![allow(dead_code)]
+// Test servers record what they saw behind a plain Mutex; no hot path here.
+#![allow(clippy::disallowed_types)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
