@@ -65,13 +65,7 @@ pub async fn issue_key(
     description: &str,
     lifetime: Option<Duration>,
 ) -> Result<(ApiKey, IssuedToken), StoreError> {
-    let lifetime = match lifetime {
-        Some(l) => Some(l),
-        None => {
-            let max = store.settings().await?.max_key_lifetime;
-            (!max.is_zero()).then_some(max)
-        }
-    };
+    let lifetime = lifetime_or_account_max(store, lifetime).await?;
     let (id, token, digest) = tokens.generate();
     let key = NewKey {
         id,
@@ -86,6 +80,21 @@ pub async fn issue_key(
     };
     let created = store.create_key(actor, key).await?;
     Ok((created, token))
+}
+
+/// The lifetime asked for, or else the account's longest allowed one
+/// (`None`, never expiring, when the account allows that).
+pub async fn lifetime_or_account_max(
+    store: &dyn KeyStore,
+    asked: Option<Duration>,
+) -> Result<Option<Duration>, StoreError> {
+    match asked {
+        Some(lifetime) => Ok(Some(lifetime)),
+        None => {
+            let max = store.settings().await?.max_key_lifetime;
+            Ok((!max.is_zero()).then_some(max))
+        }
+    }
 }
 
 /// A light check: something@something, printable, no spaces. Delivery is

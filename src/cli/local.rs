@@ -2,7 +2,7 @@
 //! `apikey create --local`.
 
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
-use crate::admin::bootstrap::{bootstrap, issue_key, BootstrapError};
+use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
 use crate::key::TokenFormat;
 use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal};
 
@@ -95,17 +95,9 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             }
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", tsv.display())))?;
             let store = open(&url).await?;
-            let lifetime = match duration {
-                Some(d) => Some(d),
-                None => {
-                    let max = store
-                        .settings()
-                        .await
-                        .map_err(|e| Failure::runtime(e.to_string()))?
-                        .max_key_lifetime;
-                    (!max.is_zero()).then_some(max)
-                }
-            };
+            let lifetime = lifetime_or_account_max(&*store, duration)
+                .await
+                .map_err(|e| Failure::runtime(e.to_string()))?;
             let expiry = lifetime.map(|l| std::time::SystemTime::now() + l);
             let tokens = TokenFormat::new(&prefix).accepting_imported(true);
             let lines = parse_import(&text, &tokens, &owner_email)?;
