@@ -143,6 +143,9 @@ pub struct ProxyConfig {
     /// (its affinity mask). With one, keygate runs a single-threaded runtime,
     /// which spends less per request than a one-worker multi-threaded one.
     pub worker_threads: usize,
+    /// Serve plain HTTP/1.1 requests to `http://` upstreams with the relay
+    /// (`proxy::relay`) instead of hyper; everything else uses hyper anyway.
+    pub http1_relay: bool,
     /// Serve TLS (ALPN h2 and http/1.1) on `listen` instead of plain TCP.
     pub tls: Option<TlsConfig>,
     /// CA bundle (PEM) trusted for `https://` upstreams instead of the
@@ -177,6 +180,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             worker_threads: 0,
+            http1_relay: true,
             tls: None,
             upstream_ca_file: None,
         }

@@ -67,13 +67,28 @@ impl CredentialExtractor {
     }
 
     pub fn extract(&self, headers: &HeaderMap) -> Result<Credential, CredentialError> {
-        let mut authorization = headers.get_all(AUTHORIZATION).iter();
+        self.extract_values(
+            headers.get_all(AUTHORIZATION).iter().map(|v| v.as_bytes()),
+            headers
+                .get_all(&self.api_key_header)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+    }
+
+    /// The same decision from raw header values: every `Authorization` value
+    /// and every value of the key header, in order. The HTTP/1 relay calls
+    /// this on the bytes it parsed, without building a `HeaderMap`.
+    pub fn extract_values<'a>(
+        &self,
+        mut authorization: impl Iterator<Item = &'a [u8]>,
+        mut key_header: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<Credential, CredentialError> {
         let from_authorization = match authorization.next() {
             Some(_) if authorization.next().is_some() => return Err(CredentialError::Ambiguous),
-            Some(value) => Some(self.parse_authorization(value.as_bytes())),
+            Some(value) => Some(self.parse_authorization(value)),
             None => None,
         };
-        let mut key_header = headers.get_all(&self.api_key_header).iter();
         let key_value = key_header.next();
         if key_header.next().is_some() {
             return Err(CredentialError::Ambiguous);
@@ -87,7 +102,7 @@ impl CredentialExtractor {
             // header then still authenticates the request.
             (Some(Err(CredentialError::UnsupportedScheme)), Some(value)) | (None, Some(value)) => {
                 Ok(Credential {
-                    token: self.format.parse(trim(value.as_bytes()))?,
+                    token: self.format.parse(trim(value))?,
                     source: CredentialSource::ApiKeyHeader,
                 })
             }

@@ -15,8 +15,9 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{Either, Full};
 
-use crate::auth::{authorize, required_permission, VerifiedKey};
+use crate::auth::VerifiedKey;
 
+use super::handler::authenticate;
 use super::reject::ProxyError;
 use super::routes::{request_host, strip_port, Route};
 use super::{ProxyBody, ProxyState};
@@ -74,10 +75,7 @@ pub async fn decide<'s, B>(
 
     let credential = state.credentials.extract(headers)?;
     let now = SystemTime::now();
-    let key = state.authenticator.verify(&credential.token, now).await?;
-    *key_seen = Some(key.clone());
-    let required = required_permission(&method, route.and_then(|r| r.permission));
-    authorize(&key, route.and_then(|r| r.namespace.as_deref()), required)?;
+    let key = authenticate(state, &credential, &method, route, now, key_seen).await?;
 
     let mut response = Response::new(Either::Right(Full::default()));
     for (name, value) in state.headers.identity_pairs(&key, route) {

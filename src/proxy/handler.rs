@@ -14,7 +14,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
 
-use crate::auth::{authorize, required_permission, VerifiedKey};
+use crate::auth::{authorize, required_permission, Credential, VerifiedKey};
 use crate::telemetry::counted::CountedBody;
 
 use super::forward_auth;
@@ -24,12 +24,12 @@ use super::routes::{request_host, Route};
 use super::{ProxyBody, ProxyState};
 
 /// What the pipeline learned about a request, for the access log and metrics,
-/// whether it succeeded or not.
+/// whether it succeeded or not. The relay (`super::relay`) fills one too.
 #[derive(Default)]
-struct Outcome<'a> {
-    route: Option<&'a Route>,
-    key: Option<Arc<VerifiedKey>>,
-    upstream_started: Option<Instant>,
+pub(super) struct Outcome<'a> {
+    pub route: Option<&'a Route>,
+    pub key: Option<Arc<VerifiedKey>>,
+    pub upstream_started: Option<Instant>,
 }
 
 /// Serves one request. Never fails: every error is a response.
@@ -49,7 +49,8 @@ pub async fn handle(
             (error.respond(grpc), Some(error))
         }
     };
-    record(&state, &method, &response, refusal, &outcome, started);
+    let status = response.status().as_u16();
+    record(&state, method.as_str(), status, refusal, &outcome, started);
     Ok(response)
 }
 
@@ -85,13 +86,17 @@ async fn pipeline<'s>(
     let credential = state.credentials.extract(req.headers())?;
 
     // 3. Verify it: cache, then store; state and expiry checked every time.
-    let now = SystemTime::now();
-    let key = state.authenticator.verify(&credential.token, now).await?;
-    outcome.key = Some(key.clone());
-
     // 4. Authorize on the route's namespace.
-    let required = required_permission(req.method(), route.permission);
-    authorize(&key, route.namespace.as_deref(), required)?;
+    let now = SystemTime::now();
+    let key = authenticate(
+        state,
+        &credential,
+        req.method(),
+        Some(route),
+        now,
+        &mut outcome.key,
+    )
+    .await?;
 
     // 5. Rewrite headers: strip spoofed identity, credential, hop-by-hop;
     //    add forwarding headers and the identity.
@@ -127,6 +132,25 @@ async fn pipeline<'s>(
     Ok(response.map(|body| Either::Left(CountedBody::new(body, state.bytes_out.clone()))))
 }
 
+/// Steps 3 and 4, shared with forward-auth and the relay: verifies the
+/// credential at `now` (noting the key in `key_seen` for the access log even
+/// when authorization then fails) and checks the route's namespace and
+/// permission. Without a route, a valid key is enough.
+pub(super) async fn authenticate(
+    state: &ProxyState,
+    credential: &Credential,
+    method: &Method,
+    route: Option<&Route>,
+    now: SystemTime,
+    key_seen: &mut Option<Arc<VerifiedKey>>,
+) -> Result<Arc<VerifiedKey>, ProxyError> {
+    let key = state.authenticator.verify(&credential.token, now).await?;
+    *key_seen = Some(key.clone());
+    let required = required_permission(method, route.and_then(|r| r.permission));
+    authorize(&key, route.and_then(|r| r.namespace.as_deref()), required)?;
+    Ok(key)
+}
+
 /// Copies bytes both ways between an upgraded client and upstream (WebSocket).
 async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -153,7 +177,7 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= http::Version::HTTP_11 && req.headers().contains_key(UPGRADE)
 }
 
-fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
+pub(super) fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
     match error.blame() {
         Blame::Client => state.metrics.auth_failure(error.code()),
         Blame::Upstream => {
@@ -170,15 +194,14 @@ fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) 
 }
 
 /// Metrics and the one access-log event of the request.
-fn record(
+pub(super) fn record(
     state: &ProxyState,
-    method: &Method,
-    response: &Response<ProxyBody>,
+    method: &str,
+    status: u16,
     refusal: Option<ProxyError>,
     outcome: &Outcome<'_>,
     started: Instant,
 ) {
-    let status = response.status().as_u16();
     if let Some(route) = outcome.route {
         let metrics = &state.route_metrics[route.index];
         metrics
@@ -211,7 +234,7 @@ fn record(
         target: "keygate::access",
         key_id = key.map(|k| k.id.as_str()),
         owner_id = key.map(|k| k.owner.id.as_str()),
-        method = method.as_str(),
+        method,
         route = outcome.route.map(|r| r.name.as_str()),
         upstream = outcome.route.map(|r| r.upstream.authority.as_str()),
         status,

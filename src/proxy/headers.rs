@@ -163,6 +163,79 @@ impl HeaderRules {
         }
     }
 
+    /// The relay's version of [`Self::rewrite_request`], on the raw head of
+    /// an HTTP/1.1 request: writes the request line and every header that
+    /// survives the rewrite into `out`, then the forwarding headers. The
+    /// identity follows once the key is verified ([`Self::write_identity`]).
+    /// The relay only passes heads whose `Connection` names no header and
+    /// that carry no `Upgrade` or `Transfer-Encoding`, so dropping the fixed
+    /// hop-by-hop names is the whole of the hop-by-hop rule here.
+    pub fn write_request_head(
+        &self,
+        out: &mut Vec<u8>,
+        method: &[u8],
+        target: &[u8],
+        headers: &[httparse::Header<'_>],
+        conn: &ConnectionInfo,
+        source: CredentialSource,
+    ) {
+        out.extend_from_slice(method);
+        out.push(b' ');
+        out.extend_from_slice(target);
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let credential: &[u8] = match source {
+            CredentialSource::Authorization => b"authorization",
+            CredentialSource::ApiKeyHeader => self.api_key_header.as_str().as_bytes(),
+        };
+        let (mut forwarded_for, mut host, mut request_id) = (None, None, false);
+        for header in headers {
+            let name = header.name.as_bytes();
+            let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+            if is_identity_bytes(&self.prefix, name)
+                || (!self.keep_credential && is(credential))
+                || is_hop_by_hop_bytes(name, header.value)
+                || is(b"x-forwarded-proto")
+                || is(b"x-forwarded-host")
+            {
+                continue;
+            }
+            if is(b"x-forwarded-for") {
+                // Like `HeaderMap::get`, the first value is the one extended.
+                forwarded_for.get_or_insert(header.value);
+                continue;
+            }
+            if is(b"host") {
+                host = Some(header.value);
+            } else if is(b"x-request-id") {
+                request_id = true;
+            }
+            put_header(out, name, header.value);
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(existing) = forwarded_for {
+            out.extend_from_slice(existing);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(conn.peer_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        put_header(out, b"x-forwarded-proto", conn.proto.as_bytes());
+        if let Some(host) = host {
+            put_header(out, b"x-forwarded-host", host);
+        }
+        if !request_id {
+            put_header(out, b"x-request-id", new_request_id().as_bytes());
+        }
+    }
+
+    /// Appends the verified identity to a head written by
+    /// [`Self::write_request_head`], and the blank line that ends it.
+    pub fn write_identity(&self, out: &mut Vec<u8>, key: &VerifiedKey, route: &Route) {
+        for (name, value) in self.identity_pairs(key, Some(route)) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
     /// The identity headers of a verified key, for forward-auth answers.
     pub fn identity_pairs<'a>(
         &'a self,
@@ -202,13 +275,91 @@ impl HeaderRules {
     }
 }
 
-fn is_identity_name(prefix: &[u8], name: &HeaderName) -> bool {
-    let name = name.as_str().as_bytes();
+/// The relay's response head: the upstream's status line and headers,
+/// minus hop-by-hop ones (and those `Connection` names), keeping
+/// `Transfer-Encoding` when the body is passed through chunked, and with
+/// `connection: close` when the client connection ends after it.
+pub fn write_response_head(
+    out: &mut Vec<u8>,
+    code: u16,
+    reason: &[u8],
+    headers: &[httparse::Header<'_>],
+    keep_transfer_encoding: bool,
+    close: bool,
+) {
+    // httparse guarantees three digits.
+    let digits = [
+        (code / 100) as u8,
+        (code / 10 % 10) as u8,
+        (code % 10) as u8,
+    ];
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend(digits.map(|d| b'0' + d));
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+    let connection_names = |name: &[u8]| {
+        headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|&c| c == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
+        })
+    };
+    // Upstreams mostly send none, or `keep-alive`/`close`, which name no
+    // header: then the per-header search is skipped.
+    let names_headers = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && h.value.split(|&c| c == b',').any(|token| {
+                let token = token.trim_ascii();
+                !token.eq_ignore_ascii_case(b"keep-alive") && !token.eq_ignore_ascii_case(b"close")
+            })
+    });
+    for header in headers {
+        let name = header.name.as_bytes();
+        let named_by_connection = names_headers && connection_names(name);
+        let transfer_encoding = name.eq_ignore_ascii_case(b"transfer-encoding");
+        if named_by_connection
+            || (is_hop_by_hop_bytes(name, header.value)
+                && !(transfer_encoding && keep_transfer_encoding))
+        {
+            continue;
+        }
+        put_header(out, name, header.value);
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// [`HOP_BY_HOP`] and `TE` (unless it is `trailers`), on raw bytes.
+fn is_hop_by_hop_bytes(name: &[u8], value: &[u8]) -> bool {
+    if name.eq_ignore_ascii_case(b"te") {
+        return !value.eq_ignore_ascii_case(b"trailers");
+    }
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+}
+
+fn is_identity_bytes(prefix: &[u8], name: &[u8]) -> bool {
     name.len() >= prefix.len()
         && name
             .iter()
             .zip(prefix)
             .all(|(&n, &p)| n.to_ascii_lowercase() == p || (n == b'_' && p == b'-'))
+}
+
+fn is_identity_name(prefix: &[u8], name: &HeaderName) -> bool {
+    is_identity_bytes(prefix, name.as_str().as_bytes())
 }
 
 /// A request body whose trailer fields lose every identity-prefixed name.

@@ -5,6 +5,7 @@ pub mod forward_auth;
 pub mod handler;
 pub mod headers;
 pub mod reject;
+pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod tls;
@@ -56,6 +57,8 @@ pub struct ProxyState {
     pub route_metrics: Vec<RouteMetrics>,
     /// The forward-auth decision endpoint, when enabled.
     pub forward_auth: Option<forward_auth::ForwardAuth>,
+    /// The relay's idle upstream connections, per route (by `Route::index`).
+    pub relay_pools: Vec<relay::IdlePool>,
 }
 
 /// A route's latency histograms, resolved once so the hot path does not look
@@ -77,6 +80,9 @@ impl ProxyState {
         let upstream_tls = tls::client_config(config.proxy.upstream_ca_file.as_deref())?;
         let proxy = &config.proxy;
         let routes = routes::RouteTable::from_config(config);
+        let relay_pools = (0..routes.len())
+            .map(|_| relay::IdlePool::default())
+            .collect();
         let route_metrics = (0..routes.len())
             .map(|i| {
                 let name = routes.name(i);
@@ -110,6 +116,7 @@ impl ProxyState {
             bytes_in: metrics.bytes("in"),
             bytes_out: metrics.bytes("out"),
             metrics,
+            relay_pools,
             route_metrics,
             forward_auth: config
                 .forward_auth

@@ -185,6 +185,33 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// The same HTTP response as [`Self::respond`], serialized as HTTP/1.1
+    /// for the relay, which answers upstream failures itself.
+    pub fn render_http1(self, out: &mut Vec<u8>, close: bool) {
+        let response = self.respond(false);
+        let body = self.json_body();
+        let status = response.status();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in response.headers() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+    }
+}
+
 impl From<CredentialError> for ProxyError {
     fn from(e: CredentialError) -> Self {
         match e {

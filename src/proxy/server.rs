@@ -3,6 +3,12 @@
 //! header limits, a header read timeout, a connection cap and graceful
 //! draining on shutdown.
 //!
+//! Plain HTTP/1.1 connections (and TLS ones that did not choose h2) start
+//! in the relay (`super::relay`), which serves the common request itself
+//! and hands the connection to hyper at the first request it does not;
+//! h2c is recognised there too, by its preface failing to parse as
+//! HTTP/1.1.
+//!
 //! Each request reads the current `ProxyState` from an `ArcSwap`, so a
 //! config reload applies to the next request on every connection.
 
@@ -12,17 +18,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::handler::handle;
 use super::headers::ConnectionInfo;
+use super::relay::{self, Ended, Rewind};
 use super::ProxyState;
 use crate::config::ProxyConfig;
 
@@ -34,6 +42,8 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Serve what it can with `relay` before handing over to hyper.
+    pub http1_relay: bool,
 }
 
 impl From<&ProxyConfig> for ServerLimits {
@@ -44,8 +54,16 @@ impl From<&ProxyConfig> for ServerLimits {
             header_read_timeout: c.header_read_timeout,
             max_connections: c.max_connections,
             drain_timeout: c.drain_timeout,
+            http1_relay: c.http1_relay,
         }
     }
+}
+
+/// What every connection task shares.
+struct Shared {
+    states: Arc<ArcSwap<ProxyState>>,
+    limits: ServerLimits,
+    builder: auto::Builder<TokioExecutor>,
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then stops
@@ -70,8 +88,17 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drain_timeout = limits.drain_timeout;
+    let shared = Arc::new(Shared {
+        states: state,
+        limits,
+        builder,
+    });
+    // Every connection task holds a permit until it ends, so holding them
+    // all again means every connection has ended.
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
+    let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         // Waiting for a permit before accepting leaves excess connections in
@@ -96,36 +123,26 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let proto = if tls.is_some() { "https" } else { "http" };
-        let conn_info = Arc::new(connection_info(peer, proto));
-        let state = state.clone();
-        let service = service_fn(move |req| handle(state.load_full(), conn_info.clone(), req));
+        let shared = shared.clone();
+        let drain = drain_rx.clone();
         match &tls {
             None => {
-                let connection =
-                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
-                    }
+                    let conn_info = connection_info(peer, "http");
+                    serve_connection(stream, &shared, conn_info, drain, peer).await;
                     drop(permit);
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
                     // The handshake gets the same budget as a request head:
                     // a client that stalls it is a slow-loris too.
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
+                    let handshake = tokio::time::timeout(
+                        shared.limits.header_read_timeout,
                         acceptor.accept(stream),
-                    )
-                    .await
-                    {
+                    );
+                    let stream = match handshake.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(error)) => {
                             tracing::debug!(%error, %peer, "TLS handshake failed");
@@ -136,10 +153,11 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    let conn_info = connection_info(peer, "https");
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        serve_hyper(stream, &shared, conn_info, drain, peer).await;
+                    } else {
+                        serve_connection(stream, &shared, conn_info, drain, peer).await;
                     }
                     drop(permit);
                 });
@@ -147,11 +165,77 @@ pub async fn serve(
         }
     }
     drop(listener);
+    let _ = drain_tx.send(true);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("proxy drained"),
-        _ = tokio::time::sleep(limits.drain_timeout) => {
+        _ = permits.acquire_many(max_connections) => tracing::info!("proxy drained"),
+        _ = tokio::time::sleep(drain_timeout) => {
             tracing::warn!("drain deadline reached; closing remaining connections");
         }
+    }
+}
+
+/// An HTTP/1.1 or h2c connection: the relay first, when enabled, then hyper
+/// for whatever the relay hands over.
+async fn serve_connection<S>(
+    mut stream: S,
+    shared: &Shared,
+    conn_info: ConnectionInfo,
+    mut drain: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let prefix = if shared.limits.http1_relay {
+        match relay::serve(
+            &mut stream,
+            &shared.states,
+            &conn_info,
+            &shared.limits,
+            &mut drain,
+        )
+        .await
+        {
+            Ended::Closed => return,
+            Ended::Handoff(prefix) => prefix,
+        }
+    } else {
+        BytesMut::new()
+    };
+    serve_hyper(Rewind::new(prefix, stream), shared, conn_info, drain, peer).await;
+}
+
+/// Serves a connection with hyper (HTTP/1.1 with upgrades, or HTTP/2) until
+/// it ends; a drain asks it to finish its requests and close.
+async fn serve_hyper<S>(
+    stream: S,
+    shared: &Shared,
+    conn_info: ConnectionInfo,
+    mut drain: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_info = Arc::new(conn_info);
+    let states = shared.states.clone();
+    let service = service_fn(move |req| handle(states.load_full(), conn_info.clone(), req));
+    let connection = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    if !*drain.borrow_and_update() {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.changed() => {}
+        }
+    }
+    connection.as_mut().graceful_shutdown();
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }
 

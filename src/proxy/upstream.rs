@@ -28,6 +28,7 @@ pub struct UpstreamClients {
     h2c: Client<Connector, UpstreamBody>,
     /// How long to wait for the upstream's response headers.
     timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl UpstreamClients {
@@ -67,7 +68,19 @@ impl UpstreamClients {
             http1,
             h2c,
             timeout: response_timeout,
+            connect_timeout,
         }
+    }
+
+    /// How long to wait for the upstream's response head (the relay uses
+    /// the same setting).
+    pub fn response_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// How long to wait for a TCP connection to the upstream.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
     }
 
     /// Sends the request to the upstream and waits for its response head.

@@ -1,0 +1,669 @@
+//! The HTTP/1.1 relay: the common request served without hyper.
+//!
+//! A request qualifies when it is HTTP/1.1 with an origin-form target, one
+//! `Host`, no body or a `Content-Length` body, no `Upgrade`,
+//! `Transfer-Encoding` or `Expect`, a `Connection` header naming nothing but
+//! `keep-alive`/`close`, a valid key allowed on its route, and a route to a
+//! plain `http://` upstream spoken to in HTTP/1.1. Then the relay copies the
+//! head with the rewrite of `headers` applied, streams the body by its
+//! length, and passes the upstream's response back by its framing, through
+//! its own pool of upstream connections. Every other request — and every
+//! refusal — is handed to hyper with the bytes read so far ([`Ended::Handoff`]),
+//! and hyper serves the rest of that connection through `handler`, so each
+//! rejection, limit and odd case keeps one implementation.
+//!
+//! Why by hand: on one core, hyper's server and client with the pooled
+//! legacy client cost about twice nginx's CPU per proxied request (README,
+//! Performance), and no crate offers a header-rewriting HTTP/1 relay that
+//! is not a whole framework. Parsing stays httparse's, the parser hyper
+//! uses; what is hand-written is the framing and the copying.
+
+mod framing;
+mod pool;
+mod rewind;
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BytesMut};
+use http::uri::Scheme;
+use http::Method;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant};
+
+use crate::auth::{Credential, VerifiedKey};
+use crate::config::UpstreamProtocol;
+
+use super::handler::{authenticate, record, record_failure, Outcome};
+use super::headers::{write_response_head, ConnectionInfo};
+use super::reject::ProxyError;
+use super::routes::{strip_port, Route, Upstream};
+use super::server::ServerLimits;
+use super::ProxyState;
+use framing::{parse_length, BadFraming, Framing};
+
+pub use pool::IdlePool;
+pub use rewind::Rewind;
+
+/// Headers parsed per head; a request with more goes to hyper, which applies
+/// the configured `max_headers`.
+const MAX_HEADERS: usize = 128;
+/// Most headers in an upstream response (hyper's client default).
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Largest upstream response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Buffer space made available before each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How a relayed connection ended.
+pub enum Ended {
+    /// Closed: by the client, after `Connection: close`, a timeout, a drain
+    /// or an error.
+    Closed,
+    /// A request the relay does not serve; these bytes, then the rest of
+    /// the connection, are hyper's.
+    Handoff(BytesMut),
+}
+
+/// Serves requests on `io` until the connection ends or a request needs hyper.
+pub async fn serve<S>(
+    io: &mut S,
+    states: &ArcSwap<ProxyState>,
+    conn: &ConnectionInfo,
+    limits: &ServerLimits,
+    drain: &mut watch::Receiver<bool>,
+) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut relay = Relay {
+        io,
+        conn,
+        limits,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        out: Vec::with_capacity(READ_CHUNK),
+        ubuf: BytesMut::with_capacity(READ_CHUNK),
+    };
+    loop {
+        match relay.read_head(drain).await {
+            HeadRead::Complete => {}
+            HeadRead::Handoff => return Ended::Handoff(relay.buf),
+            HeadRead::Closed => return Ended::Closed,
+        }
+        let started = std::time::Instant::now();
+        let state = states.load_full();
+        let draining = *drain.borrow();
+        match relay.exchange(&state, started, draining).await {
+            Next::KeepAlive if !draining => {}
+            Next::KeepAlive | Next::Close => return Ended::Closed,
+            Next::Handoff => return Ended::Handoff(relay.buf),
+        }
+    }
+}
+
+struct Relay<'a, S> {
+    io: &'a mut S,
+    conn: &'a ConnectionInfo,
+    limits: &'a ServerLimits,
+    /// Bytes from the client not yet served.
+    buf: BytesMut,
+    /// What is written next: the upstream request head, or the response.
+    out: Vec<u8>,
+    /// Bytes from the upstream not yet passed on.
+    ubuf: BytesMut,
+}
+
+enum HeadRead {
+    Complete,
+    Handoff,
+    Closed,
+}
+
+enum Next {
+    KeepAlive,
+    Close,
+    Handoff,
+}
+
+/// What the relay decided about a request while its head was parsed.
+struct Plan<'s> {
+    route: &'s Route,
+    credential: Credential,
+    method: Method,
+    body: u64,
+    /// The client asked to close after this exchange.
+    close: bool,
+    head_request: bool,
+}
+
+/// Why an exchange ended before a response head reached the client.
+enum Failure {
+    /// Answered with this error; `body_consumed`: the connection can go on.
+    Proxy {
+        error: ProxyError,
+        body_consumed: bool,
+    },
+    /// The client went away or stalled while sending its body.
+    Client,
+}
+
+/// The upstream's response head, as the relay needs it after parsing.
+struct ResponseHead {
+    status: u16,
+    framing: Framing,
+    upstream_keep_alive: bool,
+    close_client: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
+    /// Reads until `buf` holds a whole request head, within
+    /// `header_read_timeout` (which also bounds an idle keep-alive wait).
+    async fn read_head(&mut self, drain: &mut watch::Receiver<bool>) -> HeadRead {
+        let deadline = Instant::now() + self.limits.header_read_timeout;
+        let mut scanned = 0;
+        loop {
+            if head_complete(&self.buf, scanned) {
+                return HeadRead::Complete;
+            }
+            if self.buf.len() >= self.limits.max_header_bytes {
+                // hyper answers 431 with the same bytes.
+                return HeadRead::Handoff;
+            }
+            scanned = self.buf.len().saturating_sub(2);
+            self.buf.reserve(READ_CHUNK);
+            let read = if self.buf.is_empty() {
+                // Between requests a drain closes the connection at once.
+                tokio::select! {
+                    biased;
+                    read = timeout_at(deadline, self.io.read_buf(&mut self.buf)) => read,
+                    _ = drain.changed() => return HeadRead::Closed,
+                }
+            } else {
+                timeout_at(deadline, self.io.read_buf(&mut self.buf)).await
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Serves the request whose head is in `buf`, or hands it over.
+    async fn exchange(
+        &mut self,
+        state: &ProxyState,
+        started: std::time::Instant,
+        draining: bool,
+    ) -> Next {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(&self.buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => return Next::Handoff,
+        };
+        self.out.clear();
+        let Some(plan) = plan(&req, state, self.conn, self.limits, &mut self.out) else {
+            return Next::Handoff;
+        };
+        let head = self.buf.split_to(head_len);
+
+        let now = SystemTime::now();
+        let mut outcome = Outcome {
+            route: Some(plan.route),
+            ..Outcome::default()
+        };
+        let key = authenticate(
+            state,
+            &plan.credential,
+            &plan.method,
+            Some(plan.route),
+            now,
+            &mut outcome.key,
+        )
+        .await;
+        let Ok(key) = key else {
+            // hyper verifies again and answers the refusal.
+            let mut whole = head;
+            whole.unsplit(std::mem::take(&mut self.buf));
+            self.buf = whole;
+            return Next::Handoff;
+        };
+        state
+            .headers
+            .write_identity(&mut self.out, &key, plan.route);
+
+        outcome.upstream_started = Some(std::time::Instant::now());
+        let (status, refusal, next) = match self.forward(state, &plan, &key, now, draining).await {
+            Ok((status, next)) => (status, None, next),
+            Err(Failure::Client) => (400, None, Next::Close),
+            Err(Failure::Proxy {
+                error,
+                body_consumed,
+            }) => {
+                record_failure(state, error, &outcome);
+                let close = plan.close || draining || !body_consumed;
+                self.out.clear();
+                error.render_http1(&mut self.out, close);
+                let written = self.write_out().await;
+                let next = if close || !written {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                };
+                (error.status().as_u16(), Some(error), next)
+            }
+        };
+        record(
+            state,
+            plan.method.as_str(),
+            status,
+            refusal,
+            &outcome,
+            started,
+        );
+        next
+    }
+
+    /// Sends the request (head in `out`, body from the client) and relays
+    /// the response. Returns the status the client got.
+    async fn forward(
+        &mut self,
+        state: &ProxyState,
+        plan: &Plan<'_>,
+        key: &Arc<VerifiedKey>,
+        now: SystemTime,
+        draining: bool,
+    ) -> Result<(u16, Next), Failure> {
+        // Whatever of the body is already buffered goes out with the head.
+        let buffered = usize::try_from(plan.body)
+            .unwrap_or(usize::MAX)
+            .min(self.buf.len());
+        self.out.extend_from_slice(&self.buf[..buffered]);
+        self.buf.advance(buffered);
+        state.bytes_in.inc_by(buffered as u64);
+        let mut body_left = plan.body - buffered as u64;
+
+        let pool = &state.relay_pools[plan.route.index];
+        let deadline = Instant::now() + state.upstream.response_timeout();
+        let unavailable = |body_left: u64| Failure::Proxy {
+            error: ProxyError::UpstreamUnavailable,
+            body_consumed: body_left == 0,
+        };
+        let mut retried = false;
+        let mut upstream = loop {
+            let (mut upstream, reused) = match pool.take() {
+                Some(idle) => (idle, true),
+                None => (
+                    connect(&plan.route.upstream, state.upstream.connect_timeout())
+                        .await
+                        .map_err(|_| unavailable(body_left))?,
+                    false,
+                ),
+            };
+            self.ubuf.clear();
+            let sent = upstream.write_all(&self.out).await.is_ok();
+            if sent && body_left > 0 {
+                self.send_body(&mut upstream, &mut body_left, state, deadline)
+                    .await?;
+            }
+            match read_response_head(&mut upstream, &mut self.ubuf, deadline).await {
+                Ok(()) => break upstream,
+                Err(UpstreamRead::TimedOut) => {
+                    return Err(Failure::Proxy {
+                        error: ProxyError::UpstreamTimeout,
+                        body_consumed: body_left == 0,
+                    })
+                }
+                // A reused connection the upstream closed just before our
+                // request: nothing was processed, so one retry on a new
+                // connection is safe when there was no body to lose.
+                Err(UpstreamRead::Closed) if reused && plan.body == 0 && !retried => {
+                    retried = true;
+                }
+                Err(_) => return Err(unavailable(body_left)),
+            }
+        };
+
+        let head = loop {
+            match self.parse_response_head(plan, draining) {
+                Ok(Some(head)) => break head,
+                // An informational response (100, 103): skipped, like
+                // hyper's client does; the final one follows.
+                Ok(None) => read_response_head(&mut upstream, &mut self.ubuf, deadline)
+                    .await
+                    .map_err(|_| unavailable(0))?,
+                Err(BadFraming) => return Err(unavailable(0)),
+            }
+        };
+        state.usage.record(key, now);
+        let relayed = self.relay_body(&mut upstream, head.framing, state).await;
+        let next = match relayed {
+            Relayed::Complete if head.upstream_keep_alive && self.ubuf.is_empty() => {
+                pool.put(upstream);
+                Next::KeepAlive
+            }
+            Relayed::Complete => Next::KeepAlive,
+            Relayed::Broken => Next::Close,
+        };
+        let next = if head.close_client { Next::Close } else { next };
+        Ok((head.status, next))
+    }
+
+    /// Streams the rest of a `Content-Length` request body to the upstream.
+    async fn send_body(
+        &mut self,
+        upstream: &mut TcpStream,
+        body_left: &mut u64,
+        state: &ProxyState,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        while *body_left > 0 {
+            if self.buf.is_empty() {
+                self.buf.reserve(READ_CHUNK);
+                match timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Err(Failure::Client),
+                }
+            }
+            let n = usize::try_from(*body_left)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
+            if upstream.write_all(&self.buf[..n]).await.is_err() {
+                return Err(Failure::Proxy {
+                    error: ProxyError::UpstreamUnavailable,
+                    body_consumed: false,
+                });
+            }
+            self.buf.advance(n);
+            state.bytes_in.inc_by(n as u64);
+            *body_left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Parses the response head in `ubuf` and writes the client's version
+    /// of it into `out`. `None`: it was informational and is dropped.
+    fn parse_response_head(
+        &mut self,
+        plan: &Plan<'_>,
+        draining: bool,
+    ) -> Result<Option<ResponseHead>, BadFraming> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut res = httparse::Response::new(&mut headers);
+        let head_len = match res.parse(&self.ubuf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => return Err(BadFraming),
+        };
+        let status = res.code.ok_or(BadFraming)?;
+        if status == 101 {
+            // Only an `Upgrade` request may be answered so; none comes here.
+            return Err(BadFraming);
+        }
+        if (100..200).contains(&status) {
+            self.ubuf.advance(head_len);
+            return Ok(None);
+        }
+        let framing = Framing::of_response(plan.head_request, status, res.headers)?;
+        let upstream_keep_alive = res.version == Some(1) && !has_token(res.headers, b"close");
+        let close_client = plan.close || draining || matches!(framing, Framing::UntilClose);
+        self.out.clear();
+        write_response_head(
+            &mut self.out,
+            status,
+            res.reason.unwrap_or("").as_bytes(),
+            res.headers,
+            matches!(framing, Framing::Chunked(_)),
+            close_client,
+        );
+        self.ubuf.advance(head_len);
+        Ok(Some(ResponseHead {
+            status,
+            framing,
+            upstream_keep_alive,
+            close_client,
+        }))
+    }
+
+    /// Sends the response head in `out` and the body after it, as framed.
+    async fn relay_body(
+        &mut self,
+        upstream: &mut TcpStream,
+        framing: Framing,
+        state: &ProxyState,
+    ) -> Relayed {
+        let mut framing = framing;
+        loop {
+            // Move what the framing allows from `ubuf` behind the head.
+            let (take, done) = match &mut framing {
+                Framing::Empty => (0, true),
+                Framing::Length(left) => {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.ubuf.len());
+                    *left -= take as u64;
+                    (take, *left == 0)
+                }
+                Framing::Chunked(scanner) => match scanner.scan(&self.ubuf) {
+                    Ok(Some(end)) => (end, true),
+                    Ok(None) => (self.ubuf.len(), false),
+                    Err(BadFraming) => return Relayed::Broken,
+                },
+                Framing::UntilClose => (self.ubuf.len(), false),
+            };
+            self.out.extend_from_slice(&self.ubuf[..take]);
+            self.ubuf.advance(take);
+            state.bytes_out.inc_by(take as u64);
+            if !self.out.is_empty() && !self.write_out().await {
+                return Relayed::Broken;
+            }
+            self.out.clear();
+            if done {
+                return Relayed::Complete;
+            }
+            self.ubuf.reserve(READ_CHUNK);
+            match upstream.read_buf(&mut self.ubuf).await {
+                Ok(0) if matches!(framing, Framing::UntilClose) => return Relayed::Complete,
+                Ok(0) | Err(_) => return Relayed::Broken,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Writes `out` to the client; false when the client is gone.
+    async fn write_out(&mut self) -> bool {
+        // flush: a TLS stream holds written bytes until flushed.
+        self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok()
+    }
+}
+
+enum Relayed {
+    Complete,
+    /// The upstream or the client broke off mid-body: the client connection
+    /// ends, as its response cannot be completed.
+    Broken,
+}
+
+/// Decides whether the relay serves the request in `req`, and if so writes
+/// the upstream head (without the identity) into `out`.
+fn plan<'s>(
+    req: &httparse::Request<'_, '_>,
+    state: &'s ProxyState,
+    conn: &ConnectionInfo,
+    limits: &ServerLimits,
+    out: &mut Vec<u8>,
+) -> Option<Plan<'s>> {
+    if req.version != Some(1) || req.headers.len() > limits.max_headers {
+        return None;
+    }
+    let method_bytes = req.method?.as_bytes();
+    let method = Method::from_bytes(method_bytes).ok()?;
+    let target = req.path?;
+    let origin_form =
+        target.starts_with('/') && target.bytes().all(|c| c.is_ascii_graphic() && c != b'#');
+    if !origin_form {
+        return None;
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    if let Some(forward_auth) = &state.forward_auth {
+        if forward_auth.matches(path) {
+            return None;
+        }
+    }
+    let (mut host, mut hosts, mut body, mut lengths, mut close) = (None, 0, 0, 0, false);
+    for header in req.headers.iter() {
+        let name = header.name;
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        if is("host") {
+            hosts += 1;
+            host = std::str::from_utf8(header.value).ok();
+        } else if is("content-length") {
+            lengths += 1;
+            body = parse_length(header.value)?;
+        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
+            return None;
+        } else if is("connection") {
+            for token in header.value.split(|&c| c == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return None;
+                }
+            }
+        } else if is("content-type") && header.value.starts_with(b"application/grpc") {
+            return None;
+        }
+    }
+    if hosts != 1 || lengths > 1 {
+        return None;
+    }
+    let route = state.routes.select(host.map(strip_port), path)?;
+    let upstream = &route.upstream;
+    if upstream.scheme != Scheme::HTTP || upstream.protocol == UpstreamProtocol::H2c {
+        return None;
+    }
+    let key_header = state.credentials.api_key_header().as_str();
+    let credential = state
+        .credentials
+        .extract_values(
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+                .map(|h| h.value),
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(key_header))
+                .map(|h| h.value),
+        )
+        .ok()?;
+    state.headers.write_request_head(
+        out,
+        method_bytes,
+        target.as_bytes(),
+        req.headers,
+        conn,
+        credential.source,
+    );
+    Some(Plan {
+        route,
+        credential,
+        head_request: method == Method::HEAD,
+        method,
+        body,
+        close,
+    })
+}
+
+/// Whether a head in `buf` is complete: an empty line after the request
+/// line. `from` skips what an earlier call already searched.
+fn head_complete(buf: &[u8], from: usize) -> bool {
+    let mut i = from.min(buf.len());
+    while let Some(p) = buf[i..].iter().position(|&c| c == b'\n') {
+        let at = i + p;
+        if matches!(&buf[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]) {
+            return true;
+        }
+        i = at + 1;
+    }
+    false
+}
+
+fn has_token(headers: &[httparse::Header<'_>], token: &[u8]) -> bool {
+    headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .split(|&c| c == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+enum UpstreamRead {
+    TimedOut,
+    /// The upstream closed before a whole head arrived.
+    Closed,
+    Failed,
+}
+
+/// Reads until `ubuf` holds a whole response head, by `deadline`.
+async fn read_response_head(
+    upstream: &mut TcpStream,
+    ubuf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<(), UpstreamRead> {
+    let mut scanned = 0;
+    loop {
+        if head_complete(ubuf, scanned) {
+            return Ok(());
+        }
+        if ubuf.len() > MAX_RESPONSE_HEAD {
+            return Err(UpstreamRead::Failed);
+        }
+        scanned = ubuf.len().saturating_sub(2);
+        ubuf.reserve(READ_CHUNK);
+        match timeout_at(deadline, upstream.read_buf(ubuf)).await {
+            Err(_) => return Err(UpstreamRead::TimedOut),
+            Ok(Ok(0)) if ubuf.is_empty() => return Err(UpstreamRead::Closed),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(UpstreamRead::Failed),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Opens a connection to a plain-http upstream within `timeout`.
+async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, ()> {
+    let host = upstream.authority.host();
+    // `[::1]` in a URI is `::1` to the resolver.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = upstream.authority.port_u16().unwrap_or(80);
+    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, upstream = %upstream.authority, "upstream connect failed");
+            Err(())
+        }
+        Err(_) => {
+            tracing::debug!(upstream = %upstream.authority, "upstream connect timed out");
+            Err(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_complete;
+
+    #[test]
+    fn heads_end_at_an_empty_line() {
+        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
+        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n", 0));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0));
+    }
+}
