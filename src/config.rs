@@ -130,6 +130,10 @@ pub struct ProxyConfig {
     /// How long a client may take to send its request headers (slow-loris).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a client connection may have no request in progress before
+    /// it is closed (HTTP/2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// Most request headers accepted on one request.
@@ -172,6 +176,7 @@ impl Default for ProxyConfig {
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 10_000,
@@ -428,6 +433,7 @@ impl Config {
             ("proxy.upstream_timeout", self.proxy.upstream_timeout),
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("proxy.idle_timeout", self.proxy.idle_timeout),
             ("cache.ttl", self.cache.ttl),
             ("cache.poll_interval", self.cache.poll_interval),
             ("usage.flush_interval", self.usage.flush_interval),
@@ -553,6 +559,7 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), 8080);
         assert_eq!(c.cache.stale_if_error, Duration::from_secs(300));
         assert_eq!(c.keys.prefix, "kg");
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -567,6 +574,10 @@ mod tests {
             (
                 "[proxy]\nupstream = \"http://a\"\nupstream_timeout = \"0s\"",
                 "proxy.upstream_timeout",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\nidle_timeout = \"0s\"",
+                "proxy.idle_timeout",
             ),
             ("[proxy]\nupstream = \"http://a\"\nbogus = 1", "bogus"),
             (

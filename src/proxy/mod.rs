@@ -1,5 +1,5 @@
 //! The data plane: the listener, the request pipeline, header rewriting, the
-//! upstream clients and the one place errors become responses.
+//! upstream clients, the timeouts and the one place errors become responses.
 
 pub mod forward_auth;
 pub mod handler;
@@ -7,6 +7,7 @@ pub mod headers;
 pub mod reject;
 pub mod routes;
 pub mod server;
+pub mod timeouts;
 pub mod tls;
 pub mod upstream;
 

@@ -1,7 +1,7 @@
 //! The proxy listener: accepts TCP connections and serves HTTP/1.1 and h2c
 //! (prior knowledge) on the same port, or TLS with ALPN h2/http1.1, with
-//! header limits, a header read timeout, a connection cap and graceful
-//! draining on shutdown.
+//! header limits, a header read timeout, a connection cap, an idle timeout
+//! and graceful draining on shutdown (the last two are `timeouts`' work).
 //!
 //! Each request reads the current `ProxyState` from an `ArcSwap`, so a
 //! config reload applies to the next request on every connection.
@@ -16,13 +16,13 @@ use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::handler::handle;
 use super::headers::ConnectionInfo;
+use super::timeouts::{self, Connections};
 use super::ProxyState;
 use crate::config::ProxyConfig;
 
@@ -32,6 +32,7 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
 }
@@ -42,6 +43,7 @@ impl From<&ProxyConfig> for ServerLimits {
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
             header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.idle_timeout,
             max_connections: c.max_connections,
             drain_timeout: c.drain_timeout,
         }
@@ -70,7 +72,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::new(limits.idle_timeout);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -99,12 +101,16 @@ pub async fn serve(
         let proto = if tls.is_some() { "https" } else { "http" };
         let conn_info = Arc::new(connection_info(peer, proto));
         let state = state.clone();
-        let service = service_fn(move |req| handle(state.load_full(), conn_info.clone(), req));
+        let open = connections.open();
+        let activity = open.activity();
+        let service = service_fn(move |req| {
+            timeouts::track(&activity, handle(state.load_full(), conn_info.clone(), req))
+        });
         match &tls {
             None => {
                 let connection =
                     builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
+                let connection = open.serve(connection.into_owned(), |c| c.graceful_shutdown());
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
                         tracing::debug!(%error, %peer, "connection ended with an error");
@@ -115,7 +121,6 @@ pub async fn serve(
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
-                let watcher = graceful.watcher();
                 let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
                     // The handshake gets the same budget as a request head:
@@ -138,7 +143,8 @@ pub async fn serve(
                     };
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
+                    let connection = open.serve(connection.into_owned(), |c| c.graceful_shutdown());
+                    if let Err(error) = connection.await {
                         tracing::debug!(%error, %peer, "connection ended with an error");
                     }
                     drop(permit);
@@ -148,7 +154,7 @@ pub async fn serve(
     }
     drop(listener);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("proxy drained"),
+        _ = connections.drain() => tracing::info!("proxy drained"),
         _ = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!("drain deadline reached; closing remaining connections");
         }

@@ -327,8 +327,9 @@ pub struct SeenRequest {
 }
 
 /// A real HTTP upstream (HTTP/1.1 and h2c) that records every request it
-/// gets. Paths: `/slow` answers after 5 s; `/stream/N` streams N 1 KiB
-/// chunks; `/echo-body` returns the request body; anything else "ok".
+/// gets. Paths: `/slow` answers after 5 s;
+/// `/stream/N` streams N 1 KiB chunks; `/drip/N` streams N 1-byte chunks
+/// 100 ms apart; `/echo-body` returns the request body; anything else "ok".
 pub struct RecordingUpstream {
     pub addr: SocketAddr,
     pub seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
@@ -386,6 +387,19 @@ impl RecordingUpstream {
                                         ))
                                     });
                                     StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+                                } else if let Some(n) = path.strip_prefix("/drip/") {
+                                    let n: usize = n.parse().unwrap_or(1);
+                                    let chunks =
+                                        futures_util::stream::unfold(0, move |i| async move {
+                                            if i == n {
+                                                return None;
+                                            }
+                                            tokio::time::sleep(Duration::from_millis(100)).await;
+                                            let frame =
+                                                Frame::data(bytes::Bytes::from_static(b"x"));
+                                            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+                                        });
+                                    StreamBody::new(chunks).boxed()
                                 } else if path == "/echo-body" {
                                     Full::new(body).boxed()
                                 } else {
