@@ -1,7 +1,7 @@
 //! Transport: the TLS listener (ALPN, certificate reload without dropping
 //! connections), https upstreams with a configured CA, config reload, the
 //! connection limits (header size and count, slow headers, max connections,
-//! idle connections).
+//! idle connections) and the request deadline (trickled bodies).
 
 mod support;
 
@@ -426,6 +426,108 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() 
         started.elapsed() >= Duration::from_millis(400),
         "closed too early"
     );
+    gate.stop().await;
+}
+
+/// Sends a request head, then trickles its body one byte per `every`, in
+/// the background, until the body is complete or the proxy stops reading.
+async fn trickle_request(
+    gate: &Gate,
+    path: &str,
+    body_len: usize,
+    every: Duration,
+) -> tokio::net::tcp::OwnedReadHalf {
+    let stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nContent-Length: {body_len}\r\n\r\n",
+        gate.admin_token
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        for _ in 0..body_len {
+            tokio::time::sleep(every).await;
+            if write.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+        // Keep the write half open: closing it could end the exchange early.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    read
+}
+
+/// Polls `upstream` until it has recorded a request (after its body ended).
+async fn recorded(upstream: &RecordingUpstream) -> support::SeenRequest {
+    for _ in 0..100 {
+        if upstream.count() > 0 {
+            return upstream.last();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream recorded no request");
+}
+
+#[tokio::test]
+async fn a_trickled_request_body_gets_408_and_the_upstream_sees_it_aborted() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("request_timeout = \"1s\"")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    // 100 bytes at one per 300 ms would take 30 s.
+    let mut read = trickle_request(&gate, "/echo-body", 100, Duration::from_millis(300)).await;
+    let mut out = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut out)).await;
+    let elapsed = started.elapsed();
+    assert!(ended.is_ok(), "the exchange was not ended");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "cut too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "cut too late: {elapsed:?}"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""code":"request_timeout""#), "{text}");
+    assert!(text.contains("content-type: application/json"), "{text}");
+
+    // The upstream got the head and part of the body, then the abort.
+    let seen = recorded(&upstream).await;
+    assert_eq!(seen.path, "/echo-body");
+    assert!(!seen.body_complete, "the upstream saw a complete body");
+    assert!(!seen.headers.contains_key("authorization"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upload_that_completes_is_not_blamed_on_the_upstream() {
+    // The support config gives the upstream 2 s: the upload takes longer,
+    // but its clock starts only once the upload has been sent.
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("request_timeout = \"10s\"")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let mut read = trickle_request(&gate, "/echo-body", 4, Duration::from_millis(700)).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(8), read.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(2700));
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\nxxxx"), "{text}");
+    let seen = recorded(&upstream).await;
+    assert!(seen.body_complete);
+    assert_eq!(seen.body_len, 4);
     gate.stop().await;
 }
 

@@ -57,6 +57,8 @@ pub struct ProxyState {
     pub route_metrics: Vec<RouteMetrics>,
     /// The forward-auth decision endpoint, when enabled.
     pub forward_auth: Option<forward_auth::ForwardAuth>,
+    /// Deadline from a request's head to its response head.
+    pub request_timeout: std::time::Duration,
 }
 
 /// A route's latency histograms, resolved once so the hot path does not look
@@ -118,6 +120,7 @@ impl ProxyState {
                 .then(|| forward_auth::ForwardAuth {
                     path: config.forward_auth.path.clone(),
                 }),
+            request_timeout: proxy.request_timeout,
         })
     }
 }
