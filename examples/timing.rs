@@ -66,7 +66,7 @@ fn dudect(a: &[f64], b: &[f64]) -> Verdict {
             continue;
         }
         let (t, mean_a, mean_b) = welch(&ka, &kb);
-        if worst.as_ref().map_or(true, |w| t.abs() > w.t.abs()) {
+        if worst.as_ref().is_none_or(|w| t.abs() > w.t.abs()) {
             worst = Some(Verdict {
                 t,
                 mean_a,

@@ -121,7 +121,8 @@ pub struct ProxyConfig {
     pub api_key_header: String,
     /// Prefix of the identity headers; inbound headers with it are removed.
     pub identity_header_prefix: String,
-    /// How long to wait for the upstream's response headers.
+    /// How long to wait for the upstream's response headers, counted from
+    /// when the whole request (head and body) has been sent to it.
     #[serde(with = "humantime_serde")]
     pub upstream_timeout: Duration,
     /// How long to wait for a TCP connection to the upstream.
@@ -130,6 +131,15 @@ pub struct ProxyConfig {
     /// How long a client may take to send its request headers (slow-loris).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a client connection may have no request in progress before
+    /// it is closed (HTTP/2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Deadline for a request's exchange up to the response head: the
+    /// client's upload and the upstream's answer (then 408). Nothing is cut
+    /// once the response head is on its way.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// Most request headers accepted on one request.
@@ -175,6 +185,8 @@ impl Default for ProxyConfig {
             upstream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 10_000,
@@ -432,6 +444,8 @@ impl Config {
             ("proxy.upstream_timeout", self.proxy.upstream_timeout),
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.header_read_timeout", self.proxy.header_read_timeout),
+            ("proxy.idle_timeout", self.proxy.idle_timeout),
+            ("proxy.request_timeout", self.proxy.request_timeout),
             ("cache.ttl", self.cache.ttl),
             ("cache.poll_interval", self.cache.poll_interval),
             ("usage.flush_interval", self.usage.flush_interval),
@@ -557,6 +571,8 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), 8080);
         assert_eq!(c.cache.stale_if_error, Duration::from_secs(300));
         assert_eq!(c.keys.prefix, "kg");
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.proxy.request_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -571,6 +587,18 @@ mod tests {
             (
                 "[proxy]\nupstream = \"http://a\"\nupstream_timeout = \"0s\"",
                 "proxy.upstream_timeout",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\nidle_timeout = \"0s\"",
+                "proxy.idle_timeout",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\nrequest_timeout = \"0s\"",
+                "proxy.request_timeout",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\nrequest_timeout = \"soon\"",
+                "request_timeout",
             ),
             ("[proxy]\nupstream = \"http://a\"\nbogus = 1", "bogus"),
             (

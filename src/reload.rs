@@ -141,7 +141,8 @@ impl Reloader {
                         old.proxy.max_header_bytes,
                         old.proxy.max_headers,
                         old.proxy.max_connections,
-                        old.proxy.header_read_timeout
+                        old.proxy.header_read_timeout,
+                        old.proxy.idle_timeout
                     )
                 ) != format!(
                     "{:?}",
@@ -149,7 +150,8 @@ impl Reloader {
                         new.proxy.max_header_bytes,
                         new.proxy.max_headers,
                         new.proxy.max_connections,
-                        new.proxy.header_read_timeout
+                        new.proxy.header_read_timeout,
+                        new.proxy.idle_timeout
                     )
                 ),
             ),

@@ -1,7 +1,7 @@
 //! Transport: the TLS listener (ALPN, certificate reload without dropping
-//! connections), https upstreams with a configured CA, config reload, and
-//! the connection limits (header size and count, slow headers, max
-//! connections).
+//! connections), https upstreams with a configured CA, config reload, the
+//! connection limits (header size and count, slow headers, max connections,
+//! idle connections) and the request deadline (trickled bodies).
 
 mod support;
 
@@ -426,5 +426,242 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() 
         started.elapsed() >= Duration::from_millis(400),
         "closed too early"
     );
+    gate.stop().await;
+}
+
+/// Sends a request head, then trickles its body one byte per `every`, in
+/// the background, until the body is complete or the proxy stops reading.
+async fn trickle_request(
+    gate: &Gate,
+    path: &str,
+    body_len: usize,
+    every: Duration,
+) -> tokio::net::tcp::OwnedReadHalf {
+    let stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {}\r\nContent-Length: {body_len}\r\n\r\n",
+        gate.admin_token
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        for _ in 0..body_len {
+            tokio::time::sleep(every).await;
+            if write.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+        // Keep the write half open: closing it could end the exchange early.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    read
+}
+
+/// Polls `upstream` until it has recorded a request (after its body ended).
+async fn recorded(upstream: &RecordingUpstream) -> support::SeenRequest {
+    for _ in 0..100 {
+        if upstream.count() > 0 {
+            return upstream.last();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream recorded no request");
+}
+
+#[tokio::test]
+async fn a_trickled_request_body_gets_408_and_the_upstream_sees_it_aborted() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("request_timeout = \"1s\"")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    // 100 bytes at one per 300 ms would take 30 s.
+    let mut read = trickle_request(&gate, "/echo-body", 100, Duration::from_millis(300)).await;
+    let mut out = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut out)).await;
+    let elapsed = started.elapsed();
+    assert!(ended.is_ok(), "the exchange was not ended");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "cut too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "cut too late: {elapsed:?}"
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""code":"request_timeout""#), "{text}");
+    assert!(text.contains("content-type: application/json"), "{text}");
+
+    // The upstream got the head and part of the body, then the abort.
+    let seen = recorded(&upstream).await;
+    assert_eq!(seen.path, "/echo-body");
+    assert!(!seen.body_complete, "the upstream saw a complete body");
+    assert!(!seen.headers.contains_key("authorization"));
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upload_that_completes_is_not_blamed_on_the_upstream() {
+    // The support config gives the upstream 2 s: the upload takes longer,
+    // but its clock starts only once the upload has been sent.
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("request_timeout = \"10s\"")
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let mut read = trickle_request(&gate, "/echo-body", 4, Duration::from_millis(700)).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(8), read.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(2700));
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\nxxxx"), "{text}");
+    let seen = recorded(&upstream).await;
+    assert!(seen.body_complete);
+    assert_eq!(seen.body_len, 4);
+    gate.stop().await;
+}
+
+/// An HTTP/2 client connection (prior knowledge) over `io`; the returned
+/// receiver yields when the connection has ended.
+async fn h2_connect<T>(
+    io: T,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::sync::oneshot::Receiver<()>,
+)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2 handshake");
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = ended_tx.send(());
+    });
+    (sender, ended)
+}
+
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    authority: &str,
+    path: &str,
+    token: &str,
+) -> (http::StatusCode, Bytes) {
+    sender.ready().await.expect("connection usable");
+    let request = http::Request::get(format!("http://{authority}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body)
+}
+
+/// Asserts that the connection ends between 0.8 and 3 times `idle` from now.
+async fn assert_closed_after(ended: tokio::sync::oneshot::Receiver<()>, idle: Duration) {
+    let since = std::time::Instant::now();
+    tokio::time::timeout(idle * 3, ended)
+        .await
+        .expect("an idle connection stayed open")
+        .unwrap();
+    assert!(
+        since.elapsed() >= idle.mul_f32(0.8),
+        "closed after {:?}, before the idle timeout",
+        since.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn idle_h2c_connections_close_but_not_while_a_request_is_in_progress() {
+    let idle = Duration::from_millis(500);
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("idle_timeout = \"500ms\"")
+        .start()
+        .await;
+    let tcp = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let (mut sender, mut ended) = h2_connect(tcp).await;
+    let authority = gate.proxy.to_string();
+    let token = gate.admin_token.clone();
+
+    // Waiting for the response head (the upstream times out at 2 s), then a
+    // response body dripping for 1.5 s: both longer than the idle timeout.
+    let (status, _) = h2_get(&mut sender, &authority, "/slow", &token).await;
+    assert_eq!(status, 504);
+    let (status, body) = h2_get(&mut sender, &authority, "/drip/15", &token).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 15);
+    // No GOAWAY was sent meanwhile: the same connection takes a new stream.
+    assert!(ended.try_recv().is_err(), "the connection ended while busy");
+    let (status, body) = h2_get(&mut sender, &authority, "/", &token).await;
+    assert_eq!((status, &body[..]), (http::StatusCode::OK, &b"ok"[..]));
+
+    assert_closed_after(ended, idle).await;
+    assert!(
+        sender.ready().await.is_err(),
+        "the closed connection took a request"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn idle_tls_h2_connections_are_closed_too() {
+    let idle = Duration::from_millis(500);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "idle");
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(&format!("idle_timeout = \"500ms\"\n{}", tls_lines(&cert)))
+        .start()
+        .await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&[&cert], &[b"h2"])));
+    let tcp = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, ended) = h2_connect(tls).await;
+    let (status, _) = h2_get(&mut sender, "localhost", "/", &gate.admin_token).await;
+    assert_eq!(status, 200);
+    assert_closed_after(ended, idle).await;
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_request_is_closed_after_the_idle_timeout() {
+    // hyper waits for the first bytes (HTTP/1 or the HTTP/2 preface)
+    // without a timeout of its own; header_read_timeout is far away here.
+    let gate = Gate::builder()
+        .proxy("idle_timeout = \"500ms\"\nheader_read_timeout = \"30s\"")
+        .start()
+        .await;
+    let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out))
+        .await
+        .expect("a silent connection stayed open")
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(out.is_empty());
     gate.stop().await;
 }

@@ -21,6 +21,7 @@ use super::forward_auth;
 use super::headers::{strip_hop_by_hop, ConnectionInfo};
 use super::reject::{Blame, ProxyError};
 use super::routes::{request_host, Route};
+use super::timeouts::within_request_timeout;
 use super::{ProxyBody, ProxyState};
 
 /// What the pipeline learned about a request, for the access log and metrics,
@@ -42,7 +43,9 @@ pub async fn handle(
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let mut outcome = Outcome::default();
-    let (response, refusal) = match pipeline(&state, &conn, req, grpc, &mut outcome).await {
+    // Up to the response head only: a response that has started is never cut.
+    let exchange = pipeline(&state, &conn, req, grpc, &mut outcome);
+    let (response, refusal) = match within_request_timeout(state.request_timeout, exchange).await {
         Ok(response) => (response, None),
         Err(error) => {
             record_failure(&state, error, &outcome);

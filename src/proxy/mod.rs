@@ -1,5 +1,5 @@
 //! The data plane: the listener, the request pipeline, header rewriting, the
-//! upstream clients and the one place errors become responses.
+//! upstream clients, the timeouts and the one place errors become responses.
 
 pub mod forward_auth;
 pub mod handler;
@@ -8,6 +8,7 @@ pub mod reject;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod timeouts;
 pub mod tls;
 pub mod upstream;
 
@@ -59,6 +60,8 @@ pub struct ProxyState {
     pub forward_auth: Option<forward_auth::ForwardAuth>,
     /// The relay's idle upstream connections, per route (by `Route::index`).
     pub relay_pools: Vec<relay::IdlePool>,
+    /// Deadline from a request's head to its response head.
+    pub request_timeout: std::time::Duration,
 }
 
 /// A route's latency histograms, resolved once so the hot path does not look
@@ -124,6 +127,7 @@ impl ProxyState {
                 .then(|| forward_auth::ForwardAuth {
                     path: config.forward_auth.path.clone(),
                 }),
+            request_timeout: proxy.request_timeout,
         })
     }
 }

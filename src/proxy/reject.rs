@@ -43,10 +43,12 @@ pub enum ProxyError {
     UpstreamUnavailable,
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    #[error("the request was not completed within request_timeout")]
+    RequestTimeout,
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 12] = [
+const ALL: [ProxyError; 13] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -59,6 +61,7 @@ const ALL: [ProxyError; 12] = [
     ProxyError::StoreUnavailable,
     ProxyError::UpstreamUnavailable,
     ProxyError::UpstreamTimeout,
+    ProxyError::RequestTimeout,
 ];
 
 /// Who is to blame, for logs: client errors are routine, the rest are not.
@@ -85,6 +88,7 @@ impl ProxyError {
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::RequestTimeout => "request_timeout",
         }
     }
 
@@ -102,6 +106,7 @@ impl ProxyError {
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -114,14 +119,15 @@ impl ProxyError {
     }
 
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
-    /// 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED.
+    /// 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED
+    /// (the upstream's or the request's time ran out).
     fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "16",
             StatusCode::FORBIDDEN => "7",
             StatusCode::NOT_FOUND => "12",
             StatusCode::TOO_MANY_REQUESTS => "8",
-            StatusCode::GATEWAY_TIMEOUT => "4",
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
             _ => "14",
         }
     }
@@ -141,6 +147,9 @@ impl ProxyError {
             ProxyError::StoreUnavailable => "The key store is unavailable; try again shortly.",
             ProxyError::UpstreamUnavailable => "The upstream service is unavailable.",
             ProxyError::UpstreamTimeout => "The upstream service did not answer in time.",
+            ProxyError::RequestTimeout => {
+                "The request was not completed in time: its upload and the upstream's answer must fit within request_timeout."
+            }
         }
     }
 
@@ -266,6 +275,18 @@ mod tests {
             ProxyError::UpstreamUnavailable.respond(true).headers()["grpc-status"],
             "14"
         );
+        assert_eq!(
+            ProxyError::RequestTimeout.respond(true).headers()["grpc-status"],
+            "4"
+        );
+    }
+
+    #[test]
+    fn a_request_timeout_is_a_408_blamed_on_the_client() {
+        let r = ProxyError::RequestTimeout.respond(false);
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(ProxyError::RequestTimeout.blame(), Blame::Client);
+        assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
     }
 
     #[test]

@@ -25,12 +25,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::handler::handle;
 use super::headers::ConnectionInfo;
 use super::relay::{self, Ended, Rewind};
+use super::timeouts::{self, Connections, OpenConnection};
 use super::ProxyState;
 use crate::config::ProxyConfig;
 
@@ -40,6 +41,7 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
     /// Serve what it can with `relay` before handing over to hyper.
@@ -52,6 +54,7 @@ impl From<&ProxyConfig> for ServerLimits {
             max_header_bytes: c.max_header_bytes,
             max_headers: c.max_headers,
             header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.idle_timeout,
             max_connections: c.max_connections,
             drain_timeout: c.drain_timeout,
             http1_relay: c.http1_relay,
@@ -88,17 +91,14 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
-    let max_connections = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let drain_timeout = limits.drain_timeout;
+    let connections = Connections::new(limits.idle_timeout);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let shared = Arc::new(Shared {
         states: state,
         limits,
         builder,
     });
-    // Every connection task holds a permit until it ends, so holding them
-    // all again means every connection has ended.
-    let permits = Arc::new(Semaphore::new(max_connections as usize));
-    let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         // Waiting for a permit before accepting leaves excess connections in
@@ -124,12 +124,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let drain = drain_rx.clone();
+        let open = connections.open();
         match &tls {
             None => {
                 tokio::spawn(async move {
                     let conn_info = connection_info(peer, "http");
-                    serve_connection(stream, &shared, conn_info, drain, peer).await;
+                    serve_connection(stream, &shared, conn_info, open, peer).await;
                     drop(permit);
                 });
             }
@@ -155,9 +155,9 @@ pub async fn serve(
                     };
                     let conn_info = connection_info(peer, "https");
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        serve_hyper(stream, &shared, conn_info, drain, peer).await;
+                        serve_hyper(stream, &shared, conn_info, open, peer).await;
                     } else {
-                        serve_connection(stream, &shared, conn_info, drain, peer).await;
+                        serve_connection(stream, &shared, conn_info, open, peer).await;
                     }
                     drop(permit);
                 });
@@ -165,9 +165,8 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = drain_tx.send(true);
     tokio::select! {
-        _ = permits.acquire_many(max_connections) => tracing::info!("proxy drained"),
+        _ = connections.drain() => tracing::info!("proxy drained"),
         _ = tokio::time::sleep(drain_timeout) => {
             tracing::warn!("drain deadline reached; closing remaining connections");
         }
@@ -180,61 +179,58 @@ async fn serve_connection<S>(
     mut stream: S,
     shared: &Shared,
     conn_info: ConnectionInfo,
-    mut drain: watch::Receiver<bool>,
+    open: OpenConnection,
     peer: SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let prefix = if shared.limits.http1_relay {
-        match relay::serve(
+        let mut drain = open.drain_signal();
+        let ended = relay::serve(
             &mut stream,
             &shared.states,
             &conn_info,
             &shared.limits,
             &mut drain,
         )
-        .await
-        {
+        .await;
+        match ended {
             Ended::Closed => return,
-            Ended::Handoff(prefix) => prefix,
+            Ended::Handoff(prefix) => {
+                open.restart_idle_clock();
+                prefix
+            }
         }
     } else {
         BytesMut::new()
     };
-    serve_hyper(Rewind::new(prefix, stream), shared, conn_info, drain, peer).await;
+    serve_hyper(Rewind::new(prefix, stream), shared, conn_info, open, peer).await;
 }
 
 /// Serves a connection with hyper (HTTP/1.1 with upgrades, or HTTP/2) until
-/// it ends; a drain asks it to finish its requests and close.
+/// it ends; `timeouts` closes it gracefully when idle or draining.
 async fn serve_hyper<S>(
     stream: S,
     shared: &Shared,
     conn_info: ConnectionInfo,
-    mut drain: watch::Receiver<bool>,
+    open: OpenConnection,
     peer: SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_info = Arc::new(conn_info);
     let states = shared.states.clone();
-    let service = service_fn(move |req| handle(states.load_full(), conn_info.clone(), req));
+    let activity = open.activity();
+    let service = service_fn(move |req| {
+        timeouts::track(
+            &activity,
+            handle(states.load_full(), conn_info.clone(), req),
+        )
+    });
     let connection = shared
         .builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    if !*drain.borrow_and_update() {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, %peer, "connection ended with an error");
-                }
-                return;
-            }
-            _ = drain.changed() => {}
-        }
-    }
-    connection.as_mut().graceful_shutdown();
-    if let Err(error) = connection.await {
+    if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
         tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }

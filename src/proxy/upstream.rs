@@ -1,7 +1,7 @@
 //! The pooled upstream clients: HTTP/1.1 and HTTP/2 (h2c with prior
 //! knowledge over `http://`, ALPN h2 over `https://`), both streaming bodies
 //! without buffering, with connect and response timeouts mapped to 502 and
-//! 504.
+//! 504 (when the response timeout starts is `timeouts`' business).
 
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use crate::config::UpstreamProtocol;
 
 use super::reject::ProxyError;
 use super::routes::Upstream;
+use super::timeouts::{self, Upload};
 use super::UpstreamBody;
 
 type Connector = HttpsConnector<HttpConnector>;
@@ -24,9 +25,10 @@ type Connector = HttpsConnector<HttpConnector>;
 /// Both clients share nothing but their settings; each keeps its own pool.
 #[derive(Clone)]
 pub struct UpstreamClients {
-    http1: Client<Connector, UpstreamBody>,
-    h2c: Client<Connector, UpstreamBody>,
-    /// How long to wait for the upstream's response headers.
+    http1: Client<Connector, Upload<UpstreamBody>>,
+    h2c: Client<Connector, Upload<UpstreamBody>>,
+    /// How long to wait for the upstream's response headers once the
+    /// request has been sent.
     timeout: Duration,
     connect_timeout: Duration,
 }
@@ -83,9 +85,11 @@ impl UpstreamClients {
         self.connect_timeout
     }
 
-    /// Sends the request to the upstream and waits for its response head.
-    /// The body streams afterwards, without a deadline: long downloads and
-    /// gRPC streams are legitimate.
+    /// Sends the request to the upstream and waits for its response head,
+    /// for up to the response timeout once the request body has been sent
+    /// (the upload itself is bounded by the caller's request deadline). The
+    /// response body streams afterwards, without a deadline: long downloads
+    /// and gRPC streams are legitimate.
     pub async fn forward(
         &self,
         upstream: &Upstream,
@@ -114,7 +118,8 @@ impl UpstreamClients {
             (&self.http1, Version::HTTP_11)
         };
         *req.version_mut() = version;
-        match tokio::time::timeout(self.timeout, client.request(req)).await {
+        let (req, upload) = timeouts::watch_upload(req);
+        match timeouts::wait_for_response_head(client.request(req), upload, self.timeout).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");

@@ -82,7 +82,7 @@ impl Metrics {
         let auth_failures = IntCounterVec::new(
             Opts::new(
                 "keygate_auth_failures_total",
-                "Requests refused before forwarding, by reason.",
+                "Requests refused or cut short by the proxy, by reason.",
             ),
             &["reason"],
         )

@@ -324,11 +324,14 @@ pub struct SeenRequest {
     pub version: http::Version,
     pub headers: http::HeaderMap,
     pub body_len: usize,
+    /// Whether the request body arrived whole (false: the sender aborted it).
+    pub body_complete: bool,
 }
 
 /// A real HTTP upstream (HTTP/1.1 and h2c) that records every request it
-/// gets. Paths: `/slow` answers after 5 s; `/stream/N` streams N 1 KiB
-/// chunks; `/echo-body` returns the request body; anything else "ok".
+/// gets, once its body has ended. Paths: `/slow` answers after 5 s;
+/// `/stream/N` streams N 1 KiB chunks; `/drip/N` streams N 1-byte chunks
+/// 100 ms apart; `/echo-body` returns the request body; anything else "ok".
 pub struct RecordingUpstream {
     pub addr: SocketAddr,
     pub seen: Arc<std::sync::Mutex<Vec<SeenRequest>>>,
@@ -354,11 +357,9 @@ impl RecordingUpstream {
                             let recorder = recorder.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
+                                let body = body.collect().await.map(|b| b.to_bytes());
+                                let body_complete = body.is_ok();
+                                let body = body.unwrap_or_default();
                                 recorder.lock().unwrap().push(SeenRequest {
                                     method: parts.method.clone(),
                                     path: parts
@@ -369,6 +370,7 @@ impl RecordingUpstream {
                                     version: parts.version,
                                     headers: parts.headers.clone(),
                                     body_len: body.len(),
+                                    body_complete,
                                 });
                                 let path = parts.uri.path().to_string();
                                 type Body = http_body_util::combinators::BoxBody<
@@ -386,6 +388,19 @@ impl RecordingUpstream {
                                         ))
                                     });
                                     StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+                                } else if let Some(n) = path.strip_prefix("/drip/") {
+                                    let n: usize = n.parse().unwrap_or(1);
+                                    let chunks =
+                                        futures_util::stream::unfold(0, move |i| async move {
+                                            if i == n {
+                                                return None;
+                                            }
+                                            tokio::time::sleep(Duration::from_millis(100)).await;
+                                            let frame =
+                                                Frame::data(bytes::Bytes::from_static(b"x"));
+                                            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+                                        });
+                                    StreamBody::new(chunks).boxed()
                                 } else if path == "/echo-body" {
                                     Full::new(body).boxed()
                                 } else {

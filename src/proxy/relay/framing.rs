@@ -52,7 +52,7 @@ impl Framing {
         Ok(match (chunked, length) {
             (Some(true), _) => Framing::Chunked(ChunkedScanner::default()),
             (Some(false), _) => Framing::UntilClose,
-            (None, Some(n)) if n == 0 => Framing::Empty,
+            (None, Some(0)) => Framing::Empty,
             (None, Some(n)) => Framing::Length(n),
             (None, None) => Framing::UntilClose,
         })

@@ -7,10 +7,11 @@
 //! plain `http://` upstream spoken to in HTTP/1.1. Then the relay copies the
 //! head with the rewrite of `headers` applied, streams the body by its
 //! length, and passes the upstream's response back by its framing, through
-//! its own pool of upstream connections. Every other request — and every
-//! refusal — is handed to hyper with the bytes read so far ([`Ended::Handoff`]),
-//! and hyper serves the rest of that connection through `handler`, so each
-//! rejection, limit and odd case keeps one implementation.
+//! its own pool of upstream connections; refusals of such requests are
+//! answered with `reject`'s bodies. Every other request is handed to hyper
+//! with the bytes read so far ([`Ended::Handoff`]), and hyper serves the
+//! rest of that connection through `handler`, so each limit and odd case
+//! keeps one implementation.
 //!
 //! Why by hand: on one core, hyper's server and client with the pooled
 //! legacy client cost about twice nginx's CPU per proxied request (README,
@@ -75,7 +76,7 @@ pub async fn serve<S>(
     states: &ArcSwap<ProxyState>,
     conn: &ConnectionInfo,
     limits: &ServerLimits,
-    drain: &mut watch::Receiver<bool>,
+    drain: &mut watch::Receiver<()>,
 ) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -96,7 +97,8 @@ where
         }
         let started = std::time::Instant::now();
         let state = states.load_full();
-        let draining = *drain.borrow();
+        // Err: the listener is gone, which also means draining.
+        let draining = drain.has_changed().unwrap_or(true);
         match relay.exchange(&state, started, draining).await {
             Next::KeepAlive if !draining => {}
             Next::KeepAlive | Next::Close => return Ended::Closed,
@@ -162,8 +164,15 @@ struct ResponseHead {
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     /// Reads until `buf` holds a whole request head, within
     /// `header_read_timeout` (which also bounds an idle keep-alive wait).
-    async fn read_head(&mut self, drain: &mut watch::Receiver<bool>) -> HeadRead {
-        let deadline = Instant::now() + self.limits.header_read_timeout;
+    async fn read_head(&mut self, drain: &mut watch::Receiver<()>) -> HeadRead {
+        // Waiting for a next request is idling: the shorter bound applies
+        // until its first byte; then the head has `header_read_timeout`.
+        let idle_deadline = Instant::now()
+            + self
+                .limits
+                .idle_timeout
+                .min(self.limits.header_read_timeout);
+        let mut deadline = None;
         let mut scanned = 0;
         loop {
             if head_complete(&self.buf, scanned) {
@@ -179,10 +188,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 // Between requests a drain closes the connection at once.
                 tokio::select! {
                     biased;
-                    read = timeout_at(deadline, self.io.read_buf(&mut self.buf)) => read,
+                    read = timeout_at(idle_deadline, self.io.read_buf(&mut self.buf)) => read,
                     _ = drain.changed() => return HeadRead::Closed,
                 }
             } else {
+                let deadline = *deadline
+                    .get_or_insert_with(|| Instant::now() + self.limits.header_read_timeout);
                 timeout_at(deadline, self.io.read_buf(&mut self.buf)).await
             };
             match read {
@@ -209,14 +220,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let Some(plan) = plan(&req, state, self.conn, self.limits, &mut self.out) else {
             return Next::Handoff;
         };
-        let head = self.buf.split_to(head_len);
+        self.buf.advance(head_len);
 
         let now = SystemTime::now();
         let mut outcome = Outcome {
             route: Some(plan.route),
             ..Outcome::default()
         };
-        let key = authenticate(
+        let verified = authenticate(
             state,
             &plan.credential,
             &plan.method,
@@ -225,19 +236,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             &mut outcome.key,
         )
         .await;
-        let Ok(key) = key else {
-            // hyper verifies again and answers the refusal.
-            let mut whole = head;
-            whole.unsplit(std::mem::take(&mut self.buf));
-            self.buf = whole;
-            return Next::Handoff;
+        let forwarded = match verified {
+            Ok(key) => {
+                state
+                    .headers
+                    .write_identity(&mut self.out, &key, plan.route);
+                outcome.upstream_started = Some(std::time::Instant::now());
+                // request_timeout: from the head to the response head
+                // (timeouts.rs documents it for both paths).
+                let request_deadline = Instant::from_std(started) + state.request_timeout;
+                self.forward(state, &plan, &key, now, draining, request_deadline)
+                    .await
+            }
+            // A refused request's body is not read: the connection closes
+            // after the answer unless there is none.
+            Err(error) => Err(Failure::Proxy {
+                error,
+                body_consumed: plan.body == 0,
+            }),
         };
-        state
-            .headers
-            .write_identity(&mut self.out, &key, plan.route);
-
-        outcome.upstream_started = Some(std::time::Instant::now());
-        let (status, refusal, next) = match self.forward(state, &plan, &key, now, draining).await {
+        let (status, refusal, next) = match forwarded {
             Ok((status, next)) => (status, None, next),
             Err(Failure::Client) => (400, None, Next::Close),
             Err(Failure::Proxy {
@@ -277,6 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         key: &Arc<VerifiedKey>,
         now: SystemTime,
         draining: bool,
+        request_deadline: Instant,
     ) -> Result<(u16, Next), Failure> {
         // Whatever of the body is already buffered goes out with the head.
         let buffered = usize::try_from(plan.body)
@@ -288,12 +307,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let mut body_left = plan.body - buffered as u64;
 
         let pool = &state.relay_pools[plan.route.index];
-        let deadline = Instant::now() + state.upstream.response_timeout();
         let unavailable = |body_left: u64| Failure::Proxy {
             error: ProxyError::UpstreamUnavailable,
             body_consumed: body_left == 0,
         };
         let mut retried = false;
+        let mut deadline;
         let mut upstream = loop {
             let (mut upstream, reused) = match pool.take() {
                 Some(idle) => (idle, true),
@@ -307,16 +326,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             self.ubuf.clear();
             let sent = upstream.write_all(&self.out).await.is_ok();
             if sent && body_left > 0 {
-                self.send_body(&mut upstream, &mut body_left, state, deadline)
+                self.send_body(&mut upstream, &mut body_left, state, request_deadline)
                     .await?;
             }
+            // upstream_timeout starts once the request is sent; whichever
+            // clock runs out first names the error.
+            let upstream_deadline = Instant::now() + state.upstream.response_timeout();
+            deadline = upstream_deadline.min(request_deadline);
             match read_response_head(&mut upstream, &mut self.ubuf, deadline).await {
                 Ok(()) => break upstream,
                 Err(UpstreamRead::TimedOut) => {
+                    let error = if upstream_deadline <= request_deadline {
+                        ProxyError::UpstreamTimeout
+                    } else {
+                        ProxyError::RequestTimeout
+                    };
                     return Err(Failure::Proxy {
-                        error: ProxyError::UpstreamTimeout,
+                        error,
                         body_consumed: body_left == 0,
-                    })
+                    });
                 }
                 // A reused connection the upstream closed just before our
                 // request: nothing was processed, so one retry on a new
@@ -366,7 +394,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 self.buf.reserve(READ_CHUNK);
                 match timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    _ => return Err(Failure::Client),
+                    Ok(_) => return Err(Failure::Client),
+                    Err(_) => {
+                        return Err(Failure::Proxy {
+                            error: ProxyError::RequestTimeout,
+                            body_consumed: false,
+                        })
+                    }
                 }
             }
             let n = usize::try_from(*body_left)
