@@ -205,15 +205,16 @@ pub(super) fn record(
     outcome: &Outcome<'_>,
     started: Instant,
 ) {
+    // One clock read for every duration below.
+    let ended = Instant::now();
+    let took = ended.saturating_duration_since(started);
     if let Some(route) = outcome.route {
         let metrics = &state.route_metrics[route.index];
-        metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
+        metrics.request_duration.observe(took.as_secs_f64());
         if let Some(at) = outcome.upstream_started {
             metrics
                 .upstream_duration
-                .observe(at.elapsed().as_secs_f64());
+                .observe(ended.saturating_duration_since(at).as_secs_f64());
         }
         if let Some(key) = &outcome.key {
             let series = key.series.get_or_init(|| {
@@ -242,6 +243,6 @@ pub(super) fn record(
         upstream = outcome.route.map(|r| r.upstream.authority.as_str()),
         status,
         refusal = refusal.map(ProxyError::code),
-        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
     );
 }

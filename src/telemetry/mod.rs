@@ -5,6 +5,7 @@
 // across an await.
 #![allow(clippy::disallowed_types)]
 
+pub mod compact;
 pub mod counted;
 pub mod metrics;
 pub mod usage;
@@ -53,13 +54,16 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
     )));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = BufferedStderr(buffer.clone());
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(terminal)
         .with_writer(writer);
     let result = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colours for people; the cheaper twin for files and collectors.
+        LogFormat::Pretty if terminal => builder.compact().try_init(),
+        LogFormat::Pretty => builder.event_format(compact::FastCompact).try_init(),
     };
     result.map_err(|e| e.to_string())?;
     let (flushed, stopping) = (buffer.clone(), stop.clone());
