@@ -1,0 +1,317 @@
+//! The HTTP/1.1 relay (src/proxy/relay): framing of upstream responses
+//! (chunked with trailers, close-delimited, informational heads), upstream
+//! connection reuse, pipelined client requests, request bodies, the header
+//! rewrite on raw heads, and the same answers with the relay turned off.
+//! The upstream here is a raw TCP server so each response's bytes are
+//! exactly what the test wrote.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::Gate;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A scripted upstream; counts the connections it accepted.
+struct RawUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn raw_upstream() -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_raw(stream));
+        }
+    });
+    RawUpstream { addr, connections }
+}
+
+/// Reads requests (head, then a Content-Length body) and answers by path.
+async fn serve_raw(mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+        buf.drain(..head_end + length);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let response = match path.as_str() {
+            "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-hop: 1\r\nconnection: x-hop\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_string(),
+            "/hints" => "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+            "/close" => {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
+                return;
+            }
+            "/bye" => {
+                // Answers, then closes shortly after: a pooled connection
+                // the upstream gave up on.
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+            _ => {
+                let echoed = format!("{head}{body}");
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nkeep-alive: timeout=5\r\n\r\n{echoed}", echoed.len())
+            }
+        };
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Sends raw bytes to the proxy and reads until `responses` complete
+/// responses (by Content-Length or chunked end, or until close) arrived.
+async fn exchange(proxy: SocketAddr, request: &str, until: &str) -> String {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+            if String::from_utf8_lossy(&got).contains(until) {
+                break;
+            }
+        }
+    };
+    let in_time = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_ok();
+    assert!(
+        in_time,
+        "no {until:?} within 5 s; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).to_string()
+}
+
+fn get(path: &str, token: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nhost: svc.local\r\nauthorization: Bearer {token}\r\n{extra}\r\n"
+    )
+}
+
+async fn gate_for(upstream: &RawUpstream, relay: bool) -> Gate {
+    Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(&format!("http1_relay = {relay}"))
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn the_rewrite_applies_to_relayed_heads_and_bodies_pass_through() {
+    for relay in [true, false] {
+        let upstream = raw_upstream().await;
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        let post = format!(
+            "POST /echo?q=1 HTTP/1.1\r\nHost: svc.local\r\nAuthorization: Bearer {token}\r\n\
+             X-Keygate-Key-Id: forged\r\nx_keygate_role: admin\r\nX-Forwarded-For: 10.0.0.1\r\n\
+             Content-Length: 11\r\n\r\nhello world"
+        );
+        let answer = exchange(gate.proxy, &post, "hello world").await;
+        let lower = answer.to_ascii_lowercase();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "relay={relay}: {answer}"
+        );
+        assert!(lower.contains("post /echo?q=1 http/1.1"), "{answer}");
+        assert!(
+            lower.contains(&format!("x-keygate-key-id: {}", &token[3..19])),
+            "{answer}"
+        );
+        assert!(
+            !lower.contains("forged") && !lower.contains("x_keygate_role"),
+            "{answer}"
+        );
+        assert!(
+            !lower.contains("authorization"),
+            "credential removed: {answer}"
+        );
+        assert!(
+            lower.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1"),
+            "{answer}"
+        );
+        assert!(lower.contains("x-forwarded-host: svc.local"), "{answer}");
+        assert!(lower.contains("x-request-id: "), "{answer}");
+        assert!(
+            !lower.contains("keep-alive: timeout"),
+            "hop-by-hop removed: {answer}"
+        );
+        assert!(answer.ends_with("hello world"), "{answer}");
+        gate.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn chunked_close_delimited_and_informational_responses_are_framed() {
+    let upstream = raw_upstream().await;
+    let gate = gate_for(&upstream, true).await;
+    let token = gate.admin_token.clone();
+
+    let chunked = exchange(
+        gate.proxy,
+        &get("/chunked", &token, ""),
+        "x-trailer: t\r\n\r\n",
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200 OK\r\n"), "{chunked}");
+    assert!(
+        chunked
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{chunked}"
+    );
+    assert!(
+        !chunked.contains("x-hop"),
+        "a header named by Connection is hop-by-hop: {chunked}"
+    );
+    assert!(
+        chunked.ends_with("5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"),
+        "{chunked}"
+    );
+
+    // No length: the body runs to the upstream's close, and the client is
+    // told the connection closes after it.
+    let closing = exchange(gate.proxy, &get("/close", &token, ""), "\u{0}").await;
+    assert!(
+        closing.to_ascii_lowercase().contains("connection: close"),
+        "{closing}"
+    );
+    assert!(closing.ends_with("\r\n\r\nuntil the end"), "{closing}");
+
+    // A 103 is dropped, like hyper's client does; the final answer follows.
+    let hinted = exchange(gate.proxy, &get("/hints", &token, ""), "\r\n\r\nok").await;
+    assert!(hinted.starts_with("HTTP/1.1 200 OK"), "{hinted}");
+    assert!(!hinted.contains("103"), "{hinted}");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_reuse_one_upstream_connection_in_order() {
+    let upstream = raw_upstream().await;
+    let gate = gate_for(&upstream, true).await;
+    let token = gate.admin_token.clone();
+    let pipelined = format!(
+        "{}{}{}",
+        get("/first", &token, ""),
+        get("/second", &token, ""),
+        get("/third", &token, "connection: close\r\n")
+    );
+    let answers = exchange(gate.proxy, &pipelined, "GET /third").await;
+    let first = answers.find("GET /first").expect("first");
+    let second = answers.find("GET /second").expect("second");
+    let third = answers.find("GET /third").expect("third");
+    assert!(first < second && second < third, "{answers}");
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 3, "{answers}");
+    assert!(
+        answers.to_ascii_lowercase().contains("connection: close"),
+        "{answers}"
+    );
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
+    let upstream = raw_upstream().await;
+    let gate = gate_for(&upstream, true).await;
+    let token = gate.admin_token.clone();
+    let bye = exchange(gate.proxy, &get("/bye", &token, ""), "bye").await;
+    assert!(bye.starts_with("HTTP/1.1 200"), "{bye}");
+    // The upstream closes its side 50 ms later; the next request must not
+    // be lost on that connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = exchange(gate.proxy, &get("/again", &token, ""), "GET /again").await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_and_unserved_shapes_get_the_same_answers_as_hyper() {
+    let upstream = raw_upstream().await;
+    let gate = gate_for(&upstream, true).await;
+    let token = gate.admin_token.clone();
+    // A refused key: 401 with the JSON body, the connection kept.
+    let refused = exchange(
+        gate.proxy,
+        &format!("{}{}", get("/", "kg_nope", ""), get("/after", &token, "")),
+        "GET /after",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(refused.contains("www-authenticate"), "{refused}");
+    assert!(
+        refused.contains("\"code\":\"malformed_api_key\""),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("HTTP/1.1 200"),
+        "keep-alive after a refusal: {refused}"
+    );
+    // A chunked upload is hyper's: forwarded chunked (this upstream echoes
+    // only the head of a chunked request).
+    let chunked_upload = format!(
+        "POST /up HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {token}\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    );
+    let uploaded = exchange(gate.proxy, &chunked_upload, "transfer-encoding: chunked").await;
+    assert!(uploaded.starts_with("HTTP/1.1 200"), "{uploaded}");
+    assert!(uploaded.contains("POST /up HTTP/1.1"), "{uploaded}");
+    // Two different Content-Lengths: refused before anything is forwarded.
+    let before = upstream.connections.load(Ordering::SeqCst);
+    let smuggled = format!(
+        "POST /x HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {token}\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd"
+    );
+    let answer = exchange(gate.proxy, &smuggled, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), before);
+    gate.stop().await;
+}
