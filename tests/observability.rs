@@ -104,10 +104,10 @@ async fn requests_failures_bytes_cache_and_latency_are_exported() {
     let misses = samples(&text, "keygate_cache_misses_total")[0].1;
     assert_eq!(hits + misses, 4.0, "{text}");
     assert!(misses >= 2.0 && hits >= 1.0, "{text}");
-    // The admin key and the unknown id, unless the change feed's first
-    // contact (above) dropped the cache between them.
+    // At most the admin key and the unknown id: the change feed's first
+    // contact (above) may drop the cache after the requests, too.
     let entries = samples(&text, "keygate_cache_entries")[0].1;
-    assert!((1.0..=2.0).contains(&entries), "{text}");
+    assert!((0.0..=2.0).contains(&entries), "{text}");
     let latency = samples(&text, "keygate_request_duration_seconds_count");
     assert_eq!(latency.iter().map(|(_, v)| v).sum::<f64>(), 5.0);
     assert_eq!(

@@ -255,39 +255,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 body_consumed: plan.body == 0,
             }),
         };
-        let (status, refusal, next) = match forwarded {
-            Ok((status, next)) => (status, None, next),
-            Err(Failure::Client) => (400, None, Next::Close),
+        // Recorded when the response head is known, before it is sent (as
+        // on hyper's path): whoever sees the answer also sees it counted.
+        let method = plan.method.as_str();
+        match forwarded {
+            Ok((head, upstream)) => {
+                record(state, method, head.status, None, &outcome, started);
+                self.relay_response(upstream, head, plan.route, state).await
+            }
+            Err(Failure::Client) => {
+                record(state, method, 400, None, &outcome, started);
+                Next::Close
+            }
             Err(Failure::Proxy {
                 error,
                 body_consumed,
             }) => {
                 record_failure(state, error, &outcome);
+                let status = error.status().as_u16();
+                record(state, method, status, Some(error), &outcome, started);
                 let close = plan.close || draining || !body_consumed;
                 self.out.clear();
                 error.render_http1(&mut self.out, close);
-                let written = self.write_out().await;
-                let next = if close || !written {
-                    Next::Close
-                } else {
+                if self.write_out().await && !close {
                     Next::KeepAlive
-                };
-                (error.status().as_u16(), Some(error), next)
+                } else {
+                    Next::Close
+                }
             }
-        };
-        record(
-            state,
-            plan.method.as_str(),
-            status,
-            refusal,
-            &outcome,
-            started,
-        );
-        next
+        }
     }
 
-    /// Sends the request (head in `out`, body from the client) and relays
-    /// the response. Returns the status the client got.
+    /// Sends the response head in `out` and its body, then keeps the
+    /// upstream connection for the next request when it ended cleanly.
+    async fn relay_response(
+        &mut self,
+        mut upstream: TcpStream,
+        head: ResponseHead,
+        route: &Route,
+        state: &ProxyState,
+    ) -> Next {
+        let relayed = self.relay_body(&mut upstream, head.framing, state).await;
+        let next = match relayed {
+            Relayed::Complete if head.upstream_keep_alive && self.ubuf.is_empty() => {
+                state.relay_pools[route.index].put(upstream);
+                Next::KeepAlive
+            }
+            Relayed::Complete => Next::KeepAlive,
+            Relayed::Broken => Next::Close,
+        };
+        if head.close_client {
+            Next::Close
+        } else {
+            next
+        }
+    }
+
+    /// Sends the request (head in `out`, body from the client) and reads the
+    /// response head, leaving the client's version of it in `out`.
     async fn forward(
         &mut self,
         state: &ProxyState,
@@ -296,7 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         now: SystemTime,
         draining: bool,
         request_deadline: Instant,
-    ) -> Result<(u16, Next), Failure> {
+    ) -> Result<(ResponseHead, TcpStream), Failure> {
         // Whatever of the body is already buffered goes out with the head.
         let buffered = usize::try_from(plan.body)
             .unwrap_or(usize::MAX)
@@ -368,17 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             }
         };
         state.usage.record(key, now);
-        let relayed = self.relay_body(&mut upstream, head.framing, state).await;
-        let next = match relayed {
-            Relayed::Complete if head.upstream_keep_alive && self.ubuf.is_empty() => {
-                pool.put(upstream);
-                Next::KeepAlive
-            }
-            Relayed::Complete => Next::KeepAlive,
-            Relayed::Broken => Next::Close,
-        };
-        let next = if head.close_client { Next::Close } else { next };
-        Ok((head.status, next))
+        Ok((head, upstream))
     }
 
     /// Streams the rest of a `Content-Length` request body to the upstream.
