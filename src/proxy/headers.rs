@@ -223,7 +223,7 @@ impl HeaderRules {
             put_header(out, b"x-forwarded-host", host);
         }
         if !request_id {
-            put_header(out, b"x-request-id", new_request_id().as_bytes());
+            put_header(out, b"x-request-id", &request_id_bytes());
         }
     }
 
@@ -435,6 +435,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// A unique request id: a per-process random prefix and a counter, so that
 /// generating one costs no syscall.
 fn new_request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The 32 hex digits of [`new_request_id`], without allocating.
+fn request_id_bytes() -> [u8; 32] {
     static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
         let mut b = [0u8; 8];
         let _ = getrandom::getrandom(&mut b);
@@ -453,7 +458,7 @@ fn new_request_id() -> HeaderValue {
         buf[2 * i] = hex[usize::from(byte >> 4)];
         buf[2 * i + 1] = hex[usize::from(byte & 0xf)];
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    buf
 }
 
 #[cfg(test)]
