@@ -19,9 +19,11 @@
 //!
 //! # Life of a request
 //!
-//! `proxy::server` accepts and speaks HTTP/1.1 or h2c; `proxy::handler`
-//! picks the route, `auth::CredentialExtractor` finds the key,
-//! `auth::Authenticator` verifies it (moka cache, store on a miss, digest
+//! `proxy::server` accepts; plain HTTP/1.1 requests start in `proxy::relay`,
+//! which runs the steps below on raw heads without hyper and hands anything
+//! else (h2c, upgrades, chunked uploads, ...) to hyper, where
+//! `proxy::handler` picks the route, `auth::CredentialExtractor` finds the key,
+//! `auth::Authenticator` verifies it (quick_cache, store on a miss, digest
 //! compared in constant time, state and expiry checked), `auth::authorize`
 //! checks the namespace, `proxy::headers` strips and injects headers,
 //! `proxy::upstream` forwards with streaming bodies, and `telemetry` counts
