@@ -242,7 +242,11 @@ impl Authenticator {
             }
             None => self.dummy.digest.ct_eq(&presented) & Choice::from(0),
         };
-        if !(exists & bool::from(current | previous)) {
+        // One branch on one combined Choice: branching on `exists` first
+        // gave a wrong secret for an existing id one more branch than an
+        // unknown id (about 0.9 ns, found by examples/timing).
+        let accepted = Choice::from(u8::from(exists)) & (current | previous);
+        if !bool::from(accepted) {
             return Err(AuthError::Invalid);
         }
         if key.disabled {
