@@ -298,26 +298,15 @@ pub fn write_response_head(
     out.push(b' ');
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
-    let connection_names = |name: &[u8]| {
-        headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("connection")
-                && h.value
-                    .split(|&c| c == b',')
-                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
-        })
-    };
     // Upstreams mostly send none, or `keep-alive`/`close`, which name no
     // header: then the per-header search is skipped.
-    let names_headers = headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && h.value.split(|&c| c == b',').any(|token| {
-                let token = token.trim_ascii();
-                !token.eq_ignore_ascii_case(b"keep-alive") && !token.eq_ignore_ascii_case(b"close")
-            })
+    let names_headers = connection_tokens(headers).any(|token| {
+        !token.eq_ignore_ascii_case(b"keep-alive") && !token.eq_ignore_ascii_case(b"close")
     });
     for header in headers {
         let name = header.name.as_bytes();
-        let named_by_connection = names_headers && connection_names(name);
+        let named_by_connection =
+            names_headers && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name));
         let transfer_encoding = name.eq_ignore_ascii_case(b"transfer-encoding");
         if named_by_connection
             || (is_hop_by_hop_bytes(name, header.value)
@@ -333,7 +322,19 @@ pub fn write_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// The comma-separated tokens of every `Connection` header, trimmed.
+pub fn connection_tokens<'s, 'a: 's>(
+    headers: &'s [httparse::Header<'a>],
+) -> impl Iterator<Item = &'a [u8]> + 's {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&c| c == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
+/// One `name: value` line of an HTTP/1 head.
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

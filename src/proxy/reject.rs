@@ -14,6 +14,7 @@ use http_body_util::{Either, Full};
 
 use crate::auth::{AuthError, CredentialError, Forbidden};
 
+use super::headers::put_header;
 use super::ProxyBody;
 
 /// Every way the proxy refuses or fails a request.
@@ -207,12 +208,9 @@ impl ProxyError {
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in response.headers() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        put_header(out, b"content-length", body.len().to_string().as_bytes());
         if close {
             out.extend_from_slice(b"connection: close\r\n");
         }

@@ -40,7 +40,7 @@ use crate::auth::{Credential, VerifiedKey};
 use crate::config::UpstreamProtocol;
 
 use super::handler::{authenticate, record, record_failure, Outcome};
-use super::headers::{write_response_head, ConnectionInfo};
+use super::headers::{connection_tokens, write_response_head, ConnectionInfo};
 use super::reject::ProxyError;
 use super::routes::{strip_port, Route, Upstream};
 use super::server::ServerLimits;
@@ -457,7 +457,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return Ok(None);
         }
         let framing = Framing::of_response(plan.head_request, status, res.headers)?;
-        let upstream_keep_alive = res.version == Some(1) && !has_token(res.headers, b"close");
+        let upstream_keep_alive = res.version == Some(1)
+            && !connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close_client = plan.close || draining || matches!(framing, Framing::UntilClose);
         self.out.clear();
         write_response_head(
@@ -639,15 +640,6 @@ fn head_complete(buf: &[u8], from: usize) -> bool {
         i = at + 1;
     }
     false
-}
-
-fn has_token(headers: &[httparse::Header<'_>], token: &[u8]) -> bool {
-    headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection")
-            && h.value
-                .split(|&c| c == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
 }
 
 enum UpstreamRead {
