@@ -126,7 +126,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let response = slow.await.unwrap().expect("in-flight request completed");
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "slow");
-    let status = wait_exit(&mut server.child, Duration::from_secs(10));
+    let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -233,21 +233,86 @@ fn bootstrap_refuses_once_a_user_exists() {
     assert_eq!(out.status.code(), Some(64));
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+/// Waits for a SIGTERMed keygate to exit; its status and what it logged.
+fn wait_exit(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
+            let mut text = String::new();
             if let Some(mut stderr) = child.stderr.take() {
-                let mut text = String::new();
                 let _ = stderr.read_to_string(&mut text);
                 assert!(
                     text.contains("drained") || text.contains("shutting down"),
                     "{text}"
                 );
             }
-            return status;
+            return (status, text);
         }
         assert!(Instant::now() < deadline, "keygate did not exit");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The access log as an operator's collector reads it (stderr not a
+/// terminal): one line per request in the compact format by default and in
+/// JSON with `[log] format = "json"`, naming key, owner, route, status and
+/// refusal, and never the secret.
+#[tokio::test]
+async fn access_log_lines_in_compact_and_json_formats() {
+    let upstream = RecordingUpstream::start().await;
+    for format in ["pretty", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = format!("[log]\nformat = \"{format}\"");
+        let (config, proxy, admin) = write_config(dir.path(), upstream.addr, &extra);
+        let key = bootstrap(&config);
+        let mut server = serve(&config, proxy, admin).await;
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{proxy}/logged");
+        let ok = client.get(&url).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        // A broken checksum: refused before any lookup.
+        let last = if key.ends_with('x') { 'y' } else { 'x' };
+        let wrong = format!("{}{last}", &key[..key.len() - 1]);
+        let refused = client.get(&url).bearer_auth(&wrong).send().await.unwrap();
+        assert_eq!(refused.status(), 401);
+        signal(&server.child, "TERM");
+        let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+        assert!(status.success());
+        assert!(!logs.contains(&key[20..]), "the secret was logged");
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("keygate::access"))
+            .collect();
+        assert_eq!(access.len(), 2, "{logs}");
+        let key_id = &key[3..19];
+        if format == "json" {
+            let lines: Vec<serde_json::Value> = access
+                .iter()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect();
+            assert_eq!(lines[0]["level"], "INFO");
+            assert_eq!(lines[0]["target"], "keygate::access");
+            assert_eq!(lines[0]["key_id"], key_id);
+            assert_eq!(lines[0]["method"], "GET");
+            assert_eq!(lines[0]["route"], "default");
+            assert_eq!(lines[0]["status"], 200);
+            assert!(lines[0]["latency_us"].is_u64());
+            assert!(lines[0]["timestamp"].as_str().unwrap().ends_with('Z'));
+            assert!(lines[1].get("key_id").is_none());
+            assert_eq!(lines[1]["status"], 401);
+            assert_eq!(lines[1]["refusal"], "malformed_api_key");
+        } else {
+            let ok = access[0];
+            assert!(ok.contains("  INFO keygate::access: "), "{ok}");
+            assert!(ok.contains(&format!(" key_id=\"{key_id}\" ")), "{ok}");
+            assert!(ok.contains(" method=\"GET\" route=\"default\" "), "{ok}");
+            assert!(ok.contains(" status=200 latency_us="), "{ok}");
+            let refused = access[1];
+            assert!(!refused.contains("key_id="), "{refused}");
+            assert!(
+                refused.contains(" status=401 refusal=\"malformed_api_key\" latency_us="),
+                "{refused}"
+            );
+        }
     }
 }

@@ -33,7 +33,7 @@ use subtle::Choice;
 
 use crate::key::{Digest, KeyId, ParsedToken};
 use crate::store::{Access, KeyRecord, KeyStore, OwnerType, StoreError};
-use crate::telemetry::metrics::{KeySeries, Metrics};
+use crate::telemetry::metrics::{KeyCounts, Metrics};
 use crate::telemetry::usage::{UsageCell, UsageSource};
 
 /// Why verification failed. `Invalid` covers both an unknown id and a wrong
@@ -98,9 +98,9 @@ pub struct VerifiedKey {
     pub owner: Arc<Owner>,
     /// Requests counted since the last usage flush.
     pub usage: UsageCell,
-    /// The request counters of the first route this key was used on,
-    /// resolved once (index of the route, counters).
-    pub series: OnceLock<Box<(usize, KeySeries)>>,
+    /// The request counts of the first route this key was used on,
+    /// resolved once.
+    pub counts: OnceLock<Arc<KeyCounts>>,
     /// False for the stand-ins cached for unknown ids.
     real: bool,
 }
@@ -126,7 +126,7 @@ impl VerifiedKey {
                 .collect(),
             owner,
             usage: UsageCell::default(),
-            series: OnceLock::new(),
+            counts: OnceLock::new(),
             real: true,
         }
     }
@@ -336,7 +336,7 @@ impl Authenticator {
             namespaces: Box::default(),
             owner: self.dummy.owner.clone(),
             usage: UsageCell::default(),
-            series: OnceLock::new(),
+            counts: OnceLock::new(),
             real: false,
         }
     }

@@ -26,9 +26,23 @@ impl Digest {
 
     /// Constant-time equality: the time taken does not depend on where the
     /// digests first differ.
+    ///
+    /// The four 64-bit words are XORed and ORed together without a branch,
+    /// and only the union is tested, by `subtle`: the same property as
+    /// `subtle`'s byte-by-byte slice comparison, in a quarter of the steps.
     pub fn ct_eq(&self, other: &Digest) -> Choice {
-        self.0.ct_eq(&other.0)
+        let difference = self
+            .0
+            .chunks_exact(8)
+            .zip(other.0.chunks_exact(8))
+            .fold(0u64, |union, (a, b)| union | (word(a) ^ word(b)));
+        difference.ct_eq(&0)
     }
+}
+
+/// Eight bytes as a machine word (`chunks_exact(8)` guarantees the length).
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_ne_bytes(bytes.try_into().unwrap_or([0; 8]))
 }
 
 impl fmt::Debug for Digest {
@@ -53,5 +67,18 @@ mod tests {
         assert_eq!(Digest::from_slice(a.as_bytes()), Some(a));
         assert_eq!(Digest::from_slice(&[0u8; 31]), None);
         assert_eq!(format!("{a:?}"), "Digest(sha256)");
+    }
+
+    #[test]
+    fn a_difference_in_any_bit_is_seen() {
+        let a = Digest::of(b"abc");
+        for byte in 0..32 {
+            for bit in 0..8 {
+                let mut flipped = *a.as_bytes();
+                flipped[byte] ^= 1 << bit;
+                let b = Digest::from_slice(&flipped).unwrap();
+                assert!(!bool::from(a.ct_eq(&b)), "byte {byte} bit {bit}");
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
 
 use crate::auth::{authorize, required_permission, Credential, VerifiedKey};
+use crate::telemetry::access::{self, AccessEntry};
 use crate::telemetry::counted::CountedBody;
 
 use super::forward_auth;
@@ -196,7 +197,8 @@ pub(super) fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Ou
     }
 }
 
-/// Metrics and the one access-log event of the request.
+/// Metrics and the one access-log event of the request. Returns the clock
+/// reading it took (the response head's time), for callers to reuse.
 pub(super) fn record(
     state: &ProxyState,
     method: &str,
@@ -204,7 +206,7 @@ pub(super) fn record(
     refusal: Option<ProxyError>,
     outcome: &Outcome<'_>,
     started: Instant,
-) {
+) -> Instant {
     // One clock read for every duration below.
     let ended = Instant::now();
     let took = ended.saturating_duration_since(started);
@@ -217,32 +219,29 @@ pub(super) fn record(
                 .observe(ended.saturating_duration_since(at).as_secs_f64());
         }
         if let Some(key) = &outcome.key {
-            let series = key.series.get_or_init(|| {
-                let series = state
-                    .metrics
-                    .key_series(&key.id, &key.owner.id, &route.name);
-                Box::new((route.index, series))
-            });
-            if series.0 == route.index {
-                series.1.count(status);
-            } else {
+            let resolve = || {
                 state
                     .metrics
-                    .key_series(&key.id, &key.owner.id, &route.name)
-                    .count(status);
+                    .key_counts(&key.id, &key.owner.id, &route.name, route.series_id)
+            };
+            let counts = key.counts.get_or_init(resolve);
+            if counts.route_id == route.series_id {
+                counts.count(status);
+            } else {
+                resolve().count(status);
             }
         }
     }
     let key = outcome.key.as_deref();
-    tracing::info!(
-        target: "keygate::access",
-        key_id = key.map(|k| k.id.as_str()),
-        owner_id = key.map(|k| k.owner.id.as_str()),
+    access::log(&AccessEntry {
+        key_id: key.map(|k| k.id.as_str()),
+        owner_id: key.map(|k| k.owner.id.as_str()),
         method,
-        route = outcome.route.map(|r| r.name.as_str()),
-        upstream = outcome.route.map(|r| r.upstream.authority.as_str()),
+        route: outcome.route.map(|r| r.name.as_str()),
+        upstream: outcome.route.map(|r| r.upstream.authority.as_str()),
         status,
-        refusal = refusal.map(ProxyError::code),
-        latency_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-    );
+        refusal: refusal.map(ProxyError::code),
+        latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    });
+    ended
 }

@@ -2,6 +2,13 @@
 //! by host and path prefix. Built once from the config; matching allocates
 //! nothing.
 
+// The route-name interner is a plain Mutex: taken when a table is built (at
+// start and on reload), never per request.
+#![allow(clippy::disallowed_types)]
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 
@@ -35,6 +42,10 @@ pub struct Route {
     pub index: usize,
     /// Label for metrics and logs: `host/prefix` or `prefix`.
     pub name: String,
+    /// The same number for every route of this name in any table, so what
+    /// is cached per key and route (its metric counts) outlives a reload
+    /// and is told apart from another route's by one comparison.
+    pub series_id: u64,
     host: Option<String>,
     path_prefix: String,
     pub upstream: Upstream,
@@ -54,6 +65,17 @@ impl Route {
         }
         prefix_matches(&self.path_prefix, path)
     }
+}
+
+/// The process-wide number of a route name (see [`Route::series_id`]).
+fn series_id(name: &str) -> u64 {
+    static IDS: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+    let mut ids = IDS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let next = ids.len() as u64;
+    *ids.entry(name.to_owned()).or_insert(next)
 }
 
 /// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`.
@@ -87,6 +109,7 @@ impl RouteTable {
                 };
                 Route {
                     index: 0,
+                    series_id: series_id(&name),
                     name,
                     host: r.host.clone(),
                     path_prefix: r.path_prefix.clone(),
@@ -104,6 +127,7 @@ impl RouteTable {
             // The sidecar default: everything not routed goes here.
             routes.push(Route {
                 index: 0,
+                series_id: series_id("default"),
                 name: "default".into(),
                 host: None,
                 path_prefix: "/".into(),

@@ -1,10 +1,11 @@
-//! Telemetry: tracing setup (pretty or JSON), the Prometheus metrics, and
-//! the per-key usage batcher.
+//! Telemetry: tracing setup (pretty or JSON), the access log, the
+//! Prometheus metrics, and the per-key usage batcher.
 
 // The log buffer is a plain Mutex: held to copy one formatted line, never
 // across an await.
 #![allow(clippy::disallowed_types)]
 
+pub mod access;
 pub mod compact;
 pub mod counted;
 pub mod metrics;
@@ -66,6 +67,13 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
         LogFormat::Pretty => builder.event_format(compact::FastCompact).try_init(),
     };
     result.map_err(|e| e.to_string())?;
+    match config.format {
+        LogFormat::Json => access::install(access::LineFormat::Json, buffer.clone()),
+        LogFormat::Pretty if !terminal => {
+            access::install(access::LineFormat::Compact, buffer.clone())
+        }
+        LogFormat::Pretty => {}
+    }
     let (flushed, stopping) = (buffer.clone(), stop.clone());
     std::thread::Builder::new()
         .name("log-flush".into())

@@ -142,6 +142,17 @@ struct Plan<'s> {
     head_request: bool,
 }
 
+/// The clock readings an exchange takes once and passes on.
+#[derive(Clone, Copy)]
+struct Clock {
+    /// Wall-clock time of the request (expiry, usage).
+    wall: SystemTime,
+    /// When the request was about to be sent upstream.
+    upstream_started: std::time::Instant,
+    /// `request_timeout` from the request head.
+    request_deadline: Instant,
+}
+
 /// Why an exchange ended before a response head reached the client.
 enum Failure {
     /// Answered with this error; `body_consumed`: the connection can go on.
@@ -241,12 +252,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 state
                     .headers
                     .write_identity(&mut self.out, &key, plan.route);
-                outcome.upstream_started = Some(std::time::Instant::now());
+                let upstream_started = std::time::Instant::now();
+                outcome.upstream_started = Some(upstream_started);
                 // request_timeout: from the head to the response head
                 // (timeouts.rs documents it for both paths).
                 let request_deadline = Instant::from_std(started) + state.request_timeout;
-                self.forward(state, &plan, &key, now, draining, request_deadline)
-                    .await
+                let clock = Clock {
+                    wall: now,
+                    upstream_started,
+                    request_deadline,
+                };
+                self.forward(state, &plan, &key, clock, draining).await
             }
             // A refused request's body is not read: the connection closes
             // after the answer unless there is none.
@@ -260,8 +276,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let method = plan.method.as_str();
         match forwarded {
             Ok((head, upstream)) => {
-                record(state, method, head.status, None, &outcome, started);
-                self.relay_response(upstream, head, plan.route, state).await
+                let recorded = record(state, method, head.status, None, &outcome, started);
+                self.relay_response(upstream, head, plan.route, state, recorded)
+                    .await
             }
             Err(Failure::Client) => {
                 record(state, method, 400, None, &outcome, started);
@@ -294,11 +311,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         head: ResponseHead,
         route: &Route,
         state: &ProxyState,
+        head_at: std::time::Instant,
     ) -> Next {
         let relayed = self.relay_body(&mut upstream, head.framing, state).await;
         let next = match relayed {
             Relayed::Complete if head.upstream_keep_alive && self.ubuf.is_empty() => {
-                state.relay_pools[route.index].put(upstream);
+                state.relay_pools[route.index].put(upstream, head_at);
                 Next::KeepAlive
             }
             Relayed::Complete => Next::KeepAlive,
@@ -318,10 +336,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         state: &ProxyState,
         plan: &Plan<'_>,
         key: &Arc<VerifiedKey>,
-        now: SystemTime,
+        clock: Clock,
         draining: bool,
-        request_deadline: Instant,
     ) -> Result<(ResponseHead, TcpStream), Failure> {
+        let request_deadline = clock.request_deadline;
         // Whatever of the body is already buffered goes out with the head.
         let buffered = usize::try_from(plan.body)
             .unwrap_or(usize::MAX)
@@ -338,25 +356,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
         let mut retried = false;
         let mut deadline;
+        // Whether connecting or sending the body took a wait since
+        // `clock.upstream_started`, which then no longer says when the
+        // request was sent.
+        let mut waited = false;
         let mut upstream = loop {
-            let (mut upstream, reused) = match pool.take() {
+            let (mut upstream, reused) = match pool.take(clock.upstream_started) {
                 Some(idle) => (idle, true),
-                None => (
-                    connect(&plan.route.upstream, state.upstream.connect_timeout())
-                        .await
-                        .map_err(|_| unavailable(body_left))?,
-                    false,
-                ),
+                None => {
+                    waited = true;
+                    let connected =
+                        connect(&plan.route.upstream, state.upstream.connect_timeout()).await;
+                    (connected.map_err(|_| unavailable(body_left))?, false)
+                }
             };
             self.ubuf.clear();
             let sent = upstream.write_all(&self.out).await.is_ok();
             if sent && body_left > 0 {
+                waited = true;
                 self.send_body(&mut upstream, &mut body_left, state, request_deadline)
                     .await?;
             }
             // upstream_timeout starts once the request is sent; whichever
             // clock runs out first names the error.
-            let upstream_deadline = Instant::now() + state.upstream.response_timeout();
+            let sent_at = if waited {
+                Instant::now()
+            } else {
+                Instant::from_std(clock.upstream_started)
+            };
+            let upstream_deadline = sent_at + state.upstream.response_timeout();
             deadline = upstream_deadline.min(request_deadline);
             match read_response_head(&mut upstream, &mut self.ubuf, deadline).await {
                 Ok(()) => break upstream,
@@ -392,7 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Err(BadFraming) => return Err(unavailable(0)),
             }
         };
-        state.usage.record(key, now);
+        state.usage.record(key, clock.wall);
         Ok((head, upstream))
     }
 
@@ -632,7 +660,7 @@ fn plan<'s>(
 /// line. `from` skips what an earlier call already searched.
 fn head_complete(buf: &[u8], from: usize) -> bool {
     let mut i = from.min(buf.len());
-    while let Some(p) = buf[i..].iter().position(|&c| c == b'\n') {
+    while let Some(p) = memchr::memchr(b'\n', &buf[i..]) {
         let at = i + p;
         if matches!(&buf[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]) {
             return true;

@@ -27,22 +27,24 @@ pub struct IdlePool {
 }
 
 impl IdlePool {
-    /// A connection believed open and quiet, if any.
-    pub fn take(&self) -> Option<TcpStream> {
+    /// A connection believed open and quiet at `now`, if any. (The caller's
+    /// clock reading: the pool's bound is 90 s, a few microseconds of age
+    /// do not matter, and a clock read per call would.)
+    pub fn take(&self, now: Instant) -> Option<TcpStream> {
         let mut idle = self.lock();
         while let Some((stream, since)) = idle.pop() {
-            if since.elapsed() < IDLE_FOR && is_quiet(&stream) {
+            if now.saturating_duration_since(since) < IDLE_FOR && is_quiet(&stream) {
                 return Some(stream);
             }
         }
         None
     }
 
-    /// Keeps a connection whose last exchange ended cleanly.
-    pub fn put(&self, stream: TcpStream) {
+    /// Keeps a connection whose last exchange ended cleanly, about `now`.
+    pub fn put(&self, stream: TcpStream, now: Instant) {
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
-            idle.push((stream, Instant::now()));
+            idle.push((stream, now));
         }
     }
 
