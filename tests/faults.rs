@@ -469,7 +469,11 @@ async fn wait_ready(server: &mut Server, admin: u16) {
             return;
         }
         if let Ok(Some(status)) = server.child.try_wait() {
-            panic!("keygate exited early: {status}");
+            let mut stderr = String::new();
+            if let Some(mut pipe) = server.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+            }
+            panic!("keygate exited early: {status}\n{stderr}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -19,11 +19,14 @@
 //! is not a whole framework. Parsing stays httparse's, the parser hyper
 //! uses; what is hand-written is the framing and the copying.
 
+mod deadline;
 mod framing;
 mod pool;
 mod rewind;
 
+use std::future::Future;
 use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -34,7 +37,7 @@ use http::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 
 use crate::auth::{Credential, VerifiedKey};
 use crate::config::UpstreamProtocol;
@@ -45,6 +48,7 @@ use super::reject::ProxyError;
 use super::routes::{strip_port, Route, Upstream};
 use super::server::ServerLimits;
 use super::ProxyState;
+use deadline::Deadline;
 use framing::{parse_length, BadFraming, Framing};
 
 pub use pool::IdlePool;
@@ -88,9 +92,14 @@ where
         buf: BytesMut::with_capacity(READ_CHUNK),
         out: Vec::with_capacity(READ_CHUNK),
         ubuf: BytesMut::with_capacity(READ_CHUNK),
+        timer: Deadline::new(Instant::now() + limits.idle_timeout),
     };
+    // One drain watch for the connection's life: a `changed()` per idle
+    // wait registered a waiter and removed it again on every request.
+    let mut watcher = drain.clone();
+    let mut drained = pin!(watcher.changed());
     loop {
-        match relay.read_head(drain).await {
+        match relay.read_head(drained.as_mut()).await {
             HeadRead::Complete => {}
             HeadRead::Handoff => return Ended::Handoff(relay.buf),
             HeadRead::Closed => return Ended::Closed,
@@ -117,6 +126,8 @@ struct Relay<'a, S> {
     out: Vec<u8>,
     /// Bytes from the upstream not yet passed on.
     ubuf: BytesMut,
+    /// The timer behind every wait's deadline.
+    timer: Deadline,
 }
 
 enum HeadRead {
@@ -175,7 +186,10 @@ struct ResponseHead {
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     /// Reads until `buf` holds a whole request head, within
     /// `header_read_timeout` (which also bounds an idle keep-alive wait).
-    async fn read_head(&mut self, drain: &mut watch::Receiver<()>) -> HeadRead {
+    ///
+    /// `drained` completes when the proxy drains (it is not polled again
+    /// after it has).
+    async fn read_head<D: Future>(&mut self, mut drained: Pin<&mut D>) -> HeadRead {
         // Waiting for a next request is idling: the shorter bound applies
         // until its first byte; then the head has `header_read_timeout`.
         let idle_deadline = Instant::now()
@@ -199,13 +213,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 // Between requests a drain closes the connection at once.
                 tokio::select! {
                     biased;
-                    read = timeout_at(idle_deadline, self.io.read_buf(&mut self.buf)) => read,
-                    _ = drain.changed() => return HeadRead::Closed,
+                    read = self.timer.run(idle_deadline, self.io.read_buf(&mut self.buf)) => read,
+                    _ = &mut drained => return HeadRead::Closed,
                 }
             } else {
                 let deadline = *deadline
                     .get_or_insert_with(|| Instant::now() + self.limits.header_read_timeout);
-                timeout_at(deadline, self.io.read_buf(&mut self.buf)).await
+                self.timer
+                    .run(deadline, self.io.read_buf(&mut self.buf))
+                    .await
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Closed,
@@ -386,7 +402,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             };
             let upstream_deadline = sent_at + state.upstream.response_timeout();
             deadline = upstream_deadline.min(request_deadline);
-            match read_response_head(&mut upstream, &mut self.ubuf, deadline).await {
+            match read_response_head(&mut upstream, &mut self.ubuf, &mut self.timer, deadline).await
+            {
                 Ok(()) => break upstream,
                 Err(UpstreamRead::TimedOut) => {
                     let error = if upstream_deadline <= request_deadline {
@@ -414,9 +431,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Ok(Some(head)) => break head,
                 // An informational response (100, 103): skipped, like
                 // hyper's client does; the final one follows.
-                Ok(None) => read_response_head(&mut upstream, &mut self.ubuf, deadline)
-                    .await
-                    .map_err(|_| unavailable(0))?,
+                Ok(None) => {
+                    read_response_head(&mut upstream, &mut self.ubuf, &mut self.timer, deadline)
+                        .await
+                        .map_err(|_| unavailable(0))?
+                }
                 Err(BadFraming) => return Err(unavailable(0)),
             }
         };
@@ -435,7 +454,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         while *body_left > 0 {
             if self.buf.is_empty() {
                 self.buf.reserve(READ_CHUNK);
-                match timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
+                let read = self.io.read_buf(&mut self.buf);
+                match self.timer.run(deadline, read).await {
                     Ok(Ok(n)) if n > 0 => {}
                     Ok(_) => return Err(Failure::Client),
                     Err(_) => {
@@ -681,6 +701,7 @@ enum UpstreamRead {
 async fn read_response_head(
     upstream: &mut TcpStream,
     ubuf: &mut BytesMut,
+    timer: &mut Deadline,
     deadline: Instant,
 ) -> Result<(), UpstreamRead> {
     let mut scanned = 0;
@@ -693,7 +714,7 @@ async fn read_response_head(
         }
         scanned = ubuf.len().saturating_sub(2);
         ubuf.reserve(READ_CHUNK);
-        match timeout_at(deadline, upstream.read_buf(ubuf)).await {
+        match timer.run(deadline, upstream.read_buf(ubuf)).await {
             Err(_) => return Err(UpstreamRead::TimedOut),
             Ok(Ok(0)) if ubuf.is_empty() => return Err(UpstreamRead::Closed),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(UpstreamRead::Failed),
