@@ -94,6 +94,7 @@ behaviour!(
     owner_update_reports_its_keys,
     rotation_keeps_previous_digest_until_grace,
     usage_is_recorded,
+    concurrent_usage_flushes_add_up,
     every_change_is_audited_and_no_digest_appears,
     change_feed_lists_every_key_affecting_change,
     settings_round_trip,
@@ -1084,6 +1085,64 @@ async fn usage_is_recorded(store: Arc<dyn KeyStore>) {
     // Usage is not a change: it alters nothing a cache holds... but it must
     // not bump resourceVersion either, or every client update would 409.
     assert_eq!(a.resource_version, 1);
+
+    // A flush of many keys (more than one statement's worth), the two real
+    // ones far apart among ids that do not exist.
+    let mut many: Vec<UsageDelta> = (0..650)
+        .map(|_| UsageDelta {
+            id: KeyId::generate(),
+            requests: 1,
+            last_used: t1,
+        })
+        .collect();
+    many[10].id = a.id;
+    many[640].id = b.id;
+    many[640].requests = 5;
+    store.record_usage(&many).await.unwrap();
+    let a = store.get_key(&a.id).await.unwrap().unwrap();
+    let b = store.get_key(&b.id).await.unwrap().unwrap();
+    assert_eq!(a.request_count, 8);
+    assert_eq!(b.request_count, 6);
+    assert_eq!(b.last_used.map(store::to_ms), Some(store::to_ms(t1)));
+}
+
+/// Replicas flush usage of the same hot keys at the same time: no flush
+/// fails (no deadlock between them) and every count lands.
+async fn concurrent_usage_flushes_add_up(store: Arc<dyn KeyStore>) {
+    let mut ids = Vec::new();
+    for owner in ["flush1@example.com", "flush2@example.com"] {
+        let owner = user(&*store, owner).await;
+        for _ in 0..10 {
+            ids.push(key(&*store, &owner).await.0.id);
+        }
+    }
+    let now = SystemTime::now();
+    let batch = |reverse: bool| {
+        let mut deltas: Vec<UsageDelta> = ids
+            .iter()
+            .map(|id| UsageDelta {
+                id: *id,
+                requests: 1,
+                last_used: now,
+            })
+            .collect();
+        if reverse {
+            deltas.reverse();
+        }
+        deltas
+    };
+    let flushes = (0..8).map(|i| {
+        let store = store.clone();
+        let deltas = batch(i % 2 == 1);
+        tokio::spawn(async move { store.record_usage(&deltas).await })
+    });
+    for flush in futures_util::future::join_all(flushes).await {
+        flush.unwrap().expect("a concurrent flush failed");
+    }
+    for id in &ids {
+        let key = store.get_key(id).await.unwrap().unwrap();
+        assert_eq!(key.request_count, 8);
+    }
 }
 
 async fn every_change_is_audited_and_no_digest_appears(store: Arc<dyn KeyStore>) {

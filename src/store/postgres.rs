@@ -928,22 +928,33 @@ impl KeyStore for PostgresStore {
         if batch.is_empty() {
             return Ok(());
         }
-        // Every replica flushes usage for the same hot keys: updating rows in
-        // one global order keeps two flushes from deadlocking on each other.
         let mut ordered: Vec<&UsageDelta> = batch.iter().collect();
         ordered.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        let ids: Vec<&str> = ordered.iter().map(|d| d.id.as_str()).collect();
+        let counts: Vec<i64> = ordered
+            .iter()
+            .map(|d| i64::try_from(d.requests).unwrap_or(i64::MAX))
+            .collect();
+        let last_used: Vec<i64> = ordered.iter().map(|d| to_ms(d.last_used)).collect();
         let mut tx = self.begin().await?;
-        for delta in ordered {
-            sqlx::query(
-                "UPDATE api_keys SET request_count = request_count + $1, \
-                 last_used_ms = GREATEST(COALESCE(last_used_ms, 0), $2) WHERE id = $3",
-            )
-            .bind(i64::try_from(delta.requests).unwrap_or(i64::MAX))
-            .bind(to_ms(delta.last_used))
-            .bind(delta.id.as_str())
+        // Every replica flushes usage for the same hot keys: the rows are
+        // locked in one global order (by id) first, so two flushes cannot
+        // deadlock; then one UPDATE applies every key's delta.
+        sqlx::query("SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
             .execute(&mut *tx)
             .await?;
-        }
+        sqlx::query(
+            "UPDATE api_keys SET request_count = request_count + v.n, \
+             last_used_ms = GREATEST(COALESCE(api_keys.last_used_ms, 0), v.t) \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(id, n, t) \
+             WHERE api_keys.id = v.id",
+        )
+        .bind(&ids)
+        .bind(&counts)
+        .bind(&last_used)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -22,6 +22,10 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool, Transaction};
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
 
+/// Keys per usage UPDATE: three parameters each, under SQLite's default
+/// limit on bound parameters in older builds (999).
+const USAGE_ROWS_PER_STATEMENT: usize = 300;
+
 pub struct SqliteStore {
     /// Read-only connections for lookups and listings.
     reader: SqlitePool,
@@ -1182,17 +1186,25 @@ impl KeyStore for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
+        // One UPDATE per chunk of keys, not per key: a flush of thousands
+        // of keys was as many statements through the worker thread.
         let mut tx = self.begin().await?;
-        for delta in batch {
-            sqlx::query(
-                "UPDATE api_keys SET request_count = request_count + ?, \
-                 last_used_ms = MAX(COALESCE(last_used_ms, 0), ?) WHERE id = ?",
-            )
-            .bind(i64::try_from(delta.requests).unwrap_or(i64::MAX))
-            .bind(to_ms(delta.last_used))
-            .bind(delta.id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        for chunk in batch.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "UPDATE api_keys SET request_count = request_count + v.column2, \
+                 last_used_ms = MAX(COALESCE(last_used_ms, 0), v.column3) \
+                 FROM (VALUES {rows}) AS v WHERE api_keys.id = v.column1"
+            );
+            // Not kept in the statement cache: the text varies with the chunk.
+            let mut query = sqlx::query(&sql).persistent(false);
+            for delta in chunk {
+                query = query
+                    .bind(delta.id.as_str())
+                    .bind(i64::try_from(delta.requests).unwrap_or(i64::MAX))
+                    .bind(to_ms(delta.last_used));
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
