@@ -20,7 +20,8 @@ use crate::config::Config;
 use crate::key::TokenFormat;
 use crate::proxy::server::{self, ServerLimits};
 use crate::proxy::tls::{load_certified_key, server_config, CertResolver, TlsError};
-use crate::proxy::ProxyState;
+use crate::proxy::{ProxyState, SharedParts};
+use crate::ratelimit::Buckets;
 use crate::reload::{self, Reloader};
 use crate::store::{self, StoreError};
 use crate::telemetry::metrics::Metrics;
@@ -95,15 +96,15 @@ pub async fn run_with_reload(
         tracing::warn!(%error, "could not read account settings; assuming API keys are enabled");
     }
     let (recorder, queue) = usage::channel();
-    let proxy_state = Arc::new(
-        ProxyState::new(
-            &config,
-            authenticator.clone(),
-            recorder.clone(),
-            metrics.clone(),
-        )
-        .map_err(StartError::Tls)?,
-    );
+    let shared = SharedParts {
+        authenticator: authenticator.clone(),
+        usage: recorder.clone(),
+        metrics: metrics.clone(),
+        buckets: Arc::new(Buckets::new(
+            usize::try_from(config.cache.capacity).unwrap_or(usize::MAX),
+        )),
+    };
+    let proxy_state = Arc::new(ProxyState::new(&config, &shared).map_err(StartError::Tls)?);
     let admin_state = AdminState {
         store: store.clone(),
         authenticator: authenticator.clone(),
@@ -134,9 +135,7 @@ pub async fn run_with_reload(
             config.clone(),
             live_state.clone(),
             certs.clone(),
-            authenticator.clone(),
-            recorder.clone(),
-            metrics.clone(),
+            shared,
         );
         tokio::spawn(reload::run(
             reloader,

@@ -69,6 +69,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Per-key usage records.
     pub usage: UsageConfig,
+    /// Per-key request rate limit.
+    pub rate_limit: RateLimitConfig,
     /// The built-in echo upstream, for trying keygate out.
     pub echo: EchoConfig,
     /// The forward-auth decision endpoint on the proxy listener.
@@ -363,6 +365,28 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             max_key_series: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per second each key may make on average, over all routes;
+    /// 0 turns rate limiting off.
+    pub per_key_per_second: u32,
+    /// Requests a key may make at once after a quiet spell; 0 means the
+    /// same as `per_key_per_second`.
+    pub burst: u32,
+}
+
+impl RateLimitConfig {
+    /// The effective burst: at least one request.
+    pub fn burst(&self) -> u32 {
+        if self.burst == 0 {
+            self.per_key_per_second.max(1)
+        } else {
+            self.burst
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod config;
 pub mod echo;
 pub mod key;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod store;
 pub mod telemetry;

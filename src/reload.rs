@@ -14,12 +14,9 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::proxy::tls::{load_certified_key, CertResolver, TlsError};
-use crate::proxy::ProxyState;
-use crate::telemetry::metrics::Metrics;
-use crate::telemetry::usage::UsageRecorder;
+use crate::proxy::{ProxyState, SharedParts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -40,9 +37,7 @@ pub struct Reloader {
     proxy: Arc<ArcSwap<ProxyState>>,
     /// The listener's certificate, when it serves TLS.
     certs: Option<Arc<CertResolver>>,
-    authenticator: Arc<Authenticator>,
-    usage: UsageRecorder,
-    metrics: Arc<Metrics>,
+    shared: SharedParts,
     /// Modification times of the watched files at the last (re)load.
     stamps: Vec<Option<SystemTime>>,
 }
@@ -53,18 +48,14 @@ impl Reloader {
         active: Config,
         proxy: Arc<ArcSwap<ProxyState>>,
         certs: Option<Arc<CertResolver>>,
-        authenticator: Arc<Authenticator>,
-        usage: UsageRecorder,
-        metrics: Arc<Metrics>,
+        shared: SharedParts,
     ) -> Reloader {
         let mut reloader = Reloader {
             path,
             active,
             proxy,
             certs,
-            authenticator,
-            usage,
-            metrics,
+            shared,
             stamps: Vec::new(),
         };
         reloader.stamps = reloader.current_stamps();
@@ -104,12 +95,7 @@ impl Reloader {
             (Some(_), None) => return Err(ReloadError::TlsToggled("turned on")),
             (None, Some(_)) => return Err(ReloadError::TlsToggled("turned off")),
         };
-        let state = ProxyState::new(
-            &config,
-            self.authenticator.clone(),
-            self.usage.clone(),
-            self.metrics.clone(),
-        )?;
+        let state = ProxyState::new(&config, &self.shared)?;
         self.warn_about_restart_only_changes(&config);
         if let (Some(resolver), Some(certificate)) = (&self.certs, certificate) {
             resolver.replace(certificate);

@@ -621,3 +621,72 @@ async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
     }
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// `[rate_limit]`: a key gets its burst, then 429 `rate_limited` with
+/// Retry-After (nothing forwarded), another key is not affected, and the
+/// key's rate comes back with time. Checked on the relay (HTTP/1.1) and on
+/// hyper's path (HTTP/2).
+#[tokio::test]
+async fn keys_over_their_rate_get_429_and_nothing_is_forwarded() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra("[rate_limit]\nper_key_per_second = 1\nburst = 2")
+        .start()
+        .await;
+    let owner = gate
+        .user("limited@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, first) = gate.key_for(&owner).await;
+    let (_, second) = gate.key_for(&owner).await;
+    let http1 = reqwest::Client::new();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for client in [&http1, &h2] {
+        // A full bucket per round: wait for it to refill (2 at 1/s). The
+        // third request is refused unless a whole second passed since the
+        // first.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let before = upstream.count();
+        for _ in 0..2 {
+            let r = client
+                .get(gate.proxy_url("/limited"))
+                .bearer_auth(&first)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let r = client
+            .get(gate.proxy_url("/limited"))
+            .bearer_auth(&first)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(error_code(r).await, (429, "rate_limited".to_string()));
+        assert_eq!(
+            upstream.count(),
+            before + 2,
+            "the refused request was forwarded"
+        );
+        let other = client
+            .get(gate.proxy_url("/limited"))
+            .bearer_auth(&second)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 200, "another key shares no bucket");
+        // A second frees one request.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let again = client
+            .get(gate.proxy_url("/limited"))
+            .bearer_auth(&first)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 200);
+    }
+}

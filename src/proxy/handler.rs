@@ -138,8 +138,9 @@ async fn pipeline<'s>(
 
 /// Steps 3 and 4, shared with forward-auth and the relay: verifies the
 /// credential at `now` (noting the key in `key_seen` for the access log even
-/// when authorization then fails) and checks the route's namespace and
-/// permission. Without a route, a valid key is enough.
+/// when authorization then fails), checks the route's namespace and
+/// permission (without a route, a valid key is enough), then counts the
+/// request against the key's rate limit when one is configured.
 pub(super) async fn authenticate(
     state: &ProxyState,
     credential: &Credential,
@@ -152,6 +153,11 @@ pub(super) async fn authenticate(
     *key_seen = Some(key.clone());
     let required = required_permission(method, route.and_then(|r| r.permission));
     authorize(&key, route.and_then(|r| r.namespace.as_deref()), required)?;
+    if let Some(limiter) = &state.rate_limiter {
+        limiter
+            .check(&key.id)
+            .map_err(|_| ProxyError::RateLimited)?;
+    }
     Ok(key)
 }
 

@@ -22,6 +22,7 @@ use prometheus::{Histogram, IntCounter};
 use crate::auth::{Authenticator, CredentialExtractor};
 use crate::config::Config;
 use crate::key::TokenFormat;
+use crate::ratelimit::{Buckets, RateLimiter};
 use crate::telemetry::counted::CountedBody;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage::UsageRecorder;
@@ -62,6 +63,19 @@ pub struct ProxyState {
     pub relay_pools: Vec<relay::IdlePool>,
     /// Deadline from a request's head to its response head.
     pub request_timeout: std::time::Duration,
+    /// Per-key rate limit, when configured.
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// What every generation of the proxy state shares: built once at start,
+/// handed to each state a reload builds.
+#[derive(Clone)]
+pub struct SharedParts {
+    pub authenticator: Arc<Authenticator>,
+    pub usage: UsageRecorder,
+    pub metrics: Arc<Metrics>,
+    /// Rate-limit buckets: a reload changes the limit, not the usage so far.
+    pub buckets: Arc<Buckets>,
 }
 
 /// A route's latency histograms, resolved once so the hot path does not look
@@ -74,12 +88,13 @@ pub struct RouteMetrics {
 impl ProxyState {
     /// Builds the pipeline's state from a validated config. Fails only when
     /// the upstream CA bundle cannot be read.
-    pub fn new(
-        config: &Config,
-        authenticator: Arc<Authenticator>,
-        usage: UsageRecorder,
-        metrics: Arc<Metrics>,
-    ) -> Result<ProxyState, tls::TlsError> {
+    pub fn new(config: &Config, shared: &SharedParts) -> Result<ProxyState, tls::TlsError> {
+        let SharedParts {
+            authenticator,
+            usage,
+            metrics,
+            buckets,
+        } = shared.clone();
         let upstream_tls = tls::client_config(config.proxy.upstream_ca_file.as_deref())?;
         let proxy = &config.proxy;
         let routes = routes::RouteTable::from_config(config);
@@ -128,6 +143,7 @@ impl ProxyState {
                     path: config.forward_auth.path.clone(),
                 }),
             request_timeout: proxy.request_timeout,
+            rate_limiter: RateLimiter::new(&config.rate_limit, buckets),
         })
     }
 }

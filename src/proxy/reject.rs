@@ -36,6 +36,8 @@ pub enum ProxyError {
     ApiKeysDisabled,
     #[error("the API key may not do this")]
     Forbidden,
+    #[error("the API key made too many requests")]
+    RateLimited,
     #[error("no route matches this request")]
     NoRoute,
     #[error("the key store is unavailable")]
@@ -49,7 +51,7 @@ pub enum ProxyError {
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 13] = [
+const ALL: [ProxyError; 14] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -58,6 +60,7 @@ const ALL: [ProxyError; 13] = [
     ProxyError::OwnerDisabled,
     ProxyError::ApiKeysDisabled,
     ProxyError::Forbidden,
+    ProxyError::RateLimited,
     ProxyError::NoRoute,
     ProxyError::StoreUnavailable,
     ProxyError::UpstreamUnavailable,
@@ -85,6 +88,7 @@ impl ProxyError {
             ProxyError::OwnerDisabled => "owner_disabled",
             ProxyError::ApiKeysDisabled => "api_keys_disabled",
             ProxyError::Forbidden => "forbidden",
+            ProxyError::RateLimited => "rate_limited",
             ProxyError::NoRoute => "no_route",
             ProxyError::StoreUnavailable => "store_unavailable",
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
@@ -103,6 +107,7 @@ impl ProxyError {
             | ProxyError::OwnerDisabled
             | ProxyError::ApiKeysDisabled => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -120,7 +125,7 @@ impl ProxyError {
     }
 
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
-    /// 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED
+    /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED
     /// (the upstream's or the request's time ran out).
     fn grpc_status(self) -> &'static str {
         match self.status() {
@@ -144,6 +149,9 @@ impl ProxyError {
             ProxyError::OwnerDisabled => "The owner of the API key is disabled.",
             ProxyError::ApiKeysDisabled => "API keys are disabled for this account.",
             ProxyError::Forbidden => "The API key is not allowed to perform this request.",
+            ProxyError::RateLimited => {
+                "The API key made too many requests; retry after the seconds in Retry-After."
+            }
             ProxyError::NoRoute => "No route matches this request.",
             ProxyError::StoreUnavailable => "The key store is unavailable; try again shortly.",
             ProxyError::UpstreamUnavailable => "The upstream service is unavailable.",
@@ -188,7 +196,10 @@ impl ProxyError {
                 HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
             );
         }
-        if self == ProxyError::StoreUnavailable {
+        // Both clear within a second: the store is retried at once, and
+        // a rate of at least one request per second frees a slot within
+        // one (ratelimit.rs).
+        if matches!(self, ProxyError::StoreUnavailable | ProxyError::RateLimited) {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
@@ -285,6 +296,16 @@ mod tests {
         assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(ProxyError::RequestTimeout.blame(), Blame::Client);
         assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn rate_limited_is_a_429_with_retry_after() {
+        let r = ProxyError::RateLimited.respond(false);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+        assert_eq!(ProxyError::RateLimited.blame(), Blame::Client);
+        let grpc = ProxyError::RateLimited.respond(true);
+        assert_eq!(grpc.headers()["grpc-status"], "8");
     }
 
     #[test]
