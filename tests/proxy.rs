@@ -645,26 +645,21 @@ async fn keys_over_their_rate_get_429_and_nothing_is_forwarded() {
         .build()
         .unwrap();
     for client in [&http1, &h2] {
+        let get = |token: &str| {
+            client
+                .get(gate.proxy_url("/limited"))
+                .bearer_auth(token)
+                .send()
+        };
         // A full bucket per round: wait for it to refill (2 at 1/s). The
         // third request is refused unless a whole second passed since the
         // first.
         tokio::time::sleep(Duration::from_millis(2_100)).await;
         let before = upstream.count();
         for _ in 0..2 {
-            let r = client
-                .get(gate.proxy_url("/limited"))
-                .bearer_auth(&first)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            assert_eq!(get(&first).await.unwrap().status(), 200);
         }
-        let r = client
-            .get(gate.proxy_url("/limited"))
-            .bearer_auth(&first)
-            .send()
-            .await
-            .unwrap();
+        let r = get(&first).await.unwrap();
         assert_eq!(r.headers()["retry-after"], "1");
         assert_eq!(error_code(r).await, (429, "rate_limited".to_string()));
         assert_eq!(
@@ -672,21 +667,10 @@ async fn keys_over_their_rate_get_429_and_nothing_is_forwarded() {
             before + 2,
             "the refused request was forwarded"
         );
-        let other = client
-            .get(gate.proxy_url("/limited"))
-            .bearer_auth(&second)
-            .send()
-            .await
-            .unwrap();
+        let other = get(&second).await.unwrap();
         assert_eq!(other.status(), 200, "another key shares no bucket");
         // A second frees one request.
         tokio::time::sleep(Duration::from_millis(1_100)).await;
-        let again = client
-            .get(gate.proxy_url("/limited"))
-            .bearer_auth(&first)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), 200);
+        assert_eq!(get(&first).await.unwrap().status(), 200);
     }
 }
