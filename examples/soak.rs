@@ -32,7 +32,7 @@
 //! `ttl + stale_if_error` (keys) or `ttl + negative_ttl` (unknown ids), and
 //! at most `[cache] capacity`; per-key series by `[metrics] max_key_series`.
 //! Those fill during the first half of the run (the series cap is reached
-//! after 10,000 keys; the cache is swept every `ttl`, 60 s). The verdict,
+//! after 10,000 keys; the cache is swept every `negative_ttl`, 2 s). The verdict,
 //! [`flat`]: over the second half, keygate's *peak* RSS (VmHWM) may rise by
 //! at most [`FLAT_BOUND_KIB`]. The peak, because RSS itself saws by tens of
 //! MB (each scrape of 10,000 series allocates that much for a moment), and
@@ -79,9 +79,8 @@ pub struct MemorySample {
     /// VmRSS of the keygate process alone, just before the scrape.
     pub rss_kib: u64,
     /// VmHWM: the highest RSS keygate has had so far. A scrape of 10,000
-    /// key series allocates tens of MB for a moment, and the cache grows
-    /// and is swept every `ttl`, so RSS saws up and down by that much;
-    /// its peak only rises if something keeps growing.
+    /// key series allocates tens of MB for a moment, so RSS saws up and
+    /// down by that much; its peak only rises if something keeps growing.
     pub peak_kib: u64,
     /// `keygate_cache_entries`: ids cached, known and unknown.
     pub cache_entries: u64,

@@ -20,7 +20,8 @@
 //! entries of an 8-byte value cost 353 bytes each in moka, 90 in
 //! quick_cache), which alone breaks the budget of 300 bytes per cached key.
 //! Expiry is ours (`fresh_until`), so no per-entry timer is needed; instead
-//! [`run_sweeper`] drops, every `ttl`, the entries nothing can use any more
+//! [`run_sweeper`] drops, every `negative_ttl` (1 s at least, `ttl` at
+//! most), the entries nothing can use any more
 //! (an unknown id past `negative_ttl`, a key past `ttl + stale_if_error`).
 //! Without it every id ever presented stayed until `capacity` pushed it out:
 //! under key churn that is one entry per deleted key (the soak measured the
@@ -427,14 +428,23 @@ impl Authenticator {
     }
 }
 
-/// Runs [`Authenticator::evict_expired`] every `ttl` (at least a second)
-/// until `shutdown` resolves, so the cache holds the ids presented within
-/// about the last `ttl + stale_if_error`, not every id ever presented.
+/// Runs [`Authenticator::evict_expired`] every `negative_ttl` (at least a
+/// second, at most `ttl`) until `shutdown` resolves, so the cache holds the
+/// keys presented within about the last `ttl + stale_if_error` and the
+/// unknown ids of about the last two `negative_ttl`s, not every id ever
+/// presented. Every `ttl` was not enough: ids presented at a high rate (a
+/// client retrying deleted keys, or guessing) then piled up for a minute.
+/// A sweep walks the whole cache, one shard lock at a time; at a million
+/// entries that is a few milliseconds a second.
 pub async fn run_sweeper(
     authenticator: Arc<Authenticator>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let every = authenticator.settings.ttl.max(Duration::from_secs(1));
+    let settings = authenticator.settings;
+    let every = settings
+        .negative_ttl
+        .min(settings.ttl)
+        .max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
