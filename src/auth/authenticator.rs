@@ -21,11 +21,11 @@
 //! quick_cache), which alone breaks the budget of 300 bytes per cached key.
 //! Expiry is ours (`fresh_until`), so no per-entry timer is needed; instead
 //! [`run_sweeper`] drops, every `negative_ttl` (1 s at least, `ttl` at
-//! most), the entries nothing can use any more
-//! (an unknown id past `negative_ttl`, a key past `ttl + stale_if_error`).
-//! Without it every id ever presented stayed until `capacity` pushed it out:
-//! under key churn that is one entry per deleted key (the soak measured the
-//! growth), and `capacity` is sized for the keys in use, not for history.
+//! most), the entries nothing can use any more (an unknown id past
+//! `negative_ttl`, a key past `ttl + stale_if_error`). Without it every id
+//! ever presented stayed until `capacity` pushed it out: under key churn
+//! that is one entry per deleted key (the soak measured the growth), and
+//! `capacity` is sized for the keys in use, not for history.
 //! Owners are shared: every key of one owner points at one `Owner`, with its
 //! header values built once.
 
@@ -434,8 +434,8 @@ impl Authenticator {
 /// unknown ids of about the last two `negative_ttl`s, not every id ever
 /// presented. Every `ttl` was not enough: ids presented at a high rate (a
 /// client retrying deleted keys, or guessing) then piled up for a minute.
-/// A sweep walks the whole cache, one shard lock at a time; at a million
-/// entries that is a few milliseconds a second.
+/// A sweep walks the whole cache holding one shard's lock at a time, so a
+/// request waits at most for one shard's walk.
 pub async fn run_sweeper(
     authenticator: Arc<Authenticator>,
     shutdown: impl std::future::Future<Output = ()>,
