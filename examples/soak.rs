@@ -1,16 +1,21 @@
 //! Soak: keygate under sustained load while keys are created, disabled,
 //! re-enabled and deleted through the admin API, with every single answer
-//! checked against what the key's state was when the request was sent.
+//! checked against what the key's state was when the request was sent, and
+//! keygate's memory sampled over time.
 //!
 //! ```sh
+//! cargo build --release --bin keygate
 //! cargo run --release --example soak -- --duration 10m            # the full soak
 //! cargo run --release --example soak -- --duration 60s --connections 64
 //! ```
 //!
-//! keygate runs in this process on 127.0.0.1:0 with a fresh SQLite file, in
-//! front of a small upstream that answers with the key id keygate injected.
-//! `--connections` workers send requests with random keys (live, disabled,
-//! deleted, and some that never existed) while one task churns keys.
+//! keygate runs as a process of its own (`keygate serve`, the binary next to
+//! this example's directory, or `--keygate PATH`) with a fresh SQLite file,
+//! in front of a small upstream in this process that answers with the key id
+//! keygate injected. `--connections` workers send requests with random keys
+//! (live, disabled, deleted, and some that never existed) while one task
+//! churns keys. Running keygate apart is what lets its memory be measured
+//! alone: the harness keeps a record of every key it made, which grows.
 //!
 //! A request is judged only when no change to its key overlapped it: every
 //! change records when it started and when the admin API confirmed it, and a
@@ -18,12 +23,35 @@
 //! window overlaps a change's [started, confirmed]. Otherwise a live key must
 //! get 200 with its own id upstream, and a disabled, deleted or unknown key a
 //! 401. The run fails (exit 1) on any wrongly accepted or wrongly refused
-//! request, or any 5xx. RSS is reported at start (after warm-up) and end.
+//! request, or any 5xx.
+//!
+//! Memory: every `--sample-every` (30 s) the soak reads keygate's VmRSS from
+//! `/proc/<pid>/status` and scrapes `/metrics`, as Prometheus would, for the
+//! cache's entries and the per-key series. What keygate keeps per key is
+//! bounded by design: cache entries by the ids presented within the last
+//! `ttl + stale_if_error` (keys) or `ttl + negative_ttl` (unknown ids), and
+//! at most `[cache] capacity`; per-key series by `[metrics] max_key_series`.
+//! Those fill during the first half of the run (the series cap is reached
+//! after 10,000 keys; the cache is swept every `negative_ttl`, 2 s). The verdict,
+//! [`flat`]: over the second half, keygate's *peak* RSS (VmHWM) may rise by
+//! at most [`FLAT_BOUND_KIB`]. The peak, because RSS itself saws by tens of
+//! MB (each scrape of 10,000 series allocates that much for a moment), and
+//! the peak only keeps rising if something keeps growing. 4 MiB is less
+//! than 100 bytes per key created in that half at the soak's usual rate
+//! (over 100 keys a second), below what keeping any record per key costs
+//! (a cache entry is about 300 bytes), so memory that follows the churn
+//! fails it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
+
+/// Growth of keygate's RSS allowed over the second half of a run for it to
+/// count as flat (see the module docs).
+pub const FLAT_BOUND_KIB: u64 = 4 * 1024;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -31,6 +59,36 @@ pub struct SoakOptions {
     pub duration: Duration,
     /// Concurrent request loops, each with its own connection.
     pub connections: usize,
+    /// The `keygate` binary, run as `keygate serve`.
+    pub keygate: PathBuf,
+    /// How often keygate's memory is sampled and `/metrics` scraped.
+    pub sample_every: Duration,
+    /// TOML appended to keygate's config (after `[proxy]`, `[admin]`,
+    /// `[store]` and `[usage]`), e.g. a `[cache]` table.
+    pub extra_config: String,
+    /// After the load stops, how long to wait for keygate's cache to drop
+    /// every id that is no longer a live or disabled key (`None`: don't).
+    pub settle: Option<Duration>,
+}
+
+/// keygate's memory at one moment of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySample {
+    /// Since the load started.
+    pub at: Duration,
+    /// VmRSS of the keygate process alone, just before the scrape.
+    pub rss_kib: u64,
+    /// VmHWM: the highest RSS keygate has had so far. A scrape of 10,000
+    /// key series allocates tens of MB for a moment, so RSS saws up and
+    /// down by that much; its peak only rises if something keeps growing.
+    pub peak_kib: u64,
+    /// `keygate_cache_entries`: ids cached, known and unknown.
+    pub cache_entries: u64,
+    /// Per-key `keygate_requests_total` series (key and route), `_other`
+    /// not counted.
+    pub key_series: u64,
+    /// Keys the harness had created by then.
+    pub creates: u64,
 }
 
 /// What happened.
@@ -49,8 +107,11 @@ pub struct SoakReport {
     pub disables: u64,
     pub enables: u64,
     pub deletes: u64,
-    pub rss_start_kib: u64,
-    pub rss_end_kib: u64,
+    /// keygate's memory, from the start of the load to its end.
+    pub memory: Vec<MemorySample>,
+    /// With `settle`: the cache's entries once the load had stopped, and
+    /// the keys that were not deleted (what the cache may still hold).
+    pub settled: Option<(u64, u64)>,
     pub elapsed: Duration,
 }
 
@@ -58,6 +119,29 @@ impl SoakReport {
     pub fn passed(&self) -> bool {
         self.wrongly_accepted == 0 && self.wrongly_refused == 0 && self.errors == 0
     }
+}
+
+/// The flatness verdict on a run's samples: how much keygate's peak RSS
+/// rose (KiB) from the sample at half the run to the last one, and the keys
+/// created in between; `None` with fewer than four samples (a run too short
+/// to judge).
+pub fn second_half_growth(memory: &[MemorySample]) -> Option<(i64, u64)> {
+    if memory.len() < 4 {
+        return None;
+    }
+    let end = memory.last()?;
+    let half = end.at / 2;
+    let middle = memory.iter().find(|s| s.at >= half)?;
+    Some((
+        end.peak_kib as i64 - middle.peak_kib as i64,
+        end.creates - middle.creates,
+    ))
+}
+
+/// Whether memory was flat: second-half growth of the peak within
+/// [`FLAT_BOUND_KIB`].
+pub fn flat(memory: &[MemorySample]) -> Option<bool> {
+    second_half_growth(memory).map(|(growth, _)| growth <= FLAT_BOUND_KIB as i64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,15 +184,66 @@ fn expected(slot: &Slot, sent: Instant, answered: Instant) -> Option<State> {
     state
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A field (`VmRSS`, `VmHWM`) of process `pid`'s `/proc` status, in KiB
+/// (0 where there is none).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The keygate process, killed when dropped (also when the soak panics).
+struct Keygate(Child);
+
+impl Drop for Keygate {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `keygate_cache_entries` and the number of per-key request series, from
+/// one scrape of `/metrics`.
+async fn scrape(client: &reqwest::Client, admin: SocketAddr) -> (u64, u64) {
+    let Ok(text) = async {
+        client
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await
+    }
+    .await
+    else {
+        return (0, 0);
+    };
+    let entries = text
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_cache_entries "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // One line per status class: count one class.
+    let series = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("keygate_requests_total{key_id=\"")
+                && !l.starts_with("keygate_requests_total{key_id=\"_other\"")
+                && l.contains("status_class=\"2xx\"")
+        })
+        .count() as u64;
+    (entries, series)
 }
 
 /// An upstream that answers 200 with the `x-keygate-key-id` it received.
@@ -147,49 +282,54 @@ pub async fn run(options: &SoakOptions) -> SoakReport {
     let db = dir.path().join("soak.db");
     let upstream = upstream().await;
     let url = format!("sqlite://{}", db.display());
-    let store = keygate::store::open(&url).await.expect("store");
-    let format = keygate::key::TokenFormat::new("kg");
-    let (_, _, admin_token) = keygate::admin::bootstrap::bootstrap(
-        &*store,
-        &format,
-        "soak@example.com",
-        Some(Duration::from_secs(24 * 3600)),
+    let out = Command::new(&options.keygate)
+        .args(["bootstrap", "--email", "soak@example.com", "--store", &url])
+        .args(["--duration", "24h"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", options.keygate.display()));
+    assert!(
+        out.status.success(),
+        "keygate bootstrap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin_token = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let (proxy, admin): (SocketAddr, SocketAddr) = (
+        ([127, 0, 0, 1], free_port()).into(),
+        ([127, 0, 0, 1], free_port()).into(),
+    );
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"{proxy}\"\nupstream = \"http://{upstream}\"\n\
+             [admin]\nlisten = \"{admin}\"\n[store]\nurl = \"{url}\"\n\
+             [usage]\nflush_interval = \"1s\"\n{}\n",
+            options.extra_config
+        ),
     )
-    .await
-    .expect("bootstrap");
-    let admin_token = admin_token.expose().to_string();
-    drop(store);
-    let config: keygate::config::Config = format!(
-        "[proxy]\nupstream = \"http://{upstream}\"\n[store]\nurl = \"{url}\"\n[usage]\nflush_interval = \"1s\"\n"
-    )
-    .parse()
     .expect("config");
-    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let proxy = proxy_listener.local_addr().expect("addr");
-    let admin = admin_listener.local_addr().expect("addr");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(keygate::app::run(
-        config,
-        proxy_listener,
-        admin_listener,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    // Its logs (an access log line per request) are not wanted here.
+    let keygate = Keygate(
+        Command::new(&options.keygate)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("keygate serve"),
+    );
+    let pid = keygate.0.id();
     let admin_client = reqwest::Client::new();
     let api = format!("http://{admin}/api/v1");
-    for _ in 0..200 {
-        if reqwest::get(format!("http://{admin}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
+    let ready = Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < ready, "keygate did not become ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settings: serde_json::Value = admin_client
@@ -287,12 +427,24 @@ pub async fn run(options: &SoakOptions) -> SoakReport {
         })
     };
 
-    // Warm up, then the starting RSS.
+    // Warm up: the first keys.
     while slots.read().expect("lock").len() < 30 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = Instant::now();
-    let rss_start = rss_kib();
+    let sample = |client: reqwest::Client, counters: Arc<Counters>| async move {
+        let rss_kib = status_kib(pid, "VmRSS");
+        let (cache_entries, key_series) = scrape(&client, admin).await;
+        MemorySample {
+            at: started.elapsed(),
+            rss_kib,
+            peak_kib: status_kib(pid, "VmHWM"),
+            cache_entries,
+            key_series,
+            creates: counters.creates.load(Ordering::Relaxed),
+        }
+    };
+    let mut memory = vec![sample(admin_client.clone(), counters.clone()).await];
 
     let mut workers = Vec::new();
     for worker in 0..options.connections {
@@ -373,18 +525,16 @@ pub async fn run(options: &SoakOptions) -> SoakReport {
             }
         }));
     }
-    // Progress, so a long soak shows memory over time.
-    let mut next = Instant::now() + Duration::from_secs(30);
+    // Memory over time, printed as it comes so a long soak shows progress.
+    print_sample(&memory[0]);
+    let mut next = Instant::now() + options.sample_every;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if Instant::now() >= next {
-            eprintln!(
-                "{:>5.0}s  requests {}  rss {} KiB",
-                started.elapsed().as_secs_f64(),
-                counters.requests.load(Ordering::Relaxed),
-                rss_kib()
-            );
-            next += Duration::from_secs(30);
+            let s = sample(admin_client.clone(), counters.clone()).await;
+            print_sample(&s);
+            memory.push(s);
+            next += options.sample_every;
         }
     }
     for w in workers {
@@ -392,10 +542,26 @@ pub async fn run(options: &SoakOptions) -> SoakReport {
     }
     let _ = churn.await;
     let elapsed = started.elapsed();
-    let rss_end = rss_kib();
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    let last = sample(admin_client.clone(), counters.clone()).await;
+    print_sample(&last);
+    memory.push(last);
     let c = &counters;
+    let settled = match options.settle {
+        None => None,
+        Some(wait) => {
+            // Only keys never deleted may stay cached (and the admin's own).
+            let kept = c.creates.load(Ordering::Relaxed) - c.deletes.load(Ordering::Relaxed) + 1;
+            let until = Instant::now() + wait;
+            loop {
+                let (entries, _) = scrape(&admin_client, admin).await;
+                if entries <= kept || Instant::now() >= until {
+                    break Some((entries, kept));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    drop(keygate);
     SoakReport {
         requests: c.requests.load(Ordering::Relaxed),
         accepted: c.accepted.load(Ordering::Relaxed),
@@ -408,10 +574,22 @@ pub async fn run(options: &SoakOptions) -> SoakReport {
         disables: c.disables.load(Ordering::Relaxed),
         enables: c.enables.load(Ordering::Relaxed),
         deletes: c.deletes.load(Ordering::Relaxed),
-        rss_start_kib: rss_start,
-        rss_end_kib: rss_end,
+        memory,
+        settled,
         elapsed,
     }
+}
+
+fn print_sample(s: &MemorySample) {
+    eprintln!(
+        "{:>5.0}s  keygate rss {} KiB  peak {} KiB  cache entries {}  key series {}  keys created {}",
+        s.at.as_secs_f64(),
+        s.rss_kib,
+        s.peak_kib,
+        s.cache_entries,
+        s.key_series,
+        s.creates
+    );
 }
 
 #[derive(Default)]
@@ -496,37 +674,80 @@ pub fn print(report: &SoakReport) {
         "      admin: {} creates, {} disables, {} enables, {} deletes",
         report.creates, report.disables, report.enables, report.deletes
     );
-    println!(
-        "      RSS {} KiB at start, {} KiB at end ({:+} KiB)",
-        report.rss_start_kib,
-        report.rss_end_kib,
-        report.rss_end_kib as i64 - report.rss_start_kib as i64
-    );
-    println!("      {}", if report.passed() { "PASS" } else { "FAIL" });
+    if let (Some(first), Some(last)) = (report.memory.first(), report.memory.last()) {
+        println!(
+            "      keygate RSS {} KiB at start, {} KiB at end (peak {} KiB); cache entries {} -> {}, key series {} -> {}",
+            first.rss_kib,
+            last.rss_kib,
+            last.peak_kib,
+            first.cache_entries,
+            last.cache_entries,
+            first.key_series,
+            last.key_series
+        );
+    }
+    match second_half_growth(&report.memory) {
+        Some((growth, creates)) => println!(
+            "      second half: peak RSS {growth:+} KiB over {creates} keys created -> {}",
+            if growth <= FLAT_BOUND_KIB as i64 {
+                format!("flat (<= {FLAT_BOUND_KIB} KiB)")
+            } else {
+                format!("NOT FLAT (> {FLAT_BOUND_KIB} KiB)")
+            }
+        ),
+        None => println!("      too few memory samples to judge flatness"),
+    }
+    if let Some((entries, kept)) = report.settled {
+        println!("      after the load: {entries} cache entries, {kept} keys not deleted");
+    }
+    let verdict = report.passed() && flat(&report.memory) != Some(false);
+    println!("      {}", if verdict { "PASS" } else { "FAIL" });
 }
 
 #[allow(dead_code)] // tests/soak.rs includes this file and calls `run`.
 fn main() {
+    // target/<profile>/examples/soak -> target/<profile>/keygate
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("keygate")))
+        .unwrap_or_else(|| PathBuf::from("keygate"));
     let mut options = SoakOptions {
         duration: Duration::from_secs(600),
         connections: 32,
+        keygate: beside,
+        sample_every: Duration::from_secs(30),
+        extra_config: String::new(),
+        settle: None,
+    };
+    let usage = || -> ! {
+        eprintln!(
+            "usage: soak [--duration 10m] [--connections 32] [--sample-every 30s] [--keygate PATH]"
+        );
+        std::process::exit(64)
+    };
+    let duration = |value: &str| {
+        humantime::parse_duration(value).unwrap_or_else(|e| {
+            eprintln!("{value}: {e}");
+            std::process::exit(64)
+        })
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_default();
         match arg.as_str() {
-            "--duration" => {
-                options.duration = humantime::parse_duration(&value).unwrap_or_else(|e| {
-                    eprintln!("--duration {value}: {e}");
-                    std::process::exit(64)
-                })
-            }
-            "--connections" => options.connections = value.parse().unwrap_or(32),
-            _ => {
-                eprintln!("usage: soak [--duration 10m] [--connections 32]");
-                std::process::exit(64);
-            }
+            "--duration" => options.duration = duration(&value),
+            "--sample-every" => options.sample_every = duration(&value),
+            "--connections" => options.connections = value.parse().unwrap_or_else(|_| usage()),
+            "--keygate" => options.keygate = PathBuf::from(value),
+            _ => usage(),
         }
+    }
+    if !options.keygate.exists() {
+        eprintln!(
+            "no keygate binary at {}: build it first (cargo build --release --bin keygate) or pass --keygate PATH",
+            options.keygate.display()
+        );
+        std::process::exit(64);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -534,7 +755,7 @@ fn main() {
         .expect("runtime");
     let report = runtime.block_on(run(&options));
     print(&report);
-    if !report.passed() {
+    if !report.passed() || flat(&report.memory) == Some(false) {
         std::process::exit(1);
     }
 }

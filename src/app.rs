@@ -170,6 +170,9 @@ pub async fn run_with_reload(
         },
         stopped(),
     ));
+    // Drops cached ids nothing can use any more, so the cache follows the
+    // ids in use rather than every id ever presented.
+    let sweeper = tokio::spawn(crate::auth::run_sweeper(authenticator.clone(), stopped()));
     let echo = match config.echo.listen {
         Some(addr) => match TcpListener::bind(addr).await {
             Ok(listener) => {
@@ -193,6 +196,7 @@ pub async fn run_with_reload(
     let _ = admin.await;
     let _ = flusher.await;
     let _ = feed.await;
+    let _ = sweeper.await;
     if let Some(echo) = echo {
         let _ = echo.await;
     }

@@ -19,9 +19,15 @@
 //! about 320 bytes of bookkeeping per entry (measured here: 1,000,000
 //! entries of an 8-byte value cost 353 bytes each in moka, 90 in
 //! quick_cache), which alone breaks the budget of 300 bytes per cached key.
-//! Expiry is ours (`loaded_at`), so no per-entry timer is needed. Owners are
-//! shared: every key of one owner points at one `Owner`, with its header
-//! values built once.
+//! Expiry is ours (`fresh_until`), so no per-entry timer is needed; instead
+//! [`run_sweeper`] drops, every `negative_ttl` (1 s at least, `ttl` at
+//! most), the entries nothing can use any more (an unknown id past
+//! `negative_ttl`, a key past `ttl + stale_if_error`). Without it every id
+//! ever presented stayed until `capacity` pushed it out: under key churn
+//! that is one entry per deleted key (the soak measured the growth), and
+//! `capacity` is sized for the keys in use, not for history.
+//! Owners are shared: every key of one owner points at one `Owner`, with its
+//! header values built once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -399,9 +405,54 @@ impl Authenticator {
         Ok(())
     }
 
+    /// Drops the entries past any use: an unknown id past `negative_ttl`,
+    /// a key past `ttl + stale_if_error` (the longest it may still answer
+    /// while the store is down). A later request reads the store, as it
+    /// would have anyway.
+    pub fn evict_expired(&self) {
+        let now = self.millis_since_start();
+        let grace = duration_millis(self.settings.stale_if_error);
+        self.cache.retain(|_, cached| {
+            let usable_until = if cached.key.real {
+                cached.fresh_until.saturating_add(grace)
+            } else {
+                cached.fresh_until
+            };
+            now < usable_until
+        });
+    }
+
     /// Number of ids cached (known and unknown), for the metrics scrape.
     pub fn cached_keys(&self) -> u64 {
         self.cache.len() as u64
+    }
+}
+
+/// Runs [`Authenticator::evict_expired`] every `negative_ttl` (at least a
+/// second, at most `ttl`) until `shutdown` resolves, so the cache holds the
+/// keys presented within about the last `ttl + stale_if_error` and the
+/// unknown ids of about the last two `negative_ttl`s, not every id ever
+/// presented. Every `ttl` was not enough: ids presented at a high rate (a
+/// client retrying deleted keys, or guessing) then piled up for a minute.
+/// A sweep walks the whole cache holding one shard's lock at a time, so a
+/// request waits at most for one shard's walk.
+pub async fn run_sweeper(
+    authenticator: Arc<Authenticator>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let settings = authenticator.settings;
+    let every = settings
+        .negative_ttl
+        .min(settings.ttl)
+        .max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => authenticator.evict_expired(),
+        }
     }
 }
 

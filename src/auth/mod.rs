@@ -10,7 +10,7 @@ mod authorize;
 mod credential;
 
 pub use authenticator::{
-    AuthError, Authenticator, CacheSettings, Owner, OwnerHeaders, VerifiedKey,
+    run_sweeper, AuthError, Authenticator, CacheSettings, Owner, OwnerHeaders, VerifiedKey,
 };
 pub use authorize::{authorize, required_permission, Forbidden};
 pub use credential::{Credential, CredentialError, CredentialExtractor, CredentialSource};
