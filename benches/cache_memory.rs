@@ -1,6 +1,8 @@
 //! Memory per cached key: fills the `Authenticator`'s cache with every key of
 //! a store of N keys (default 1,000,000; `KEYS=...`) and reports the growth
-//! of the process's resident memory divided by N.
+//! of the process's resident memory divided by N. Also times one sweep of
+//! the full cache (`Authenticator::evict_expired`, which keeps every entry
+//! here), the work `run_sweeper` repeats every `negative_ttl`.
 //!
 //!     cargo bench --bench cache_memory
 
@@ -58,6 +60,13 @@ fn main() {
             after as f64 / 1048576.0,
             per_key,
             tokens_bytes,
+        );
+        let sweeping = Instant::now();
+        bench.auth.evict_expired();
+        println!(
+            "cache_sweep: one sweep of {} entries took {:.1} ms",
+            bench.auth.cached_keys(),
+            sweeping.elapsed().as_secs_f64() * 1000.0
         );
     });
 }
