@@ -48,7 +48,7 @@ const IDS: usize = 1024;
 /// table, its object's address and CPU cache set) is fixed, and it costs a
 /// little more or less than another id for that reason alone: with one
 /// round, 1,024 ids per class still left two sets of *unknown* ids
-/// |t| = 12-24 apart (the control, 2026-11-24), the same as existing
+/// |t| = 12-24 apart (the control, 2026-11-23), the same as existing
 /// against unknown. dudect assumes each sample's input is drawn afresh
 /// from its class; drawing the places afresh each round is what makes a
 /// fixed set of ids approximate that. A cost that depends on existence is
