@@ -174,3 +174,64 @@ async fn health_and_readiness() {
     assert_eq!(r.status(), 200);
     gate.stop().await;
 }
+
+/// Under key churn the per-key series cap does not fill up with deleted
+/// keys: once they are gone from the store (and so from the cache), the
+/// sweeper frees their series, and a new key gets a series of its own
+/// instead of counting under `_other`.
+#[tokio::test]
+async fn deleted_keys_give_their_series_slots_to_new_keys() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra("[metrics]\nmax_key_series = 2\n[cache]\nnegative_ttl = \"1s\"")
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let owner = gate
+        .user("churn@example.com", AccountRole::Developer, &[])
+        .await;
+    let proxied = |token: String| {
+        let request = client.get(gate.proxy_url("/")).bearer_auth(token);
+        async move { assert_eq!(request.send().await.unwrap().status(), 200) }
+    };
+    let mut first = Vec::new();
+    for _ in 0..2 {
+        let (id, token) = gate.key_for(&owner).await;
+        proxied(token).await;
+        first.push(id);
+    }
+    for id in &first {
+        let r = client
+            .delete(gate.admin_url(&format!("/api/v1/api-keys/{id}")))
+            .bearer_auth(&gate.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "delete: {}", r.status());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = scrape(&gate).await;
+        if !first.iter().any(|id| text.contains(id.as_str())) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted keys kept their series: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (new_id, token) = gate.key_for(&owner).await;
+    proxied(token).await;
+    let text = scrape(&gate).await;
+    let requests = samples(&text, "keygate_requests_total");
+    assert!(
+        requests
+            .iter()
+            .any(|(l, v)| l["key_id"] == new_id && *v == 1.0),
+        "the new key has its own series: {text}"
+    );
+    assert!(!text.contains("_other"), "nothing counted under _other");
+    gate.stop().await;
+}

@@ -96,6 +96,7 @@ behaviour!(
     cache_sweep_drops_only_what_nothing_can_use,
     usage_is_recorded,
     concurrent_usage_flushes_add_up,
+    existing_keys_are_told_from_deleted_and_unknown_ones,
     every_change_is_audited_and_no_digest_appears,
     change_feed_lists_every_key_affecting_change,
     settings_round_trip,
@@ -1183,6 +1184,24 @@ async fn concurrent_usage_flushes_add_up(store: Arc<dyn KeyStore>) {
         let key = store.get_key(id).await.unwrap().unwrap();
         assert_eq!(key.request_count, 8);
     }
+}
+
+async fn existing_keys_are_told_from_deleted_and_unknown_ones(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "exists@example.com").await;
+    let (kept, _) = key(store, &owner).await;
+    let (deleted, _) = key(store, &owner).await;
+    store
+        .delete_key(&Actor::system("test"), &deleted.id)
+        .await
+        .unwrap();
+    // More ids than one statement binds, the two real ones among them.
+    let mut ids: Vec<KeyId> = (0..700).map(|_| KeyId::generate()).collect();
+    ids[5] = kept.id;
+    ids[650] = deleted.id;
+    let existing = store.existing_keys(&ids).await.unwrap();
+    assert_eq!(existing, vec![kept.id]);
+    assert!(store.existing_keys(&[]).await.unwrap().is_empty());
 }
 
 async fn every_change_is_audited_and_no_digest_appears(store: Arc<dyn KeyStore>) {

@@ -422,6 +422,29 @@ impl Authenticator {
         });
     }
 
+    /// Frees the metric series of deleted keys once the series cap is
+    /// nearly full: the candidates (no cached copy counts through them) are
+    /// checked against the store in one query. A store error leaves them
+    /// for the next sweep.
+    pub async fn forget_deleted_key_series(&self) {
+        let idle = self.metrics.idle_series_keys();
+        if idle.is_empty() {
+            return;
+        }
+        let existing = match self.store.existing_keys(&idle).await {
+            Ok(existing) => existing,
+            Err(error) => {
+                tracing::debug!(%error, "could not check idle key series against the store");
+                return;
+            }
+        };
+        let deleted: Vec<KeyId> = idle
+            .into_iter()
+            .filter(|id| !existing.contains(id))
+            .collect();
+        self.metrics.forget_deleted_keys(&deleted);
+    }
+
     /// Number of ids cached (known and unknown), for the metrics scrape.
     pub fn cached_keys(&self) -> u64 {
         self.cache.len() as u64
@@ -439,7 +462,9 @@ impl Authenticator {
 /// (benches/cache_memory.rs). So it runs on the blocking pool, not on the
 /// proxy's event loop, holding one shard's lock at a time; and a large
 /// cache is swept less often, at most 0.5% of a core (the pause after a
-/// sweep is 200 times its length, up to `ttl`).
+/// sweep is 200 times its length, up to `ttl`). After each sweep, the
+/// metric series of deleted keys are let go
+/// ([`Authenticator::forget_deleted_key_series`]).
 pub async fn run_sweeper(
     authenticator: Arc<Authenticator>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -458,14 +483,17 @@ pub async fn run_sweeper(
             _ = tokio::time::sleep(pause) => {}
         }
         let sweeping = Instant::now();
-        let authenticator = authenticator.clone();
-        if tokio::task::spawn_blocking(move || authenticator.evict_expired())
+        let swept = authenticator.clone();
+        if tokio::task::spawn_blocking(move || swept.evict_expired())
             .await
             .is_err()
         {
             return;
         }
-        pause = sweeping.elapsed().saturating_mul(200).clamp(every, longest);
+        let took = sweeping.elapsed();
+        // With deleted keys gone from the cache, their series are idle.
+        authenticator.forget_deleted_key_series().await;
+        pause = took.saturating_mul(200).clamp(every, longest);
     }
 }
 

@@ -77,6 +77,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The proxy's one read: a key with its digests and owner.
     async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// Which of `ids` are keys in the store (for letting go of what is kept
+    /// per deleted key, such as its metric series).
+    async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError>;
+
     async fn settings(&self) -> Result<AccountSettings, StoreError>;
     async fn update_settings(
         &self,

@@ -258,6 +258,18 @@ impl KeyStore for PostgresStore {
         row.map(KeyRecord::try_from).transpose()
     }
 
+    async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
+        let ids: Vec<&str> = ids.iter().map(KeyId::as_str).collect();
+        let found: Vec<String> = sqlx::query_scalar("SELECT id FROM api_keys WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|id| KeyId::parse(id).ok())
+            .collect())
+    }
+
     async fn settings(&self) -> Result<AccountSettings, StoreError> {
         let row: SettingsRow = sqlx::query_as("SELECT * FROM account_settings WHERE id = 1")
             .fetch_one(&self.pool)

@@ -22,8 +22,9 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool, Transaction};
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
 
-/// Keys per usage UPDATE: three parameters each, under SQLite's default
-/// limit on bound parameters in older builds (999).
+/// Keys per statement that binds several per key (usage UPDATEs, three
+/// each): under SQLite's default limit on bound parameters in older builds
+/// (999).
 const USAGE_ROWS_PER_STATEMENT: usize = 300;
 
 pub struct SqliteStore {
@@ -515,6 +516,22 @@ impl KeyStore for SqliteStore {
         .fetch_optional(&self.reader)
         .await?;
         row.map(KeyRecord::try_from).transpose()
+    }
+
+    async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
+        let mut existing = Vec::new();
+        for chunk in ids.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT id FROM api_keys WHERE id IN ({marks})");
+            // Not kept in the statement cache: the text varies with the chunk.
+            let mut query = sqlx::query_scalar::<_, String>(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            let found = query.fetch_all(&self.reader).await?;
+            existing.extend(found.iter().filter_map(|id| KeyId::parse(id).ok()));
+        }
+        Ok(existing)
     }
 
     async fn settings(&self) -> Result<AccountSettings, StoreError> {

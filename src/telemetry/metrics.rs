@@ -4,8 +4,9 @@
 //! Labels are bounded: the route's name (from config), the status class,
 //! the failure reason, and the key *id* (never a secret), capped at
 //! `[metrics] max_key_series` distinct keys; further keys count under
-//! `key_id="_other"`. A key's counters are resolved once and kept with the
-//! cached key, so counting a request is an atomic add, not a label lookup.
+//! `key_id="_other"` (a deleted key's slot is freed by the cache sweeper).
+//! A key's counters are resolved once and kept with the cached key, so
+//! counting a request is an atomic add, not a label lookup.
 //!
 //! The per-key request counters are a collector of our own
 //! ([`KeyRequests`]) rather than an `IntCounterVec`: a vec's child is one
@@ -149,6 +150,39 @@ impl KeyRequests {
             .entry(labels)
             .or_insert_with(|| Arc::new(KeyCounts::new(route_id)))
             .clone()
+    }
+}
+
+impl KeyRequests {
+    /// Keys with their own series that nothing counts through (held by this
+    /// map alone: no cached copy of the key), once at least 90% of
+    /// `max_key_series` slots are taken; otherwise none.
+    fn idle_keys(&self) -> Vec<KeyId> {
+        let series = self.lock();
+        if series.admitted.len() < self.0.max_key_series.saturating_mul(9) / 10 {
+            return Vec::new();
+        }
+        let mut idle: Vec<KeyId> = series
+            .counts
+            .iter()
+            .filter(|(_, counts)| Arc::strong_count(counts) == 1)
+            .filter_map(|((key, _, _), _)| KeyId::parse(key).ok())
+            .collect();
+        idle.sort_unstable();
+        idle.dedup();
+        idle
+    }
+
+    /// Drops every series of `deleted` keys and frees their slots.
+    fn forget(&self, deleted: &[KeyId]) -> usize {
+        let mut series = self.lock();
+        let before = series.admitted.len();
+        for id in deleted {
+            series.admitted.remove(id);
+        }
+        let SeriesMap { admitted, counts } = &mut *series;
+        counts.retain(|(key, _, _), _| KeyId::parse(key).map_or(true, |id| admitted.contains(&id)));
+        before - series.admitted.len()
     }
 }
 
@@ -319,6 +353,22 @@ impl Metrics {
         self.requests.resolve(id, owner_id, route, route_id)
     }
 
+    /// Candidates for [`Self::forget_deleted_keys`]: keys with a series of
+    /// their own that no cached key counts through, once the series cap is
+    /// nearly full (below that, keeping them costs nothing).
+    pub fn idle_series_keys(&self) -> Vec<KeyId> {
+        self.requests.idle_keys()
+    }
+
+    /// Drops the series of keys the store no longer has, freeing their
+    /// slots for new keys. Without this, under key churn the first
+    /// `max_key_series` keys ever counted kept every slot and all newer
+    /// keys counted under `_other` until a restart. Only deleted keys lose
+    /// their series: an existing key's counter is never reset.
+    pub fn forget_deleted_keys(&self, deleted: &[KeyId]) -> usize {
+        self.requests.forget(deleted)
+    }
+
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
     }
@@ -398,5 +448,30 @@ mod tests {
             "a key over the cap has no series"
         );
         assert!(text.contains("# TYPE keygate_requests_total counter"));
+    }
+
+    #[test]
+    fn deleted_keys_free_their_series_slots() {
+        let metrics = Metrics::new(2);
+        let (a, b, c) = (KeyId::generate(), KeyId::generate(), KeyId::generate());
+        metrics.key_counts(&a, "o", "api", 1).count(200);
+        metrics.key_counts(&a, "o", "web", 2).count(200);
+        // Below 90% of the cap there are no candidates.
+        let roomy = Metrics::new(10);
+        roomy.key_counts(&a, "o", "api", 1).count(200);
+        assert!(roomy.idle_series_keys().is_empty());
+        // At the cap: b is still cached (held), a is not.
+        let held_b = metrics.key_counts(&b, "o", "api", 1);
+        held_b.count(200);
+        assert_eq!(metrics.idle_series_keys(), vec![a]);
+        assert_eq!(metrics.forget_deleted_keys(&[a]), 1);
+        let text = metrics.render();
+        assert!(!text.contains(a.as_str()), "a's series are gone");
+        assert!(text.contains(b.as_str()), "b's series stays");
+        // The freed slot goes to a new key instead of `_other`.
+        metrics.key_counts(&c, "o", "api", 1).count(200);
+        let text = metrics.render();
+        assert!(text.contains(c.as_str()));
+        assert!(!text.contains(OTHER_KEY));
     }
 }
