@@ -29,6 +29,7 @@
 //! Owners are shared: every key of one owner points at one `Owner`, with its
 //! header values built once.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -431,8 +432,8 @@ impl Authenticator {
         if idle.is_empty() {
             return;
         }
-        let existing = match self.store.existing_keys(&idle).await {
-            Ok(existing) => existing,
+        let existing: HashSet<KeyId> = match self.store.existing_keys(&idle).await {
+            Ok(existing) => existing.into_iter().collect(),
             Err(error) => {
                 tracing::debug!(%error, "could not check idle key series against the store");
                 return;

@@ -152,14 +152,8 @@ impl HeaderRules {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
 
-        let owner = &key.owner.headers;
-        headers.insert(self.key_id.clone(), key.key_id_header());
-        headers.insert(self.owner_id.clone(), owner.owner_id.clone());
-        headers.insert(self.owner_type.clone(), owner.owner_type.clone());
-        headers.insert(self.owner_name.clone(), owner.owner_name.clone());
-        headers.insert(self.role.clone(), owner.role.clone());
-        if let Some(ns) = &route.namespace_header {
-            headers.insert(self.namespace.clone(), ns.clone());
+        for (name, value) in self.identity_pairs(key, Some(route)) {
+            headers.insert(name.clone(), value);
         }
     }
 
@@ -229,44 +223,45 @@ impl HeaderRules {
 
     /// Appends the verified identity to a head written by
     /// [`Self::write_request_head`], and the blank line that ends it.
-    /// The values are borrowed from the key, its owner and the route (a key
-    /// id is Crockford base32, the rest were valid `HeaderValue`s when
-    /// built), so nothing is allocated or reference-counted per request.
+    /// The values are borrowed ([`Self::identity`]), so nothing is
+    /// allocated or reference-counted per request.
     pub fn write_identity(&self, out: &mut Vec<u8>, key: &VerifiedKey, route: &Route) {
-        let owner = &key.owner.headers;
-        fn name(name: &HeaderName) -> &[u8] {
-            name.as_str().as_bytes()
-        }
-        put_header(out, name(&self.key_id), key.id.as_str().as_bytes());
-        put_header(out, name(&self.owner_id), owner.owner_id.as_bytes());
-        put_header(out, name(&self.owner_type), owner.owner_type.as_bytes());
-        put_header(out, name(&self.owner_name), owner.owner_name.as_bytes());
-        put_header(out, name(&self.role), owner.role.as_bytes());
-        if let Some(namespace) = &route.namespace_header {
-            put_header(out, name(&self.namespace), namespace.as_bytes());
+        for (name, value) in self.identity(key, Some(route)) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
     }
 
-    /// The identity headers of a verified key, for forward-auth answers.
+    /// The identity headers of a verified key as `HeaderValue`s, for
+    /// hyper's path and forward-auth answers.
     pub fn identity_pairs<'a>(
         &'a self,
         key: &'a VerifiedKey,
         route: Option<&'a Route>,
     ) -> impl Iterator<Item = (&'a HeaderName, HeaderValue)> {
+        self.identity(key, route)
+            .map(|(name, value)| (name, value.to_header_value()))
+    }
+
+    /// The one list of identity headers and where each value comes from.
+    fn identity<'a>(
+        &'a self,
+        key: &'a VerifiedKey,
+        route: Option<&'a Route>,
+    ) -> impl Iterator<Item = (&'a HeaderName, Identity<'a>)> {
         let owner = &key.owner.headers;
         [
-            (&self.key_id, key.key_id_header()),
-            (&self.owner_id, owner.owner_id.clone()),
-            (&self.owner_type, owner.owner_type.clone()),
-            (&self.owner_name, owner.owner_name.clone()),
-            (&self.role, owner.role.clone()),
+            (&self.key_id, Identity::KeyId(key)),
+            (&self.owner_id, Identity::Built(&owner.owner_id)),
+            (&self.owner_type, Identity::Built(&owner.owner_type)),
+            (&self.owner_name, Identity::Built(&owner.owner_name)),
+            (&self.role, Identity::Built(&owner.role)),
         ]
         .into_iter()
         .chain(
             route
-                .and_then(|r| r.namespace_header.clone())
-                .map(|ns| (&self.namespace, ns)),
+                .and_then(|r| r.namespace_header.as_ref())
+                .map(|ns| (&self.namespace, Identity::Built(ns))),
         )
     }
 
@@ -283,6 +278,32 @@ impl HeaderRules {
             .collect();
         for name in spoofed {
             headers.remove(&name);
+        }
+    }
+}
+
+/// An identity header's value, borrowed: the key's id (Crockford base32,
+/// made a `HeaderValue` only where one is needed, see
+/// [`VerifiedKey::key_id_header`]) or a value built once with the owner or
+/// the route.
+#[derive(Clone, Copy)]
+enum Identity<'a> {
+    KeyId(&'a VerifiedKey),
+    Built(&'a HeaderValue),
+}
+
+impl Identity<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Identity::KeyId(key) => key.id.as_str().as_bytes(),
+            Identity::Built(value) => value.as_bytes(),
+        }
+    }
+
+    fn to_header_value(self) -> HeaderValue {
+        match self {
+            Identity::KeyId(key) => key.key_id_header(),
+            Identity::Built(value) => value.clone(),
         }
     }
 }

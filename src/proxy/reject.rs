@@ -125,8 +125,9 @@ impl ProxyError {
     }
 
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
-    /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route), 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED
-    /// (the upstream's or the request's time ran out).
+    /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route),
+    /// 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED (the upstream's or the request's
+    /// time ran out).
     fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "16",

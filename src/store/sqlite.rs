@@ -22,10 +22,10 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool, Transaction};
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
 
-/// Keys per statement that binds several per key (usage UPDATEs, three
-/// each): under SQLite's default limit on bound parameters in older builds
-/// (999).
-const USAGE_ROWS_PER_STATEMENT: usize = 300;
+/// Keys per statement that binds parameters per key (usage UPDATEs bind
+/// three each): under SQLite's default limit on bound parameters in older
+/// builds (999).
+const KEYS_PER_STATEMENT: usize = 300;
 
 pub struct SqliteStore {
     /// Read-only connections for lookups and listings.
@@ -520,7 +520,7 @@ impl KeyStore for SqliteStore {
 
     async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
         let mut existing = Vec::new();
-        for chunk in ids.chunks(USAGE_ROWS_PER_STATEMENT) {
+        for chunk in ids.chunks(KEYS_PER_STATEMENT) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!("SELECT id FROM api_keys WHERE id IN ({marks})");
             // Not kept in the statement cache: the text varies with the chunk.
@@ -1206,7 +1206,7 @@ impl KeyStore for SqliteStore {
         // One UPDATE per chunk of keys, not per key: a flush of thousands
         // of keys was as many statements through the worker thread.
         let mut tx = self.begin().await?;
-        for chunk in batch.chunks(USAGE_ROWS_PER_STATEMENT) {
+        for chunk in batch.chunks(KEYS_PER_STATEMENT) {
             let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
                 "UPDATE api_keys SET request_count = request_count + v.column2, \

@@ -24,7 +24,7 @@ use std::io::{BufWriter, Stderr, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use super::compact::timestamp;
+use super::compact::{prints_as_is, timestamp};
 
 /// What the access log says of one request.
 #[derive(Debug, Clone, Copy)]
@@ -88,12 +88,8 @@ pub fn log(entry: &AccessEntry<'_>) {
         let mut line = line.borrow_mut();
         line.clear();
         write_line(&mut line, entry, sink.format, SystemTime::now());
-        let mut buffer = sink
-            .buffer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // As for every other log line: a failed write to stderr is dropped.
-        let _ = buffer.write_all(&line);
+        let _ = super::lock(&sink.buffer).write_all(&line);
     });
 }
 
@@ -151,7 +147,7 @@ fn write_line(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LineFormat, no
         }
         match value {
             Value::Num(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
-            Value::Str(text) if needs_no_escaping(text) => {
+            Value::Str(text) if prints_as_is(text) => {
                 out.push(b'"');
                 out.extend_from_slice(text.as_bytes());
                 out.push(b'"');
@@ -170,13 +166,6 @@ fn write_line(out: &mut Vec<u8>, entry: &AccessEntry<'_>, format: LineFormat, no
         LineFormat::Compact => out.push(b'\n'),
         LineFormat::Json => out.extend_from_slice(b",\"target\":\"keygate::access\"}\n"),
     }
-}
-
-/// Printable ASCII other than `"` and `\`: the same in `{:?}` and JSON.
-fn needs_no_escaping(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ')
 }
 
 #[cfg(test)]

@@ -98,10 +98,7 @@ impl Visit for Fields<'_, '_> {
             // What `{:?}` prints for a str that needs no escaping.
             if message {
                 w.write_str(value)
-            } else if value
-                .bytes()
-                .all(|b| (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ')
-            {
+            } else if prints_as_is(value) {
                 w.write_char('"')?;
                 w.write_str(value)?;
                 w.write_char('"')
@@ -130,6 +127,14 @@ impl Visit for Fields<'_, '_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.put(field, |w| write!(w, "{value:?}"));
     }
+}
+
+/// Printable ASCII other than `"` and `\`: what `{:?}` and JSON both print
+/// unchanged between quotes.
+pub(super) fn prints_as_is(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ')
 }
 
 thread_local! {

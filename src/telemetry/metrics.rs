@@ -151,9 +151,7 @@ impl KeyRequests {
             .or_insert_with(|| Arc::new(KeyCounts::new(route_id)))
             .clone()
     }
-}
 
-impl KeyRequests {
     /// Keys with their own series that nothing counts through (held by this
     /// map alone: no cached copy of the key), once at least 90% of
     /// `max_key_series` slots are taken; otherwise none.
