@@ -1,9 +1,10 @@
 //! A dudect-style timing check (Reparaz, Balasch, Verbauwhede, "Dude, is my
 //! code constant time?", 2017): two classes of inputs, many interleaved
-//! samples in random order, Welch's t-test on the timings. |t| above 4.5 is
-//! evidence that the time depends on the class; below it, no evidence.
+//! samples in random order, Welch's t-test. |t| above 4.5 is evidence that
+//! the time depends on the class; below it, no evidence. The test runs on
+//! per-input means, not on single samples (see `dudect` for why).
 //!
-//! Three experiments, on the library's real code (`--release` matters):
+//! Four experiments, on the library's real code (`--release` matters):
 //!
 //! 1. `Authenticator` verification (parse + verify, as on a request) of a
 //!    wrong secret for one of 1,024 existing, cached key ids, against one of
@@ -11,8 +12,10 @@
 //!    rounds that each start a new cache. Both must take the same time, or
 //!    timing would tell an attacker which ids exist.
 //! 2. The control: the same with two sets of unknown ids, where existence
-//!    does not differ; its |t| is the check's own floor on this machine.
-//! 3. `Digest::ct_eq` on equal digests against digests that differ in the
+//!    does not differ. It must pass, or the check is not calibrated here.
+//! 3. Sensitivity: the control with a planted difference of about a
+//!    nanosecond. It must be found, or a pass of (1) means nothing.
+//! 4. `Digest::ct_eq` on equal digests against digests that differ in the
 //!    first byte (where an early-exit comparison would be fastest).
 //!
 //! ```sh
@@ -20,10 +23,11 @@
 //! cargo run --release --example timing -- --samples 5000000
 //! ```
 //!
-//! Exits 1 if either experiment shows |t| >= 4.5. It measures wall-clock
-//! time on a shared machine: run it on a quiet one, and read a single high
-//! |t| next to the means before concluding anything.
+//! Exits 1 if (1) or (4) shows |t| >= 4.5, and 2 if the check itself is off
+//! on this machine (the control fails or the planted difference is missed).
+//! It measures wall-clock time: run it pinned, on a quiet machine.
 
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -55,6 +59,10 @@ const IDS: usize = 1024;
 /// the same in every round and still adds up over all samples.
 const ROUNDS: usize = 64;
 
+/// Rounds of the digest comparison, each with new copies of the digests:
+/// the inputs `dudect` averages over.
+const DIGEST_ROUNDS: usize = 1024;
+
 /// Welch's t statistic between two samples, with the means (ns).
 fn welch(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
     let stats = |x: &[f64]| {
@@ -69,21 +77,41 @@ fn welch(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
 }
 
 /// dudect crops the slow tail (interrupts, preemption), which only adds
-/// noise; it tests the raw samples and those below several percentiles, and
-/// reports the largest |t|.
-fn dudect(a: &[f64], b: &[f64]) -> Verdict {
-    let mut all: Vec<f64> = a.iter().chain(b).copied().collect();
+/// noise; it tests the samples below several percentiles (and all of them),
+/// and reports the largest |t|.
+///
+/// The unit of the test is the *input*, not the sample: each sample carries
+/// the input it timed (`unit`), the samples of one input are averaged (after
+/// the crop), and Welch's test runs on those means. An input's cost has a
+/// part of its own (where its cache entry, its object and its string sit in
+/// memory) that every repetition of it shares; testing the repetitions as if
+/// each were drawn afresh counts one draw of that part many times, and the
+/// control experiment (two sets of unknown ids, no difference in existence)
+/// then failed in 2 runs of 3 with |t| up to 11.6. Averaging per input is the
+/// usual analysis of repeated measures: a cost that depends on the class
+/// shifts every input of that class and is still found (the sensitivity
+/// experiment adds about a nanosecond to one class and must be found).
+fn dudect(timed: &[Sample]) -> Verdict {
+    let mut all: Vec<f64> = timed.iter().map(|s| s.ns).collect();
     all.sort_by(f64::total_cmp);
     let mut worst: Option<Verdict> = None;
     for (cut, q) in [("none", 1.0), ("p99", 0.99), ("p90", 0.90), ("p50", 0.50)] {
         let limit = all[((all.len() - 1) as f64 * q) as usize];
-        let keep = |x: &[f64]| {
-            x.iter()
-                .copied()
-                .filter(|v| *v <= limit)
-                .collect::<Vec<_>>()
+        // unit -> (class, sum, count) of its samples under the limit.
+        let mut units: HashMap<usize, (usize, f64, u32)> = HashMap::new();
+        for sample in timed.iter().filter(|s| s.ns <= limit) {
+            let entry = units.entry(sample.unit).or_insert((sample.class, 0.0, 0));
+            entry.1 += sample.ns;
+            entry.2 += 1;
+        }
+        let means = |class| {
+            units
+                .values()
+                .filter(|(c, _, _)| *c == class)
+                .map(|(_, sum, n)| sum / f64::from(*n))
+                .collect::<Vec<f64>>()
         };
-        let (ka, kb) = (keep(a), keep(b));
+        let (ka, kb) = (means(0), means(1));
         if ka.len() < 100 || kb.len() < 100 {
             continue;
         }
@@ -94,10 +122,18 @@ fn dudect(a: &[f64], b: &[f64]) -> Verdict {
                 mean_a,
                 mean_b,
                 cut,
+                units: (ka.len(), kb.len()),
             });
         }
     }
-    worst.expect("enough samples in at least one crop")
+    worst.expect("enough inputs in at least one crop")
+}
+
+/// One timing: which class, which input of it, how long.
+struct Sample {
+    class: usize,
+    unit: usize,
+    ns: f64,
 }
 
 struct Verdict {
@@ -105,6 +141,8 @@ struct Verdict {
     mean_a: f64,
     mean_b: f64,
     cut: &'static str,
+    /// Inputs tested per class.
+    units: (usize, usize),
 }
 
 impl Verdict {
@@ -114,9 +152,11 @@ impl Verdict {
 
     fn print(&self, name: &str, a: &str, b: &str) {
         println!(
-            "{name}: |t| = {:.2} (worst crop: {}), mean {a} {:.1} ns, {b} {:.1} ns -> {}",
+            "{name}: |t| = {:.2} (worst crop: {}, {}+{} inputs), mean {a} {:.1} ns, {b} {:.1} ns -> {}",
             self.t.abs(),
             self.cut,
+            self.units.0,
+            self.units.1,
             self.mean_a,
             self.mean_b,
             if self.leaks() {
@@ -143,12 +183,14 @@ impl Rng {
 
 fn main() {
     let mut samples: usize = 1_000_000;
+    let mut planted_spins = PLANTED_SPINS;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next().and_then(|v| v.parse().ok())) {
             ("--samples", Some(n)) => samples = n,
+            ("--planted", Some(n)) => planted_spins = u32::try_from(n).unwrap_or(u32::MAX),
             _ => {
-                eprintln!("usage: timing [--samples N]");
+                eprintln!("usage: timing [--samples N] [--planted SPINS]");
                 std::process::exit(64);
             }
         }
@@ -157,12 +199,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let verify = runtime.block_on(verification(samples, false));
-    // The same experiment with a second set of unknown ids in place of the
-    // existing ones: nothing differs in existence, so a large |t| here means
-    // the check is seeing where particular ids sit in the cache, not
-    // whether they exist.
-    let control = runtime.block_on(verification(samples, true));
+    let verify = runtime.block_on(verification(samples, Experiment::Verify, 0));
+    let control = runtime.block_on(verification(samples, Experiment::Control, 0));
+    let sensitivity = runtime.block_on(verification(
+        samples,
+        Experiment::Sensitivity,
+        planted_spins,
+    ));
     let compare = digest_comparison(samples);
     println!("samples per class: ~{samples} (interleaved at random)");
     verify.print(
@@ -175,6 +218,11 @@ fn main() {
         "set A",
         "set B",
     );
+    sensitivity.print(
+        "sensitivity: the control with a few instructions more for set B (must be found)",
+        "set A",
+        "set B",
+    );
     compare.print(
         "Digest::ct_eq: equal vs differing at the first byte (x32 per sample)",
         "equal",
@@ -183,9 +231,39 @@ fn main() {
     if verify.leaks() || compare.leaks() {
         std::process::exit(1);
     }
+    if control.leaks() || !sensitivity.leaks() {
+        println!(
+            "the check itself is off on this machine (a control that fails, or a planted difference it missed): its verdicts mean nothing here"
+        );
+        std::process::exit(2);
+    }
 }
 
-async fn verification(samples: usize, control: bool) -> Verdict {
+/// What the two classes of the verification experiment are.
+#[derive(Clone, Copy, PartialEq)]
+enum Experiment {
+    /// Wrong secrets for existing ids against unknown ids: the question.
+    Verify,
+    /// Two sets of unknown ids: nothing differs in existence, so a large
+    /// |t| means the check sees something other than existence (where ids
+    /// sit in memory): it is the check's floor on this machine.
+    Control,
+    /// The control with `--planted` more trips through memory for the
+    /// second set (about a nanosecond, the size of the one extra branch this
+    /// check once found in `verify`): if the check misses that, a pass of
+    /// `Verify` means nothing.
+    Sensitivity,
+}
+
+/// The planted difference of [`Experiment::Sensitivity`], in trips through
+/// memory (`--planted N` to change it).
+const PLANTED_SPINS: u32 = 12;
+
+async fn verification(samples: usize, experiment: Experiment, planted_spins: u32) -> Verdict {
+    // Both the control and the sensitivity experiment compare unknown ids
+    // with unknown ids; only the latter plants a difference.
+    let control = experiment != Experiment::Verify;
+    let planted = experiment == Experiment::Sensitivity;
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("timing.db").display());
     let store = keygate::store::open(&url).await.expect("store");
@@ -239,7 +317,7 @@ async fn verification(samples: usize, control: bool) -> Verdict {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut timed = Vec::with_capacity(2 * samples);
     let per_round = (2 * samples).div_ceil(ROUNDS);
-    for _ in 0..ROUNDS {
+    for round in 0..ROUNDS {
         // A new authenticator each round: a new cache, whose table hashes
         // with a new random seed, and new cached objects, so that where an
         // id sits is drawn afresh (see ROUNDS).
@@ -290,58 +368,72 @@ async fn verification(samples: usize, control: bool) -> Verdict {
             // which list the token comes from, chosen before the clock
             // starts.
             let class = usize::from(rng.bit());
-            let token = black_box(classes[class][i % IDS].as_bytes());
+            let index = i % IDS;
+            let token = black_box(classes[class][index].as_bytes());
+            let spins = black_box(if planted && class == 1 {
+                planted_spins
+            } else {
+                0
+            });
             let start = Instant::now();
             // What a request costs: parse (hashes the secret), then verify.
             // A cache hit never awaits, so polling once completes it.
             let result = format
                 .parse(token)
                 .map(|parsed| auth.verify(&parsed, now).now_or_never());
+            for spin in 0..spins {
+                black_box(spin);
+            }
             let elapsed = start.elapsed();
             match black_box(result) {
                 Ok(Some(Err(_))) => {}
                 _ => panic!("a sample was not answered from the cache with a refusal"),
             }
-            timed.push((class, elapsed.as_nanos() as f64));
+            timed.push(Sample {
+                class,
+                unit: (round * 2 + class) * IDS + index,
+                ns: elapsed.as_nanos() as f64,
+            });
         }
     }
-    let (a, b) = split(&timed);
-    dudect(&a, &b)
+    dudect(&timed)
 }
 
 fn digest_comparison(samples: usize) -> Verdict {
-    let x = Digest::of(b"the stored secret");
-    let same = Digest::from_slice(x.as_bytes()).expect("32 bytes");
-    let mut differ_bytes = *x.as_bytes();
+    let stored = Digest::of(b"the stored secret");
+    let mut differ_bytes = *stored.as_bytes();
     differ_bytes[0] ^= 0xff;
-    let differ = Digest::from_slice(&differ_bytes).expect("32 bytes");
-    // Side by side, so that both are equally close at hand.
-    let others = [same, differ];
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let mut timed = Vec::with_capacity(2 * samples);
-    for _ in 0..2 * samples {
-        let class = usize::from(rng.bit());
-        let other = black_box(&others[class]);
-        let start = Instant::now();
-        // One comparison is a few ns, under the clock's resolution: time a
-        // batch of 32.
-        for _ in 0..32 {
-            black_box(black_box(&x).ct_eq(black_box(other)));
+    let per_round = (2 * samples).div_ceil(DIGEST_ROUNDS);
+    for round in 0..DIGEST_ROUNDS {
+        // New copies each round, side by side in an order drawn at random,
+        // so that where each sits in memory is drawn afresh (see `dudect`).
+        let same = Digest::from_slice(stored.as_bytes()).expect("32 bytes");
+        let differ = Digest::from_slice(&differ_bytes).expect("32 bytes");
+        let x = Box::new(stored);
+        let equal_first = rng.bit();
+        let others = Box::new(if equal_first {
+            [same, differ]
+        } else {
+            [differ, same]
+        });
+        let slot = |class: usize| usize::from((class == 0) != equal_first);
+        for _ in 0..per_round {
+            let class = usize::from(rng.bit());
+            let other = black_box(&others[slot(class)]);
+            let start = Instant::now();
+            // One comparison is a few ns, under the clock's resolution: time
+            // a batch of 32.
+            for _ in 0..32 {
+                black_box(black_box(&*x).ct_eq(black_box(other)));
+            }
+            timed.push(Sample {
+                class,
+                unit: round * 2 + class,
+                ns: start.elapsed().as_nanos() as f64,
+            });
         }
-        timed.push((class, start.elapsed().as_nanos() as f64));
     }
-    let (a, b) = split(&timed);
-    dudect(&a, &b)
-}
-
-/// Class 0's timings and class 1's, in order.
-fn split(timed: &[(usize, f64)]) -> (Vec<f64>, Vec<f64>) {
-    let of = |class| {
-        timed
-            .iter()
-            .filter(|(c, _)| *c == class)
-            .map(|(_, ns)| *ns)
-            .collect()
-    };
-    (of(0), of(1))
+    dudect(&timed)
 }
