@@ -64,4 +64,14 @@ trap - EXIT
 echo "imported $(wc -l <"$KEYS_TSV") keys for $i owners" >&2
 # PREPARE_ONLY=1: leave the store and config ready, do not serve.
 [ -n "${PREPARE_ONLY:-}" ] && exit 0
-exec "$BIN" serve --config "$DIR/keygate.toml"
+# In a session of its own, as nginx (the anchor and the upstream) puts
+# itself by daemonizing. anchors.sh starts the subject in its own session,
+# which wrk also runs in; with the kernel's autogroup scheduling
+# (/proc/sys/kernel/sched_autogroup_enabled = 1) a session's processes share
+# one CPU weight across cores, so a busy subject on core 0 cut wrk's share of
+# core 1 against the upstream nginx: the upstream took 53% of core 1 instead
+# of 47%, and wrk sent ~12% fewer requests, whatever the subject's own speed
+# (measured 2026-11-24; HAProxy, which anchors.sh starts in the foreground
+# in that same session, is handicapped the same way). setsid keeps the pid,
+# which anchors.sh watches and kills.
+exec setsid "$BIN" serve --config "$DIR/keygate.toml"
