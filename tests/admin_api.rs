@@ -129,6 +129,59 @@ async fn users_create_get_list_update_delete() {
 }
 
 #[tokio::test]
+async fn the_last_admin_cannot_lock_the_account_out() {
+    let (gate, api) = gate().await;
+    let (_, page) = api.get("/api/v1/users").await;
+    let admin = page["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["spec"]["email"] == "admin@example.com")
+        .expect("the bootstrap admin")
+        .clone();
+    let id = admin["id"].as_str().unwrap();
+    let (status, body) = api.delete(&format!("/api/v1/users/{id}")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("policy_violation")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"admin@example.com\" is the last enabled account admin"),
+        "{message}"
+    );
+    for spec in [
+        json!({ "disabled": true }),
+        json!({ "access": { "accountAccess": { "role": "developer" } } }),
+    ] {
+        let (status, body) = api
+            .put(
+                &format!("/api/v1/users/{id}"),
+                json!({ "resourceVersion": admin["resourceVersion"], "spec": spec }),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+    }
+    // Nothing changed: the admin is as it was, and its key still manages.
+    assert_eq!(
+        api.get(&format!("/api/v1/users/{id}")).await,
+        (200, admin.clone())
+    );
+    // With a second admin, the first may step down.
+    api.create_user("second@example.com", "admin", &[]).await;
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{id}"),
+            json!({ "resourceVersion": admin["resourceVersion"], "spec": {
+                "access": { "accountAccess": { "role": "developer" } } } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gate.stop().await;
+}
+
+#[tokio::test]
 async fn service_accounts_and_namespaces() {
     let (gate, api) = gate().await;
     let ns_id = api.create_namespace("orders").await;

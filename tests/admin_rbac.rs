@@ -372,10 +372,9 @@ async fn namespace_admins_edit_their_namespace() {
     gate.stop().await;
 }
 
-/// SPEC section 2 step 3 with the same access model: a route naming a
-/// namespace needs the key's scope and its owner's permission.
-#[tokio::test]
-async fn namespaced_proxy_routes_use_the_same_access() {
+/// A gate whose `/orders` route is in namespace `orders` (created), and the
+/// admin's API client.
+async fn orders_route() -> (Gate, Api) {
     let upstream = echo_upstream().await;
     let gate = Gate::builder()
         .upstream(upstream)
@@ -386,6 +385,14 @@ async fn namespaced_proxy_routes_use_the_same_access() {
         .await;
     let admin = Api::new(&gate, &gate.admin_token);
     admin.create_namespace("orders").await;
+    (gate, admin)
+}
+
+/// SPEC section 2 step 3 with the same access model: a route naming a
+/// namespace needs the key's scope and its owner's permission.
+#[tokio::test]
+async fn namespaced_proxy_routes_use_the_same_access() {
+    let (gate, admin) = orders_route().await;
     admin.create_namespace("billing").await;
     let reader = admin
         .create_service_account("reader", "read", &[("orders", "read")])
@@ -419,5 +426,36 @@ async fn namespaced_proxy_routes_use_the_same_access() {
         proxy_get(&gate, "/orders/1", &scoped).await,
         (403, "forbidden".into())
     );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_revokes_its_grants_on_the_proxy_at_once() {
+    let (gate, admin) = orders_route().await;
+    let writer = admin
+        .create_service_account("writer", "read", &[("orders", "write")])
+        .await;
+    let (_, token) = admin.create_key(json!({ "ownerId": writer })).await;
+    assert_eq!(
+        proxy_call(&gate, Method::POST, "/orders/1", &token).await.0,
+        200
+    );
+    let (status, body) = admin.delete("/api/v1/namespaces/orders").await;
+    assert_eq!(status, 200, "{body}");
+    // The key was cached with its owner's grant: refused at once all the same.
+    assert_eq!(
+        proxy_get(&gate, "/orders/1", &token).await,
+        (403, "forbidden".into())
+    );
+    // A namespace of the same name made later does not bring the grant back.
+    admin.create_namespace("orders").await;
+    assert_eq!(
+        proxy_get(&gate, "/orders/1", &token).await,
+        (403, "forbidden".into())
+    );
+    let (_, sa) = admin
+        .get(&format!("/api/v1/service-accounts/{writer}"))
+        .await;
+    assert_eq!(sa["spec"]["access"]["namespaceAccesses"], json!({}), "{sa}");
     gate.stop().await;
 }

@@ -83,6 +83,8 @@ behaviour!(
     principals_crud,
     service_accounts_are_apart_from_users,
     namespaces_crud,
+    deleting_a_namespace_removes_its_grants,
+    a_grant_racing_a_namespace_delete_does_not_outlive_it,
     keys_crud_and_find_key,
     stale_resource_version_is_refused,
     pagination_covers_everything_once,
@@ -91,6 +93,8 @@ behaviour!(
     owner_and_namespace_must_exist,
     cap_holds_under_50_concurrent_creates,
     owner_deletion_cascades_to_keys,
+    the_last_enabled_admin_stays,
+    concurrent_deletes_of_two_admins_leave_one,
     owner_update_reports_its_keys,
     rotation_keeps_previous_digest_until_grace,
     cache_sweep_drops_only_what_nothing_can_use,
@@ -223,6 +227,15 @@ async fn principals_crud(store: Arc<dyn KeyStore>) {
     );
 
     store.create_namespace(&actor(), "prod", "").await.unwrap();
+    // Another admin, so that `a` may step down (the_last_enabled_admin_stays).
+    store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("root", AccountRole::Admin, &[]),
+        )
+        .await
+        .unwrap();
     let mut changed = spec(
         "a2@example.com",
         AccountRole::Developer,
@@ -399,6 +412,156 @@ async fn namespaces_crud(store: Arc<dyn KeyStore>) {
         .await
         .expect_err("missing");
     assert!(is_not_found(&err), "{err:?}");
+}
+
+/// Grants on a deleted namespace go with it: a namespace created later under
+/// the same name starts with none. The owners' keys are reported (their
+/// cached access is stale) and the change feed lists them.
+async fn deleting_a_namespace_removes_its_grants(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let prod = store.create_namespace(&actor(), "prod", "").await.unwrap();
+    store.create_namespace(&actor(), "dev", "").await.unwrap();
+    let both = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec(
+                "both@example.com",
+                AccountRole::Developer,
+                &[("prod", Permission::Write), ("dev", Permission::Read)],
+            ),
+        )
+        .await
+        .unwrap();
+    let robot = store
+        .create_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            spec("robot", AccountRole::Read, &[("prod", Permission::Admin)]),
+        )
+        .await
+        .unwrap();
+    let bystander = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec(
+                "dev-only@example.com",
+                AccountRole::Read,
+                &[("dev", Permission::Write)],
+            ),
+        )
+        .await
+        .unwrap();
+    let (both_key, _) = key(store, &both).await;
+    let (robot_key, _) = key(store, &robot).await;
+    key(store, &bystander).await;
+    let feed_before = head(store).await;
+
+    let mut keys = store.delete_namespace(&actor(), &prod.id).await.unwrap();
+    keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut expected = vec![both_key.id, robot_key.id];
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(keys, expected);
+
+    let both_now = store
+        .get_principal(OwnerType::User, &both.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        both_now.access.namespaces,
+        BTreeMap::from([("dev".to_string(), Permission::Read)])
+    );
+    assert_eq!(both_now.resource_version, both.resource_version + 1);
+    let robot_now = store
+        .get_principal(OwnerType::ServiceAccount, &robot.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(robot_now.access.namespaces.is_empty());
+    assert_eq!(
+        store
+            .get_principal(OwnerType::User, &bystander.id)
+            .await
+            .unwrap(),
+        Some(bystander.clone()),
+        "a principal without a grant on it is untouched"
+    );
+    // What the proxy reads with a key carries the narrowed access.
+    let record = store.find_key(&both_key.id).await.unwrap().unwrap();
+    assert_eq!(record.owner_access.permission_on("prod"), None);
+    // Recreated under the same name, it starts with no grants.
+    store.create_namespace(&actor(), "prod", "").await.unwrap();
+    let again = store
+        .get_principal(OwnerType::User, &both.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.access.permission_on("prod"), None);
+    // Audited with who lost a grant; announced for the caches.
+    let audit = store.list_audit(&page(2, None)).await.unwrap();
+    let event = audit
+        .items
+        .iter()
+        .find(|e| e.action == "namespace.delete")
+        .expect("namespace.delete audited");
+    let mut revoked: Vec<&str> = event.detail["grantsRemovedFrom"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    revoked.sort();
+    let mut principals = vec![both.id.as_str(), robot.id.as_str()];
+    principals.sort();
+    assert_eq!(revoked, principals);
+    assert!(head(store).await > feed_before, "the change feed moved");
+}
+
+/// A grant and the namespace's deletion at once: either the grant is
+/// refused (the namespace is gone) or the deletion removes it; never a
+/// grant on a namespace that no longer exists.
+async fn a_grant_racing_a_namespace_delete_does_not_outlive_it(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let grantee = user(store, "racer@example.com").await;
+    let actor = actor();
+    for round in 0..10 {
+        let name = format!("ns{round}");
+        let ns = store.create_namespace(&actor, &name, "").await.unwrap();
+        let current = store
+            .get_principal(OwnerType::User, &grantee.id)
+            .await
+            .unwrap()
+            .unwrap();
+        let grant = spec(
+            "racer@example.com",
+            AccountRole::Developer,
+            &[(name.as_str(), Permission::Write)],
+        );
+        let (granted, deleted) = tokio::join!(
+            store.update_principal(&actor, OwnerType::User, &grantee.id, grant, None),
+            store.delete_namespace(&actor, &ns.id),
+        );
+        deleted.expect("the delete never fails");
+        if let Err(refused) = granted {
+            assert!(
+                matches!(&refused, StoreError::Policy(PolicyViolation::UnknownNamespace(n)) if *n == name),
+                "{refused:?}"
+            );
+        }
+        let after = store
+            .get_principal(OwnerType::User, &grantee.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            after.access.permission_on(&name),
+            None,
+            "round {round}: a grant on deleted {name} survived (was {:?})",
+            current.access.namespaces
+        );
+    }
 }
 
 async fn keys_crud_and_find_key(store: Arc<dyn KeyStore>) {
@@ -953,6 +1116,144 @@ async fn owner_deletion_cascades_to_keys(store: Arc<dyn KeyStore>) {
         event.detail["deletedKeys"].as_array().map(Vec::len),
         Some(3)
     );
+}
+
+fn is_last_admin(result: &StoreError, name: &str) -> bool {
+    matches!(result, StoreError::Policy(PolicyViolation::LastAdmin { name: n }) if n == name)
+}
+
+/// The account always keeps an enabled admin: demoting, disabling or
+/// deleting the last one is refused and changes nothing (its keys stay); a
+/// disabled admin does not count; with another enabled admin each works.
+async fn the_last_enabled_admin_stays(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let root = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec("root@example.com", AccountRole::Admin, &[]),
+        )
+        .await
+        .unwrap();
+    let (root_key, _) = key(store, &root).await;
+    let demoted = spec("root@example.com", AccountRole::Developer, &[]);
+    let mut disabled = spec("root@example.com", AccountRole::Admin, &[]);
+    disabled.disabled = true;
+    for change in [demoted.clone(), disabled] {
+        let refused = store
+            .update_principal(&actor(), OwnerType::User, &root.id, change, Some(1))
+            .await
+            .expect_err("the last admin demoted or disabled");
+        assert!(is_last_admin(&refused, "root@example.com"), "{refused:?}");
+        assert!(refused.to_string().contains("last enabled account admin"));
+    }
+    let refused = store
+        .delete_principal(&actor(), OwnerType::User, &root.id)
+        .await
+        .expect_err("the last admin deleted");
+    assert!(is_last_admin(&refused, "root@example.com"), "{refused:?}");
+    // Nothing of the refused changes is left: same version, same key.
+    let kept = store
+        .get_principal(OwnerType::User, &root.id)
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(root.clone()));
+    assert!(store.find_key(&root_key.id).await.unwrap().is_some());
+    let audit = store.list_audit(&page(1, None)).await.unwrap();
+    assert_eq!(
+        audit.items[0].action, "api-key.create",
+        "no refused change audited"
+    );
+
+    // A disabled admin service account does not count.
+    let mut robot_spec = spec("robot", AccountRole::Admin, &[]);
+    robot_spec.disabled = true;
+    let robot = store
+        .create_principal(&actor(), OwnerType::ServiceAccount, robot_spec.clone())
+        .await
+        .unwrap();
+    let refused = store
+        .delete_principal(&actor(), OwnerType::User, &root.id)
+        .await
+        .expect_err("the only enabled admin deleted");
+    assert!(is_last_admin(&refused, "root@example.com"), "{refused:?}");
+
+    // Enabled, it does: root may go, and then the robot is the last one.
+    robot_spec.disabled = false;
+    store
+        .update_principal(
+            &actor(),
+            OwnerType::ServiceAccount,
+            &robot.id,
+            robot_spec,
+            Some(1),
+        )
+        .await
+        .expect("enable the robot");
+    let (_, keys) = store
+        .update_principal(&actor(), OwnerType::User, &root.id, demoted, Some(1))
+        .await
+        .expect("demote root: the robot is an admin");
+    assert_eq!(keys, vec![root_key.id]);
+    store
+        .delete_principal(&actor(), OwnerType::User, &root.id)
+        .await
+        .expect("delete root: not an admin any more");
+    let refused = store
+        .delete_principal(&actor(), OwnerType::ServiceAccount, &robot.id)
+        .await
+        .expect_err("the robot is the last admin now");
+    assert!(is_last_admin(&refused, "robot"), "{refused:?}");
+    // A principal that is not an admin is changed and deleted freely.
+    let dev = user(store, "dev@example.com").await;
+    store
+        .delete_principal(&actor(), OwnerType::User, &dev.id)
+        .await
+        .expect("delete a developer");
+}
+
+/// Two admins deleted at once: each delete alone leaves the other admin,
+/// so only serialising them keeps one. Exactly one wins, every round.
+async fn concurrent_deletes_of_two_admins_leave_one(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let admin = |name: String| async move {
+        store
+            .create_principal(
+                &actor(),
+                OwnerType::User,
+                spec(&name, AccountRole::Admin, &[]),
+            )
+            .await
+            .unwrap()
+    };
+    let mut survivor = admin("admin0@example.com".into()).await;
+    for round in 1..=10 {
+        let newcomer = admin(format!("admin{round}@example.com")).await;
+        let actor = actor();
+        let (old, new) = tokio::join!(
+            store.delete_principal(&actor, OwnerType::User, &survivor.id),
+            store.delete_principal(&actor, OwnerType::User, &newcomer.id),
+        );
+        let refused = match (old, new) {
+            // The old survivor went: the newcomer is the one admin now.
+            (Ok(_), Err(refused)) => {
+                survivor = newcomer;
+                refused
+            }
+            // The newcomer went: the survivor stays.
+            (Err(refused), Ok(_)) => refused,
+            other => panic!("round {round}: exactly one delete must win: {other:?}"),
+        };
+        assert!(
+            matches!(
+                refused,
+                StoreError::Policy(PolicyViolation::LastAdmin { .. })
+            ),
+            "{refused:?}"
+        );
+        let kept = store.get_principal(OwnerType::User, &survivor.id).await;
+        assert!(kept.unwrap().is_some_and(|p| p.is_enabled_admin()));
+    }
 }
 
 async fn owner_update_reports_its_keys(store: Arc<dyn KeyStore>) {

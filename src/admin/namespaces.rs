@@ -126,10 +126,12 @@ async fn delete(
 ) -> Result<Json<Value>, AdminError> {
     caller.require_admin("delete namespaces")?;
     let current = find(&state, &id).await?;
-    state
+    let keys = state
         .store
         .delete_namespace(&caller.actor(), &current.id)
         .await?;
+    // The grants on it are gone; the access cached with these keys is not.
+    state.authenticator.invalidate(&keys);
     Ok(Json(json!({})))
 }
 

@@ -206,7 +206,7 @@ fn errors() -> Value {
         "409": e("already exists, or resourceVersion is stale"),
         "413": e("request body too large"),
         "415": e("request body is not JSON"),
-        "422": e("invalid field, or a key policy refused the change"),
+        "422": e("invalid field, or a policy refused the change (key policies; the last enabled admin stays)"),
         "503": e("the key store is unavailable"),
     })
 }

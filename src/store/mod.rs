@@ -65,6 +65,29 @@ pub enum PolicyViolation {
     },
     #[error("namespace {0:?} does not exist")]
     UnknownNamespace(String),
+    #[error(
+        "{name:?} is the last enabled account admin: make another user or service account an admin first, or nobody could manage the account"
+    )]
+    LastAdmin { name: String },
+}
+
+/// Whether some principal is still an enabled account admin. Both stores
+/// run it inside every transaction that demotes, disables or deletes one,
+/// and roll back if none is left ([`PolicyViolation::LastAdmin`]).
+pub(crate) const ANY_ENABLED_ADMIN: &str =
+    "SELECT EXISTS (SELECT 1 FROM principals WHERE account_role = 'admin' AND NOT disabled)";
+
+/// The answer to [`ANY_ENABLED_ADMIN`] after `changed` was demoted, disabled
+/// or deleted, as the change's verdict.
+pub(crate) fn admin_left(any_left: bool, changed: &Principal) -> Result<(), StoreError> {
+    if any_left {
+        Ok(())
+    } else {
+        Err(PolicyViolation::LastAdmin {
+            name: changed.name.clone(),
+        }
+        .into())
+    }
 }
 
 /// Storage behind the proxy cache and the admin API. Object-safe, so both
@@ -146,7 +169,13 @@ pub trait KeyStore: Send + Sync + 'static {
         description: &str,
         expected_version: Option<i64>,
     ) -> Result<Namespace, StoreError>;
-    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<(), StoreError>;
+    /// Deletes a namespace and every grant on it (principals' namespace
+    /// access), so that a namespace created later under the same name
+    /// starts with no grants. Keys' scopes keep the name: a scope only
+    /// narrows what the owner may do, so it grants nothing by itself.
+    /// Returns the keys of the principals that lost a grant (the access
+    /// cached with them is stale).
+    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<Vec<KeyId>, StoreError>;
 
     /// Creates a key, enforcing the account's lifetime and per-owner cap in
     /// the same transaction as the insert.

@@ -126,6 +126,14 @@ pub struct Principal {
     pub modified: SystemTime,
 }
 
+impl Principal {
+    /// An account admin whose keys work: the account keeps at least one, or
+    /// nobody could manage it any more.
+    pub fn is_enabled_admin(&self) -> bool {
+        self.access.account_role == AccountRole::Admin && !self.disabled
+    }
+}
+
 /// The fields of a principal that a create or update sets.
 #[derive(Debug, Clone)]
 pub struct PrincipalSpec {

@@ -10,9 +10,10 @@
 //! cache holds appends to `changes` as its last statement, under a
 //! transaction-scoped advisory lock, so `seq` is gapless and in commit order,
 //! and sends `NOTIFY keygate_changes, '<seq>'`, which PostgreSQL delivers
-//! only if and when the transaction commits. Lock order is always settings,
-//! principal, key, then the change lock, and the change lock's holder never
-//! waits for a row, so these locks cannot deadlock.
+//! only if and when the transaction commits. Lock order is always the admins
+//! lock (changes to principals, for the last-admin guard), settings,
+//! namespace, principal, key, then the change lock, and the change lock's
+//! holder never waits for a row, so these locks cannot deadlock.
 //!
 //! It never sees a secret, and never logs a connection URL (it may hold a
 //! password).
@@ -27,8 +28,8 @@ use sqlx::{PgConnection, PgPool, Transaction};
 
 use super::sqlite::{
     check_lifetime, check_version, is_unique_violation, key_id, key_ids_json,
-    namespace_access_json, page_size, paginate, principal_kind, AuditRow, ChangeRow, KeyRecordRow,
-    KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
+    namespace_access_json, page_size, paginate, principal_kind, without_grants_on, AuditRow,
+    ChangeRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
 };
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
@@ -39,6 +40,11 @@ const CHANNEL: &str = "keygate_changes";
 /// Advisory lock key that serialises appends to `changes` ("keygate" in
 /// ASCII), so that `seq` order is commit order.
 const CHANGE_LOCK: i64 = 0x006b_6579_6761_7465;
+
+/// Advisory lock key that serialises the changes that can demote, disable
+/// or delete an admin ("kgadmin" in ASCII), so that two of them cannot each
+/// see the other's admin still there and together leave none.
+const ADMINS_LOCK: i64 = 0x006b_6761_646d_696e;
 
 /// How long a query waits for a connection. Short, because during an outage
 /// every cache miss waits this long before the proxy answers 503 (or serves
@@ -142,6 +148,24 @@ async fn record_change(
 }
 
 /// Reads a principal for a change, locking its row until commit.
+/// Takes [`ADMINS_LOCK`]: first, before any row lock (see the module doc).
+async fn lock_admins(tx: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ADMINS_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Refuses a change that left no enabled account admin; the caller's
+/// transaction then rolls back when dropped.
+async fn keep_an_admin(tx: &mut PgConnection, changed: &Principal) -> Result<(), StoreError> {
+    let any_left: bool = sqlx::query_scalar(ANY_ENABLED_ADMIN)
+        .fetch_one(&mut *tx)
+        .await?;
+    admin_left(any_left, changed)
+}
+
 async fn principal_for_update(
     tx: &mut PgConnection,
     kind: OwnerType,
@@ -199,6 +223,24 @@ async fn require_namespaces<'a>(
         if found.is_none() {
             return Err(PolicyViolation::UnknownNamespace(name.clone()).into());
         }
+    }
+    Ok(())
+}
+
+/// Share-locks the namespaces a grant names, before the principal's row (see
+/// the module doc's lock order): a concurrent `delete_namespace` then waits
+/// for the grant to commit and removes it, or the grant waits and finds the
+/// namespace gone. Names that do not exist are left to `require_namespaces`.
+async fn share_namespaces<'a>(
+    tx: &mut PgConnection,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<(), StoreError> {
+    let names: Vec<&String> = names.into_iter().collect();
+    if !names.is_empty() {
+        sqlx::query("SELECT id FROM namespaces WHERE name = ANY($1) ORDER BY id FOR SHARE")
+            .bind(names)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
@@ -326,6 +368,7 @@ impl KeyStore for PostgresStore {
         spec: PrincipalSpec,
     ) -> Result<Principal, StoreError> {
         let mut tx = self.begin().await?;
+        share_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
         require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
         let id = random_id();
         let now = to_ms(SystemTime::now());
@@ -427,6 +470,8 @@ impl KeyStore for PostgresStore {
         expected_version: Option<i64>,
     ) -> Result<(Principal, Vec<KeyId>), StoreError> {
         let mut tx = self.begin().await?;
+        lock_admins(&mut tx).await?;
+        share_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
         let current = principal_for_update(&mut tx, kind, id).await?;
         check_version(expected_version, current.resource_version)?;
         require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
@@ -453,6 +498,9 @@ impl KeyStore for PostgresStore {
             } else {
                 e.into()
             });
+        }
+        if current.is_enabled_admin() {
+            keep_an_admin(&mut tx, &current).await?;
         }
         let detail = json!({
             "name": spec.name,
@@ -485,6 +533,7 @@ impl KeyStore for PostgresStore {
         let mut tx = self.begin().await?;
         // Locked first, so a concurrent create_key for this owner waits and
         // then finds the owner gone, instead of adding a key we would miss.
+        lock_admins(&mut tx).await?;
         let principal = principal_for_update(&mut tx, kind, id).await?;
         let keys = owner_key_ids(&mut tx, id).await?;
         sqlx::query("DELETE FROM api_keys WHERE owner_id = $1")
@@ -495,6 +544,9 @@ impl KeyStore for PostgresStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        if principal.is_enabled_admin() {
+            keep_an_admin(&mut tx, &principal).await?;
+        }
         let detail = json!({
             "name": principal.name,
             "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
@@ -630,25 +682,50 @@ impl KeyStore for PostgresStore {
         Ok(row.into())
     }
 
-    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<Vec<KeyId>, StoreError> {
         let mut tx = self.begin().await?;
+        // Deleting the row waits for grants in flight (`share_namespaces`),
+        // so the holders read next include them.
         let name: Option<String> =
             sqlx::query_scalar("DELETE FROM namespaces WHERE id = $1 RETURNING name")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
         let name = name.ok_or_else(|| namespace_not_found(id))?;
+        let holders: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, namespace_access FROM principals WHERE namespace_access <> '{}' \
+             ORDER BY id FOR UPDATE",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let (mut revoked, mut keys) = (Vec::new(), Vec::new());
+        for (principal, stripped) in without_grants_on(holders, &name)? {
+            sqlx::query(
+                "UPDATE principals SET namespace_access = $1, \
+                 resource_version = resource_version + 1, modified_ms = $2 WHERE id = $3",
+            )
+            .bind(stripped)
+            .bind(to_ms(SystemTime::now()))
+            .bind(&principal)
+            .execute(&mut *tx)
+            .await?;
+            keys.extend(owner_key_ids(&mut tx, &principal).await?);
+            revoked.push(principal);
+        }
         audit(
             &mut tx,
             actor,
             "namespace.delete",
             "namespace",
             id,
-            json!({ "name": name }),
+            json!({ "name": name, "grantsRemovedFrom": revoked }),
         )
         .await?;
+        if !keys.is_empty() {
+            record_change(&mut tx, &keys, false).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(keys)
     }
 
     async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError> {

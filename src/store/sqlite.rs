@@ -111,6 +111,24 @@ pub(super) fn access(role: &str, namespaces: &str) -> Result<Access, StoreError>
     })
 }
 
+/// Of `holders` (principal id, `namespace_access` JSON), those with a grant
+/// on `namespace`, each with its access JSON without that grant.
+pub(super) fn without_grants_on(
+    holders: Vec<(String, String)>,
+    namespace: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut changed = Vec::new();
+    for (principal, access) in holders {
+        let mut grants: BTreeMap<String, Permission> = serde_json::from_str(&access)
+            .map_err(|e| StoreError::Corrupt(format!("namespace access: {e}")))?;
+        if grants.remove(namespace).is_some() {
+            let stripped = serde_json::to_string(&grants).unwrap_or_else(|_| "{}".into());
+            changed.push((principal, stripped));
+        }
+    }
+    Ok(changed)
+}
+
 pub(super) fn namespace_access_json(access: &Access) -> String {
     serde_json::to_string(&access.namespaces).unwrap_or_else(|_| "{}".into())
 }
@@ -396,6 +414,16 @@ pub(super) fn paginate<T>(mut items: Vec<T>, size: i64, cursor: impl Fn(&T) -> S
         None
     };
     Page { items, next }
+}
+
+/// Refuses a change that left no enabled account admin; the caller's
+/// transaction then rolls back when dropped. Writers are serialised
+/// (`BEGIN IMMEDIATE`), so two changes cannot each leave the other's admin.
+async fn keep_an_admin(tx: &mut SqliteConnection, changed: &Principal) -> Result<(), StoreError> {
+    let any_left: bool = sqlx::query_scalar(ANY_ENABLED_ADMIN)
+        .fetch_one(&mut *tx)
+        .await?;
+    admin_left(any_left, changed)
 }
 
 async fn principal_in(
@@ -718,6 +746,9 @@ impl KeyStore for SqliteStore {
                 e.into()
             });
         }
+        if current.is_enabled_admin() {
+            keep_an_admin(&mut tx, &current).await?;
+        }
         let detail = json!({
             "name": spec.name,
             "role": spec.access.account_role.as_str(),
@@ -756,6 +787,9 @@ impl KeyStore for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        if principal.is_enabled_admin() {
+            keep_an_admin(&mut tx, &principal).await?;
+        }
         let detail = json!({
             "name": principal.name,
             "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
@@ -893,7 +927,7 @@ impl KeyStore for SqliteStore {
         Ok(row.into())
     }
 
-    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<Vec<KeyId>, StoreError> {
         let mut tx = self.begin().await?;
         let name: Option<String> = sqlx::query_scalar("SELECT name FROM namespaces WHERE id = ?")
             .bind(id)
@@ -907,17 +941,39 @@ impl KeyStore for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        let holders: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, namespace_access FROM principals WHERE namespace_access <> '{}' ORDER BY id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let (mut revoked, mut keys) = (Vec::new(), Vec::new());
+        for (principal, stripped) in without_grants_on(holders, &name)? {
+            sqlx::query(
+                "UPDATE principals SET namespace_access = ?, \
+                 resource_version = resource_version + 1, modified_ms = ? WHERE id = ?",
+            )
+            .bind(stripped)
+            .bind(to_ms(SystemTime::now()))
+            .bind(&principal)
+            .execute(&mut *tx)
+            .await?;
+            keys.extend(owner_key_ids(&mut tx, &principal).await?);
+            revoked.push(principal);
+        }
         audit(
             &mut tx,
             actor,
             "namespace.delete",
             "namespace",
             id,
-            json!({ "name": name }),
+            json!({ "name": name, "grantsRemovedFrom": revoked }),
         )
         .await?;
+        if !keys.is_empty() {
+            record_change(&mut tx, &keys, false).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(keys)
     }
 
     async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError> {
