@@ -37,6 +37,13 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `sqlite://PATH` and runs
     /// the migrations.
+    ///
+    /// On a read-only filesystem a WAL database opens read-only only while
+    /// its `-wal` and `-shm` files exist (SQLite cannot create them), and
+    /// they exist or not depending on how the last writer closed. When they
+    /// do not, the WAL holds nothing to replay, so the file alone is the
+    /// whole database: it is opened `immutable` instead. Keys verify either
+    /// way; writes fail as the store being unavailable.
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -44,6 +51,26 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        match Self::connect(options.clone()).await {
+            Err(StoreError::Unavailable(error))
+                if cannot_open(&error) && !wal_file(&options).exists() =>
+            {
+                tracing::warn!(
+                    %error,
+                    "the key store's directory is not writable: opened it read-only and immutable; \
+                     keys verify, admin writes fail until it is writable and keygate restarts"
+                );
+                let frozen = SqliteConnectOptions::from_str(url)?
+                    .read_only(true)
+                    .immutable(true);
+                Self::connect(frozen).await
+            }
+            opened => opened,
+        }
+    }
+
+    /// The writer (which runs the migrations) and the readers.
+    async fn connect(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -76,6 +103,18 @@ impl SqliteStore {
             other => Ok(other?),
         }
     }
+}
+
+/// SQLITE_CANTOPEN: the file, or a file it needs beside it, cannot be opened.
+fn cannot_open(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("14"))
+}
+
+/// The database's write-ahead log beside it.
+fn wal_file(options: &SqliteConnectOptions) -> std::path::PathBuf {
+    let mut name = options.get_filename().as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
 }
 
 // === rows ===
