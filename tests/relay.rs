@@ -315,3 +315,62 @@ async fn refusals_and_unserved_shapes_get_the_same_answers_as_hyper() {
     assert_eq!(upstream.connections.load(Ordering::SeqCst), before);
     gate.stop().await;
 }
+
+/// Requests without a usable credential are refused by the relay itself,
+/// with hyper's answer: the same status, code, `WWW-Authenticate` and body,
+/// nothing forwarded, and the connection kept for the next request.
+#[tokio::test]
+async fn credential_refusals_are_the_same_on_both_paths() {
+    let refused = [
+        (
+            "GET / HTTP/1.1\r\nhost: svc.local\r\n\r\n".to_string(),
+            "missing_api_key",
+        ),
+        (get("/", "kg_nope", ""), "malformed_api_key"),
+        (
+            "GET / HTTP/1.1\r\nhost: svc.local\r\nauthorization: Digest abc\r\n\r\n".to_string(),
+            "malformed_api_key",
+        ),
+        (
+            "GET / HTTP/1.1\r\nhost: svc.local\r\nauthorization: Basic !!!\r\n\r\n".to_string(),
+            "malformed_api_key",
+        ),
+    ];
+    let mut answers: Vec<Vec<String>> = Vec::new();
+    for relay in [true, false] {
+        let upstream = raw_upstream().await;
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        let mut these = Vec::new();
+        for (request, code) in &refused {
+            let then = get("/after", &token, "");
+            let answer = exchange(gate.proxy, &format!("{request}{then}"), "GET /after").await;
+            assert!(
+                answer.starts_with("HTTP/1.1 401"),
+                "relay {relay}: {answer}"
+            );
+            assert!(
+                answer.contains(&format!("\"code\":\"{code}\"")),
+                "relay {relay}: {answer}"
+            );
+            // The refusal as the client saw it, without the parts that
+            // differ per response (date, request id) or per path's casing.
+            let first = answer.split("HTTP/1.1 200").next().unwrap_or_default();
+            let mut lines: Vec<String> = first
+                .lines()
+                .map(str::to_ascii_lowercase)
+                .filter(|l| !l.starts_with("date:") && !l.starts_with("x-request-id:"))
+                .collect();
+            lines.sort();
+            these.push(lines);
+        }
+        assert_eq!(
+            upstream.connections.load(Ordering::SeqCst),
+            1,
+            "relay {relay}: only the valid requests were forwarded, on one connection"
+        );
+        answers.push(these.into_iter().flatten().collect());
+        gate.stop().await;
+    }
+    assert_eq!(answers[0], answers[1], "relay and hyper answer alike");
+}

@@ -3,12 +3,12 @@
 //! A request qualifies when it is HTTP/1.1 with an origin-form target, one
 //! `Host`, no body or a `Content-Length` body, no `Upgrade`,
 //! `Transfer-Encoding` or `Expect`, a `Connection` header naming nothing but
-//! `keep-alive`/`close`, a valid key allowed on its route, and a route to a
-//! plain `http://` upstream spoken to in HTTP/1.1. Then the relay copies the
-//! head with the rewrite of `headers` applied, streams the body by its
+//! `keep-alive`/`close`, and a route to a plain `http://` upstream spoken to
+//! in HTTP/1.1. Then the relay authenticates it (a missing, malformed or
+//! refused key gets `reject`'s answer, the one hyper's path gives), copies
+//! the head with the rewrite of `headers` applied, streams the body by its
 //! length, and passes the upstream's response back by its framing, through
-//! its own pool of upstream connections; refusals of such requests are
-//! answered with `reject`'s bodies. Every other request is handed to hyper
+//! its own pool of upstream connections. Every other request is handed to hyper
 //! with the bytes read so far ([`Ended::Handoff`]), and hyper serves the
 //! rest of that connection through `handler`, so each limit and odd case
 //! keeps one implementation.
@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::auth::{Credential, VerifiedKey};
+use crate::auth::{Credential, CredentialError, VerifiedKey};
 use crate::config::UpstreamProtocol;
 
 use super::handler::{authenticate, record, record_failure, Outcome};
@@ -145,7 +145,10 @@ enum Next {
 /// What the relay decided about a request while its head was parsed.
 struct Plan<'s> {
     route: &'s Route,
-    credential: Credential,
+    /// A request without a usable credential is refused here too, with
+    /// the answer hyper's path gives it (`ProxyError::from`); its upstream
+    /// head is never written.
+    credential: Result<Credential, CredentialError>,
     method: Method,
     body: u64,
     /// The client asked to close after this exchange.
@@ -254,15 +257,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             route: Some(plan.route),
             ..Outcome::default()
         };
-        let verified = authenticate(
-            state,
-            &plan.credential,
-            &plan.method,
-            Some(plan.route),
-            now,
-            &mut outcome.key,
-        )
-        .await;
+        let verified = match &plan.credential {
+            Ok(credential) => {
+                authenticate(
+                    state,
+                    credential,
+                    &plan.method,
+                    Some(plan.route),
+                    now,
+                    &mut outcome.key,
+                )
+                .await
+            }
+            Err(error) => Err(ProxyError::from(*error)),
+        };
         let forwarded = match verified {
             Ok(key) => {
                 state
@@ -645,27 +653,26 @@ fn plan<'s>(
         return None;
     }
     let key_header = state.credentials.api_key_header().as_str();
-    let credential = state
-        .credentials
-        .extract_values(
-            req.headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
-                .map(|h| h.value),
-            req.headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case(key_header))
-                .map(|h| h.value),
-        )
-        .ok()?;
-    state.headers.write_request_head(
-        out,
-        method_bytes,
-        target.as_bytes(),
-        req.headers,
-        conn,
-        credential.source,
+    let credential = state.credentials.extract_values(
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("authorization"))
+            .map(|h| h.value),
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(key_header))
+            .map(|h| h.value),
     );
+    if let Ok(credential) = &credential {
+        state.headers.write_request_head(
+            out,
+            method_bytes,
+            target.as_bytes(),
+            req.headers,
+            conn,
+            credential.source,
+        );
+    }
     Some(Plan {
         route,
         credential,
