@@ -147,7 +147,6 @@ async fn record_change(
     Ok(())
 }
 
-/// Reads a principal for a change, locking its row until commit.
 /// Takes [`ADMINS_LOCK`]: first, before any row lock (see the module doc).
 async fn lock_admins(tx: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -166,6 +165,7 @@ async fn keep_an_admin(tx: &mut PgConnection, changed: &Principal) -> Result<(),
     admin_left(any_left, changed)
 }
 
+/// Reads a principal for a change, locking its row until commit.
 async fn principal_for_update(
     tx: &mut PgConnection,
     kind: OwnerType,
@@ -531,9 +531,9 @@ impl KeyStore for PostgresStore {
         id: &str,
     ) -> Result<Vec<KeyId>, StoreError> {
         let mut tx = self.begin().await?;
+        lock_admins(&mut tx).await?;
         // Locked first, so a concurrent create_key for this owner waits and
         // then finds the owner gone, instead of adding a key we would miss.
-        lock_admins(&mut tx).await?;
         let principal = principal_for_update(&mut tx, kind, id).await?;
         let keys = owner_key_ids(&mut tx, id).await?;
         sqlx::query("DELETE FROM api_keys WHERE owner_id = $1")

@@ -55,15 +55,19 @@ impl SqliteStore {
             Err(StoreError::Unavailable(error))
                 if cannot_open(&error) && !wal_file(&options).exists() =>
             {
-                tracing::warn!(
-                    %error,
-                    "the key store's directory is not writable: opened it read-only and immutable; \
-                     keys verify, admin writes fail until it is writable and keygate restarts"
-                );
                 let frozen = SqliteConnectOptions::from_str(url)?
                     .read_only(true)
                     .immutable(true);
-                Self::connect(frozen).await
+                // Not there at all, or not readable either: the first error
+                // says so best.
+                let store = Self::connect(frozen)
+                    .await
+                    .map_err(|_| StoreError::Unavailable(error))?;
+                tracing::warn!(
+                    "the key store's directory is not writable: opened it read-only and immutable; \
+                     keys verify, admin writes fail until it is writable and keygate restarts"
+                );
+                Ok(store)
             }
             opened => opened,
         }
