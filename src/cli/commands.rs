@@ -36,40 +36,19 @@ const KEYS: &str = "/api/v1/api-keys";
 
 fn key_columns() -> Vec<Column> {
     vec![
-        Column {
-            header: "ID",
-            read: |v| output::text(&v["id"]),
-        },
-        Column {
-            header: "NAME",
-            read: |v| output::text(&v["spec"]["displayName"]),
-        },
-        Column {
-            header: "OWNER",
-            read: |v| {
-                format!(
-                    "{} {}",
-                    output::text(&v["spec"]["ownerType"]),
-                    output::text(&v["spec"]["ownerId"])
-                )
-            },
-        },
-        Column {
-            header: "STATE",
-            read: |v| output::text(&v["state"]),
-        },
-        Column {
-            header: "NAMESPACES",
-            read: |v| output::text(&v["spec"]["namespaces"]),
-        },
-        Column {
-            header: "EXPIRES",
-            read: |v| output::text(&v["spec"]["expiryTime"]),
-        },
-        Column {
-            header: "LAST USED",
-            read: |v| output::text(&v["lastUsedTime"]),
-        },
+        Column::new("ID", |v| output::text(&v["id"])),
+        Column::new("NAME", |v| output::text(&v["spec"]["displayName"])),
+        Column::new("OWNER", |v| {
+            format!(
+                "{} {}",
+                output::text(&v["spec"]["ownerType"]),
+                output::text(&v["spec"]["ownerId"])
+            )
+        }),
+        Column::new("STATE", |v| output::text(&v["state"])),
+        Column::new("NAMESPACES", |v| output::text(&v["spec"]["namespaces"])),
+        Column::new("EXPIRES", |v| output::text(&v["spec"]["expiryTime"])),
+        Column::new("LAST USED", |v| output::text(&v["lastUsedTime"])),
     ]
 }
 
@@ -227,55 +206,30 @@ fn issued(out: Output, answer: &Value, verb: &str) {
 
 fn user_columns() -> Vec<Column> {
     vec![
-        Column {
-            header: "ID",
-            read: |v| output::text(&v["id"]),
-        },
-        Column {
-            header: "EMAIL",
-            read: |v| output::text(&v["spec"]["email"]),
-        },
-        Column {
-            header: "ROLE",
-            read: |v| output::text(&v["spec"]["access"]["accountAccess"]["role"]),
-        },
-        Column {
-            header: "NAMESPACES",
-            read: |v| output::namespace_accesses(&v["spec"]["access"]),
-        },
-        Column {
-            header: "STATE",
-            read: |v| output::text(&v["state"]),
-        },
+        Column::new("ID", |v| output::text(&v["id"])),
+        Column::new("EMAIL", |v| output::text(&v["spec"]["email"])),
+        Column::new("ROLE", |v| {
+            output::text(&v["spec"]["access"]["accountAccess"]["role"])
+        }),
+        Column::new("NAMESPACES", |v| {
+            output::namespace_accesses(&v["spec"]["access"])
+        }),
+        Column::new("STATE", |v| output::text(&v["state"])),
     ]
 }
 
 fn service_account_columns() -> Vec<Column> {
     vec![
-        Column {
-            header: "ID",
-            read: |v| output::text(&v["id"]),
-        },
-        Column {
-            header: "NAME",
-            read: |v| output::text(&v["spec"]["name"]),
-        },
-        Column {
-            header: "ROLE",
-            read: |v| output::text(&v["spec"]["access"]["accountAccess"]["role"]),
-        },
-        Column {
-            header: "NAMESPACES",
-            read: |v| output::namespace_accesses(&v["spec"]["access"]),
-        },
-        Column {
-            header: "STATE",
-            read: |v| output::text(&v["state"]),
-        },
-        Column {
-            header: "DESCRIPTION",
-            read: |v| output::text(&v["spec"]["description"]),
-        },
+        Column::new("ID", |v| output::text(&v["id"])),
+        Column::new("NAME", |v| output::text(&v["spec"]["name"])),
+        Column::new("ROLE", |v| {
+            output::text(&v["spec"]["access"]["accountAccess"]["role"])
+        }),
+        Column::new("NAMESPACES", |v| {
+            output::namespace_accesses(&v["spec"]["access"])
+        }),
+        Column::new("STATE", |v| output::text(&v["state"])),
+        Column::new("DESCRIPTION", |v| output::text(&v["spec"]["description"])),
     ]
 }
 
@@ -444,18 +398,9 @@ async fn namespace(remote: &RemoteArgs, command: NamespaceCommand) -> Result<(),
     let client = Client::new(remote)?;
     let out = remote.output;
     let columns = [
-        Column {
-            header: "ID",
-            read: |v| output::text(&v["id"]),
-        },
-        Column {
-            header: "NAME",
-            read: |v| output::text(&v["spec"]["name"]),
-        },
-        Column {
-            header: "DESCRIPTION",
-            read: |v| output::text(&v["spec"]["description"]),
-        },
+        Column::new("ID", |v| output::text(&v["id"])),
+        Column::new("NAME", |v| output::text(&v["spec"]["name"])),
+        Column::new("DESCRIPTION", |v| output::text(&v["spec"]["description"])),
     ];
     match command {
         NamespaceCommand::Create { name, description } => {
@@ -529,28 +474,16 @@ async fn audit(remote: &RemoteArgs, command: AuditCommand) -> Result<(), Failure
         .get("/api/v1/audit-events", &page_query(&page))
         .await?;
     let columns = [
-        Column {
-            header: "TIME",
-            read: |v| output::text(&v["time"]),
-        },
-        Column {
-            header: "ACTOR",
-            read: |v| output::text(&v["actor"]["name"]),
-        },
-        Column {
-            header: "ACTION",
-            read: |v| output::text(&v["action"]),
-        },
-        Column {
-            header: "TARGET",
-            read: |v| {
-                format!(
-                    "{} {}",
-                    output::text(&v["target"]["type"]),
-                    output::text(&v["target"]["id"])
-                )
-            },
-        },
+        Column::new("TIME", |v| output::text(&v["time"])),
+        Column::new("ACTOR", |v| output::text(&v["actor"]["name"])),
+        Column::new("ACTION", |v| output::text(&v["action"])),
+        Column::new("TARGET", |v| {
+            format!(
+                "{} {}",
+                output::text(&v["target"]["type"]),
+                output::text(&v["target"]["id"])
+            )
+        }),
     ];
     show_list(remote.output, &list, "auditEvents", &columns);
     Ok(())

@@ -16,6 +16,12 @@ pub struct Column {
     pub read: fn(&Value) -> String,
 }
 
+impl Column {
+    pub fn new(header: &'static str, read: fn(&Value) -> String) -> Column {
+        Column { header, read }
+    }
+}
+
 pub fn json(value: &Value) {
     println!(
         "{}",
