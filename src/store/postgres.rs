@@ -230,19 +230,28 @@ async fn require_namespaces<'a>(
 /// Share-locks the namespaces a grant names, before the principal's row (see
 /// the module doc's lock order): a concurrent `delete_namespace` then waits
 /// for the grant to commit and removes it, or the grant waits and finds the
-/// namespace gone. Names that do not exist are left to `require_namespaces`.
+/// namespace gone. Returns the verdict on the names for the caller to give
+/// when its own checks come first: the first name that does not exist, as
+/// `UnknownNamespace`. (Locked, they cannot disappear before commit, so
+/// this one read stands for `require_namespaces`.)
 async fn share_namespaces<'a>(
     tx: &mut PgConnection,
     names: impl IntoIterator<Item = &'a String>,
-) -> Result<(), StoreError> {
+) -> Result<Result<(), StoreError>, StoreError> {
     let names: Vec<&String> = names.into_iter().collect();
-    if !names.is_empty() {
-        sqlx::query("SELECT id FROM namespaces WHERE name = ANY($1) ORDER BY id FOR SHARE")
-            .bind(names)
-            .execute(&mut *tx)
-            .await?;
+    if names.is_empty() {
+        return Ok(Ok(()));
     }
-    Ok(())
+    let found: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM namespaces WHERE name = ANY($1) ORDER BY id FOR SHARE",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(match names.into_iter().find(|name| !found.contains(name)) {
+        Some(unknown) => Err(PolicyViolation::UnknownNamespace(unknown.clone()).into()),
+        None => Ok(()),
+    })
 }
 
 /// Reads a key; with `lock`, also locks its row until commit.
@@ -368,8 +377,7 @@ impl KeyStore for PostgresStore {
         spec: PrincipalSpec,
     ) -> Result<Principal, StoreError> {
         let mut tx = self.begin().await?;
-        share_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
-        require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
+        share_namespaces(&mut tx, spec.access.namespaces.keys()).await??;
         let id = random_id();
         let now = to_ms(SystemTime::now());
         let inserted = sqlx::query(
@@ -471,10 +479,10 @@ impl KeyStore for PostgresStore {
     ) -> Result<(Principal, Vec<KeyId>), StoreError> {
         let mut tx = self.begin().await?;
         lock_admins(&mut tx).await?;
-        share_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
+        let namespaces = share_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
         let current = principal_for_update(&mut tx, kind, id).await?;
         check_version(expected_version, current.resource_version)?;
-        require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
+        namespaces?;
         let updated = sqlx::query(
             "UPDATE principals SET name = $1, description = $2, account_role = $3, \
              namespace_access = $4, disabled = $5, resource_version = resource_version + 1, \
