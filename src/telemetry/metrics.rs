@@ -99,10 +99,7 @@ type SeriesLabels = (Box<str>, Box<str>, Box<str>);
 /// `keygate_requests_total`: the counts of every key that has been counted,
 /// exported by status class. Counts outlive the cached key (a key evicted
 /// and loaded again counts on), as a counter must.
-#[derive(Clone)]
-struct KeyRequests(Arc<KeyRequestsInner>);
-
-struct KeyRequestsInner {
+struct KeyRequests {
     max_key_series: usize,
     series: Mutex<SeriesMap>,
 }
@@ -116,20 +113,20 @@ struct SeriesMap {
 
 impl KeyRequests {
     fn new(max_key_series: usize) -> KeyRequests {
-        KeyRequests(Arc::new(KeyRequestsInner {
+        KeyRequests {
             max_key_series,
             series: Mutex::default(),
-        }))
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, SeriesMap> {
-        self.0.series.lock().unwrap_or_else(|p| p.into_inner())
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn resolve(&self, id: &KeyId, owner_id: &str, route: &str, route_id: u64) -> Arc<KeyCounts> {
         let mut series = self.lock();
         let own = series.admitted.contains(id)
-            || (series.admitted.len() < self.0.max_key_series && series.admitted.insert(*id));
+            || (series.admitted.len() < self.max_key_series && series.admitted.insert(*id));
         let (key, owner) = if own {
             (id.as_str(), owner_id)
         } else {
@@ -148,7 +145,7 @@ impl KeyRequests {
     /// `max_key_series` slots are taken; otherwise none.
     fn idle_keys(&self) -> Vec<KeyId> {
         let series = self.lock();
-        if series.admitted.len() < self.0.max_key_series.saturating_mul(9) / 10 {
+        if series.admitted.len() < self.max_key_series.saturating_mul(9) / 10 {
             return Vec::new();
         }
         let mut idle: Vec<KeyId> = series
@@ -173,9 +170,7 @@ impl KeyRequests {
         counts.retain(|(key, _, _), _| KeyId::parse(key).map_or(true, |id| admitted.contains(&id)));
         before - series.admitted.len()
     }
-}
 
-impl KeyRequests {
     /// Appends the series in Prometheus' text format. Written directly: as
     /// a `Collector` (protobuf `Metric`s, then the text encoder) a scrape of
     /// 10,000 keys built 50,000 metric objects first, tens of MB for a
