@@ -138,6 +138,6 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         .set(i64::try_from(state.authenticator.cached_keys()).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        axum::body::Body::from_stream(state.metrics.clone().render_chunks()),
     )
 }

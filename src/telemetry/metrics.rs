@@ -14,17 +14,23 @@
 //! five status classes were five allocations behind a sixth that held them,
 //! and counting a request cost two cache misses on top of the cached key
 //! (perf, benches/load.sh). Here a key's five counts share one cache line,
-//! and a scrape writes them as text without building protobuf metrics.
+//! and a scrape writes them as text without building protobuf metrics, a
+//! few hundred series per chunk of the response ([`Metrics::render_chunks`])
+//! so that a scrape of 10,000 keys never holds its whole 6 MB text.
 
 // The key-series map is a plain Mutex: taken once per key and route when the
 // key is first counted, and by a scrape; never per request and never across
 // an await.
 #![allow(clippy::disallowed_types)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+use futures_util::Stream;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -39,6 +45,11 @@ const REQUESTS_NAME: &str = "keygate_requests_total";
 const REQUESTS_HELP: &str = "Proxied requests by key, owner, route and status class.";
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Key series written per chunk of a scrape: about 80 KB of text, enough
+/// that a chunk is worth a write, small enough that what a scrape holds at
+/// once does not grow with the number of keys.
+const SERIES_PER_CHUNK: usize = 128;
 
 pub struct Metrics {
     registry: Registry,
@@ -108,7 +119,9 @@ struct KeyRequests {
 struct SeriesMap {
     /// Keys that have their own series; at most `max_key_series`.
     admitted: HashSet<KeyId>,
-    counts: HashMap<SeriesLabels, Arc<KeyCounts>>,
+    /// Ordered, so that a scrape can write it a chunk at a time and resume
+    /// after the last labels written, whatever was added or removed since.
+    counts: BTreeMap<SeriesLabels, Arc<KeyCounts>>,
 }
 
 impl KeyRequests {
@@ -171,18 +184,30 @@ impl KeyRequests {
         before - series.admitted.len()
     }
 
-    /// Appends the series in Prometheus' text format. Written directly: as
-    /// a `Collector` (protobuf `Metric`s, then the text encoder) a scrape of
+    /// Appends, in Prometheus' text format, up to `limit` series that come
+    /// after `after` (from the first when `None`), and returns the labels of
+    /// the last one written when there may be more. Written directly: as a
+    /// `Collector` (protobuf `Metric`s, then the text encoder) a scrape of
     /// 10,000 keys built 50,000 metric objects first, tens of MB for a
-    /// moment, and the soak's peak RSS rose and fell with the number of
-    /// series at scrape time.
-    fn write_text(&self, out: &mut String) {
+    /// moment. The lock is held for one chunk only, so counting new keys
+    /// waits at most that long.
+    fn write_text(
+        &self,
+        after: Option<&SeriesLabels>,
+        limit: usize,
+        out: &mut String,
+    ) -> Option<SeriesLabels> {
         use std::fmt::Write;
         let series = self.lock();
-        out.reserve(series.counts.len() * STATUS_CLASSES.len() * 128);
-        let _ = writeln!(out, "# HELP {REQUESTS_NAME} {REQUESTS_HELP}");
-        let _ = writeln!(out, "# TYPE {REQUESTS_NAME} counter");
-        for ((key, owner, route), counts) in &series.counts {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut last = None;
+        for (written, (labels, counts)) in series
+            .counts
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .enumerate()
+        {
+            let (key, owner, route) = labels;
             for (class, name) in STATUS_CLASSES.iter().enumerate() {
                 out.push_str(REQUESTS_NAME);
                 out.push_str("{key_id=\"");
@@ -193,7 +218,11 @@ impl KeyRequests {
                 push_label_value(out, route);
                 let _ = writeln!(out, "\",status_class=\"{name}\"}} {}", counts.get(class));
             }
+            if written + 1 == limit {
+                last = Some(labels.clone());
+            }
         }
+        last
     }
 }
 
@@ -373,15 +402,66 @@ impl Metrics {
         self.bytes.with_label_values(&[direction])
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The registry's metrics and the head of the per-key family: the
+    /// first chunk of a scrape.
+    fn render_head(&self) -> String {
         let mut out = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(error) = encoder.encode(&self.registry.gather(), &mut out) {
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(%error, "metrics encoding failed");
         }
         let mut text = String::from_utf8(out).unwrap_or_default();
-        self.requests.write_text(&mut text);
+        text.push_str(&format!(
+            "# HELP {REQUESTS_NAME} {REQUESTS_HELP}\n# TYPE {REQUESTS_NAME} counter\n"
+        ));
+        text
+    }
+
+    /// The Prometheus text exposition of every metric, as the chunks of a
+    /// response body: the registry first, then [`SERIES_PER_CHUNK`] key
+    /// series at a time, each written when the connection takes the one
+    /// before. Like any scrape it is not one instant: counts move while it
+    /// is written, and keys added meanwhile may or may not appear.
+    pub fn render_chunks(self: Arc<Self>) -> impl Stream<Item = Result<Bytes, Infallible>> {
+        enum Next {
+            Head,
+            SeriesAfter(Option<SeriesLabels>),
+            Done,
+        }
+        futures_util::stream::unfold((self, Next::Head), |(metrics, next)| async move {
+            let (text, then) = match next {
+                Next::Head => (metrics.render_head(), Next::SeriesAfter(None)),
+                Next::SeriesAfter(after) => {
+                    let mut text = String::with_capacity(SERIES_PER_CHUNK * 640);
+                    let last =
+                        metrics
+                            .requests
+                            .write_text(after.as_ref(), SERIES_PER_CHUNK, &mut text);
+                    if text.is_empty() {
+                        // The previous chunk ended exactly at the last series.
+                        return None;
+                    }
+                    (
+                        text,
+                        last.map_or(Next::Done, |l| Next::SeriesAfter(Some(l))),
+                    )
+                }
+                Next::Done => return None,
+            };
+            Some((Ok(Bytes::from(text)), (metrics, then)))
+        })
+    }
+
+    /// The whole exposition as one string, the chunks joined.
+    #[cfg(test)]
+    fn render(&self) -> String {
+        let mut text = self.render_head();
+        let mut after = None;
+        while let Some(last) = self
+            .requests
+            .write_text(after.as_ref(), SERIES_PER_CHUNK, &mut text)
+        {
+            after = Some(last);
+        }
         text
     }
 }
@@ -488,5 +568,99 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains(c.as_str()));
         assert!(!text.contains(OTHER_KEY));
+    }
+
+    /// A scrape's chunks, as the admin listener would send them.
+    async fn chunks(metrics: &Arc<Metrics>) -> Vec<String> {
+        use futures_util::StreamExt;
+        metrics
+            .clone()
+            .render_chunks()
+            .map(|chunk| String::from_utf8(chunk.unwrap().to_vec()).unwrap())
+            .collect()
+            .await
+    }
+
+    fn sample_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with("keygate_requests_total{"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_scrape_is_written_a_chunk_at_a_time() {
+        let metrics = Arc::new(Metrics::new(10_000));
+        let keys: Vec<KeyId> = (0..2 * SERIES_PER_CHUNK + 44)
+            .map(|_| KeyId::generate())
+            .collect();
+        for key in &keys {
+            metrics.key_counts(key, "o", "api", 1).count(200);
+        }
+        let sent = chunks(&metrics).await;
+        // The registry, then two full chunks of series and the rest.
+        assert_eq!(
+            sent.len(),
+            4,
+            "{:?}",
+            sent.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert!(sent[0].contains("# TYPE keygate_cache_hits_total counter"));
+        assert!(sent[0].ends_with("# TYPE keygate_requests_total counter\n"));
+        for (chunk, series) in sent[1..]
+            .iter()
+            .zip([SERIES_PER_CHUNK, SERIES_PER_CHUNK, 44])
+        {
+            assert_eq!(sample_lines(chunk).len(), series * STATUS_CLASSES.len());
+        }
+        assert_eq!(sent.concat(), metrics.render());
+
+        // A whole number of chunks ends without an empty one.
+        let exact = Arc::new(Metrics::new(10_000));
+        for key in &keys[..SERIES_PER_CHUNK] {
+            exact.key_counts(key, "o", "api", 1).count(200);
+        }
+        let sent = chunks(&exact).await;
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|chunk| !chunk.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn series_added_or_removed_during_a_scrape_do_not_repeat_or_hide_others() {
+        use futures_util::StreamExt;
+        let metrics = Arc::new(Metrics::new(10_000));
+        let keys: Vec<KeyId> = (0..3 * SERIES_PER_CHUNK)
+            .map(|_| KeyId::generate())
+            .collect();
+        for key in &keys {
+            metrics.key_counts(key, "o", "api", 1).count(200);
+        }
+        let mut scrape = Box::pin(metrics.clone().render_chunks());
+        let mut text = String::new();
+        for _ in 0..2 {
+            let chunk = scrape.next().await.unwrap().unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        // Between chunks: a third of the keys are deleted, new ones counted.
+        let (gone, kept) = keys.split_at(SERIES_PER_CHUNK);
+        metrics.forget_deleted_keys(gone);
+        let newcomers: Vec<KeyId> = (0..50).map(|_| KeyId::generate()).collect();
+        for key in &newcomers {
+            metrics.key_counts(key, "o", "api", 1).count(200);
+        }
+        while let Some(chunk) = scrape.next().await {
+            text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        }
+        let lines = sample_lines(&text);
+        let unique: HashSet<&&str> = lines.iter().collect();
+        assert_eq!(unique.len(), lines.len(), "no series written twice");
+        for key in kept {
+            let written = lines.iter().filter(|l| l.contains(key.as_str())).count();
+            assert_eq!(
+                written,
+                STATUS_CLASSES.len(),
+                "{} in every class once",
+                key.as_str()
+            );
+        }
     }
 }
