@@ -23,7 +23,7 @@ use super::resource::{
     validate_namespace_name,
 };
 use super::AdminState;
-use crate::key::KeyId;
+use crate::key::{IssuedToken, KeyId};
 use crate::store::{ApiKey, KeyFilter, KeyUpdate, NewKey, OwnerType, Page, Principal};
 
 /// How long a rotated-out secret keeps working when the request does not say.
@@ -94,6 +94,16 @@ pub struct KeyListParams {
 pub struct IssuedResponse {
     pub api_key: Value,
     pub token: String,
+}
+
+impl IssuedResponse {
+    /// The key as any read shows it, and the token just made for it.
+    fn new(key: &ApiKey, token: &IssuedToken) -> IssuedResponse {
+        IssuedResponse {
+            api_key: render(key, SystemTime::now()),
+            token: token.expose().to_owned(),
+        }
+    }
 }
 
 pub fn render(k: &ApiKey, now: SystemTime) -> Value {
@@ -243,13 +253,7 @@ async fn create(
         .await?;
     // The id may sit in the negative cache from a probe before it existed.
     state.authenticator.invalidate(&[key.id]);
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedResponse {
-            api_key: render(&key, SystemTime::now()),
-            token: token.expose().to_owned(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(IssuedResponse::new(&key, &token))))
 }
 
 async fn update(
@@ -355,10 +359,7 @@ async fn rotate(
         )
         .await?;
     state.authenticator.invalidate(&[key.id]);
-    Ok(Json(IssuedResponse {
-        api_key: render(&key, SystemTime::now()),
-        token: token.expose().to_owned(),
-    }))
+    Ok(Json(IssuedResponse::new(&key, &token)))
 }
 
 async fn usage(

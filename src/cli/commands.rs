@@ -294,24 +294,17 @@ async fn user(remote: &RemoteArgs, command: UserCommand) -> Result<(), Failure> 
             disabled,
             resource_version,
         } => {
-            let path = format!("{USERS}/{id}");
-            let current = client.get(&path, &[]).await?;
             let mut spec = Map::new();
             if let Some(e) = email {
                 spec.insert("email".into(), json!(e));
             }
-            if let Some(a) = access(&a, Some(&current["spec"]["access"]))? {
-                spec.insert("access".into(), a);
-            }
-            if let Some(d) = disabled {
-                spec.insert("disabled".into(), json!(d));
-            }
-            let version =
-                resource_version.unwrap_or_else(|| output::text(&current["resourceVersion"]));
-            let updated = client
-                .put(&path, json!({ "resourceVersion": version, "spec": spec }))
-                .await?;
-            show(out, &updated);
+            let change = PrincipalChange {
+                spec,
+                access: &a,
+                disabled,
+                resource_version,
+            };
+            update_principal(&client, out, &format!("{USERS}/{id}"), change).await?;
         }
     }
     Ok(())
@@ -355,8 +348,6 @@ async fn service_account(
             disabled,
             resource_version,
         } => {
-            let path = format!("{SAS}/{id}");
-            let current = client.get(&path, &[]).await?;
             let mut spec = Map::new();
             if let Some(n) = name {
                 spec.insert("name".into(), json!(n));
@@ -364,20 +355,51 @@ async fn service_account(
             if let Some(d) = description {
                 spec.insert("description".into(), json!(d));
             }
-            if let Some(a) = access(&a, Some(&current["spec"]["access"]))? {
-                spec.insert("access".into(), a);
-            }
-            if let Some(d) = disabled {
-                spec.insert("disabled".into(), json!(d));
-            }
-            let version =
-                resource_version.unwrap_or_else(|| output::text(&current["resourceVersion"]));
-            let updated = client
-                .put(&path, json!({ "resourceVersion": version, "spec": spec }))
-                .await?;
-            show(out, &updated);
+            let change = PrincipalChange {
+                spec,
+                access: &a,
+                disabled,
+                resource_version,
+            };
+            update_principal(&client, out, &format!("{SAS}/{id}"), change).await?;
         }
     }
+    Ok(())
+}
+
+/// What `user update` and `service-account update` were asked to change.
+struct PrincipalChange<'a> {
+    /// The fields of their own kind (email; name, description).
+    spec: Map<String, Value>,
+    access: &'a AccessArgs,
+    disabled: Option<bool>,
+    resource_version: Option<String>,
+}
+
+/// Reads the principal, merges the access flags into its current access,
+/// and writes the change conditional on the version read (or the one
+/// given), so a concurrent change is refused rather than overwritten.
+async fn update_principal(
+    client: &Client,
+    out: Output,
+    path: &str,
+    change: PrincipalChange<'_>,
+) -> Result<(), Failure> {
+    let current = client.get(path, &[]).await?;
+    let mut spec = change.spec;
+    if let Some(a) = access(change.access, Some(&current["spec"]["access"]))? {
+        spec.insert("access".into(), a);
+    }
+    if let Some(d) = change.disabled {
+        spec.insert("disabled".into(), json!(d));
+    }
+    let version = change
+        .resource_version
+        .unwrap_or_else(|| output::text(&current["resourceVersion"]));
+    let updated = client
+        .put(path, json!({ "resourceVersion": version, "spec": spec }))
+        .await?;
+    show(out, &updated);
     Ok(())
 }
 

@@ -289,6 +289,24 @@ fn namespace_not_found(id: &str) -> StoreError {
 
 // === impl KeyStore for PostgresStore ===
 
+/// The principal of `kind` whose `column` (`id` or `name`, both unique
+/// within a kind) is `value`.
+async fn principal_by(
+    pool: &PgPool,
+    column: &'static str,
+    kind: OwnerType,
+    value: &str,
+) -> Result<Option<Principal>, StoreError> {
+    let row: Option<PrincipalRow> = sqlx::query_as(&format!(
+        "SELECT * FROM principals WHERE {column} = $1 AND kind = $2"
+    ))
+    .bind(value)
+    .bind(kind.as_str())
+    .fetch_optional(pool)
+    .await?;
+    row.map(Principal::try_from).transpose()
+}
+
 #[async_trait]
 impl KeyStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -425,13 +443,7 @@ impl KeyStore for PostgresStore {
         kind: OwnerType,
         id: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let row: Option<PrincipalRow> =
-            sqlx::query_as("SELECT * FROM principals WHERE id = $1 AND kind = $2")
-                .bind(id)
-                .bind(kind.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(Principal::try_from).transpose()
+        principal_by(&self.pool, "id", kind, id).await
     }
 
     async fn find_principal_by_name(
@@ -439,13 +451,7 @@ impl KeyStore for PostgresStore {
         kind: OwnerType,
         name: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let row: Option<PrincipalRow> =
-            sqlx::query_as("SELECT * FROM principals WHERE name = $1 AND kind = $2")
-                .bind(name)
-                .bind(kind.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(Principal::try_from).transpose()
+        principal_by(&self.pool, "name", kind, name).await
     }
 
     async fn list_principals(

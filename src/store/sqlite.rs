@@ -569,6 +569,24 @@ async fn settings_in(tx: &mut SqliteConnection) -> Result<AccountSettings, Store
 
 // === impl KeyStore for SqliteStore ===
 
+/// The principal of `kind` whose `column` (`id` or `name`, both unique
+/// within a kind) is `value`.
+async fn principal_by(
+    pool: &SqlitePool,
+    column: &'static str,
+    kind: OwnerType,
+    value: &str,
+) -> Result<Option<Principal>, StoreError> {
+    let row: Option<PrincipalRow> = sqlx::query_as(&format!(
+        "SELECT * FROM principals WHERE {column} = ? AND kind = ?"
+    ))
+    .bind(value)
+    .bind(kind.as_str())
+    .fetch_optional(pool)
+    .await?;
+    row.map(Principal::try_from).transpose()
+}
+
 #[async_trait]
 impl KeyStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -709,13 +727,7 @@ impl KeyStore for SqliteStore {
         kind: OwnerType,
         id: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let row: Option<PrincipalRow> =
-            sqlx::query_as("SELECT * FROM principals WHERE id = ? AND kind = ?")
-                .bind(id)
-                .bind(kind.as_str())
-                .fetch_optional(&self.reader)
-                .await?;
-        row.map(Principal::try_from).transpose()
+        principal_by(&self.reader, "id", kind, id).await
     }
 
     async fn find_principal_by_name(
@@ -723,13 +735,7 @@ impl KeyStore for SqliteStore {
         kind: OwnerType,
         name: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let row: Option<PrincipalRow> =
-            sqlx::query_as("SELECT * FROM principals WHERE name = ? AND kind = ?")
-                .bind(name)
-                .bind(kind.as_str())
-                .fetch_optional(&self.reader)
-                .await?;
-        row.map(Principal::try_from).transpose()
+        principal_by(&self.reader, "name", kind, name).await
     }
 
     async fn list_principals(
