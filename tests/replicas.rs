@@ -355,6 +355,18 @@ async fn admin_op(
     );
 }
 
+/// How long B kept accepting a key changed through A.
+struct Propagation {
+    op: Op,
+    /// From the admin call on A to B's first refusal.
+    since_call: Duration,
+    /// From A's answer (the change committed) to B's first refusal; zero
+    /// when B refused before A's answer arrived. The poll-only bound is on
+    /// this: how long the admin call itself takes under load is not B's
+    /// staleness.
+    since_committed: Duration,
+}
+
 /// Issues `n` keys per op, waits until B has seen them created, warms B's
 /// cache with each, then changes each through A and measures how long B
 /// keeps accepting it.
@@ -364,7 +376,7 @@ async fn measure_propagation(
     b: &Replica,
     ops: &[Op],
     n: usize,
-) -> Vec<(Op, Duration)> {
+) -> Vec<Propagation> {
     let client = reqwest::Client::new();
     let mark = in_step(b, &client, shared).await;
     let mut keys = Vec::new();
@@ -391,16 +403,21 @@ async fn measure_propagation(
         assert_eq!(b.call(&client, token).await.0, 200);
         let start = Instant::now();
         admin_op(&client, shared, a, *op, id).await;
+        let committed = Instant::now();
         // A refuses at once: it invalidated its own cache.
         let on_a = a.call(&client, token).await;
         assert_ne!(on_a.0, 200, "replica A still accepts after {op:?}");
-        let (delay, refusal) = time_until_refused(b, &client, token, start).await;
+        let (since_call, refusal) = time_until_refused(b, &client, token, start).await;
         let expected = match op {
             Op::Disable => "api_key_disabled",
             Op::Delete | Op::Rotate => "invalid_api_key",
         };
         assert_eq!(refusal, (401, expected.to_string()), "after {op:?}");
-        samples.push((*op, delay));
+        samples.push(Propagation {
+            op: *op,
+            since_call,
+            since_committed: (start + since_call).saturating_duration_since(committed),
+        });
     }
     samples
 }
@@ -417,12 +434,12 @@ async fn revocations_reach_the_other_replica_within_a_second() {
     let b = Replica::start(&shared.db.url, upstream, true, extra).await;
     let ops = [Op::Disable, Op::Delete, Op::Rotate];
     let samples = measure_propagation(&shared, &a, &b, &ops, 20).await;
-    let mut all: Vec<Duration> = samples.iter().map(|(_, d)| *d).collect();
+    let mut all: Vec<Duration> = samples.iter().map(|p| p.since_call).collect();
     for op in ops {
         let mut of_op: Vec<Duration> = samples
             .iter()
-            .filter(|(o, _)| std::mem::discriminant(o) == std::mem::discriminant(&op))
-            .map(|(_, d)| *d)
+            .filter(|p| std::mem::discriminant(&p.op) == std::mem::discriminant(&op))
+            .map(|p| p.since_call)
             .collect();
         summary(&format!("notify, {op:?} via A -> refused by B"), &mut of_op);
     }
@@ -453,12 +470,22 @@ async fn without_notifications_the_poll_bounds_staleness() {
     // B hears no announcements at all: only its poll tells it.
     let b = Replica::start(&shared.db.url, upstream, false, extra).await;
     let samples = measure_propagation(&shared, &a, &b, &[Op::Disable, Op::Delete], 10).await;
-    let mut all: Vec<Duration> = samples.iter().map(|(_, d)| *d).collect();
-    let (p50, p99) = summary("poll only (500ms), via A -> refused by B", &mut all);
+    let mut since_call: Vec<Duration> = samples.iter().map(|p| p.since_call).collect();
+    summary(
+        "poll only (500ms), admin call on A -> refused by B",
+        &mut since_call,
+    );
+    let mut all: Vec<Duration> = samples.iter().map(|p| p.since_committed).collect();
+    let (p50, p99) = summary(
+        "poll only (500ms), committed on A -> refused by B",
+        &mut all,
+    );
     // Uniform over the interval, so the median is well inside it...
     assert!(p50 < poll, "p50 {p50:?}");
-    // ...and the worst case is the interval plus one read of the feed and
-    // the admin call itself.
+    // ...and the worst case is the interval plus one read of the feed.
+    // Counted from the commit, not from the call: the admin call's own time
+    // on a saturated machine is not B's staleness (counted from the call,
+    // this bound failed once while every core was busy).
     assert!(
         p99 < poll + Duration::from_millis(100),
         "p99 {p99:?} is not within the poll interval {poll:?}"
