@@ -28,8 +28,9 @@ use sqlx::{PgConnection, PgPool, Transaction};
 
 use super::sqlite::{
     check_lifetime, check_version, is_unique_violation, key_id, key_ids_json,
-    namespace_access_json, page_size, paginate, principal_kind, without_grants_on, AuditRow,
-    ChangeRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
+    namespace_access_json, page_size, paginate, principal_by, principal_kind, without_grants_on,
+    AuditRow, ChangeRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow,
+    KEY_COLUMNS,
 };
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
@@ -288,24 +289,6 @@ fn namespace_not_found(id: &str) -> StoreError {
 }
 
 // === impl KeyStore for PostgresStore ===
-
-/// The principal of `kind` whose `column` (`id` or `name`, both unique
-/// within a kind) is `value`.
-async fn principal_by(
-    pool: &PgPool,
-    column: &'static str,
-    kind: OwnerType,
-    value: &str,
-) -> Result<Option<Principal>, StoreError> {
-    let row: Option<PrincipalRow> = sqlx::query_as(&format!(
-        "SELECT * FROM principals WHERE {column} = $1 AND kind = $2"
-    ))
-    .bind(value)
-    .bind(kind.as_str())
-    .fetch_optional(pool)
-    .await?;
-    row.map(Principal::try_from).transpose()
-}
 
 #[async_trait]
 impl KeyStore for PostgresStore {

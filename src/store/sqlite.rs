@@ -172,6 +172,31 @@ pub(super) fn without_grants_on(
     Ok(changed)
 }
 
+/// The principal of `kind` whose `column` (`id` or `name`, both unique
+/// within a kind) is `value`; for both stores (SQLite binds `$n` by number
+/// too).
+pub(super) async fn principal_by<'e, DB, E>(
+    store: E,
+    column: &'static str,
+    kind: OwnerType,
+    value: &str,
+) -> Result<Option<Principal>, StoreError>
+where
+    DB: sqlx::Database,
+    E: sqlx::Executor<'e, Database = DB>,
+    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2");
+    let row: Option<PrincipalRow> = sqlx::query_as(&sql)
+        .bind(value)
+        .bind(kind.as_str())
+        .fetch_optional(store)
+        .await?;
+    row.map(Principal::try_from).transpose()
+}
+
 pub(super) fn namespace_access_json(access: &Access) -> String {
     serde_json::to_string(&access.namespaces).unwrap_or_else(|_| "{}".into())
 }
@@ -568,24 +593,6 @@ async fn settings_in(tx: &mut SqliteConnection) -> Result<AccountSettings, Store
 }
 
 // === impl KeyStore for SqliteStore ===
-
-/// The principal of `kind` whose `column` (`id` or `name`, both unique
-/// within a kind) is `value`.
-async fn principal_by(
-    pool: &SqlitePool,
-    column: &'static str,
-    kind: OwnerType,
-    value: &str,
-) -> Result<Option<Principal>, StoreError> {
-    let row: Option<PrincipalRow> = sqlx::query_as(&format!(
-        "SELECT * FROM principals WHERE {column} = ? AND kind = ?"
-    ))
-    .bind(value)
-    .bind(kind.as_str())
-    .fetch_optional(pool)
-    .await?;
-    row.map(Principal::try_from).transpose()
-}
 
 #[async_trait]
 impl KeyStore for SqliteStore {
