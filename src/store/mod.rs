@@ -10,6 +10,7 @@
 pub mod feed;
 mod model;
 mod postgres;
+mod queries;
 mod sqlite;
 
 use std::sync::Arc;

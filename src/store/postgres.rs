@@ -28,9 +28,8 @@ use sqlx::{PgConnection, PgPool, Transaction};
 
 use super::sqlite::{
     check_lifetime, check_version, is_unique_violation, key_id, key_ids_json,
-    namespace_access_json, page_size, paginate, principal_by, principal_kind, without_grants_on,
-    AuditRow, ChangeRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow,
-    KEY_COLUMNS,
+    namespace_access_json, page_size, paginate, principal_kind, without_grants_on, ChangeRow,
+    KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
 };
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
@@ -298,16 +297,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRecordRow> = sqlx::query_as(
-            "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
-             k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
-             p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
-             FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(KeyRecord::try_from).transpose()
+        queries::key_record(&self.pool, id).await
     }
 
     async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
@@ -426,7 +416,7 @@ impl KeyStore for PostgresStore {
         kind: OwnerType,
         id: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        principal_by(&self.pool, "id", kind, id).await
+        queries::principal_by(&self.pool, "id", kind, id).await
     }
 
     async fn find_principal_by_name(
@@ -434,7 +424,7 @@ impl KeyStore for PostgresStore {
         kind: OwnerType,
         name: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        principal_by(&self.pool, "name", kind, name).await
+        queries::principal_by(&self.pool, "name", kind, name).await
     }
 
     async fn list_principals(
@@ -442,20 +432,7 @@ impl KeyStore for PostgresStore {
         kind: OwnerType,
         page: &PageRequest,
     ) -> Result<Page<Principal>, StoreError> {
-        let size = page_size(page);
-        let rows: Vec<PrincipalRow> = sqlx::query_as(
-            "SELECT * FROM principals WHERE kind = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
-        .bind(kind.as_str())
-        .bind(page.after.as_deref().unwrap_or(""))
-        .bind(size + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let items = rows
-            .into_iter()
-            .map(Principal::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(paginate(items, size, |p| p.id.clone()))
+        queries::list_principals(&self.pool, kind, page).await
     }
 
     async fn update_principal(
@@ -618,24 +595,11 @@ impl KeyStore for PostgresStore {
     }
 
     async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError> {
-        let row: Option<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
-                .bind(id_or_name)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(Namespace::from))
+        queries::namespace(&self.pool, id_or_name).await
     }
 
     async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError> {
-        let size = page_size(page);
-        let rows: Vec<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(page.after.as_deref().unwrap_or(""))
-                .bind(size + 1)
-                .fetch_all(&self.pool)
-                .await?;
-        let items = rows.into_iter().map(Namespace::from).collect();
-        Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
+        queries::list_namespaces(&self.pool, page).await
     }
 
     async fn update_namespace(
@@ -877,11 +841,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = $1"))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(ApiKey::try_from).transpose()
+        queries::key(&self.pool, id).await
     }
 
     async fn list_keys(
@@ -1046,35 +1006,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {
-        let size = page_size(page);
-        let before: i64 = match page.after.as_deref() {
-            Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
-            None => i64::MAX,
-        };
-        let rows: Vec<AuditRow> =
-            sqlx::query_as("SELECT * FROM audit_events WHERE seq < $1 ORDER BY seq DESC LIMIT $2")
-                .bind(before)
-                .bind(size + 1)
-                .fetch_all(&self.pool)
-                .await?;
-        let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
-        let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
-        let items = rows
-            .into_iter()
-            .take(size_usize)
-            .map(|r| AuditEvent {
-                id: r.id,
-                time: from_ms(r.time_ms),
-                actor_id: r.actor_id,
-                actor_type: r.actor_type,
-                actor_name: r.actor_name,
-                action: r.action,
-                target_type: r.target_type,
-                target_id: r.target_id,
-                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
-            })
-            .collect();
-        Ok(Page { items, next })
+        queries::list_audit(&self.pool, page).await
     }
 
     async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {

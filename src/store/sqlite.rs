@@ -172,31 +172,6 @@ pub(super) fn without_grants_on(
     Ok(changed)
 }
 
-/// The principal of `kind` whose `column` (`id` or `name`, both unique
-/// within a kind) is `value`; for both stores (SQLite binds `$n` by number
-/// too).
-pub(super) async fn principal_by<'e, DB, E>(
-    store: E,
-    column: &'static str,
-    kind: OwnerType,
-    value: &str,
-) -> Result<Option<Principal>, StoreError>
-where
-    DB: sqlx::Database,
-    E: sqlx::Executor<'e, Database = DB>,
-    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
-{
-    let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2");
-    let row: Option<PrincipalRow> = sqlx::query_as(&sql)
-        .bind(value)
-        .bind(kind.as_str())
-        .fetch_optional(store)
-        .await?;
-    row.map(Principal::try_from).transpose()
-}
-
 pub(super) fn namespace_access_json(access: &Access) -> String {
     serde_json::to_string(&access.namespaces).unwrap_or_else(|_| "{}".into())
 }
@@ -602,16 +577,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRecordRow> = sqlx::query_as(
-            "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
-             k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
-             p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
-             FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = ?",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(KeyRecord::try_from).transpose()
+        queries::key_record(&self.reader, id).await
     }
 
     async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
@@ -734,7 +700,7 @@ impl KeyStore for SqliteStore {
         kind: OwnerType,
         id: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        principal_by(&self.reader, "id", kind, id).await
+        queries::principal_by(&self.reader, "id", kind, id).await
     }
 
     async fn find_principal_by_name(
@@ -742,7 +708,7 @@ impl KeyStore for SqliteStore {
         kind: OwnerType,
         name: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        principal_by(&self.reader, "name", kind, name).await
+        queries::principal_by(&self.reader, "name", kind, name).await
     }
 
     async fn list_principals(
@@ -750,20 +716,7 @@ impl KeyStore for SqliteStore {
         kind: OwnerType,
         page: &PageRequest,
     ) -> Result<Page<Principal>, StoreError> {
-        let size = page_size(page);
-        let rows: Vec<PrincipalRow> = sqlx::query_as(
-            "SELECT * FROM principals WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
-        )
-        .bind(kind.as_str())
-        .bind(page.after.as_deref().unwrap_or(""))
-        .bind(size + 1)
-        .fetch_all(&self.reader)
-        .await?;
-        let items = rows
-            .into_iter()
-            .map(Principal::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(paginate(items, size, |p| p.id.clone()))
+        queries::list_principals(&self.reader, kind, page).await
     }
 
     async fn update_principal(
@@ -920,24 +873,11 @@ impl KeyStore for SqliteStore {
     }
 
     async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError> {
-        let row: Option<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id = ?1 OR name = ?1")
-                .bind(id_or_name)
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(row.map(Namespace::from))
+        queries::namespace(&self.reader, id_or_name).await
     }
 
     async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError> {
-        let size = page_size(page);
-        let rows: Vec<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id > ? ORDER BY id LIMIT ?")
-                .bind(page.after.as_deref().unwrap_or(""))
-                .bind(size + 1)
-                .fetch_all(&self.reader)
-                .await?;
-        let items = rows.into_iter().map(Namespace::from).collect();
-        Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
+        queries::list_namespaces(&self.reader, page).await
     }
 
     async fn update_namespace(
@@ -1180,11 +1120,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = ?"))
-            .bind(id.as_str())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(ApiKey::try_from).transpose()
+        queries::key(&self.reader, id).await
     }
 
     async fn list_keys(
@@ -1340,35 +1276,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {
-        let size = page_size(page);
-        let before: i64 = match page.after.as_deref() {
-            Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
-            None => i64::MAX,
-        };
-        let rows: Vec<AuditRow> =
-            sqlx::query_as("SELECT * FROM audit_events WHERE seq < ? ORDER BY seq DESC LIMIT ?")
-                .bind(before)
-                .bind(size + 1)
-                .fetch_all(&self.reader)
-                .await?;
-        let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
-        let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
-        let items = rows
-            .into_iter()
-            .take(size_usize)
-            .map(|r| AuditEvent {
-                id: r.id,
-                time: from_ms(r.time_ms),
-                actor_id: r.actor_id,
-                actor_type: r.actor_type,
-                actor_name: r.actor_name,
-                action: r.action,
-                target_type: r.target_type,
-                target_id: r.target_id,
-                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
-            })
-            .collect();
-        Ok(Page { items, next })
+        queries::list_audit(&self.reader, page).await
     }
 
     async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {

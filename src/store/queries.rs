@@ -1,0 +1,194 @@
+//! The store's reads that SQLite and PostgreSQL run the same way: one
+//! function per query, generic over the sqlx database, called by both
+//! backends with their pool. The SQL is written once with `$n`
+//! parameters, which SQLite binds by number as PostgreSQL does.
+//!
+//! What stays in `sqlite.rs` and `postgres.rs` is what differs: writes and
+//! their locking (SQLite's single writer, PostgreSQL's row and advisory
+//! locks), and the few queries whose SQL is not the same in both.
+
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
+use super::sqlite::{
+    page_size, paginate, AuditRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, KEY_COLUMNS,
+};
+use super::*;
+use crate::key::KeyId;
+
+/// The principal of `kind` whose `column` (`id` or `name`, both unique
+/// within a kind) is `value`.
+pub(super) async fn principal_by<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    column: &'static str,
+    kind: OwnerType,
+    value: &str,
+) -> Result<Option<Principal>, StoreError>
+where
+    DB: Database,
+    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2");
+    let row: Option<PrincipalRow> = sqlx::query_as(&sql)
+        .bind(value)
+        .bind(kind.as_str())
+        .fetch_optional(store)
+        .await?;
+    row.map(Principal::try_from).transpose()
+}
+
+/// A page of the principals of one kind, in id order.
+pub(super) async fn list_principals<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    kind: OwnerType,
+    page: &PageRequest,
+) -> Result<Page<Principal>, StoreError>
+where
+    DB: Database,
+    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let size = page_size(page);
+    let rows: Vec<PrincipalRow> =
+        sqlx::query_as("SELECT * FROM principals WHERE kind = $1 AND id > $2 ORDER BY id LIMIT $3")
+            .bind(kind.as_str())
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(size + 1)
+            .fetch_all(store)
+            .await?;
+    let items = rows
+        .into_iter()
+        .map(Principal::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(paginate(items, size, |p| p.id.clone()))
+}
+
+/// The namespace with this id, or else this name.
+pub(super) async fn namespace<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    id_or_name: &str,
+) -> Result<Option<Namespace>, StoreError>
+where
+    DB: Database,
+    for<'r> NamespaceRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let row: Option<NamespaceRow> =
+        sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
+            .bind(id_or_name)
+            .fetch_optional(store)
+            .await?;
+    Ok(row.map(Namespace::from))
+}
+
+/// A page of namespaces, in id order.
+pub(super) async fn list_namespaces<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    page: &PageRequest,
+) -> Result<Page<Namespace>, StoreError>
+where
+    DB: Database,
+    for<'r> NamespaceRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let size = page_size(page);
+    let rows: Vec<NamespaceRow> =
+        sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(page.after.as_deref().unwrap_or(""))
+            .bind(size + 1)
+            .fetch_all(store)
+            .await?;
+    let items = rows.into_iter().map(Namespace::from).collect();
+    Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
+}
+
+/// A key as the admin API shows it, with its owner.
+pub(super) async fn key<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    id: &KeyId,
+) -> Result<Option<ApiKey>, StoreError>
+where
+    DB: Database,
+    for<'r> KeyRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = $1"))
+        .bind(id.as_str())
+        .fetch_optional(store)
+        .await?;
+    row.map(ApiKey::try_from).transpose()
+}
+
+/// What the proxy needs to verify a key and authorize its owner: the
+/// digests, state and expiry, and the owner's role, grants and state.
+pub(super) async fn key_record<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    id: &KeyId,
+) -> Result<Option<KeyRecord>, StoreError>
+where
+    DB: Database,
+    for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let row: Option<KeyRecordRow> = sqlx::query_as(
+        "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
+         k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
+         p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
+         FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(store)
+    .await?;
+    row.map(KeyRecord::try_from).transpose()
+}
+
+/// A page of the audit trail, newest first; the cursor is the last
+/// event's sequence number.
+pub(super) async fn list_audit<'e, DB>(
+    store: impl Executor<'e, Database = DB>,
+    page: &PageRequest,
+) -> Result<Page<AuditEvent>, StoreError>
+where
+    DB: Database,
+    for<'r> AuditRow: FromRow<'r, DB::Row>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let size = page_size(page);
+    let before: i64 = match page.after.as_deref() {
+        Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
+        None => i64::MAX,
+    };
+    let rows: Vec<AuditRow> =
+        sqlx::query_as("SELECT * FROM audit_events WHERE seq < $1 ORDER BY seq DESC LIMIT $2")
+            .bind(before)
+            .bind(size + 1)
+            .fetch_all(store)
+            .await?;
+    let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
+    let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
+    let items = rows
+        .into_iter()
+        .take(size_usize)
+        .map(|r| AuditEvent {
+            id: r.id,
+            time: from_ms(r.time_ms),
+            actor_id: r.actor_id,
+            actor_type: r.actor_type,
+            actor_name: r.actor_name,
+            action: r.action,
+            target_type: r.target_type,
+            target_id: r.target_id,
+            detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
+        })
+        .collect();
+    Ok(Page { items, next })
+}
