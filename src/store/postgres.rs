@@ -28,8 +28,8 @@ use sqlx::{PgConnection, PgPool, Transaction};
 
 use super::sqlite::{
     check_lifetime, check_version, is_unique_violation, key_id, key_ids_json,
-    namespace_access_json, page_size, paginate, principal_kind, without_grants_on, ChangeRow,
-    KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
+    namespace_access_json, page_size, paginate, principal_kind, without_grants_on, KeyRow,
+    NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
 };
 use super::*;
 use crate::key::{random_id, Digest, KeyId};
@@ -173,24 +173,6 @@ async fn principal_for_update(
 ) -> Result<Principal, StoreError> {
     let row: Option<PrincipalRow> =
         sqlx::query_as("SELECT * FROM principals WHERE id = $1 AND kind = $2 FOR UPDATE")
-            .bind(id)
-            .bind(kind.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-    row.ok_or_else(|| StoreError::NotFound {
-        kind: principal_kind(kind),
-        id: id.into(),
-    })?
-    .try_into()
-}
-
-async fn principal_in(
-    tx: &mut PgConnection,
-    kind: OwnerType,
-    id: &str,
-) -> Result<Principal, StoreError> {
-    let row: Option<PrincipalRow> =
-        sqlx::query_as("SELECT * FROM principals WHERE id = $1 AND kind = $2")
             .bind(id)
             .bind(kind.as_str())
             .fetch_optional(&mut *tx)
@@ -406,7 +388,7 @@ impl KeyStore for PostgresStore {
             detail,
         )
         .await?;
-        let created = principal_in(&mut tx, kind, &id).await?;
+        let created = queries::principal_in(&mut *tx, kind, &id).await?;
         tx.commit().await?;
         Ok(created)
     }
@@ -490,7 +472,7 @@ impl KeyStore for PostgresStore {
             detail,
         )
         .await?;
-        let principal = principal_in(&mut tx, kind, id).await?;
+        let principal = queries::principal_in(&mut *tx, kind, id).await?;
         // The owner row is locked, so no key can be added to it meanwhile.
         let keys = owner_key_ids(&mut tx, id).await?;
         record_change(&mut tx, &keys, false).await?;
@@ -1010,28 +992,7 @@ impl KeyStore for PostgresStore {
     }
 
     async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        // Seqs are assigned under the change lock and committed before the
-        // next is assigned, so `seq > watermark` never skips a change that
-        // commits later with a smaller seq.
-        let rows: Vec<ChangeRow> =
-            sqlx::query_as("SELECT * FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
-                .bind(watermark)
-                .bind(CHANGE_BATCH)
-                .fetch_all(&self.pool)
-                .await?;
-        let changes = rows
-            .into_iter()
-            .map(Change::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = match changes.last() {
-            Some(last) => last.seq,
-            None => {
-                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
-                    .fetch_one(&self.pool)
-                    .await?
-            }
-        };
-        Ok((next, changes))
+        queries::changes_since(&self.pool, watermark).await
     }
 
     async fn subscribe(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {

@@ -7,10 +7,11 @@
 //! their locking (SQLite's single writer, PostgreSQL's row and advisory
 //! locks), and the few queries whose SQL is not the same in both.
 
-use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
 use super::sqlite::{
-    page_size, paginate, AuditRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, KEY_COLUMNS,
+    page_size, paginate, principal_kind, AuditRow, ChangeRow, KeyRecordRow, KeyRow, NamespaceRow,
+    PrincipalRow, KEY_COLUMNS,
 };
 use super::*;
 use crate::key::KeyId;
@@ -36,6 +37,27 @@ where
         .fetch_optional(store)
         .await?;
     row.map(Principal::try_from).transpose()
+}
+
+/// The principal of `kind` with this id, which must exist: read inside a
+/// change's transaction, after its checks or its write.
+pub(super) async fn principal_in<'e, DB>(
+    tx: impl Executor<'e, Database = DB>,
+    kind: OwnerType,
+    id: &str,
+) -> Result<Principal, StoreError>
+where
+    DB: Database,
+    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    principal_by(tx, "id", kind, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: principal_kind(kind),
+            id: id.into(),
+        })
 }
 
 /// A page of the principals of one kind, in id order.
@@ -191,4 +213,42 @@ where
         })
         .collect();
     Ok(Page { items, next })
+}
+
+/// Up to [`CHANGE_BATCH`] changes after `watermark`, and the watermark to
+/// ask with next. Seqs are assigned one writer at a time (SQLite's single
+/// writer, PostgreSQL's change lock) and committed before the next is
+/// assigned, so `seq > watermark` never skips a change that commits later
+/// with a smaller seq.
+pub(super) async fn changes_since<DB>(
+    pool: &Pool<DB>,
+    watermark: i64,
+) -> Result<(i64, Vec<Change>), StoreError>
+where
+    DB: Database,
+    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
+    for<'r> ChangeRow: FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    let rows: Vec<ChangeRow> =
+        sqlx::query_as("SELECT * FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .bind(watermark)
+            .bind(CHANGE_BATCH)
+            .fetch_all(pool)
+            .await?;
+    let changes = rows
+        .into_iter()
+        .map(Change::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = match changes.last() {
+        Some(last) => last.seq,
+        None => {
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
+                .fetch_one(pool)
+                .await?
+        }
+    };
+    Ok((next, changes))
 }

@@ -469,24 +469,6 @@ async fn keep_an_admin(tx: &mut SqliteConnection, changed: &Principal) -> Result
     admin_left(any_left, changed)
 }
 
-async fn principal_in(
-    tx: &mut SqliteConnection,
-    kind: OwnerType,
-    id: &str,
-) -> Result<Principal, StoreError> {
-    let row: Option<PrincipalRow> =
-        sqlx::query_as("SELECT * FROM principals WHERE id = ? AND kind = ?")
-            .bind(id)
-            .bind(kind.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-    row.ok_or_else(|| StoreError::NotFound {
-        kind: principal_kind(kind),
-        id: id.into(),
-    })?
-    .try_into()
-}
-
 pub(super) fn principal_kind(kind: OwnerType) -> &'static str {
     match kind {
         OwnerType::User => "user",
@@ -690,7 +672,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
-        let created = principal_in(&mut tx, kind, &id).await?;
+        let created = queries::principal_in(&mut *tx, kind, &id).await?;
         tx.commit().await?;
         Ok(created)
     }
@@ -728,7 +710,7 @@ impl KeyStore for SqliteStore {
         expected_version: Option<i64>,
     ) -> Result<(Principal, Vec<KeyId>), StoreError> {
         let mut tx = self.begin().await?;
-        let current = principal_in(&mut tx, kind, id).await?;
+        let current = queries::principal_in(&mut *tx, kind, id).await?;
         check_version(expected_version, current.resource_version)?;
         require_namespaces(&mut tx, spec.access.namespaces.keys()).await?;
         let updated = sqlx::query(
@@ -772,7 +754,7 @@ impl KeyStore for SqliteStore {
             detail,
         )
         .await?;
-        let principal = principal_in(&mut tx, kind, id).await?;
+        let principal = queries::principal_in(&mut *tx, kind, id).await?;
         let keys = owner_key_ids(&mut tx, id).await?;
         record_change(&mut tx, &keys, false).await?;
         tx.commit().await?;
@@ -786,7 +768,7 @@ impl KeyStore for SqliteStore {
         id: &str,
     ) -> Result<Vec<KeyId>, StoreError> {
         let mut tx = self.begin().await?;
-        let principal = principal_in(&mut tx, kind, id).await?;
+        let principal = queries::principal_in(&mut *tx, kind, id).await?;
         let keys = owner_key_ids(&mut tx, id).await?;
         sqlx::query("DELETE FROM api_keys WHERE owner_id = ?")
             .bind(id)
@@ -1280,24 +1262,6 @@ impl KeyStore for SqliteStore {
     }
 
     async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        let rows: Vec<ChangeRow> =
-            sqlx::query_as("SELECT * FROM changes WHERE seq > ? ORDER BY seq LIMIT ?")
-                .bind(watermark)
-                .bind(CHANGE_BATCH)
-                .fetch_all(&self.reader)
-                .await?;
-        let changes = rows
-            .into_iter()
-            .map(Change::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = match changes.last() {
-            Some(last) => last.seq,
-            None => {
-                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
-                    .fetch_one(&self.reader)
-                    .await?
-            }
-        };
-        Ok((next, changes))
+        queries::changes_since(&self.reader, watermark).await
     }
 }
