@@ -85,32 +85,6 @@ impl PostgresStore {
 
 // === helpers used inside a write transaction ===
 
-async fn audit(
-    tx: &mut PgConnection,
-    actor: &Actor,
-    action: &str,
-    target_type: &str,
-    target_id: &str,
-    detail: serde_json::Value,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
-         target_type, target_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(random_id())
-    .bind(to_ms(SystemTime::now()))
-    .bind(&actor.id)
-    .bind(&actor.kind)
-    .bind(&actor.name)
-    .bind(action)
-    .bind(target_type)
-    .bind(target_id)
-    .bind(detail.to_string())
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 /// Appends to the change feed and announces it. Must be the transaction's
 /// last write: the advisory lock it takes is held until commit, and its
 /// holder must never wait for a row lock (see the module doc).
@@ -328,8 +302,8 @@ impl KeyStore for PostgresStore {
             "maxKeyLifetimeSecs": max_key_lifetime.as_secs(),
             "maxKeysPerOwner": max_keys_per_owner,
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "account.settings.update",
             "account",
@@ -379,8 +353,8 @@ impl KeyStore for PostgresStore {
             });
         }
         let detail = json!({ "name": spec.name, "role": spec.access.account_role.as_str() });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.create"),
             kind.as_str(),
@@ -463,8 +437,8 @@ impl KeyStore for PostgresStore {
             "role": spec.access.account_role.as_str(),
             "disabled": spec.disabled,
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.update"),
             kind.as_str(),
@@ -507,8 +481,8 @@ impl KeyStore for PostgresStore {
             "name": principal.name,
             "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.delete"),
             kind.as_str(),
@@ -559,8 +533,8 @@ impl KeyStore for PostgresStore {
                 e.into()
             });
         }
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.create",
             "namespace",
@@ -608,8 +582,8 @@ impl KeyStore for PostgresStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.update",
             "namespace",
@@ -655,8 +629,8 @@ impl KeyStore for PostgresStore {
             keys.extend(owner_key_ids(&mut tx, &principal).await?);
             revoked.push(principal);
         }
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.delete",
             "namespace",
@@ -726,8 +700,8 @@ impl KeyStore for PostgresStore {
             "ownerType": key.owner_type.as_str(),
             "expiryTime": key.expiry.map(to_ms),
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.create",
             "api-key",
@@ -808,8 +782,8 @@ impl KeyStore for PostgresStore {
         }
         for ((owner_id, owner_type), added) in import_counts(keys) {
             let detail = json!({ "ownerType": owner_type.as_str(), "imported": added });
-            audit(
-                &mut tx,
+            queries::audit(
+                &mut *tx,
                 actor,
                 "api-key.import",
                 owner_type.as_str(),
@@ -885,7 +859,7 @@ impl KeyStore for PostgresStore {
             "description": update.description,
             "disabled": update.disabled,
         });
-        audit(&mut tx, actor, action, "api-key", id.as_str(), detail).await?;
+        queries::audit(&mut *tx, actor, action, "api-key", id.as_str(), detail).await?;
         record_change(&mut tx, &[*id], false).await?;
         let key = key_in(&mut tx, id, false).await?;
         tx.commit().await?;
@@ -915,8 +889,8 @@ impl KeyStore for PostgresStore {
         .execute(&mut *tx)
         .await?;
         let detail = json!({ "previousSecretValidUntil": to_ms(grace_until) });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.rotate",
             "api-key",
@@ -938,8 +912,8 @@ impl KeyStore for PostgresStore {
             .execute(&mut *tx)
             .await?;
         let detail = json!({ "displayName": key.display_name, "ownerId": key.owner_id });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.delete",
             "api-key",

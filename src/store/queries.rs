@@ -1,10 +1,11 @@
-//! The store's reads that SQLite and PostgreSQL run the same way: one
-//! function per query, generic over the sqlx database, called by both
-//! backends with their pool. The SQL is written once with `$n`
+//! The statements that SQLite and PostgreSQL run the same way: the store's
+//! reads, and the audit event every change writes. One function per
+//! statement, generic over the sqlx database, called by both backends with
+//! their pool or transaction. The SQL is written once with `$n`
 //! parameters, which SQLite binds by number as PostgreSQL does.
 //!
-//! What stays in `sqlite.rs` and `postgres.rs` is what differs: writes and
-//! their locking (SQLite's single writer, PostgreSQL's row and advisory
+//! What stays in `sqlite.rs` and `postgres.rs` is what differs: the writes
+//! and their locking (SQLite's single writer, PostgreSQL's row and advisory
 //! locks), and the few queries whose SQL is not the same in both.
 
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
@@ -14,7 +15,7 @@ use super::sqlite::{
     PrincipalRow, KEY_COLUMNS,
 };
 use super::*;
-use crate::key::KeyId;
+use crate::key::{random_id, KeyId};
 
 /// The principal of `kind` whose `column` (`id` or `name`, both unique
 /// within a kind) is `value`.
@@ -251,4 +252,40 @@ where
         }
     };
     Ok((next, changes))
+}
+
+/// Records who did what to which resource, inside the change's own
+/// transaction: the audit trail has every change that committed and
+/// nothing that did not.
+pub(super) async fn audit<'e, DB>(
+    tx: impl Executor<'e, Database = DB>,
+    actor: &Actor,
+    action: &str,
+    target_type: &str,
+    target_id: &str,
+    detail: serde_json::Value,
+) -> Result<(), StoreError>
+where
+    DB: Database,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    sqlx::query(
+        "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
+         target_type, target_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(random_id())
+    .bind(to_ms(SystemTime::now()))
+    .bind(actor.id.as_str())
+    .bind(actor.kind.as_str())
+    .bind(actor.name.as_str())
+    .bind(action)
+    .bind(target_type)
+    .bind(target_id)
+    .bind(detail.to_string())
+    .execute(tx)
+    .await?;
+    Ok(())
 }

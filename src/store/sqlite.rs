@@ -405,32 +405,6 @@ async fn record_change(
     Ok(())
 }
 
-async fn audit(
-    tx: &mut SqliteConnection,
-    actor: &Actor,
-    action: &str,
-    target_type: &str,
-    target_id: &str,
-    detail: serde_json::Value,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
-         target_type, target_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(random_id())
-    .bind(to_ms(SystemTime::now()))
-    .bind(&actor.id)
-    .bind(&actor.kind)
-    .bind(&actor.name)
-    .bind(action)
-    .bind(target_type)
-    .bind(target_id)
-    .bind(detail.to_string())
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
 /// Checks `expected` against the row's current version.
 pub(super) fn check_version(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
     match expected {
@@ -612,8 +586,8 @@ impl KeyStore for SqliteStore {
             "maxKeyLifetimeSecs": max_key_lifetime.as_secs(),
             "maxKeysPerOwner": max_keys_per_owner,
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "account.settings.update",
             "account",
@@ -663,8 +637,8 @@ impl KeyStore for SqliteStore {
             });
         }
         let detail = json!({ "name": spec.name, "role": spec.access.account_role.as_str() });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.create"),
             kind.as_str(),
@@ -745,8 +719,8 @@ impl KeyStore for SqliteStore {
             "role": spec.access.account_role.as_str(),
             "disabled": spec.disabled,
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.update"),
             kind.as_str(),
@@ -785,8 +759,8 @@ impl KeyStore for SqliteStore {
             "name": principal.name,
             "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             &format!("{kind}.delete"),
             kind.as_str(),
@@ -837,8 +811,8 @@ impl KeyStore for SqliteStore {
                 e.into()
             });
         }
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.create",
             "namespace",
@@ -888,8 +862,8 @@ impl KeyStore for SqliteStore {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.update",
             "namespace",
@@ -938,8 +912,8 @@ impl KeyStore for SqliteStore {
             keys.extend(owner_key_ids(&mut tx, &principal).await?);
             revoked.push(principal);
         }
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "namespace.delete",
             "namespace",
@@ -1006,8 +980,8 @@ impl KeyStore for SqliteStore {
             "ownerType": key.owner_type.as_str(),
             "expiryTime": key.expiry.map(to_ms),
         });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.create",
             "api-key",
@@ -1087,8 +1061,8 @@ impl KeyStore for SqliteStore {
         }
         for ((owner_id, owner_type), added) in import_counts(keys) {
             let detail = json!({ "ownerType": owner_type.as_str(), "imported": added });
-            audit(
-                &mut tx,
+            queries::audit(
+                &mut *tx,
                 actor,
                 "api-key.import",
                 owner_type.as_str(),
@@ -1164,7 +1138,7 @@ impl KeyStore for SqliteStore {
             "description": update.description,
             "disabled": update.disabled,
         });
-        audit(&mut tx, actor, action, "api-key", id.as_str(), detail).await?;
+        queries::audit(&mut *tx, actor, action, "api-key", id.as_str(), detail).await?;
         record_change(&mut tx, &[*id], false).await?;
         let key = key_in(&mut tx, id).await?;
         tx.commit().await?;
@@ -1192,8 +1166,8 @@ impl KeyStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         let detail = json!({ "previousSecretValidUntil": to_ms(grace_until) });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.rotate",
             "api-key",
@@ -1215,8 +1189,8 @@ impl KeyStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let detail = json!({ "displayName": key.display_name, "ownerId": key.owner_id });
-        audit(
-            &mut tx,
+        queries::audit(
+            &mut *tx,
             actor,
             "api-key.delete",
             "api-key",
