@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
+use std::fmt::Write;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,6 +51,10 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// that a chunk is worth a write, small enough that what a scrape holds at
 /// once does not grow with the number of keys.
 const SERIES_PER_CHUNK: usize = 128;
+
+/// A generous size of one key series' text (its five sample lines), to
+/// size a chunk's buffer once.
+const SERIES_TEXT_BYTES: usize = STATUS_CLASSES.len() * 128;
 
 pub struct Metrics {
     registry: Registry,
@@ -186,7 +191,7 @@ impl KeyRequests {
 
     /// Appends, in Prometheus' text format, up to `limit` series that come
     /// after `after` (from the first when `None`), and returns the labels of
-    /// the last one written when there may be more. Written directly: as a
+    /// the last one written, to resume after; `None` when none was left. Written directly: as a
     /// `Collector` (protobuf `Metric`s, then the text encoder) a scrape of
     /// 10,000 keys built 50,000 metric objects first, tens of MB for a
     /// moment. The lock is held for one chunk only, so counting new keys
@@ -197,16 +202,10 @@ impl KeyRequests {
         limit: usize,
         out: &mut String,
     ) -> Option<SeriesLabels> {
-        use std::fmt::Write;
         let series = self.lock();
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut last = None;
-        for (written, (labels, counts)) in series
-            .counts
-            .range((start, Bound::Unbounded))
-            .take(limit)
-            .enumerate()
-        {
+        for (labels, counts) in series.counts.range((start, Bound::Unbounded)).take(limit) {
             let (key, owner, route) = labels;
             for (class, name) in STATUS_CLASSES.iter().enumerate() {
                 out.push_str(REQUESTS_NAME);
@@ -218,11 +217,9 @@ impl KeyRequests {
                 push_label_value(out, route);
                 let _ = writeln!(out, "\",status_class=\"{name}\"}} {}", counts.get(class));
             }
-            if written + 1 == limit {
-                last = Some(labels.clone());
-            }
+            last = Some(labels);
         }
-        last
+        last.cloned()
     }
 }
 
@@ -319,7 +316,8 @@ impl Metrics {
             .buckets(buckets),
         )
         .expect("valid metric");
-        // `requests` is not registered: `render` writes it (see write_text).
+        // `requests` is not registered: a scrape writes it after the
+        // registry's metrics (see `render_chunks`).
         for collector in [
             Box::new(auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -410,9 +408,10 @@ impl Metrics {
             tracing::warn!(%error, "metrics encoding failed");
         }
         let mut text = String::from_utf8(out).unwrap_or_default();
-        text.push_str(&format!(
+        let _ = write!(
+            text,
             "# HELP {REQUESTS_NAME} {REQUESTS_HELP}\n# TYPE {REQUESTS_NAME} counter\n"
-        ));
+        );
         text
     }
 
@@ -425,29 +424,24 @@ impl Metrics {
         enum Next {
             Head,
             SeriesAfter(Option<SeriesLabels>),
-            Done,
         }
         futures_util::stream::unfold((self, Next::Head), |(metrics, next)| async move {
-            let (text, then) = match next {
-                Next::Head => (metrics.render_head(), Next::SeriesAfter(None)),
-                Next::SeriesAfter(after) => {
-                    let mut text = String::with_capacity(SERIES_PER_CHUNK * 640);
-                    let last =
-                        metrics
-                            .requests
-                            .write_text(after.as_ref(), SERIES_PER_CHUNK, &mut text);
-                    if text.is_empty() {
-                        // The previous chunk ended exactly at the last series.
-                        return None;
-                    }
-                    (
-                        text,
-                        last.map_or(Next::Done, |l| Next::SeriesAfter(Some(l))),
-                    )
+            let after = match next {
+                Next::Head => {
+                    let head = Bytes::from(metrics.render_head());
+                    return Some((Ok(head), (metrics, Next::SeriesAfter(None))));
                 }
-                Next::Done => return None,
+                Next::SeriesAfter(after) => after,
             };
-            Some((Ok(Bytes::from(text)), (metrics, then)))
+            let mut text = String::with_capacity(SERIES_PER_CHUNK * SERIES_TEXT_BYTES);
+            // None: every series has been written.
+            let last = metrics
+                .requests
+                .write_text(after.as_ref(), SERIES_PER_CHUNK, &mut text)?;
+            Some((
+                Ok(Bytes::from(text)),
+                (metrics, Next::SeriesAfter(Some(last))),
+            ))
         })
     }
 
