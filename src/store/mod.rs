@@ -11,7 +11,9 @@ pub mod feed;
 mod model;
 mod postgres;
 mod queries;
+mod rows;
 mod sqlite;
+mod writes;
 
 use std::sync::Arc;
 use std::time::SystemTime;

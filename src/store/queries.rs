@@ -1,291 +1,335 @@
-//! The statements that SQLite and PostgreSQL run the same way: the store's
-//! reads, and the audit event every change writes. One function per
-//! statement, generic over the sqlx database, called by both backends with
-//! their pool or transaction. The SQL is written once with `$n`
-//! parameters, which SQLite binds by number as PostgreSQL does.
+//! The reads that SQLite and PostgreSQL run the same way, and the audit
+//! event every change writes. They are methods of [`Sql`], generic over the
+//! sqlx database, called by both backends with their pool or transaction;
+//! sqlx's trait bounds are written once, on the impl block. The SQL is
+//! written once with `$n` parameters, which SQLite binds by number as
+//! PostgreSQL does.
 //!
-//! What stays in `sqlite.rs` and `postgres.rs` is what differs: the writes
-//! and their locking (SQLite's single writer, PostgreSQL's row and advisory
-//! locks), and the few queries whose SQL is not the same in both.
+//! The changes both stores make the same way are in `writes.rs`; what stays
+//! in `sqlite.rs` and `postgres.rs` is what differs (opening, transactions,
+//! locks, the change announcement, the few statements whose SQL differs).
+
+use std::marker::PhantomData;
 
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
 
-use super::sqlite::{
-    page_size, paginate, principal_kind, AuditRow, ChangeRow, KeyRecordRow, KeyRow, NamespaceRow,
-    PrincipalRow, KEY_COLUMNS,
+use super::rows::{
+    AuditRow, ChangeRow, KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow, KEY_COLUMNS,
 };
 use super::*;
 use crate::key::{random_id, KeyId};
 
-/// The principal of `kind` whose `column` (`id` or `name`, both unique
-/// within a kind) is `value`.
-pub(super) async fn principal_by<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    column: &'static str,
-    kind: OwnerType,
-    value: &str,
-) -> Result<Option<Principal>, StoreError>
+/// The lock clause of a read that locks nothing.
+pub(super) const NO_LOCK: &str = "";
+
+/// The statements shared by the SQL stores, for the sqlx database `DB`.
+/// Never built: a namespace for functions that share one set of bounds.
+pub(super) struct Sql<DB>(PhantomData<DB>);
+
+impl<DB> Sql<DB>
 where
     DB: Database,
     for<'r> PrincipalRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2");
-    let row: Option<PrincipalRow> = sqlx::query_as(&sql)
-        .bind(value)
-        .bind(kind.as_str())
-        .fetch_optional(store)
-        .await?;
-    row.map(Principal::try_from).transpose()
-}
-
-/// The principal of `kind` with this id, which must exist: read inside a
-/// change's transaction, after its checks or its write.
-pub(super) async fn principal_in<'e, DB>(
-    tx: impl Executor<'e, Database = DB>,
-    kind: OwnerType,
-    id: &str,
-) -> Result<Principal, StoreError>
-where
-    DB: Database,
-    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    principal_by(tx, "id", kind, id)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            kind: principal_kind(kind),
-            id: id.into(),
-        })
-}
-
-/// A page of the principals of one kind, in id order.
-pub(super) async fn list_principals<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    kind: OwnerType,
-    page: &PageRequest,
-) -> Result<Page<Principal>, StoreError>
-where
-    DB: Database,
-    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let size = page_size(page);
-    let rows: Vec<PrincipalRow> =
-        sqlx::query_as("SELECT * FROM principals WHERE kind = $1 AND id > $2 ORDER BY id LIMIT $3")
-            .bind(kind.as_str())
-            .bind(page.after.as_deref().unwrap_or(""))
-            .bind(size + 1)
-            .fetch_all(store)
-            .await?;
-    let items = rows
-        .into_iter()
-        .map(Principal::try_from)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(paginate(items, size, |p| p.id.clone()))
-}
-
-/// The namespace with this id, or else this name.
-pub(super) async fn namespace<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    id_or_name: &str,
-) -> Result<Option<Namespace>, StoreError>
-where
-    DB: Database,
     for<'r> NamespaceRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let row: Option<NamespaceRow> =
-        sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
-            .bind(id_or_name)
-            .fetch_optional(store)
-            .await?;
-    Ok(row.map(Namespace::from))
-}
-
-/// A page of namespaces, in id order.
-pub(super) async fn list_namespaces<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    page: &PageRequest,
-) -> Result<Page<Namespace>, StoreError>
-where
-    DB: Database,
-    for<'r> NamespaceRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let size = page_size(page);
-    let rows: Vec<NamespaceRow> =
-        sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(page.after.as_deref().unwrap_or(""))
-            .bind(size + 1)
-            .fetch_all(store)
-            .await?;
-    let items = rows.into_iter().map(Namespace::from).collect();
-    Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
-}
-
-/// A key as the admin API shows it, with its owner.
-pub(super) async fn key<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    id: &KeyId,
-) -> Result<Option<ApiKey>, StoreError>
-where
-    DB: Database,
     for<'r> KeyRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = $1"))
-        .bind(id.as_str())
-        .fetch_optional(store)
-        .await?;
-    row.map(ApiKey::try_from).transpose()
-}
-
-/// What the proxy needs to verify a key and authorize its owner: the
-/// digests, state and expiry, and the owner's role, grants and state.
-pub(super) async fn key_record<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    id: &KeyId,
-) -> Result<Option<KeyRecord>, StoreError>
-where
-    DB: Database,
     for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let row: Option<KeyRecordRow> = sqlx::query_as(
-        "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
-         k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
-         p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
-         FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = $1",
-    )
-    .bind(id.as_str())
-    .fetch_optional(store)
-    .await?;
-    row.map(KeyRecord::try_from).transpose()
-}
-
-/// A page of the audit trail, newest first; the cursor is the last
-/// event's sequence number.
-pub(super) async fn list_audit<'e, DB>(
-    store: impl Executor<'e, Database = DB>,
-    page: &PageRequest,
-) -> Result<Page<AuditEvent>, StoreError>
-where
-    DB: Database,
+    for<'r> SettingsRow: FromRow<'r, DB::Row>,
     for<'r> AuditRow: FromRow<'r, DB::Row>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let size = page_size(page);
-    let before: i64 = match page.after.as_deref() {
-        Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
-        None => i64::MAX,
-    };
-    let rows: Vec<AuditRow> =
-        sqlx::query_as("SELECT * FROM audit_events WHERE seq < $1 ORDER BY seq DESC LIMIT $2")
-            .bind(before)
-            .bind(size + 1)
-            .fetch_all(store)
-            .await?;
-    let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
-    let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
-    let items = rows
-        .into_iter()
-        .take(size_usize)
-        .map(|r| AuditEvent {
-            id: r.id,
-            time: from_ms(r.time_ms),
-            actor_id: r.actor_id,
-            actor_type: r.actor_type,
-            actor_name: r.actor_name,
-            action: r.action,
-            target_type: r.target_type,
-            target_id: r.target_id,
-            detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
-        })
-        .collect();
-    Ok(Page { items, next })
-}
-
-/// Up to [`CHANGE_BATCH`] changes after `watermark`, and the watermark to
-/// ask with next. Seqs are assigned one writer at a time (SQLite's single
-/// writer, PostgreSQL's change lock) and committed before the next is
-/// assigned, so `seq > watermark` never skips a change that commits later
-/// with a smaller seq.
-pub(super) async fn changes_since<DB>(
-    pool: &Pool<DB>,
-    watermark: i64,
-) -> Result<(i64, Vec<Change>), StoreError>
-where
-    DB: Database,
-    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
     for<'r> ChangeRow: FromRow<'r, DB::Row>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
-{
-    let rows: Vec<ChangeRow> =
-        sqlx::query_as("SELECT * FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
-            .bind(watermark)
-            .bind(CHANGE_BATCH)
-            .fetch_all(pool)
-            .await?;
-    let changes = rows
-        .into_iter()
-        .map(Change::try_from)
-        .collect::<Result<Vec<_>, _>>()?;
-    let next = match changes.last() {
-        Some(last) => last.seq,
-        None => {
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
-                .fetch_one(pool)
-                .await?
-        }
-    };
-    Ok((next, changes))
-}
-
-/// Records who did what to which resource, inside the change's own
-/// transaction: the audit trail has every change that committed and
-/// nothing that did not.
-pub(super) async fn audit<'e, DB>(
-    tx: impl Executor<'e, Database = DB>,
-    actor: &Actor,
-    action: &str,
-    target_type: &str,
-    target_id: &str,
-    detail: serde_json::Value,
-) -> Result<(), StoreError>
-where
-    DB: Database,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
 {
-    sqlx::query(
-        "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
-         target_type, target_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(random_id())
-    .bind(to_ms(SystemTime::now()))
-    .bind(actor.id.as_str())
-    .bind(actor.kind.as_str())
-    .bind(actor.name.as_str())
-    .bind(action)
-    .bind(target_type)
-    .bind(target_id)
-    .bind(detail.to_string())
-    .execute(tx)
-    .await?;
-    Ok(())
+    /// The principal of `kind` whose `column` (`id` or `name`, both unique
+    /// within a kind) is `value`; `lock` is the clause that locks its row
+    /// inside a change (empty outside one).
+    pub(super) async fn principal_by<'e>(
+        store: impl Executor<'e, Database = DB>,
+        column: &'static str,
+        kind: OwnerType,
+        value: &str,
+        lock: &str,
+    ) -> Result<Option<Principal>, StoreError> {
+        let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2{lock}");
+        let row: Option<PrincipalRow> = sqlx::query_as(&sql)
+            .bind(value)
+            .bind(kind.as_str())
+            .fetch_optional(store)
+            .await?;
+        row.map(Principal::try_from).transpose()
+    }
+
+    /// The principal of `kind` with this id, which must exist: read inside a
+    /// change's transaction, before its checks (with `lock`) or after its
+    /// write.
+    pub(super) async fn principal_in<'e>(
+        tx: impl Executor<'e, Database = DB>,
+        kind: OwnerType,
+        id: &str,
+        lock: &str,
+    ) -> Result<Principal, StoreError> {
+        Self::principal_by(tx, "id", kind, id, lock)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: principal_kind(kind),
+                id: id.into(),
+            })
+    }
+
+    /// A page of the principals of one kind, in id order.
+    pub(super) async fn list_principals(
+        pool: &Pool<DB>,
+        kind: OwnerType,
+        page: &PageRequest,
+    ) -> Result<Page<Principal>, StoreError> {
+        let size = page_size(page);
+        let rows: Vec<PrincipalRow> = sqlx::query_as(
+            "SELECT * FROM principals WHERE kind = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(kind.as_str())
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(size + 1)
+        .fetch_all(pool)
+        .await?;
+        let items = rows
+            .into_iter()
+            .map(Principal::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(paginate(items, size, |p| p.id.clone()))
+    }
+
+    /// How many principals of one kind there are.
+    pub(super) async fn count_principals(
+        pool: &Pool<DB>,
+        kind: OwnerType,
+    ) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM principals WHERE kind = $1")
+            .bind(kind.as_str())
+            .fetch_one(pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The namespace with this id, or else this name.
+    pub(super) async fn namespace<'e>(
+        store: impl Executor<'e, Database = DB>,
+        id_or_name: &str,
+    ) -> Result<Option<Namespace>, StoreError> {
+        let row: Option<NamespaceRow> =
+            sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
+                .bind(id_or_name)
+                .fetch_optional(store)
+                .await?;
+        Ok(row.map(Namespace::from))
+    }
+
+    /// A page of namespaces, in id order.
+    pub(super) async fn list_namespaces(
+        pool: &Pool<DB>,
+        page: &PageRequest,
+    ) -> Result<Page<Namespace>, StoreError> {
+        let size = page_size(page);
+        let rows: Vec<NamespaceRow> =
+            sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(page.after.as_deref().unwrap_or(""))
+                .bind(size + 1)
+                .fetch_all(pool)
+                .await?;
+        let items = rows.into_iter().map(Namespace::from).collect();
+        Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
+    }
+
+    /// The account settings; `lock` as for [`Sql::principal_by`].
+    pub(super) async fn settings<'e>(
+        store: impl Executor<'e, Database = DB>,
+        lock: &str,
+    ) -> Result<AccountSettings, StoreError> {
+        let sql = format!("SELECT * FROM account_settings WHERE id = 1{lock}");
+        let row: SettingsRow = sqlx::query_as(&sql).fetch_one(store).await?;
+        Ok(row.into())
+    }
+
+    /// A key as the admin API shows it, with its owner; `lock` as for
+    /// [`Sql::principal_by`] (it must lock the key's row, `k`, alone).
+    pub(super) async fn key<'e>(
+        store: impl Executor<'e, Database = DB>,
+        id: &KeyId,
+        lock: &str,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> =
+            sqlx::query_as(&format!("SELECT {KEY_COLUMNS} WHERE k.id = $1{lock}"))
+                .bind(id.as_str())
+                .fetch_optional(store)
+                .await?;
+        row.map(ApiKey::try_from).transpose()
+    }
+
+    /// A page of keys, in id order, of one owner or kind of owner if asked.
+    pub(super) async fn list_keys(
+        pool: &Pool<DB>,
+        filter: &KeyFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ApiKey>, StoreError> {
+        let size = page_size(page);
+        // The casts type the parameters for PostgreSQL when they are null.
+        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} WHERE k.id > $1 \
+             AND (CAST($2 AS TEXT) IS NULL OR k.owner_id = $2) \
+             AND (CAST($3 AS TEXT) IS NULL OR p.kind = $3) ORDER BY k.id LIMIT $4"
+        ))
+        .bind(page.after.as_deref().unwrap_or(""))
+        .bind(filter.owner_id.as_deref())
+        .bind(filter.owner_type.map(OwnerType::as_str))
+        .bind(size + 1)
+        .fetch_all(pool)
+        .await?;
+        let items = rows
+            .into_iter()
+            .map(ApiKey::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(paginate(items, size, |k| k.id.to_string()))
+    }
+
+    /// What the proxy needs to verify a key and authorize its owner: the
+    /// digests, state and expiry, and the owner's role, grants and state.
+    pub(super) async fn key_record(
+        pool: &Pool<DB>,
+        id: &KeyId,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRecordRow> = sqlx::query_as(
+            "SELECT k.id, k.secret_digest, k.previous_digest, k.previous_valid_until_ms, \
+             k.disabled, k.expiry_ms, k.namespaces, p.id AS owner_id, p.kind AS owner_type, \
+             p.name AS owner_name, p.account_role, p.namespace_access, p.disabled AS owner_disabled \
+             FROM api_keys k JOIN principals p ON p.id = k.owner_id WHERE k.id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await?;
+        row.map(KeyRecord::try_from).transpose()
+    }
+
+    /// A page of the audit trail, newest first; the cursor is the last
+    /// event's sequence number.
+    pub(super) async fn list_audit(
+        pool: &Pool<DB>,
+        page: &PageRequest,
+    ) -> Result<Page<AuditEvent>, StoreError> {
+        let size = page_size(page);
+        let before: i64 = match page.after.as_deref() {
+            Some(cursor) => cursor.parse().unwrap_or(i64::MAX),
+            None => i64::MAX,
+        };
+        let rows: Vec<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_events WHERE seq < $1 ORDER BY seq DESC LIMIT $2")
+                .bind(before)
+                .bind(size + 1)
+                .fetch_all(pool)
+                .await?;
+        let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
+        let next = (rows.len() > size_usize).then(|| rows[size_usize - 1].seq.to_string());
+        let items = rows
+            .into_iter()
+            .take(size_usize)
+            .map(|r| AuditEvent {
+                id: r.id,
+                time: from_ms(r.time_ms),
+                actor_id: r.actor_id,
+                actor_type: r.actor_type,
+                actor_name: r.actor_name,
+                action: r.action,
+                target_type: r.target_type,
+                target_id: r.target_id,
+                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
+            })
+            .collect();
+        Ok(Page { items, next })
+    }
+
+    /// Up to [`CHANGE_BATCH`] changes after `watermark`, and the watermark to
+    /// ask with next. Seqs are assigned one writer at a time (SQLite's single
+    /// writer, PostgreSQL's change lock) and committed before the next is
+    /// assigned, so `seq > watermark` never skips a change that commits later
+    /// with a smaller seq.
+    pub(super) async fn changes_since(
+        pool: &Pool<DB>,
+        watermark: i64,
+    ) -> Result<(i64, Vec<Change>), StoreError> {
+        let rows: Vec<ChangeRow> =
+            sqlx::query_as("SELECT * FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(watermark)
+                .bind(CHANGE_BATCH)
+                .fetch_all(pool)
+                .await?;
+        let changes = rows
+            .into_iter()
+            .map(Change::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = match changes.last() {
+            Some(last) => last.seq,
+            None => {
+                let (head,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM changes")
+                    .fetch_one(pool)
+                    .await?;
+                head
+            }
+        };
+        Ok((next, changes))
+    }
+
+    /// Records who did what to which resource, inside the change's own
+    /// transaction: the audit trail has every change that committed and
+    /// nothing that did not.
+    pub(super) async fn audit<'e>(
+        tx: impl Executor<'e, Database = DB>,
+        actor: &Actor,
+        action: &str,
+        target_type: &str,
+        target_id: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_events (id, time_ms, actor_id, actor_type, actor_name, action, \
+             target_type, target_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(random_id())
+        .bind(to_ms(SystemTime::now()))
+        .bind(actor.id.as_str())
+        .bind(actor.kind.as_str())
+        .bind(actor.name.as_str())
+        .bind(action)
+        .bind(target_type)
+        .bind(target_id)
+        .bind(detail.to_string())
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// How a principal's kind is named in errors.
+pub(super) fn principal_kind(kind: OwnerType) -> &'static str {
+    match kind {
+        OwnerType::User => "user",
+        OwnerType::ServiceAccount => "service account",
+    }
+}
+
+pub(super) fn page_size(page: &PageRequest) -> i64 {
+    i64::from(page.size.clamp(1, MAX_PAGE_SIZE))
+}
+
+/// Cuts the extra row fetched to learn whether a next page exists.
+pub(super) fn paginate<T>(mut items: Vec<T>, size: i64, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    let next = if items.len() > size {
+        items.truncate(size);
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Page { items, next }
 }

@@ -1,0 +1,768 @@
+//! The changes both SQL stores make the same way. Each is one transaction
+//! that holds the change's checks (resource versions, the key policies, the
+//! last admin), its writes, its audit event and its change-feed entry, and
+//! commits them together or not at all: a refused change leaves nothing.
+//!
+//! What SQLite and PostgreSQL do differently inside a change, each backend
+//! says in its `impl Dialect`: PostgreSQL runs transactions at READ
+//! COMMITTED and locks the rows a change checks (`FOR UPDATE`, `FOR SHARE`)
+//! plus two advisory locks (see `postgres.rs` for the lock order); SQLite
+//! has one writer connection whose `BEGIN IMMEDIATE` excludes every other
+//! writer, so it locks nothing more. The change feed's append is shared;
+//! PostgreSQL also serialises it and announces it (`NOTIFY`).
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type};
+
+use super::queries::{principal_kind, Sql, NO_LOCK};
+use super::rows::{
+    key_id, key_ids_json, namespace_access_json, without_grants_on, AuditRow, ChangeRow,
+    KeyRecordRow, KeyRow, NamespaceRow, PrincipalRow, SettingsRow,
+};
+use super::*;
+use crate::key::{random_id, Digest, KeyId};
+
+/// What a read inside a change locks until the change commits.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Lock {
+    /// The rows read, against changes; others may hold them too.
+    Share,
+    /// The rows read, against every other change.
+    Update,
+    /// A key read with its owner ([`super::rows::KEY_COLUMNS`]): the key's
+    /// row only, so that the owner stays free for changes to its other keys.
+    UpdateKeyRow,
+}
+
+/// What a backend does differently inside a change.
+pub(super) trait Dialect: Database {
+    /// The clause that makes a read lock what it returns, `lock`.
+    fn lock(lock: Lock) -> &'static str;
+
+    /// Serialises the changes that can demote, disable or delete an admin,
+    /// so that two of them cannot each see the other's admin still there
+    /// and together leave none. Taken first.
+    fn lock_admins(
+        tx: &mut Self::Connection,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Of the namespaces a grant names, the first that does not exist. The
+    /// ones that do are held until commit: a concurrent namespace deletion
+    /// either waits for the grant (and then removes it) or is seen here.
+    fn unknown_namespace(
+        tx: &mut Self::Connection,
+        names: &[&str],
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Appends to the change feed (see [`Sql::append_change`]) and announces
+    /// the change where the backend can. The change's last write.
+    fn record_change(
+        tx: &mut Self::Connection,
+        keys: &[KeyId],
+        settings: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl<DB> Sql<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
+    for<'r> PrincipalRow: FromRow<'r, DB::Row>,
+    for<'r> NamespaceRow: FromRow<'r, DB::Row>,
+    for<'r> KeyRow: FromRow<'r, DB::Row>,
+    for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
+    for<'r> SettingsRow: FromRow<'r, DB::Row>,
+    for<'r> AuditRow: FromRow<'r, DB::Row>,
+    for<'r> ChangeRow: FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (bool,): FromRow<'r, DB::Row>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
+    for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+{
+    pub(super) async fn update_settings(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        api_keys_enabled: bool,
+        max_key_lifetime: Duration,
+        max_keys_per_owner: u32,
+        expected_version: Option<i64>,
+    ) -> Result<AccountSettings, StoreError> {
+        let current = Self::settings(&mut *tx, DB::lock(Lock::Update)).await?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE account_settings SET api_keys_enabled = $1, max_key_lifetime_secs = $2, \
+             max_keys_per_owner = $3, resource_version = resource_version + 1, modified_ms = $4 \
+             WHERE id = 1",
+        )
+        .bind(api_keys_enabled)
+        .bind(i64::try_from(max_key_lifetime.as_secs()).unwrap_or(i64::MAX))
+        .bind(i64::from(max_keys_per_owner))
+        .bind(to_ms(SystemTime::now()))
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({
+            "apiKeysEnabled": api_keys_enabled,
+            "maxKeyLifetimeSecs": max_key_lifetime.as_secs(),
+            "maxKeysPerOwner": max_keys_per_owner,
+        });
+        let action = "account.settings.update";
+        Self::audit(&mut *tx, actor, action, "account", "settings", detail).await?;
+        DB::record_change(&mut tx, &[], true).await?;
+        let updated = Self::settings(&mut *tx, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    pub(super) async fn create_principal(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        kind: OwnerType,
+        spec: PrincipalSpec,
+    ) -> Result<Principal, StoreError> {
+        let unknown = DB::unknown_namespace(&mut tx, &granted_names(&spec)).await?;
+        namespaces_known(unknown)?;
+        let id = random_id();
+        let now = to_ms(SystemTime::now());
+        let inserted = sqlx::query(
+            "INSERT INTO principals (id, kind, name, description, account_role, namespace_access, \
+             disabled, created_ms, modified_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(id.as_str())
+        .bind(kind.as_str())
+        .bind(spec.name.as_str())
+        .bind(spec.description.as_str())
+        .bind(spec.access.account_role.as_str())
+        .bind(namespace_access_json(&spec.access))
+        .bind(spec.disabled)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            return Err(name_taken(e, principal_kind(kind), spec.name));
+        }
+        let detail = json!({ "name": spec.name, "role": spec.access.account_role.as_str() });
+        let action = format!("{kind}.create");
+        Self::audit(&mut *tx, actor, &action, kind.as_str(), &id, detail).await?;
+        let created = Self::principal_in(&mut *tx, kind, &id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Also returns the principal's keys, whose cached owner is now stale.
+    pub(super) async fn update_principal(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+        spec: PrincipalSpec,
+        expected_version: Option<i64>,
+    ) -> Result<(Principal, Vec<KeyId>), StoreError> {
+        DB::lock_admins(&mut tx).await?;
+        // Read (and held) before the principal's row, in lock order; the
+        // answer waits for the principal's own checks.
+        let unknown = DB::unknown_namespace(&mut tx, &granted_names(&spec)).await?;
+        let current = Self::principal_in(&mut *tx, kind, id, DB::lock(Lock::Update)).await?;
+        check_version(expected_version, current.resource_version)?;
+        namespaces_known(unknown)?;
+        let updated = sqlx::query(
+            "UPDATE principals SET name = $1, description = $2, account_role = $3, \
+             namespace_access = $4, disabled = $5, resource_version = resource_version + 1, \
+             modified_ms = $6 WHERE id = $7",
+        )
+        .bind(spec.name.as_str())
+        .bind(spec.description.as_str())
+        .bind(spec.access.account_role.as_str())
+        .bind(namespace_access_json(&spec.access))
+        .bind(spec.disabled)
+        .bind(to_ms(SystemTime::now()))
+        .bind(id)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = updated {
+            return Err(name_taken(e, principal_kind(kind), spec.name));
+        }
+        if current.is_enabled_admin() {
+            Self::keep_an_admin(&mut tx, &current).await?;
+        }
+        let detail = json!({
+            "name": spec.name,
+            "role": spec.access.account_role.as_str(),
+            "disabled": spec.disabled,
+        });
+        let action = format!("{kind}.update");
+        Self::audit(&mut *tx, actor, &action, kind.as_str(), id, detail).await?;
+        let principal = Self::principal_in(&mut *tx, kind, id, NO_LOCK).await?;
+        // The owner row is locked, so no key can be added to it meanwhile.
+        let keys = Self::owner_key_ids(&mut tx, id).await?;
+        DB::record_change(&mut tx, &keys, false).await?;
+        tx.commit().await?;
+        Ok((principal, keys))
+    }
+
+    /// Deletes the principal and its keys; returns the keys.
+    pub(super) async fn delete_principal(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        kind: OwnerType,
+        id: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        DB::lock_admins(&mut tx).await?;
+        // Locked first, so a concurrent create_key for this owner waits and
+        // then finds the owner gone, instead of adding a key we would miss.
+        let principal = Self::principal_in(&mut *tx, kind, id, DB::lock(Lock::Update)).await?;
+        let keys = Self::owner_key_ids(&mut tx, id).await?;
+        sqlx::query("DELETE FROM api_keys WHERE owner_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM principals WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if principal.is_enabled_admin() {
+            Self::keep_an_admin(&mut tx, &principal).await?;
+        }
+        let detail = json!({
+            "name": principal.name,
+            "deletedKeys": keys.iter().map(KeyId::as_str).collect::<Vec<_>>(),
+        });
+        let action = format!("{kind}.delete");
+        Self::audit(&mut *tx, actor, &action, kind.as_str(), id, detail).await?;
+        DB::record_change(&mut tx, &keys, false).await?;
+        tx.commit().await?;
+        Ok(keys)
+    }
+
+    pub(super) async fn create_namespace(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        name: &str,
+        description: &str,
+    ) -> Result<Namespace, StoreError> {
+        let id = random_id();
+        let now = to_ms(SystemTime::now());
+        let inserted = sqlx::query(
+            "INSERT INTO namespaces (id, name, description, created_ms, modified_ms) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.as_str())
+        .bind(name)
+        .bind(description)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            return Err(name_taken(e, "namespace", name.into()));
+        }
+        let detail = json!({ "name": name });
+        Self::audit(
+            &mut *tx,
+            actor,
+            "namespace.create",
+            "namespace",
+            &id,
+            detail,
+        )
+        .await?;
+        let created = Self::namespace_in(&mut tx, &id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    pub(super) async fn update_namespace(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        id: &str,
+        description: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Namespace, StoreError> {
+        let current = Self::namespace_in(&mut tx, id, DB::lock(Lock::Update)).await?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE namespaces SET description = $1, resource_version = resource_version + 1, \
+             modified_ms = $2 WHERE id = $3",
+        )
+        .bind(description)
+        .bind(to_ms(SystemTime::now()))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({ "name": current.name });
+        Self::audit(&mut *tx, actor, "namespace.update", "namespace", id, detail).await?;
+        let updated = Self::namespace_in(&mut tx, id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    /// Deletes the namespace and every grant on it; returns the keys of the
+    /// principals that lost a grant, whose cached owner is now stale.
+    pub(super) async fn delete_namespace(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        id: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        // Deleting the row waits for grants in flight (`unknown_namespace`
+        // holds the namespaces they name), so the holders read next
+        // include them.
+        let deleted: Option<(String,)> =
+            sqlx::query_as("DELETE FROM namespaces WHERE id = $1 RETURNING name")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (name,) = deleted.ok_or_else(|| namespace_not_found(id))?;
+        let holders: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT id, namespace_access FROM principals WHERE namespace_access <> '{{}}' \
+             ORDER BY id{}",
+            DB::lock(Lock::Update)
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let (mut revoked, mut keys) = (Vec::new(), Vec::new());
+        for (principal, stripped) in without_grants_on(holders, &name)? {
+            sqlx::query(
+                "UPDATE principals SET namespace_access = $1, \
+                 resource_version = resource_version + 1, modified_ms = $2 WHERE id = $3",
+            )
+            .bind(stripped)
+            .bind(to_ms(SystemTime::now()))
+            .bind(principal.as_str())
+            .execute(&mut *tx)
+            .await?;
+            keys.extend(Self::owner_key_ids(&mut tx, &principal).await?);
+            revoked.push(principal);
+        }
+        let detail = json!({ "name": name, "grantsRemovedFrom": revoked });
+        Self::audit(&mut *tx, actor, "namespace.delete", "namespace", id, detail).await?;
+        if !keys.is_empty() {
+            DB::record_change(&mut tx, &keys, false).await?;
+        }
+        tx.commit().await?;
+        Ok(keys)
+    }
+
+    /// Creates a key within the key policies: lifetime, an owner of the
+    /// stated type, known namespaces, and the per-owner cap.
+    pub(super) async fn create_key(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        key: NewKey,
+    ) -> Result<ApiKey, StoreError> {
+        let settings = Self::settings(&mut *tx, DB::lock(Lock::Share)).await?;
+        check_lifetime(&settings, key.expiry)?;
+        Self::lock_owner(&mut tx, &key.owner_id, key.owner_type).await?;
+        let names: Vec<&str> = key.namespaces.iter().map(String::as_str).collect();
+        let unknown = Self::first_unknown_namespace(&mut tx, &names).await?;
+        namespaces_known(unknown)?;
+        Self::check_room(&mut tx, &key.owner_id, 1, &settings).await?;
+        Self::insert_keys(&mut tx, std::slice::from_ref(&key)).await?;
+        let detail = json!({
+            "displayName": key.display_name,
+            "ownerId": key.owner_id,
+            "ownerType": key.owner_type.as_str(),
+            "expiryTime": key.expiry.map(to_ms),
+        });
+        let id = key.id.as_str();
+        Self::audit(&mut *tx, actor, "api-key.create", "api-key", id, detail).await?;
+        // Announced too: other replicas may remember this id as unknown.
+        DB::record_change(&mut tx, &[key.id], false).await?;
+        let created = Self::key_in(&mut tx, &key.id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Imports keys all or nothing, each within the key policies (as
+    /// [`Sql::create_key`]; namespaces are not checked, an import has none).
+    pub(super) async fn import_keys(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        keys: &[NewKey],
+    ) -> Result<u64, StoreError> {
+        let settings = Self::settings(&mut *tx, DB::lock(Lock::Share)).await?;
+        for key in keys {
+            check_lifetime(&settings, key.expiry)?;
+        }
+        for ((owner_id, owner_type), adding) in import_counts(keys) {
+            Self::lock_owner(&mut tx, owner_id, owner_type).await?;
+            Self::check_room(&mut tx, owner_id, adding, &settings).await?;
+        }
+        for batch in keys.chunks(IMPORT_BATCH) {
+            if let Err(e) = Self::insert_keys(&mut tx, batch).await {
+                let what = "an imported token (imported twice?)";
+                return Err(name_taken(e, "API key", what.into()));
+            }
+        }
+        for ((owner_id, owner_type), added) in import_counts(keys) {
+            let detail = json!({ "ownerType": owner_type.as_str(), "imported": added });
+            let kind = owner_type.as_str();
+            Self::audit(&mut *tx, actor, "api-key.import", kind, owner_id, detail).await?;
+        }
+        tx.commit().await?;
+        Ok(keys.len() as u64)
+    }
+
+    /// Changes a key's name, description or state (unset fields stay).
+    pub(super) async fn update_key(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        id: &KeyId,
+        update: KeyUpdate,
+        expected_version: Option<i64>,
+    ) -> Result<ApiKey, StoreError> {
+        let current = Self::key_in(&mut tx, id, DB::lock(Lock::UpdateKeyRow)).await?;
+        check_version(expected_version, current.resource_version)?;
+        sqlx::query(
+            "UPDATE api_keys SET display_name = $1, description = $2, disabled = $3, \
+             resource_version = resource_version + 1, modified_ms = $4 WHERE id = $5",
+        )
+        .bind(
+            update
+                .display_name
+                .as_deref()
+                .unwrap_or(&current.display_name),
+        )
+        .bind(
+            update
+                .description
+                .as_deref()
+                .unwrap_or(&current.description),
+        )
+        .bind(update.disabled.unwrap_or(current.disabled))
+        .bind(to_ms(SystemTime::now()))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let action = match update.disabled {
+            Some(true) if !current.disabled => "api-key.disable",
+            Some(false) if current.disabled => "api-key.enable",
+            _ => "api-key.update",
+        };
+        let detail = json!({
+            "displayName": update.display_name,
+            "description": update.description,
+            "disabled": update.disabled,
+        });
+        Self::audit(&mut *tx, actor, action, "api-key", id.as_str(), detail).await?;
+        DB::record_change(&mut tx, &[*id], false).await?;
+        let key = Self::key_in(&mut tx, id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    /// Replaces the key's digest; the old one stays valid until
+    /// `grace_until`.
+    pub(super) async fn rotate_key(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        id: &KeyId,
+        digest: Digest,
+        grace_until: SystemTime,
+    ) -> Result<ApiKey, StoreError> {
+        // Locked, so two concurrent rotations chain (the second keeps the
+        // first's new digest as its previous one) instead of racing.
+        Self::key_in(&mut tx, id, DB::lock(Lock::UpdateKeyRow)).await?;
+        sqlx::query(
+            "UPDATE api_keys SET previous_digest = secret_digest, previous_valid_until_ms = $1, \
+             secret_digest = $2, resource_version = resource_version + 1, modified_ms = $3 \
+             WHERE id = $4",
+        )
+        .bind(to_ms(grace_until))
+        .bind(&digest.as_bytes()[..])
+        .bind(to_ms(SystemTime::now()))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let detail = json!({ "previousSecretValidUntil": to_ms(grace_until) });
+        Self::audit(
+            &mut *tx,
+            actor,
+            "api-key.rotate",
+            "api-key",
+            id.as_str(),
+            detail,
+        )
+        .await?;
+        DB::record_change(&mut tx, &[*id], false).await?;
+        let key = Self::key_in(&mut tx, id, NO_LOCK).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    pub(super) async fn delete_key(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        id: &KeyId,
+    ) -> Result<(), StoreError> {
+        let key = Self::key_in(&mut tx, id, DB::lock(Lock::UpdateKeyRow)).await?;
+        sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let detail = json!({ "displayName": key.display_name, "ownerId": key.owner_id });
+        Self::audit(
+            &mut *tx,
+            actor,
+            "api-key.delete",
+            "api-key",
+            id.as_str(),
+            detail,
+        )
+        .await?;
+        DB::record_change(&mut tx, &[*id], false).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // === reads and checks inside a change ===
+
+    /// Appends a change to the feed, inside the change's transaction so
+    /// that it is visible exactly when the change commits, and trims the
+    /// feed to [`CHANGE_RETENTION`]. `MAX(seq) + 1` is gapless and in commit
+    /// order because appends are serialised (SQLite's one writer,
+    /// PostgreSQL's change lock). Returns the change's seq.
+    pub(super) async fn append_change(
+        tx: &mut DB::Connection,
+        keys: &[KeyId],
+        settings: bool,
+    ) -> Result<i64, StoreError> {
+        let (seq,): (i64,) = sqlx::query_as(
+            "INSERT INTO changes (seq, time_ms, key_ids, settings) \
+             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM changes RETURNING seq",
+        )
+        .bind(to_ms(SystemTime::now()))
+        .bind(key_ids_json(keys))
+        .bind(settings)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM changes WHERE seq <= $1")
+            .bind(seq - CHANGE_RETENTION)
+            .execute(&mut *tx)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Of `names`, the first that is no namespace (read without locking).
+    pub(super) async fn first_unknown_namespace(
+        tx: &mut DB::Connection,
+        names: &[&str],
+    ) -> Result<Option<String>, StoreError> {
+        for name in names {
+            let found: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM namespaces WHERE name = $1")
+                    .bind(*name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if found.is_none() {
+                return Ok(Some(name.to_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Refuses a change that left no enabled account admin; the caller's
+    /// transaction then rolls back when dropped.
+    async fn keep_an_admin(tx: &mut DB::Connection, changed: &Principal) -> Result<(), StoreError> {
+        let (any_left,): (bool,) = sqlx::query_as(ANY_ENABLED_ADMIN)
+            .fetch_one(&mut *tx)
+            .await?;
+        admin_left(any_left, changed)
+    }
+
+    async fn owner_key_ids(
+        tx: &mut DB::Connection,
+        owner_id: &str,
+    ) -> Result<Vec<KeyId>, StoreError> {
+        let ids: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM api_keys WHERE owner_id = $1 ORDER BY id")
+                .bind(owner_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        ids.iter().map(|(id,)| key_id(id)).collect()
+    }
+
+    async fn namespace_in(
+        tx: &mut DB::Connection,
+        id: &str,
+        lock: &str,
+    ) -> Result<Namespace, StoreError> {
+        let row: Option<NamespaceRow> =
+            sqlx::query_as(&format!("SELECT * FROM namespaces WHERE id = $1{lock}"))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        row.map(Namespace::from)
+            .ok_or_else(|| namespace_not_found(id))
+    }
+
+    async fn key_in(tx: &mut DB::Connection, id: &KeyId, lock: &str) -> Result<ApiKey, StoreError> {
+        Self::key(&mut *tx, id, lock)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "API key",
+                id: id.to_string(),
+            })
+    }
+
+    /// Checks that the owner exists with the stated type, and locks its row
+    /// until commit: concurrent key creations for one owner queue here, so
+    /// each counts the keys the ones before it committed.
+    async fn lock_owner(
+        tx: &mut DB::Connection,
+        owner_id: &str,
+        owner_type: OwnerType,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "SELECT kind FROM principals WHERE id = $1{}",
+            DB::lock(Lock::Update)
+        );
+        let kind: Option<(String,)> = sqlx::query_as(&sql)
+            .bind(owner_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if kind.as_ref().map(|(kind,)| kind.as_str()) != Some(owner_type.as_str()) {
+            return Err(PolicyViolation::UnknownOwner {
+                owner_id: owner_id.into(),
+                owner_type,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses `adding` more keys for an owner that would then hold more
+    /// than the per-owner cap.
+    async fn check_room(
+        tx: &mut DB::Connection,
+        owner_id: &str,
+        adding: u64,
+        settings: &AccountSettings,
+    ) -> Result<(), StoreError> {
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM api_keys WHERE owner_id = $1")
+            .bind(owner_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let after = u64::try_from(count).unwrap_or(0) + adding;
+        if after > u64::from(settings.max_keys_per_owner) {
+            return Err(PolicyViolation::TooManyKeys {
+                owner_id: owner_id.into(),
+                max: settings.max_keys_per_owner,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// One INSERT of `keys` (at most [`IMPORT_BATCH`]), created now.
+    async fn insert_keys(tx: &mut DB::Connection, keys: &[NewKey]) -> Result<(), sqlx::Error> {
+        // The placeholders by hand, not sqlx's QueryBuilder: its arguments
+        // borrow the builder for their own lifetime, which generic code
+        // cannot shorten, so the builder could not be dropped.
+        let rows: Vec<String> = (0..keys.len())
+            .map(|row| {
+                let marks: Vec<String> =
+                    (1..=10).map(|col| format!("${}", row * 10 + col)).collect();
+                format!("({})", marks.join(", "))
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
+             namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES {}",
+            rows.join(", ")
+        );
+        let now = to_ms(SystemTime::now());
+        let mut insert = sqlx::query(&sql);
+        for key in keys {
+            insert = insert
+                .bind(key.id.as_str())
+                .bind(&key.digest.as_bytes()[..])
+                .bind(key.display_name.as_str())
+                .bind(key.description.as_str())
+                .bind(key.owner_id.as_str())
+                .bind(serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into()))
+                .bind(key.expiry.map(to_ms))
+                .bind(key.disabled)
+                .bind(now)
+                .bind(now);
+        }
+        insert.execute(&mut *tx).await?;
+        Ok(())
+    }
+}
+
+/// The names a principal's grants are on.
+fn granted_names(spec: &PrincipalSpec) -> Vec<&str> {
+    spec.access.namespaces.keys().map(String::as_str).collect()
+}
+
+/// The verdict on a change's namespaces: the first unknown one, if any.
+fn namespaces_known(unknown: Option<String>) -> Result<(), StoreError> {
+    match unknown {
+        Some(name) => Err(PolicyViolation::UnknownNamespace(name).into()),
+        None => Ok(()),
+    }
+}
+
+/// An insert's error, as `AlreadyExists` when it broke a unique name.
+fn name_taken(error: sqlx::Error, kind: &'static str, name: String) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::AlreadyExists { kind, name }
+        }
+        _ => error.into(),
+    }
+}
+
+fn namespace_not_found(id: &str) -> StoreError {
+    StoreError::NotFound {
+        kind: "namespace",
+        id: id.into(),
+    }
+}
+
+/// Checks `expected` against the row's current version.
+fn check_version(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
+    match expected {
+        Some(given) if given != current => Err(StoreError::StaleVersion { given, current }),
+        _ => Ok(()),
+    }
+}
+
+fn max_days(d: Duration) -> u64 {
+    d.as_secs().div_ceil(86_400)
+}
+
+/// The lifetime policy: an expiry is required (unless the limit is zero), in
+/// the future, and within the limit.
+fn check_lifetime(
+    settings: &AccountSettings,
+    expiry: Option<SystemTime>,
+) -> Result<(), PolicyViolation> {
+    let now = SystemTime::now();
+    let max = settings.max_key_lifetime;
+    match expiry {
+        Some(at) if at <= now => Err(PolicyViolation::ExpiryInPast),
+        // A small allowance for the client's clock and the request's flight.
+        Some(at) if !max.is_zero() && at > now + max + Duration::from_secs(60) => {
+            Err(PolicyViolation::LifetimeTooLong {
+                max_days: max_days(max),
+            })
+        }
+        None if !max.is_zero() => Err(PolicyViolation::ExpiryRequired {
+            max_days: max_days(max),
+        }),
+        _ => Ok(()),
+    }
+}
