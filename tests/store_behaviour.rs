@@ -104,6 +104,7 @@ behaviour!(
     every_change_is_audited_and_no_digest_appears,
     change_feed_lists_every_key_affecting_change,
     settings_round_trip,
+    imports_span_batches_all_or_nothing,
 );
 
 // === fixtures ===
@@ -1761,4 +1762,86 @@ async fn settings_round_trip(store: Arc<dyn KeyStore>) {
     assert_eq!(updated.resource_version, 2);
     assert_eq!(store.settings().await.unwrap(), updated);
     assert!(store.ping().await.is_ok());
+}
+
+/// An import larger than one INSERT (1,000 rows): every key lands, with its
+/// digest, owner and state; one already there, even in the last batch,
+/// refuses the whole import; so does an owner's cap.
+async fn imports_span_batches_all_or_nothing(store: Arc<dyn KeyStore>) {
+    let a = user(&*store, "import-a@example.com").await;
+    let b = user(&*store, "import-b@example.com").await;
+    store
+        .update_settings(
+            &actor(),
+            true,
+            store::DEFAULT_MAX_KEY_LIFETIME,
+            10_000,
+            None,
+        )
+        .await
+        .unwrap();
+    let tokens = TokenFormat::new("kg");
+    let batch = |n: usize, owner: &Principal| -> Vec<NewKey> {
+        (0..n).map(|_| new_key(owner, &tokens).0).collect()
+    };
+    let mut keys = batch(1_300, &a);
+    keys.extend(batch(1_200, &b));
+    keys[7].disabled = true;
+    keys[2_222].display_name = "named in the third batch".into();
+    assert_eq!(store.import_keys(&actor(), &keys).await.unwrap(), 2_500);
+
+    let ids: Vec<KeyId> = keys.iter().map(|k| k.id).collect();
+    assert_eq!(store.existing_keys(&ids).await.unwrap().len(), 2_500);
+    for i in [0, 7, 999, 1_000, 1_299, 1_300, 1_999, 2_000, 2_222, 2_499] {
+        let record = store
+            .find_key(&keys[i].id)
+            .await
+            .unwrap()
+            .expect("imported key");
+        assert!(record.digest == keys[i].digest, "digest of key {i}");
+        assert_eq!(record.owner_id, keys[i].owner_id, "owner of key {i}");
+        assert_eq!(record.disabled, i == 7, "state of key {i}");
+    }
+    let named = store.get_key(&keys[2_222].id).await.unwrap().unwrap();
+    assert_eq!(named.display_name, "named in the third batch");
+    let audit = store.list_audit(&page(10, None)).await.unwrap().items;
+    let imported: BTreeMap<String, serde_json::Value> = audit
+        .iter()
+        .filter(|e| e.action == "api-key.import")
+        .map(|e| (e.target_id.clone(), e.detail["imported"].clone()))
+        .collect();
+    assert_eq!(imported.get(&a.id), Some(&serde_json::json!(1_300)));
+    assert_eq!(imported.get(&b.id), Some(&serde_json::json!(1_200)));
+
+    // A key imported before, last in an import whose first batch is fine.
+    let mut again = batch(1_500, &b);
+    again.push(keys[5].clone());
+    let refused = store.import_keys(&actor(), &again).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StoreError::AlreadyExists {
+                kind: "API key",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let fresh: Vec<KeyId> = again[..1_500].iter().map(|k| k.id).collect();
+    assert!(store.existing_keys(&fresh).await.unwrap().is_empty());
+
+    // Over the cap for one owner: nothing is imported for either.
+    store
+        .update_settings(&actor(), true, store::DEFAULT_MAX_KEY_LIFETIME, 1_400, None)
+        .await
+        .unwrap();
+    let mut over = batch(50, &b);
+    over.extend(batch(101, &a));
+    let refused = store.import_keys(&actor(), &over).await.unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Policy(PolicyViolation::TooManyKeys { owner_id, max: 1_400 }) if *owner_id == a.id),
+        "{refused:?}"
+    );
+    let over_ids: Vec<KeyId> = over.iter().map(|k| k.id).collect();
+    assert!(store.existing_keys(&over_ids).await.unwrap().is_empty());
 }

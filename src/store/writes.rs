@@ -15,7 +15,9 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
-use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type};
+use sqlx::{
+    Arguments, Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type,
+};
 
 use super::queries::{principal_kind, Sql, NO_LOCK};
 use super::rows::{
@@ -667,38 +669,62 @@ where
 
     /// One INSERT of `keys` (at most [`IMPORT_BATCH`]), created now.
     async fn insert_keys(tx: &mut DB::Connection, keys: &[NewKey]) -> Result<(), sqlx::Error> {
-        // The placeholders by hand, not sqlx's QueryBuilder: its arguments
-        // borrow the builder for their own lifetime, which generic code
-        // cannot shorten, so the builder could not be dropped.
-        let rows: Vec<String> = (0..keys.len())
-            .map(|row| {
-                let marks: Vec<String> =
-                    (1..=10).map(|col| format!("${}", row * 10 + col)).collect();
-                format!("({})", marks.join(", "))
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
-             namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES {}",
-            rows.join(", ")
-        );
+        // Each database's own placeholders (`?` for SQLite): SQLite treats
+        // `$n` as named parameters and resolves each name by a linear search
+        // while preparing, which made a 10,000-parameter INSERT quadratic
+        // (1,000,000 keys imported in 2 minutes instead of 12 s). By hand,
+        // not with sqlx's QueryBuilder: its arguments borrow the builder for
+        // their own lifetime, which generic code cannot shorten.
         let now = to_ms(SystemTime::now());
-        let mut insert = sqlx::query(&sql);
-        for key in keys {
-            insert = insert
-                .bind(key.id.as_str())
-                .bind(&key.digest.as_bytes()[..])
-                .bind(key.display_name.as_str())
-                .bind(key.description.as_str())
-                .bind(key.owner_id.as_str())
-                .bind(serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into()))
-                .bind(key.expiry.map(to_ms))
-                .bind(key.disabled)
-                .bind(now)
-                .bind(now);
+        let mut sql = String::from(
+            "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
+             namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES ",
+        );
+        let mut args = DB::Arguments::default();
+        let mut values = Values {
+            sql: &mut sql,
+            args: &mut args,
+        };
+        for (row, key) in keys.iter().enumerate() {
+            values.sql.push_str(if row == 0 { "(" } else { ", (" });
+            values.push(key.id.as_str())?;
+            values.push(&key.digest.as_bytes()[..])?;
+            values.push(key.display_name.as_str())?;
+            values.push(key.description.as_str())?;
+            values.push(key.owner_id.as_str())?;
+            let namespaces = serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into());
+            values.push(namespaces)?;
+            values.push(key.expiry.map(to_ms))?;
+            values.push(key.disabled)?;
+            values.push(now)?;
+            values.push(now)?;
+            values.sql.push(')');
         }
-        insert.execute(&mut *tx).await?;
+        sqlx::query_with(&sql, args).execute(&mut *tx).await?;
         Ok(())
+    }
+}
+
+/// A VALUES list being written: its SQL, and the arguments it binds.
+struct Values<'v, 'q, DB: Database> {
+    sql: &'v mut String,
+    args: &'v mut DB::Arguments<'q>,
+}
+
+impl<'q, DB: Database> Values<'_, 'q, DB> {
+    /// Binds `value` and writes its placeholder, after a comma unless it
+    /// opens a row.
+    fn push<T>(&mut self, value: T) -> Result<(), sqlx::Error>
+    where
+        T: 'q + Encode<'q, DB> + Type<DB>,
+    {
+        if !self.sql.ends_with('(') {
+            self.sql.push_str(", ");
+        }
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        self.args
+            .format_placeholder(self.sql)
+            .map_err(|e| sqlx::Error::Encode(e.into()))
     }
 }
 
