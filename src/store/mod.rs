@@ -74,25 +74,6 @@ pub enum PolicyViolation {
     LastAdmin { name: String },
 }
 
-/// Whether some principal is still an enabled account admin. Both stores
-/// run it inside every transaction that demotes, disables or deletes one,
-/// and roll back if none is left ([`PolicyViolation::LastAdmin`]).
-pub(crate) const ANY_ENABLED_ADMIN: &str =
-    "SELECT EXISTS (SELECT 1 FROM principals WHERE account_role = 'admin' AND NOT disabled)";
-
-/// The answer to [`ANY_ENABLED_ADMIN`] after `changed` was demoted, disabled
-/// or deleted, as the change's verdict.
-pub(crate) fn admin_left(any_left: bool, changed: &Principal) -> Result<(), StoreError> {
-    if any_left {
-        Ok(())
-    } else {
-        Err(PolicyViolation::LastAdmin {
-            name: changed.name.clone(),
-        }
-        .into())
-    }
-}
-
 /// Storage behind the proxy cache and the admin API. Object-safe, so both
 /// hold an `Arc<dyn KeyStore>`.
 #[async_trait]
@@ -284,21 +265,6 @@ pub const CHANGE_BATCH: i64 = 1000;
 /// How many of the newest changes the feed keeps; a replica that falls
 /// further behind than this drops its whole cache instead.
 pub const CHANGE_RETENTION: i64 = 10_000;
-
-/// Rows per INSERT statement when importing keys: 10 parameters a row stays
-/// well inside SQLite's and PostgreSQL's parameter limits.
-pub(crate) const IMPORT_BATCH: usize = 1000;
-
-/// How many keys each owner in an import gets, for the cap check.
-pub(crate) fn import_counts(keys: &[NewKey]) -> std::collections::BTreeMap<(&str, OwnerType), u64> {
-    let mut counts = std::collections::BTreeMap::new();
-    for key in keys {
-        *counts
-            .entry((key.owner_id.as_str(), key.owner_type))
-            .or_insert(0) += 1;
-    }
-    counts
-}
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -11,6 +11,7 @@
 //! writer, so it locks nothing more. The change feed's append is shared;
 //! PostgreSQL also serialises it and announces it (`NOTIFY`).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
@@ -397,7 +398,8 @@ where
         for key in keys {
             check_lifetime(&settings, key.expiry)?;
         }
-        for ((owner_id, owner_type), adding) in import_counts(keys) {
+        let counts = import_counts(keys);
+        for (&(owner_id, owner_type), &adding) in &counts {
             Self::lock_owner(&mut tx, owner_id, owner_type).await?;
             Self::check_room(&mut tx, owner_id, adding, &settings).await?;
         }
@@ -407,7 +409,7 @@ where
                 return Err(name_taken(e, "API key", what.into()));
             }
         }
-        for ((owner_id, owner_type), added) in import_counts(keys) {
+        for ((owner_id, owner_type), added) in counts {
             let detail = json!({ "ownerType": owner_type.as_str(), "imported": added });
             let kind = owner_type.as_str();
             Self::audit(&mut *tx, actor, "api-key.import", kind, owner_id, detail).await?;
@@ -574,13 +576,22 @@ where
         Ok(None)
     }
 
-    /// Refuses a change that left no enabled account admin; the caller's
-    /// transaction then rolls back when dropped.
+    /// Refuses a change that demoted, disabled or deleted `changed` and
+    /// left no enabled account admin ([`PolicyViolation::LastAdmin`]); the
+    /// caller's transaction then rolls back when dropped.
     async fn keep_an_admin(tx: &mut DB::Connection, changed: &Principal) -> Result<(), StoreError> {
-        let (any_left,): (bool,) = sqlx::query_as(ANY_ENABLED_ADMIN)
-            .fetch_one(&mut *tx)
-            .await?;
-        admin_left(any_left, changed)
+        let (any_left,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM principals WHERE account_role = 'admin' AND NOT disabled)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if any_left {
+            return Ok(());
+        }
+        Err(PolicyViolation::LastAdmin {
+            name: changed.name.clone(),
+        }
+        .into())
     }
 
     async fn owner_key_ids(
@@ -681,6 +692,8 @@ where
              namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES ",
         );
         let mut args = DB::Arguments::default();
+        // Borrowed, not owned: the arguments must outlive the SQL's borrow
+        // by the query, which generic code cannot shorten (as above).
         let mut values = Values {
             sql: &mut sql,
             args: &mut args,
@@ -705,7 +718,8 @@ where
     }
 }
 
-/// A VALUES list being written: its SQL, and the arguments it binds.
+/// An INSERT's VALUES list being written: its SQL, and the arguments its
+/// placeholders bind.
 struct Values<'v, 'q, DB: Database> {
     sql: &'v mut String,
     args: &'v mut DB::Arguments<'q>,
@@ -726,6 +740,21 @@ impl<'q, DB: Database> Values<'_, 'q, DB> {
             .format_placeholder(self.sql)
             .map_err(|e| sqlx::Error::Encode(e.into()))
     }
+}
+
+/// Rows per INSERT when importing keys: 10 parameters a row stays well
+/// inside SQLite's and PostgreSQL's limits on bound parameters.
+const IMPORT_BATCH: usize = 1000;
+
+/// How many keys each owner in an import gets, for the cap check.
+fn import_counts(keys: &[NewKey]) -> BTreeMap<(&str, OwnerType), u64> {
+    let mut counts = BTreeMap::new();
+    for key in keys {
+        *counts
+            .entry((key.owner_id.as_str(), key.owner_type))
+            .or_insert(0) += 1;
+    }
+    counts
 }
 
 /// The names a principal's grants are on.
