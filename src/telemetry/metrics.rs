@@ -191,10 +191,10 @@ impl KeyRequests {
 
     /// Appends, in Prometheus' text format, up to `limit` series that come
     /// after `after` (from the first when `None`), and returns the labels of
-    /// the last one written, to resume after; `None` when none was left. Written directly: as a
-    /// `Collector` (protobuf `Metric`s, then the text encoder) a scrape of
-    /// 10,000 keys built 50,000 metric objects first, tens of MB for a
-    /// moment. The lock is held for one chunk only, so counting new keys
+    /// the last one written, to resume after; `None` when none was left.
+    /// Written directly: as a `Collector` (protobuf `Metric`s, then the text
+    /// encoder) a scrape of 10,000 keys built 50,000 metric objects first,
+    /// tens of MB for a moment. The lock is held for one chunk only, so counting new keys
     /// waits at most that long.
     fn write_text(
         &self,
