@@ -1,7 +1,8 @@
 //! The HTTP/1.1 relay: the common request served without hyper.
 //!
-//! A request qualifies when it is HTTP/1.1 with an origin-form target, one
-//! `Host`, no body or a `Content-Length` body, no `Upgrade`,
+//! A request qualifies when its head arrives whole in one read and is
+//! HTTP/1.1, not `CONNECT`, with an origin-form target, one `Host`, a head
+//! within `max_header_bytes`, no body or a `Content-Length` body, no `Upgrade`,
 //! `Transfer-Encoding` or `Expect`, a `Connection` header naming nothing but
 //! `keep-alive`/`close`, and a route to a plain `http://` upstream spoken to
 //! in HTTP/1.1. Then the relay authenticates it (a missing, malformed or
@@ -187,49 +188,41 @@ struct ResponseHead {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
-    /// Reads until `buf` holds a whole request head, within
-    /// `header_read_timeout` (which also bounds an idle keep-alive wait).
+    /// Waits for the next request's first bytes (within the shorter of
+    /// `idle_timeout` and `header_read_timeout`) and reports whether `buf`
+    /// then holds its whole head. A head that is not whole after that one
+    /// read (sent in pieces, slowly, or cut by the end of a pipelined
+    /// batch) is hyper's: its parser answers a head that is broken already
+    /// at once, and it applies `header_read_timeout` to the rest, where
+    /// waiting here for the blank line would let a broken head sit until
+    /// the timeout. Clients write a head at once, so this costs nothing in
+    /// the common case.
     ///
     /// `drained` completes when the proxy drains (it is not polled again
     /// after it has).
-    async fn read_head<D: Future>(&mut self, mut drained: Pin<&mut D>) -> HeadRead {
-        // Waiting for a next request is idling: the shorter bound applies
-        // until its first byte; then the head has `header_read_timeout`.
-        let idle_deadline = Instant::now()
-            + self
-                .limits
-                .idle_timeout
-                .min(self.limits.header_read_timeout);
-        let mut deadline = None;
-        let mut scanned = 0;
-        loop {
-            if head_complete(&self.buf, scanned) {
-                return HeadRead::Complete;
-            }
-            if self.buf.len() >= self.limits.max_header_bytes {
-                // hyper answers 431 with the same bytes.
-                return HeadRead::Handoff;
-            }
-            scanned = self.buf.len().saturating_sub(2);
+    async fn read_head<D: Future>(&mut self, drained: Pin<&mut D>) -> HeadRead {
+        if self.buf.is_empty() {
+            let idle_deadline = Instant::now()
+                + self
+                    .limits
+                    .idle_timeout
+                    .min(self.limits.header_read_timeout);
             self.buf.reserve(READ_CHUNK);
-            let read = if self.buf.is_empty() {
-                // Between requests a drain closes the connection at once.
-                tokio::select! {
-                    biased;
-                    read = self.timer.run(idle_deadline, self.io.read_buf(&mut self.buf)) => read,
-                    _ = &mut drained => return HeadRead::Closed,
-                }
-            } else {
-                let deadline = *deadline
-                    .get_or_insert_with(|| Instant::now() + self.limits.header_read_timeout);
-                self.timer
-                    .run(deadline, self.io.read_buf(&mut self.buf))
-                    .await
+            // Between requests a drain closes the connection at once.
+            let read = tokio::select! {
+                biased;
+                read = self.timer.run(idle_deadline, self.io.read_buf(&mut self.buf)) => read,
+                _ = drained => return HeadRead::Closed,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return HeadRead::Closed,
                 Ok(Ok(_)) => {}
             }
+        }
+        if head_complete(&self.buf, 0) {
+            HeadRead::Complete
+        } else {
+            HeadRead::Handoff
         }
     }
 
@@ -243,7 +236,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(&self.buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) => n,
+            // hyper answers a head over `max_header_bytes` with 431.
+            Ok(httparse::Status::Complete(n)) if n <= self.limits.max_header_bytes => n,
             _ => return Next::Handoff,
         };
         self.out.clear();
@@ -288,11 +282,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 };
                 self.forward(state, &plan, &key, clock, draining).await
             }
-            // A refused request's body is not read: the connection closes
-            // after the answer unless there is none.
+            // A refused request's body is not waited for: the connection
+            // closes after the answer unless the whole body has arrived
+            // with the head and is skipped, as hyper's path drains what is
+            // at hand, so the next pipelined request gets its answer.
             Err(error) => Err(Failure::Proxy {
                 error,
-                body_consumed: plan.body == 0,
+                body_consumed: self.skip_buffered_body(plan.body),
             }),
         };
         // Recorded when the response head is known, before it is sent (as
@@ -451,6 +447,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         Ok((head, upstream))
     }
 
+    /// Drops a refused request's body if all of it is buffered already.
+    fn skip_buffered_body(&mut self, length: u64) -> bool {
+        match usize::try_from(length) {
+            Ok(length) if length <= self.buf.len() => {
+                self.buf.advance(length);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Streams the rest of a `Content-Length` request body to the upstream.
     async fn send_body(
         &mut self,
@@ -607,6 +614,11 @@ fn plan<'s>(
     }
     let method_bytes = req.method?.as_bytes();
     let method = Method::from_bytes(method_bytes).ok()?;
+    // CONNECT asks for a tunnel and takes an authority, not a path: hyper's
+    // path decides what becomes of it, so both paths answer it alike.
+    if method == Method::CONNECT {
+        return None;
+    }
     let target = req.path?;
     let origin_form =
         target.starts_with('/') && target.bytes().all(|c| c.is_ascii_graphic() && c != b'#');
