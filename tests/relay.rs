@@ -71,6 +71,9 @@ async fn serve_raw(mut stream: TcpStream) {
         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
         let response = match path.as_str() {
             "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-hop: 1\r\nconnection: x-hop\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_string(),
+            "/unasked-switch" => "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n".to_string(),
+            "/broken-chunk" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_string(),
+            "/old-chunked" => "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_string(),
             "/hints" => "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
             "/close" => {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
@@ -373,4 +376,51 @@ async fn credential_refusals_are_the_same_on_both_paths() {
         gate.stop().await;
     }
     assert_eq!(answers[0], answers[1], "relay and hyper answer alike");
+}
+
+/// What tests/relay_differential.rs found, pinned on both paths: an
+/// upstream that switches protocols unasked, or frames its body as chunked
+/// in an HTTP/1.0 response, gets 502; the relay answers 502 too for a
+/// chunked body broken before anything was sent (it closed without an
+/// answer before); a refused request's body that came with its head does
+/// not end the connection; a head broken before its end gets 400 at once.
+#[tokio::test]
+async fn broken_upstream_framing_and_pipelined_refusals_answer_alike_on_both_paths() {
+    let upstream = raw_upstream().await;
+    for relay in [true, false] {
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        for path in ["/unasked-switch", "/old-chunked"] {
+            let answer = exchange(gate.proxy, &get(path, &token, ""), "upstream_unavailable").await;
+            assert!(
+                answer.starts_with("HTTP/1.1 502"),
+                "relay {relay}, {path}: {answer}"
+            );
+        }
+        if relay {
+            let answer = exchange(gate.proxy, &get("/broken-chunk", &token, ""), "}}").await;
+            assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+        }
+        // A refused POST whose small body arrived with it, then a good GET.
+        let refused_then_good = format!(
+            "POST /x HTTP/1.1\r\nhost: a\r\nauthorization: Bearer kg_nope\r\ncontent-length: 3\r\n\r\nabc{}",
+            get("/after", &token, "")
+        );
+        let answer = exchange(gate.proxy, &refused_then_good, "GET /after").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "relay {relay}: {answer}"
+        );
+        assert!(answer.contains("HTTP/1.1 200"), "relay {relay}: {answer}");
+        // A head already broken, its end not yet sent: 400 now, not after
+        // header_read_timeout.
+        let started = std::time::Instant::now();
+        let answer = exchange(gate.proxy, "GET / HTTP/1.1\r\nho st: a\r\n", "\r\n\r\n").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "relay {relay}: {answer}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "relay {relay}");
+        gate.stop().await;
+    }
 }

@@ -124,9 +124,13 @@ async fn pipeline<'s>(
     });
     let mut response = state.upstream.forward(&route.upstream, req, grpc).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            tokio::spawn(tunnel(client_upgrade, hyper::upgrade::on(&mut response)));
-        }
+        // Only a request that asked to upgrade may be answered so (RFC 9110
+        // section 15.2.2); otherwise the upstream is broken, as the relay
+        // also judges it.
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ProxyError::UpstreamUnavailable);
+        };
+        tokio::spawn(tunnel(client_upgrade, hyper::upgrade::on(&mut response)));
     } else {
         strip_hop_by_hop(response.headers_mut());
     }

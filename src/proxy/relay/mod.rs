@@ -50,7 +50,7 @@ use super::routes::{strip_port, Route, Upstream};
 use super::server::ServerLimits;
 use super::ProxyState;
 use deadline::Deadline;
-use framing::{parse_length, BadFraming, Framing};
+use framing::{parse_length, BadFraming, ChunkedScanner, Framing};
 
 pub use pool::IdlePool;
 pub use rewind::Rewind;
@@ -520,6 +520,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             return Ok(None);
         }
         let framing = Framing::of_response(plan.head_request, status, res.headers)?;
+        // RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message
+        // is faulty framing (hyper's client refuses it too).
+        let transfer_encoded = || {
+            res.headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        };
+        if res.version == Some(0) && transfer_encoded() {
+            return Err(BadFraming);
+        }
+        if matches!(framing, Framing::Chunked(_)) {
+            // A chunked body broken in the bytes already here gets a 502
+            // while nothing has been sent, not a connection closed without
+            // an answer; a break later can only end the connection.
+            ChunkedScanner::default().scan(&self.ubuf[head_len..])?;
+        }
         let upstream_keep_alive = res.version == Some(1)
             && !connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close_client = plan.close || draining || matches!(framing, Framing::UntilClose);
