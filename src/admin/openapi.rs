@@ -5,6 +5,8 @@
 
 use serde_json::{json, Map, Value};
 
+use super::resource::{MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS};
+
 /// The whole document.
 pub fn document() -> Value {
     json!({
@@ -312,8 +314,40 @@ fn list(field: &str, item: &str) -> Value {
     )
 }
 
-fn create_request(spec: &str) -> Value {
-    object(&["spec"], json!({ "spec": schema_ref(spec) }))
+/// A create request: the spec with the fields a create needs (an update
+/// may leave them out, so the spec schema itself cannot require them).
+fn create_request(spec: &str, required: &[&str]) -> Value {
+    object(
+        &["spec"],
+        json!({ "spec": { "allOf": [schema_ref(spec), { "required": required }] } }),
+    )
+}
+
+/// Control characters, which names never hold (`resource::validate_name`).
+const CONTROL: &str = "\\x00-\\x1f\\x7f-\\x9f";
+
+/// A name as `resource::validate_name` accepts it: 1 to `MAX_NAME_CHARS`
+/// characters, no control characters, no surrounding whitespace. (It also
+/// refuses text shaped like an API key, which a schema cannot say.)
+fn name(description: &str) -> Value {
+    let edge = format!("[^\\s{CONTROL}]");
+    json!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_NAME_CHARS,
+        "pattern": format!("^{edge}([^{CONTROL}]*{edge})?$"),
+        "description": description,
+    })
+}
+
+/// Free text as `resource::validate_description` accepts it: line breaks
+/// and tabs, no other control characters.
+fn description() -> Value {
+    json!({
+        "type": "string",
+        "maxLength": MAX_DESCRIPTION_CHARS,
+        "pattern": "^[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$",
+    })
 }
 
 fn update_request(spec: &str) -> Value {
@@ -337,36 +371,36 @@ fn schemas() -> Value {
             },
         })),
         "UserSpec": object(&[], json!({
-            "email": { "type": "string", "format": "email", "description": "required on create" },
+            "email": { "type": "string", "format": "email", "maxLength": 254, "description": "required on create" },
             "access": schema_ref("Access"),
             "disabled": { "type": "boolean", "description": "a disabled user's keys fail with owner_disabled" },
         })),
         "User": resource("UserSpec", &["active", "disabled"], &[]),
         "UserList": list("users", "User"),
-        "CreateUserRequest": create_request("UserSpec"),
+        "CreateUserRequest": create_request("UserSpec", &["email"]),
         "UpdateUserRequest": update_request("UserSpec"),
         "ServiceAccountSpec": object(&[], json!({
-            "name": { "type": "string", "description": "required on create" },
-            "description": string(),
+            "name": name("required on create"),
+            "description": description(),
             "access": schema_ref("Access"),
             "disabled": boolean(),
         })),
         "ServiceAccount": resource("ServiceAccountSpec", &["active", "disabled"], &[]),
         "ServiceAccountList": list("serviceAccounts", "ServiceAccount"),
-        "CreateServiceAccountRequest": create_request("ServiceAccountSpec"),
+        "CreateServiceAccountRequest": create_request("ServiceAccountSpec", &["name"]),
         "UpdateServiceAccountRequest": update_request("ServiceAccountSpec"),
         "DeletePrincipalResponse": object(&["deletedApiKeys"], json!({ "deletedApiKeys": strings() })),
         "NamespaceSpec": object(&[], json!({
             "name": { "type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$", "description": "required on create; cannot change" },
-            "description": string(),
+            "description": description(),
         })),
         "Namespace": resource("NamespaceSpec", &["active"], &[]),
         "NamespaceList": list("namespaces", "Namespace"),
-        "CreateNamespaceRequest": create_request("NamespaceSpec"),
+        "CreateNamespaceRequest": create_request("NamespaceSpec", &["name"]),
         "UpdateNamespaceRequest": update_request("NamespaceSpec"),
         "ApiKeySpec": object(&[], json!({
-            "displayName": { "type": "string", "description": "required on create" },
-            "description": string(),
+            "displayName": name("required on create"),
+            "description": description(),
             "ownerId": { "type": "string", "description": "default: the caller; cannot change" },
             "ownerType": { "type": "string", "enum": ["user", "service-account"] },
             "expiryTime": { "type": ["string", "null"], "format": "date-time", "description": "at most maxKeyLifetime away; cannot change" },
@@ -378,7 +412,7 @@ fn schemas() -> Value {
             ("previousSecretValidUntil", json!({ "type": ["string", "null"], "format": "date-time", "description": "until when the secret replaced by the last rotation works" })),
         ]),
         "ApiKeyList": list("apiKeys", "ApiKey"),
-        "CreateApiKeyRequest": create_request("ApiKeySpec"),
+        "CreateApiKeyRequest": create_request("ApiKeySpec", &["displayName"]),
         "UpdateApiKeyRequest": update_request("ApiKeySpec"),
         "IssuedApiKey": object(&["apiKey", "token"], json!({
             "apiKey": schema_ref("ApiKey"),
