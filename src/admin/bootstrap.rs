@@ -97,17 +97,78 @@ pub async fn lifetime_or_account_max(
     }
 }
 
-/// A light check: something@something, printable, no spaces. Delivery is
-/// not our business; a typo'd domain is.
+/// Whether `email` has RFC 5322's common shape, `local@domain`: a dot-atom
+/// local part (letters, digits and ``!#$%&'*+-/=?^_`{|}~``, dots only
+/// between them) of at most 64 characters and a domain of two or more
+/// dot-separated labels of up to 63 letters, digits and inner hyphens; at
+/// most 254 characters in all (RFC 5321's limits). Quoted local
+/// parts and address literals are legal but rare and refused. Delivery is
+/// not our business; a typo'd address is. `openapi::email` says the same
+/// as a pattern.
 pub fn looks_like_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && email.len() <= 254
-        && email.chars().all(|c| c.is_ascii_graphic())
-        && email.matches('@').count() == 1
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let label_char = |c: char| c.is_ascii_alphanumeric() || c == '-';
+    email.len() <= 254
+        && local.len() <= 64
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+        && domain.split('.').count() >= 2
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(label_char)
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_email;
+
+    #[test]
+    fn emails_of_the_common_shape_pass_and_others_do_not() {
+        for good in [
+            "a@b.co",
+            "first.last+tag@mail.example.com",
+            "o'brien@x-y.example",
+            "0@0.io",
+            "!#$%&'*+-/=?^_`{|}~@a.b",
+            &format!("{}@{}.co", "a".repeat(64), "b".repeat(63)),
+        ] {
+            assert!(looks_like_email(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a",
+            "a@b",
+            "@b.co",
+            "a@.b.co",
+            "a@b.co.",
+            "a@b..co",
+            "a.@b.co",
+            ".a@b.co",
+            "a..b@c.co",
+            "a@b@c.co",
+            "a b@c.co",
+            "\"a b\"@c.co",
+            "a@[127.0.0.1]",
+            "a<b@c.co",
+            "a,b@c.co",
+            "a@-b.co",
+            "a@b-.co",
+            "a@b_c.co",
+            "é@b.co",
+            &format!("{}@b.co", "a".repeat(65)),
+            &format!("a@{}.co", "b".repeat(64)),
+            // 256 characters, over the 254 allowed.
+            &format!("a@{}.co", vec!["b".repeat(62); 4].join(".")),
+        ] {
+            assert!(!looks_like_email(bad), "{bad}");
+        }
+    }
 }

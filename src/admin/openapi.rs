@@ -340,6 +340,21 @@ fn name(description: &str) -> Value {
     })
 }
 
+/// An email as `bootstrap::looks_like_email` accepts it: a dot-atom local
+/// part of at most 64 characters, a domain of two or more hostname labels.
+fn email() -> Value {
+    let atom = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+";
+    let label = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+    json!({
+        "type": "string",
+        "format": "email",
+        "maxLength": 254,
+        // The lookahead: a local part of at most 64 characters.
+        "pattern": format!("^(?=[^@]{{1,64}}@){atom}(\\.{atom})*@{label}(\\.{label})+$"),
+        "description": "required on create",
+    })
+}
+
 /// Free text as `resource::validate_description` accepts it: line breaks
 /// and tabs, no other control characters.
 fn description() -> Value {
@@ -371,7 +386,7 @@ fn schemas() -> Value {
             },
         })),
         "UserSpec": object(&[], json!({
-            "email": { "type": "string", "format": "email", "maxLength": 254, "description": "required on create" },
+            "email": email(),
             "access": schema_ref("Access"),
             "disabled": { "type": "boolean", "description": "a disabled user's keys fail with owner_disabled" },
         })),

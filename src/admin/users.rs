@@ -28,15 +28,19 @@ impl Kind for UserSpec {
 
     fn merge(self, current: Option<&Principal>) -> Result<PrincipalSpec, AdminError> {
         let email = match (self.email, current) {
-            (Some(e), _) => e,
+            (Some(e), _) => {
+                if !looks_like_email(&e) || e.chars().count() > MAX_NAME_CHARS {
+                    return Err(AdminError::invalid(format!(
+                        "spec.email {e:?} is not a valid email address"
+                    )));
+                }
+                e
+            }
+            // Kept as stored: an address an earlier, looser check let in
+            // must not block every later update of its user.
             (None, Some(c)) => c.name.clone(),
             (None, None) => return Err(AdminError::invalid("spec.email is required")),
         };
-        if !looks_like_email(&email) || email.chars().count() > MAX_NAME_CHARS {
-            return Err(AdminError::invalid(format!(
-                "spec.email {email:?} is not a valid email address"
-            )));
-        }
         let access = match (self.access, current) {
             (Some(a), _) => a.into_access()?,
             (None, Some(c)) => c.access.clone(),
