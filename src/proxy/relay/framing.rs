@@ -24,12 +24,23 @@ pub struct BadFraming;
 
 impl Framing {
     /// The framing of a response to a request (`head_request`: it was HEAD),
-    /// from its status and headers.
+    /// from its version (`http10`: HTTP/1.0), status and headers.
     pub fn of_response(
         head_request: bool,
+        http10: bool,
         status: u16,
         headers: &[httparse::Header<'_>],
     ) -> Result<Framing, BadFraming> {
+        // RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message is
+        // faulty framing (hyper's client refuses it too).
+        let transfer_encoded = || {
+            headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        };
+        if http10 && transfer_encoded() {
+            return Err(BadFraming);
+        }
         if head_request || status < 200 || status == 204 || status == 304 {
             return Ok(Framing::Empty);
         }
@@ -218,32 +229,45 @@ mod tests {
     fn framing_follows_rfc_9112() {
         let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
         assert!(matches!(
-            Framing::of_response(false, 200, &[h("content-length", b"12")]),
+            Framing::of_response(false, false, 200, &[h("content-length", b"12")]),
             Ok(Framing::Length(12))
         ));
         assert!(matches!(
-            Framing::of_response(true, 200, &[h("content-length", b"12")]),
+            Framing::of_response(true, false, 200, &[h("content-length", b"12")]),
             Ok(Framing::Empty)
         ));
         assert!(matches!(
-            Framing::of_response(false, 200, &[h("Transfer-Encoding", b"gzip, chunked")]),
+            Framing::of_response(
+                false,
+                false,
+                200,
+                &[h("Transfer-Encoding", b"gzip, chunked")]
+            ),
             Ok(Framing::Chunked(_))
         ));
         assert!(matches!(
-            Framing::of_response(false, 200, &[h("transfer-encoding", b"gzip")]),
+            Framing::of_response(false, false, 200, &[h("transfer-encoding", b"gzip")]),
             Ok(Framing::UntilClose)
         ));
         assert!(matches!(
-            Framing::of_response(false, 200, &[]),
+            Framing::of_response(false, false, 200, &[]),
             Ok(Framing::UntilClose)
         ));
         assert!(Framing::of_response(
+            false,
             false,
             200,
             &[h("content-length", b"1"), h("content-length", b"2")]
         )
         .is_err());
-        assert!(Framing::of_response(false, 200, &[h("content-length", b"+1")]).is_err());
+        assert!(Framing::of_response(false, false, 200, &[h("content-length", b"+1")]).is_err());
+        assert!(
+            Framing::of_response(false, true, 200, &[h("transfer-encoding", b"chunked")]).is_err()
+        );
+        assert!(matches!(
+            Framing::of_response(false, true, 200, &[h("content-length", b"2")]),
+            Ok(Framing::Length(2))
+        ));
         assert_eq!(parse_length(b"18446744073709551616"), None);
     }
 }

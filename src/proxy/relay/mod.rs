@@ -101,8 +101,7 @@ where
     let mut drained = pin!(watcher.changed());
     loop {
         match relay.read_head(drained.as_mut()).await {
-            HeadRead::Complete => {}
-            HeadRead::Handoff => return Ended::Handoff(relay.buf),
+            HeadRead::Ready => {}
             HeadRead::Closed => return Ended::Closed,
         }
         let started = std::time::Instant::now();
@@ -132,8 +131,8 @@ struct Relay<'a, S> {
 }
 
 enum HeadRead {
-    Complete,
-    Handoff,
+    /// `buf` holds the start of a request, whole or not.
+    Ready,
     Closed,
 }
 
@@ -188,15 +187,15 @@ struct ResponseHead {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
-    /// Waits for the next request's first bytes (within the shorter of
-    /// `idle_timeout` and `header_read_timeout`) and reports whether `buf`
-    /// then holds its whole head. A head that is not whole after that one
-    /// read (sent in pieces, slowly, or cut by the end of a pipelined
-    /// batch) is hyper's: its parser answers a head that is broken already
-    /// at once, and it applies `header_read_timeout` to the rest, where
-    /// waiting here for the blank line would let a broken head sit until
-    /// the timeout. Clients write a head at once, so this costs nothing in
-    /// the common case.
+    /// Waits, when `buf` is empty, for the next request's first bytes
+    /// (within the shorter of `idle_timeout` and `header_read_timeout`).
+    /// It reads once: a head that is not whole after that read (sent in
+    /// pieces, slowly, or cut by the end of a pipelined batch) is found
+    /// partial by [`Self::exchange`]'s parse and goes to hyper, whose parser
+    /// answers a head that is broken already at once and applies
+    /// `header_read_timeout` to the rest, where waiting here for the blank
+    /// line would let a broken head sit until the timeout. Clients write a
+    /// head at once, so this costs nothing in the common case.
     ///
     /// `drained` completes when the proxy drains (it is not polled again
     /// after it has).
@@ -219,11 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Ok(Ok(_)) => {}
             }
         }
-        if head_complete(&self.buf, 0) {
-            HeadRead::Complete
-        } else {
-            HeadRead::Handoff
-        }
+        HeadRead::Ready
     }
 
     /// Serves the request whose head is in `buf`, or hands it over.
@@ -236,7 +231,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(&self.buf, &mut headers) {
-            // hyper answers a head over `max_header_bytes` with 431.
+            // A partial or broken head is hyper's (see `read_head`), and so
+            // is one over `max_header_bytes`, which hyper answers with 431.
             Ok(httparse::Status::Complete(n)) if n <= self.limits.max_header_bytes => n,
             _ => return Next::Handoff,
         };
@@ -519,17 +515,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             self.ubuf.advance(head_len);
             return Ok(None);
         }
-        let framing = Framing::of_response(plan.head_request, status, res.headers)?;
-        // RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message
-        // is faulty framing (hyper's client refuses it too).
-        let transfer_encoded = || {
-            res.headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-        };
-        if res.version == Some(0) && transfer_encoded() {
-            return Err(BadFraming);
-        }
+        let http10 = res.version == Some(0);
+        let framing = Framing::of_response(plan.head_request, http10, status, res.headers)?;
         if matches!(framing, Framing::Chunked(_)) {
             // A chunked body broken in the bytes already here gets a 502
             // while nothing has been sent, not a connection closed without
@@ -711,7 +698,7 @@ fn plan<'s>(
     })
 }
 
-/// Whether a head in `buf` is complete: an empty line after the request
+/// Whether a head in `buf` is complete: an empty line after the start
 /// line. `from` skips what an earlier call already searched.
 fn head_complete(buf: &[u8], from: usize) -> bool {
     let mut i = from.min(buf.len());
