@@ -15,7 +15,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Gate, RecordingUpstream, SeenRequest};
+use support::{statuses, Gate, RecordingUpstream, SeenRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -47,13 +47,6 @@ async fn read_until_close(stream: &mut TcpStream, wait: Duration) -> (String, bo
     .await
     .is_ok();
     (String::from_utf8_lossy(&out).into_owned(), closed)
-}
-
-/// Status codes of every response in a (possibly pipelined) answer.
-fn statuses(text: &str) -> Vec<u16> {
-    text.match_indices("HTTP/1.1 ")
-        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
-        .collect()
 }
 
 /// Everything the upstream saw was authorized by keygate: it carries the

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use keygate::store::AccountRole;
-use support::{Gate, RecordingUpstream, SeenRequest};
+use support::{statuses, Gate, RecordingUpstream, SeenRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -355,21 +355,6 @@ async fn exchange(proxy: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     }
 }
 
-/// The status codes of the responses in an answer, in order.
-fn statuses(answer: &[u8]) -> Vec<u16> {
-    let text = String::from_utf8_lossy(answer);
-    let mut found = Vec::new();
-    let mut rest = &text[..];
-    while let Some(at) = rest.find("HTTP/1.") {
-        let line = &rest[at..];
-        if let Some(code) = line.get(9..12).and_then(|c| c.parse().ok()) {
-            found.push(code);
-        }
-        rest = &line[7..];
-    }
-    found
-}
-
 /// What must match between the two paths about one forwarded request.
 #[derive(Debug, PartialEq, Eq)]
 struct Forwarded {
@@ -522,7 +507,8 @@ async fn run_case(
             "the upstream saw different requests\n  relay: {relayed:#?}\n  hyper: {reference:#?}"
         ));
     }
-    let (relay_statuses, hyper_statuses) = (statuses(&relay_answer), statuses(&hyper_answer));
+    let [relay_statuses, hyper_statuses] =
+        [&relay_answer, &hyper_answer].map(|a| statuses(&String::from_utf8_lossy(a)));
     // hyper's own quirk, not the relay's: a head already broken but not yet
     // ended (`...\r\n\rGET / HTTP/1.1\r\n`) gets 400 at once when it is
     // pipelined behind another request on hyper's connection, and waits for

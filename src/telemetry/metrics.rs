@@ -194,8 +194,8 @@ impl KeyRequests {
     /// the last one written, to resume after; `None` when none was left.
     /// Written directly: as a `Collector` (protobuf `Metric`s, then the text
     /// encoder) a scrape of 10,000 keys built 50,000 metric objects first,
-    /// tens of MB for a moment. The lock is held for one chunk only, so counting new keys
-    /// waits at most that long.
+    /// tens of MB for a moment. The lock is held for one chunk only, so
+    /// counting new keys waits at most that long.
     fn write_text(
         &self,
         after: Option<&SeriesLabels>,

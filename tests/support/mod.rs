@@ -302,6 +302,14 @@ impl GateBuilder {
     }
 }
 
+/// Status codes of every response in a (possibly pipelined) answer read
+/// off a raw connection, in order (HTTP/1.1 and HTTP/1.0 status lines).
+pub fn statuses(text: &str) -> Vec<u16> {
+    text.match_indices("HTTP/1.")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
 /// Starts keygate's echo upstream on 127.0.0.1:0.
 pub async fn echo_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
