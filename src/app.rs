@@ -200,5 +200,7 @@ pub async fn run_with_reload(
     if let Some(echo) = echo {
         let _ = echo.await;
     }
+    // Last: the flusher has written the final usage counts.
+    store.close().await;
     Ok(())
 }

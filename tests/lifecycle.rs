@@ -47,18 +47,30 @@ fn write_config(
     (path, proxy, admin)
 }
 
-fn bootstrap(config: &std::path::Path) -> String {
-    let out = Command::new(KEYGATE)
-        .args(["bootstrap", "--email", "ops@example.com", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+/// Runs a keygate command to completion; its stdout, once it has succeeded.
+fn run_cli<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(KEYGATE).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn bootstrap(config: &std::path::Path) -> String {
+    let config = config.as_os_str();
+    run_cli([
+        "bootstrap".as_ref(),
+        "--email".as_ref(),
+        "ops@example.com".as_ref(),
+        "--config".as_ref(),
+        config,
+    ])
 }
 
 async fn serve(config: &std::path::Path, proxy: u16, admin: u16) -> Server {
@@ -128,6 +140,102 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert_eq!(response.text().await.unwrap(), "slow");
     let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// The store's write-ahead log beside `keygate.db`: gone, or empty, once
+/// everything in it has been checkpointed into the file.
+fn assert_log_checkpointed(dir: &std::path::Path, after: &str) {
+    let wal = dir.join("keygate.db-wal");
+    let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(len, 0, "{after} left {len} bytes in {}", wal.display());
+}
+
+fn key_id(token: &str) -> keygate::key::KeyId {
+    let tokens = keygate::key::TokenFormat::new("kg").accepting_imported(true);
+    tokens.parse(token.as_bytes()).unwrap().id
+}
+
+/// A stopped keygate leaves its SQLite store in `keygate.db` alone, so a
+/// copy of that file (the usual backup) is the whole store, and the next
+/// start does not inherit a log: the bootstrap, a local CLI command run
+/// beside the server, and the server's own shutdown each checkpoint it.
+#[tokio::test]
+async fn a_stopped_keygate_leaves_its_store_in_one_file() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let first = bootstrap(&config);
+    assert_log_checkpointed(dir.path(), "bootstrap");
+    let imported = "kg_a1b2c3d4e5f6_Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe";
+    let tsv = dir.path().join("keys.tsv");
+    std::fs::write(&tsv, format!("{imported}\tmigrated\n")).unwrap();
+    let (tsv, config_arg) = (tsv.to_str().unwrap(), config.to_str().unwrap());
+    run_cli([
+        "apikey",
+        "import",
+        "--owner-email",
+        "ops@example.com",
+        "--tsv",
+        tsv,
+        "--config",
+        config_arg,
+    ]);
+    assert_log_checkpointed(dir.path(), "an import");
+    let mut server = serve(&config, proxy, admin).await;
+
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/", server.proxy))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // Another process writes while the server has the file open.
+    let second = run_cli([
+        "apikey",
+        "create",
+        "--local",
+        "--owner-email",
+        "ops@example.com",
+        "--name",
+        "beside",
+        "--duration",
+        "1d",
+        "--config",
+        config_arg,
+    ]);
+
+    signal(&server.child, "TERM");
+    let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert_log_checkpointed(dir.path(), "the server's shutdown");
+
+    let backup = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("keygate.db"),
+        backup.path().join("keygate.db"),
+    )
+    .unwrap();
+    let store = keygate::store::open(&format!("sqlite://{}/keygate.db", backup.path().display()))
+        .await
+        .unwrap();
+    let used = store
+        .get_key(&key_id(&first))
+        .await
+        .unwrap()
+        .expect("the bootstrap key");
+    // The usage flushed at shutdown is in the file too.
+    assert_eq!(used.request_count, 1);
+    let created = store.get_key(&key_id(&second)).await.unwrap();
+    assert_eq!(
+        created
+            .expect("the key created beside the server")
+            .display_name,
+        "beside"
+    );
+    let migrated = store.get_key(&key_id(imported)).await.unwrap();
+    assert_eq!(migrated.expect("the imported key").display_name, "migrated");
+    store.close().await;
 }
 
 #[tokio::test]

@@ -6,11 +6,20 @@ use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, Boo
 use crate::key::TokenFormat;
 use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal};
 
-async fn open(url: &str) -> Result<std::sync::Arc<dyn KeyStore>, Failure> {
-    store::open(url).await.map_err(|e| Failure {
+/// Opens the store, runs `work` on it and closes it whatever `work`
+/// returned, so the command leaves the store as a stopped server does (for
+/// SQLite, one file with its log checkpointed into it).
+async fn with_store<T>(
+    url: &str,
+    work: impl AsyncFnOnce(&dyn KeyStore) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let store = store::open(url).await.map_err(|e| Failure {
         code: EX_UNAVAILABLE,
         message: format!("cannot open the key store at {url}: {e}"),
-    })
+    })?;
+    let outcome = work(&*store).await;
+    store.close().await;
+    outcome
 }
 
 pub async fn run(command: Command) -> Result<(), Failure> {
@@ -21,16 +30,18 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             duration,
         } => {
             let (url, prefix) = store_settings(&store)?;
-            let store = open(&url).await?;
             let tokens = TokenFormat::new(&prefix);
-            let (admin, key, token) = bootstrap(&*store, &tokens, &email, duration)
-                .await
-                .map_err(|e| match e {
-                    BootstrapError::UsersExist(_) | BootstrapError::BadEmail(_) => {
-                        Failure::usage(e.to_string())
-                    }
-                    BootstrapError::Store(e) => Failure::runtime(e.to_string()),
-                })?;
+            let (admin, key, token) = with_store(&url, async |store| {
+                bootstrap(store, &tokens, &email, duration)
+                    .await
+                    .map_err(|e| match e {
+                        BootstrapError::UsersExist(_) | BootstrapError::BadEmail(_) => {
+                            Failure::usage(e.to_string())
+                        }
+                        BootstrapError::Store(e) => Failure::runtime(e.to_string()),
+                    })
+            })
+            .await?;
             eprintln!(
                 "Created account admin {} ({}) and API key {}.",
                 admin.name, admin.id, key.id
@@ -55,21 +66,24 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             let (url, prefix) = store_settings(&store)?;
             let owner_email =
                 owner_email.ok_or_else(|| Failure::usage("--local needs --owner-email"))?;
-            let store = open(&url).await?;
-            let owner = find_user(&*store, &owner_email).await?;
             let tokens = TokenFormat::new(&prefix);
             let actor = Actor::system("local-cli");
-            let (key, token) = issue_key(
-                &*store,
-                &tokens,
-                &actor,
-                &owner,
-                &name,
-                &description,
-                duration,
-            )
-            .await
-            .map_err(|e| Failure::usage(e.to_string()))?;
+            let (owner, key, token) = with_store(&url, async |store| {
+                let owner = find_user(store, &owner_email).await?;
+                let (key, token) = issue_key(
+                    store,
+                    &tokens,
+                    &actor,
+                    &owner,
+                    &name,
+                    &description,
+                    duration,
+                )
+                .await
+                .map_err(|e| Failure::usage(e.to_string()))?;
+                Ok((owner, key, token))
+            })
+            .await?;
             eprintln!(
                 "Created API key {} for {}. This is the only time the key is shown:",
                 key.id, owner.name
@@ -94,49 +108,14 @@ pub async fn run(command: Command) -> Result<(), Failure> {
                 std::fs::read_to_string(&tsv)
             }
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", tsv.display())))?;
-            let store = open(&url).await?;
-            let lifetime = lifetime_or_account_max(&*store, duration)
-                .await
-                .map_err(|e| Failure::runtime(e.to_string()))?;
-            let expiry = lifetime.map(|l| std::time::SystemTime::now() + l);
             let tokens = TokenFormat::new(&prefix).accepting_imported(true);
             let lines = parse_import(&text, &tokens, &owner_email)?;
-            // Each distinct owner is looked up once.
-            let mut owners: std::collections::BTreeMap<&str, Principal> = Default::default();
-            for line in &lines {
-                if !owners.contains_key(line.owner_email) {
-                    owners.insert(
-                        line.owner_email,
-                        find_user(&*store, line.owner_email).await?,
-                    );
-                }
-            }
-            let keys: Vec<NewKey> = lines
-                .into_iter()
-                .map(|line| {
-                    let owner = &owners[line.owner_email];
-                    NewKey {
-                        id: line.token.id,
-                        digest: line.token.digest,
-                        display_name: line.name,
-                        description: "imported".into(),
-                        owner_id: owner.id.clone(),
-                        owner_type: owner.kind,
-                        namespaces: Vec::new(),
-                        expiry,
-                        disabled: false,
-                    }
-                })
-                .collect();
-            let imported = store
-                .import_keys(&Actor::system("local-cli"), &keys)
-                .await
-                .map_err(|e| Failure::usage(e.to_string()))?;
-            let names: Vec<&str> = owners.values().map(|o| o.name.as_str()).collect();
-            if names.len() == 1 {
-                eprintln!("Imported {imported} API keys for {}.", names[0]);
+            let (imported, owners) =
+                with_store(&url, async |store| import(store, lines, duration).await).await?;
+            if let [owner] = &owners[..] {
+                eprintln!("Imported {imported} API keys for {owner}.");
             } else {
-                eprintln!("Imported {imported} API keys for {} owners.", names.len());
+                eprintln!("Imported {imported} API keys for {} owners.", owners.len());
             }
             Ok(())
         }
@@ -145,6 +124,47 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             "this command talks to the admin API, not the store",
         )),
     }
+}
+
+/// Writes the parsed lines into the store as one import, each under its
+/// owner (looked up once each): how many keys, and the owners' names.
+async fn import(
+    store: &dyn KeyStore,
+    lines: Vec<ImportLine<'_>>,
+    duration: Option<std::time::Duration>,
+) -> Result<(u64, Vec<String>), Failure> {
+    let lifetime = lifetime_or_account_max(store, duration)
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let expiry = lifetime.map(|l| std::time::SystemTime::now() + l);
+    let mut owners: std::collections::BTreeMap<&str, Principal> = Default::default();
+    for line in &lines {
+        if !owners.contains_key(line.owner_email) {
+            owners.insert(line.owner_email, find_user(store, line.owner_email).await?);
+        }
+    }
+    let keys: Vec<NewKey> = lines
+        .into_iter()
+        .map(|line| {
+            let owner = &owners[line.owner_email];
+            NewKey {
+                id: line.token.id,
+                digest: line.token.digest,
+                display_name: line.name,
+                description: "imported".into(),
+                owner_id: owner.id.clone(),
+                owner_type: owner.kind,
+                namespaces: Vec::new(),
+                expiry,
+                disabled: false,
+            }
+        })
+        .collect();
+    let imported = store
+        .import_keys(&Actor::system("local-cli"), &keys)
+        .await
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    Ok((imported, owners.into_values().map(|o| o.name).collect()))
 }
 
 async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failure> {

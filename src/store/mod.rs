@@ -209,6 +209,12 @@ pub trait KeyStore: Send + Sync + 'static {
     async fn subscribe(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
         Ok(None)
     }
+
+    /// Closes the store's connections when the process is done with it
+    /// (`serve` after its drain and last usage flush, a local CLI command
+    /// when it has finished). Calls made after it fail as the store being
+    /// unavailable.
+    async fn close(&self);
 }
 
 /// What a change subscription delivers. Announcements only say *that*

@@ -154,6 +154,12 @@ impl Dialect for Postgres {
 
 #[async_trait]
 impl KeyStore for PostgresStore {
+    async fn close(&self) {
+        // Ends the sessions now rather than when the server notices the
+        // process has gone.
+        self.pool.close().await;
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

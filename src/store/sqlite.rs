@@ -158,6 +158,35 @@ impl Dialect for Sqlite {
 
 #[async_trait]
 impl KeyStore for SqliteStore {
+    /// Moves the write-ahead log into the database file and empties it
+    /// before closing: until then the latest changes live only in
+    /// `keygate.db-wal` (after a first start, everything did, beside a 4 KiB
+    /// `keygate.db`), so a copy of the file alone, the usual backup, would
+    /// miss them, and the next process to write would pay for the whole log
+    /// at its first commit (184 MB after importing 1,000,000 keys). When
+    /// this is the file's last connection SQLite also removes the log.
+    async fn close(&self) {
+        // Read-only connections cannot checkpoint: they close first, so the
+        // writer is the last connection.
+        self.reader.close().await;
+        // Another process still reading the file (a server beside a CLI
+        // command) can keep the checkpoint from finishing; its own
+        // checkpoints then do it.
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.writer)
+            .await
+        {
+            Ok((0, _, _)) => {}
+            Ok(_) => tracing::debug!(
+                "another process is using the key store; its log stays for it to checkpoint"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "could not checkpoint the key store's write-ahead log")
+            }
+        }
+        self.writer.close().await;
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
