@@ -353,18 +353,22 @@ impl KeyStore for PostgresStore {
             .collect();
         let last_used: Vec<i64> = ordered.iter().map(|d| to_ms(d.last_used)).collect();
         let mut tx = self.begin().await?;
-        // Every replica flushes usage for the same hot keys: the rows are
-        // locked in one global order (by id) first, so two flushes cannot
-        // deadlock; then one UPDATE applies every key's delta.
-        sqlx::query("SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        // The keys are share-locked first, so none is deleted between the
+        // join below and the foreign key's check (a deleted key's usage is
+        // dropped, not an error). Every replica flushes usage for the same
+        // hot keys: the upsert takes their usage rows in one global order
+        // (by id), so two flushes cannot deadlock.
+        sqlx::query("SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id FOR KEY SHARE")
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE api_keys SET request_count = request_count + v.n, \
-             last_used_ms = GREATEST(COALESCE(api_keys.last_used_ms, 0), v.t) \
-             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(id, n, t) \
-             WHERE api_keys.id = v.id",
+            "INSERT INTO key_usage (key_id, request_count, last_used_ms) \
+             SELECT v.id, v.n, v.t FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(id, n, t) \
+             JOIN api_keys k ON k.id = v.id ORDER BY v.id \
+             ON CONFLICT (key_id) DO UPDATE SET \
+             request_count = key_usage.request_count + excluded.request_count, \
+             last_used_ms = GREATEST(COALESCE(key_usage.last_used_ms, 0), excluded.last_used_ms)",
         )
         .bind(&ids)
         .bind(&counts)

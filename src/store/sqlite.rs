@@ -375,15 +375,22 @@ impl KeyStore for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        // One UPDATE per chunk of keys, not per key: a flush of thousands
-        // of keys was as many statements through the worker thread.
+        // One statement per chunk of keys, not per key: a flush of
+        // thousands of keys was as many statements through the worker
+        // thread. The join drops keys deleted since they were counted (the
+        // one writer holds the file, so none goes while this runs); `WHERE
+        // true` is SQLite's way to tell the upsert's ON CONFLICT from a
+        // join's ON.
         let mut tx = self.begin().await?;
         for chunk in batch.chunks(KEYS_PER_STATEMENT) {
             let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
-                "UPDATE api_keys SET request_count = request_count + v.column2, \
-                 last_used_ms = MAX(COALESCE(last_used_ms, 0), v.column3) \
-                 FROM (VALUES {rows}) AS v WHERE api_keys.id = v.column1"
+                "INSERT INTO key_usage (key_id, request_count, last_used_ms) \
+                 SELECT v.column1, v.column2, v.column3 FROM (VALUES {rows}) AS v \
+                 JOIN api_keys k ON k.id = v.column1 WHERE true \
+                 ON CONFLICT (key_id) DO UPDATE SET \
+                 request_count = request_count + excluded.request_count, \
+                 last_used_ms = MAX(COALESCE(last_used_ms, 0), excluded.last_used_ms)"
             );
             // Not kept in the statement cache: the text varies with the chunk.
             let mut query = sqlx::query(&sql).persistent(false);

@@ -1,0 +1,151 @@
+//! Upgrading a store that holds data: a database left by an earlier
+//! keygate, at the schema before usage moved into `key_usage`, keeps every
+//! key's usage when the current keygate opens it, on both backends.
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keygate::key::KeyId;
+use keygate::store::{self, Actor, KeyStore, UsageDelta};
+use sqlx::migrate::Migrator;
+use support::postgres::PgDatabase;
+
+/// `migrator` cut to the migrations before `first_new`.
+fn before(mut migrator: Migrator, first_new: i64) -> Migrator {
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version < first_new)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    migrator
+}
+
+/// An owner and two keys as the earlier schema kept them: usage in the
+/// keys' own rows, one key used 42 times, one never. `digest` is the SQL
+/// of a 32-byte value in the backend's dialect.
+fn old_rows(used: &KeyId, unused: &KeyId, digest: &str) -> Vec<String> {
+    vec![
+        "INSERT INTO principals (id, kind, name, account_role, created_ms, modified_ms) \
+         VALUES ('owner1', 'user', 'old@example.com', 'developer', 1, 1)"
+            .into(),
+        format!(
+            "INSERT INTO api_keys (id, secret_digest, display_name, owner_id, created_ms, \
+             modified_ms, last_used_ms, request_count) \
+             VALUES ('{used}', {digest}, 'used', 'owner1', 1, 1, 1700000000000, 42)"
+        ),
+        format!(
+            "INSERT INTO api_keys (id, secret_digest, display_name, owner_id, created_ms, \
+             modified_ms) VALUES ('{unused}', {digest}, 'unused', 'owner1', 1, 1)"
+        ),
+    ]
+}
+
+/// What the upgraded store shows and does: the old counts, none for the
+/// unused key, new counts landing, and a deleted key's usage going with it.
+async fn check_upgraded(store: &dyn KeyStore, used: &KeyId, unused: &KeyId) {
+    let key = store.get_key(used).await.unwrap().expect("the used key");
+    assert_eq!(key.request_count, 42);
+    assert_eq!(
+        key.last_used,
+        Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
+    );
+    let key = store
+        .get_key(unused)
+        .await
+        .unwrap()
+        .expect("the unused key");
+    assert_eq!((key.request_count, key.last_used), (0, None));
+
+    let now = SystemTime::now();
+    let deltas = [used, unused].map(|id| UsageDelta {
+        id: *id,
+        requests: 1,
+        last_used: now,
+    });
+    store.record_usage(&deltas).await.unwrap();
+    assert_eq!(
+        store.get_key(used).await.unwrap().unwrap().request_count,
+        43
+    );
+    assert_eq!(
+        store.get_key(unused).await.unwrap().unwrap().request_count,
+        1
+    );
+    store
+        .delete_key(&Actor::system("test"), used)
+        .await
+        .unwrap();
+    assert!(store.get_key(used).await.unwrap().is_none());
+}
+
+/// Runs the earlier migrations on `pool`, then `rows`.
+async fn seed<DB>(pool: &sqlx::Pool<DB>, old: Migrator, rows: Vec<String>)
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    old.run(pool).await.unwrap();
+    for sql in rows {
+        sqlx::raw_sql(&sql).execute(pool).await.unwrap();
+    }
+}
+
+const USAGE_ROWS: &str = "SELECT key_id, request_count FROM key_usage";
+
+/// The usage table after [`check_upgraded`]: the deleted key's row went
+/// with it, the other key's holds its one request.
+fn assert_only(rows: Vec<(String, i64)>, unused: &KeyId) {
+    assert_eq!(rows, vec![(unused.to_string(), 1)]);
+}
+
+#[tokio::test]
+async fn sqlite_keeps_usage_across_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+    let (used, unused) = (KeyId::generate(), KeyId::generate());
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
+            .await
+            .unwrap();
+        let old = before(sqlx::migrate!("./migrations/sqlite"), 3);
+        seed(&pool, old, old_rows(&used, &unused, "zeroblob(32)")).await;
+        pool.close().await;
+    }
+    let store = store::open(&url).await.unwrap();
+    check_upgraded(&*store, &used, &unused).await;
+    store.close().await;
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let rows = sqlx::query_as(USAGE_ROWS).fetch_all(&pool).await;
+    assert_only(rows.unwrap(), &unused);
+}
+
+#[tokio::test]
+async fn postgres_keeps_usage_across_the_upgrade() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let (used, unused) = (KeyId::generate(), KeyId::generate());
+    {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let old = before(sqlx::migrate!("./migrations/postgres"), 2);
+        seed(
+            &pool,
+            old,
+            old_rows(&used, &unused, "decode(repeat('00', 32), 'hex')"),
+        )
+        .await;
+        pool.close().await;
+    }
+    let store = store::open(&db.url).await.unwrap();
+    check_upgraded(&*store, &used, &unused).await;
+    store.close().await;
+
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let rows = sqlx::query_as(USAGE_ROWS).fetch_all(&pool).await;
+    assert_only(rows.unwrap(), &unused);
+}
