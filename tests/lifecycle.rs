@@ -238,6 +238,79 @@ async fn a_stopped_keygate_leaves_its_store_in_one_file() {
     store.close().await;
 }
 
+/// `keygate backup` copies the store while the server writes to it: the
+/// copy holds what the log held too, it never overwrites a file, and a
+/// PostgreSQL store is pointed at pg_dump.
+#[tokio::test]
+async fn backup_copies_a_serving_store_into_a_new_file() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let config_arg = config.to_str().unwrap();
+    let first = bootstrap(&config);
+    let _server = serve(&config, proxy, admin).await;
+    // A key the server writes: it sits in the log, not yet in keygate.db.
+    let created = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{admin}/api/v1/api-keys"))
+        .bearer_auth(&first)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"spec": {{"displayName": "late", "expiryTime": "{}"}}}}"#,
+            humantime::format_rfc3339_seconds(
+                std::time::SystemTime::now() + Duration::from_secs(86_400)
+            )
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: serde_json::Value = created.json().await.unwrap();
+    let second = created["token"].as_str().unwrap().to_string();
+    let wal = std::fs::metadata(dir.path().join("keygate.db-wal")).unwrap();
+    assert!(
+        wal.len() > 0,
+        "the server's write went straight to keygate.db"
+    );
+
+    let copy = dir.path().join("copy.db");
+    let copy_arg = copy.to_str().unwrap();
+    run_cli(["backup", "--to", copy_arg, "--config", config_arg]);
+    let store = keygate::store::open(&format!("sqlite://{copy_arg}"))
+        .await
+        .unwrap();
+    for (token, name) in [(&first, "bootstrap"), (&second, "late")] {
+        let key = store.get_key(&key_id(token)).await.unwrap();
+        assert!(key.is_some(), "the copy lacks the {name} key");
+    }
+    store.close().await;
+
+    // An existing file is never overwritten, nor is a PostgreSQL store
+    // copied: both refused as usage errors that say why.
+    let before = std::fs::read(&copy).unwrap();
+    for (args, expected) in [
+        (
+            vec!["backup", "--to", copy_arg, "--config", config_arg],
+            "already exists",
+        ),
+        (
+            vec![
+                "backup",
+                "--to",
+                "/tmp/x.db",
+                "--store",
+                "postgres://localhost/test",
+            ],
+            "pg_dump",
+        ),
+    ] {
+        let out = Command::new(KEYGATE).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+}
+
 #[tokio::test]
 async fn sighup_reloads_the_config_file() {
     let upstream = RecordingUpstream::start().await;

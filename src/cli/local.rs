@@ -1,10 +1,17 @@
-//! Commands that open the store directly: `bootstrap` and
-//! `apikey create --local`.
+//! Commands that open the store directly: `bootstrap`, `backup`,
+//! `apikey create --local` and `apikey import`.
 
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
 use crate::key::TokenFormat;
-use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal};
+use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore};
+
+fn cannot_open(url: &str, error: store::StoreError) -> Failure {
+    Failure {
+        code: EX_UNAVAILABLE,
+        message: format!("cannot open the key store at {url}: {error}"),
+    }
+}
 
 /// Opens the store, runs `work` on it and closes it whatever `work`
 /// returned, so the command leaves the store as a stopped server does (for
@@ -13,10 +20,7 @@ async fn with_store<T>(
     url: &str,
     work: impl AsyncFnOnce(&dyn KeyStore) -> Result<T, Failure>,
 ) -> Result<T, Failure> {
-    let store = store::open(url).await.map_err(|e| Failure {
-        code: EX_UNAVAILABLE,
-        message: format!("cannot open the key store at {url}: {e}"),
-    })?;
+    let store = store::open(url).await.map_err(|e| cannot_open(url, e))?;
     let outcome = work(&*store).await;
     store.close().await;
     outcome
@@ -48,6 +52,31 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             );
             eprintln!("This is the only time the key is shown; store it safely:");
             println!("{}", token.expose());
+            Ok(())
+        }
+        Command::Backup { to, store } => {
+            let (url, _) = store_settings(&store)?;
+            if !url.starts_with("sqlite:") {
+                return Err(Failure::usage(
+                    "backup copies a SQLite store; back up PostgreSQL with pg_dump",
+                ));
+            }
+            // Refused here with the path named; SQLite would also refuse to
+            // write into a file that is not empty.
+            if to.exists() {
+                return Err(Failure::usage(format!(
+                    "{} already exists; backup writes a new file",
+                    to.display()
+                )));
+            }
+            let store = SqliteStore::open(&url)
+                .await
+                .map_err(|e| cannot_open(&url, e))?;
+            let written = store.back_up_into(&to).await;
+            store.close().await;
+            written
+                .map_err(|e| Failure::runtime(format!("could not write {}: {e}", to.display())))?;
+            eprintln!("Wrote a copy of the key store to {}.", to.display());
             Ok(())
         }
         Command::Apikey {

@@ -1,5 +1,6 @@
-//! The command line: `serve` runs the server; `bootstrap` and `apikey create
-//! --local` work on the store directly (`local`); the other commands are
+//! The command line: `serve` runs the server; `bootstrap`, `backup`,
+//! `apikey create --local` and `apikey import` work on the store directly
+//! (`local`); the other commands are
 //! clients of the admin API (`commands` over `remote`, printed by `output`).
 //!
 //! Exit codes: 0 success, 1 runtime failure, 64 bad usage or configuration
@@ -51,6 +52,16 @@ pub enum Command {
         /// Lifetime of the admin's key (default: the account's maximum).
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+    },
+    /// Copy the SQLite store into a new file while keygate may be serving
+    /// from it (a consistent snapshot, the write-ahead log included). For
+    /// PostgreSQL, use pg_dump.
+    Backup {
+        /// The file to write; must not exist yet.
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Manage API keys.
     Apikey {
@@ -392,6 +403,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve::run(&config),
         command @ (Command::Bootstrap { .. }
+        | Command::Backup { .. }
         | Command::Apikey {
             command: ApikeyCommand::Create { local: true, .. } | ApikeyCommand::Import { .. },
             ..

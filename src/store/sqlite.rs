@@ -92,6 +92,22 @@ impl SqliteStore {
         Ok(SqliteStore { reader, writer })
     }
 
+    /// Writes a consistent copy of the whole store, what the write-ahead
+    /// log holds included, into the new file `to` (`VACUUM INTO`: one read
+    /// transaction, so a server may go on writing meanwhile).
+    pub async fn back_up_into(&self, to: &std::path::Path) -> Result<(), StoreError> {
+        let to = to.to_str().ok_or_else(|| {
+            StoreError::Unavailable(sqlx::Error::Configuration(
+                "the backup path must be UTF-8".into(),
+            ))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(to)
+            .execute(&self.reader)
+            .await?;
+        Ok(())
+    }
+
     async fn begin(&self) -> Result<Transaction<'static, sqlx::Sqlite>, StoreError> {
         match self.writer.begin_with("BEGIN IMMEDIATE").await {
             // When SQLite rolls a transaction back by itself (SQLITE_FULL or
