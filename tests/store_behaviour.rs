@@ -883,6 +883,18 @@ async fn pagination_covers_everything_once(store: Arc<dyn KeyStore>) {
             .collect::<Vec<_>>(),
         vec![sa_key]
     );
+    // Both filters: they must agree (the owner is a user).
+    for (kind, expected) in [
+        (OwnerType::User, owner_keys.len()),
+        (OwnerType::ServiceAccount, 0),
+    ] {
+        let both = KeyFilter {
+            owner_id: Some(owner.id.clone()),
+            owner_type: Some(kind),
+        };
+        let listed = store.list_keys(&both, &page(100, None)).await.unwrap();
+        assert_eq!(listed.items.len(), expected, "{kind:?}");
+    }
     let all = store
         .list_keys(&KeyFilter::default(), &page(100, None))
         .await

@@ -175,18 +175,29 @@ where
         page: &PageRequest,
     ) -> Result<Page<ApiKey>, StoreError> {
         let size = page_size(page);
-        // The casts type the parameters for PostgreSQL when they are null.
-        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} WHERE k.id > $1 \
-             AND (CAST($2 AS TEXT) IS NULL OR k.owner_id = $2) \
-             AND (CAST($3 AS TEXT) IS NULL OR p.kind = $3) ORDER BY k.id LIMIT $4"
-        ))
-        .bind(page.after.as_deref().unwrap_or(""))
-        .bind(filter.owner_id.as_deref())
-        .bind(filter.owner_type.map(OwnerType::as_str))
-        .bind(size + 1)
-        .fetch_all(pool)
-        .await?;
+        // Only the filters given are in the SQL, so that an owner's keys are
+        // read through the (owner_id, id) index: written as `$2 IS NULL OR
+        // k.owner_id = $2`, both databases walked every key in id order
+        // (2.1 s for one owner's key among 1,000,000 on SQLite).
+        let mut sql = format!("SELECT {KEY_COLUMNS} WHERE k.id > $1");
+        let mut params = 1;
+        if filter.owner_id.is_some() {
+            params += 1;
+            sql.push_str(&format!(" AND k.owner_id = ${params}"));
+        }
+        if filter.owner_type.is_some() {
+            params += 1;
+            sql.push_str(&format!(" AND p.kind = ${params}"));
+        }
+        sql.push_str(&format!(" ORDER BY k.id LIMIT ${}", params + 1));
+        let mut query = sqlx::query_as(&sql).bind(page.after.as_deref().unwrap_or(""));
+        if let Some(owner_id) = &filter.owner_id {
+            query = query.bind(owner_id.as_str());
+        }
+        if let Some(owner_type) = filter.owner_type {
+            query = query.bind(owner_type.as_str());
+        }
+        let rows: Vec<KeyRow> = query.bind(size + 1).fetch_all(pool).await?;
         let items = rows
             .into_iter()
             .map(ApiKey::try_from)
