@@ -239,8 +239,9 @@ async fn a_stopped_keygate_leaves_its_store_in_one_file() {
 }
 
 /// `keygate backup` copies the store while the server writes to it: the
-/// copy holds what the log held too, it never overwrites a file, and a
-/// PostgreSQL store is pointed at pg_dump.
+/// copy holds what the log held too, it never overwrites a file, a
+/// PostgreSQL store is pointed at pg_dump, and a mistyped path is not a new
+/// empty store.
 #[tokio::test]
 async fn backup_copies_a_serving_store_into_a_new_file() {
     let upstream = RecordingUpstream::start().await;
@@ -301,6 +302,16 @@ async fn backup_copies_a_serving_store_into_a_new_file() {
                 "postgres://localhost/test",
             ],
             "pg_dump",
+        ),
+        (
+            vec![
+                "backup",
+                "--to",
+                "/tmp/x.db",
+                "--store",
+                "sqlite:///nonexistent/k.db",
+            ],
+            "no SQLite store at /nonexistent/k.db",
         ),
     ] {
         let out = Command::new(KEYGATE).args(&args).output().unwrap();
