@@ -1,13 +1,14 @@
 //! Upgrading a store that holds data: a database left by an earlier
-//! keygate, at the schema before usage moved into `key_usage`, keeps every
-//! key's usage when the current keygate opens it, on both backends.
+//! keygate, at the schema before usage moved into `key_usage` and keys
+//! carried their owner's kind, keeps every key's usage and learns the kinds
+//! when the current keygate opens it, on both backends.
 
 mod support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate::key::KeyId;
-use keygate::store::{self, Actor, KeyStore, UsageDelta};
+use keygate::store::{self, Actor, KeyFilter, KeyStore, OwnerType, PageRequest, UsageDelta};
 use sqlx::migrate::Migrator;
 use support::postgres::PgDatabase;
 
@@ -58,6 +59,20 @@ async fn check_upgraded(store: &dyn KeyStore, used: &KeyId, unused: &KeyId) {
         .unwrap()
         .expect("the unused key");
     assert_eq!((key.request_count, key.last_used), (0, None));
+    // The keys learnt their owner's kind, and list by it.
+    for (kind, expected) in [(OwnerType::User, 2), (OwnerType::ServiceAccount, 0)] {
+        let filter = KeyFilter {
+            owner_id: None,
+            owner_type: Some(kind),
+        };
+        let page = PageRequest {
+            size: 10,
+            after: None,
+        };
+        let listed = store.list_keys(&filter, &page).await.unwrap();
+        assert_eq!(listed.items.len(), expected, "{kind:?}");
+        assert!(listed.items.iter().all(|k| k.owner_type == kind));
+    }
 
     let now = SystemTime::now();
     let deltas = [used, unused].map(|id| UsageDelta {

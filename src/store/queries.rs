@@ -175,10 +175,10 @@ where
         page: &PageRequest,
     ) -> Result<Page<ApiKey>, StoreError> {
         let size = page_size(page);
-        // Only the filters given are in the SQL, so that an owner's keys are
-        // read through the (owner_id, id) index: written as `$2 IS NULL OR
-        // k.owner_id = $2`, both databases walked every key in id order
-        // (2.1 s for one owner's key among 1,000,000 on SQLite).
+        // Only the filters given are in the SQL, so that the keys are read
+        // in id order through the (owner_id, id) or (owner_type, id) index:
+        // written as `$2 IS NULL OR k.owner_id = $2`, SQLite walked every
+        // key (2.1 s for one owner's key among 1,000,000).
         let mut sql = format!("SELECT {KEY_COLUMNS} WHERE k.id > $1");
         let mut params = 1;
         if filter.owner_id.is_some() {
@@ -187,7 +187,14 @@ where
         }
         if filter.owner_type.is_some() {
             params += 1;
-            sql.push_str(&format!(" AND p.kind = ${params}"));
+            sql.push_str(&if filter.owner_id.is_some() {
+                // One owner has one kind: checked once, as a constant, so
+                // that the planner keeps to the owner's index (SQLite, with
+                // no statistics, took the kind's and read 65 ms of keys).
+                format!(" AND (SELECT kind FROM principals WHERE id = $2) = ${params}")
+            } else {
+                format!(" AND k.owner_type = ${params}")
+            });
         }
         sql.push_str(&format!(" ORDER BY k.id LIMIT ${}", params + 1));
         let mut query = sqlx::query_as(&sql).bind(page.after.as_deref().unwrap_or(""));

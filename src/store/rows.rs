@@ -104,14 +104,13 @@ impl From<NamespaceRow> for Namespace {
     }
 }
 
-/// A key with its owner's kind and its usage (`key_usage`, which has no
-/// row for a key never used).
+/// A key with its usage (`key_usage`, which has no row for a key never
+/// used).
 pub(super) const KEY_COLUMNS: &str =
-    "k.id, k.display_name, k.description, k.owner_id, p.kind AS owner_type, \
+    "k.id, k.display_name, k.description, k.owner_id, k.owner_type, \
      k.namespaces, k.expiry_ms, k.disabled, k.previous_valid_until_ms, k.resource_version, \
      k.created_ms, k.modified_ms, u.last_used_ms, COALESCE(u.request_count, 0) AS request_count \
-     FROM api_keys k JOIN principals p ON p.id = k.owner_id \
-     LEFT JOIN key_usage u ON u.key_id = k.id";
+     FROM api_keys k LEFT JOIN key_usage u ON u.key_id = k.id";
 
 #[derive(FromRow)]
 pub(super) struct KeyRow {

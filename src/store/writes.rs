@@ -689,7 +689,7 @@ where
         let now = to_ms(SystemTime::now());
         let mut sql = String::from(
             "INSERT INTO api_keys (id, secret_digest, display_name, description, owner_id, \
-             namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES ",
+             owner_type, namespaces, expiry_ms, disabled, created_ms, modified_ms) VALUES ",
         );
         let mut args = DB::Arguments::default();
         // Borrowed, not owned: the arguments must outlive the SQL's borrow
@@ -705,6 +705,7 @@ where
             values.push(key.display_name.as_str())?;
             values.push(key.description.as_str())?;
             values.push(key.owner_id.as_str())?;
+            values.push(key.owner_type.as_str())?;
             let namespaces = serde_json::to_string(&key.namespaces).unwrap_or_else(|_| "[]".into());
             values.push(namespaces)?;
             values.push(key.expiry.map(to_ms))?;
@@ -742,7 +743,7 @@ impl<'q, DB: Database> Values<'_, 'q, DB> {
     }
 }
 
-/// Rows per INSERT when importing keys: 10 parameters a row stays well
+/// Rows per INSERT when importing keys: 11 parameters a row stays well
 /// inside SQLite's and PostgreSQL's limits on bound parameters.
 const IMPORT_BATCH: usize = 1000;
 
