@@ -1,8 +1,6 @@
 //! Commands that open the store directly: `bootstrap`, `backup`,
 //! `apikey create --local` and `apikey import`.
 
-use std::str::FromStr;
-
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
 use crate::key::TokenFormat;
@@ -65,12 +63,12 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             }
             // Opening would create a missing store: a mistyped path would
             // back up a new, empty one.
-            let from = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
-                .map_err(|e| Failure::usage(format!("bad store URL {url}: {e}")))?;
-            if !from.get_filename().is_file() {
+            let from = SqliteStore::file_of(&url)
+                .ok_or_else(|| Failure::usage(format!("bad store URL {url}")))?;
+            if !from.is_file() {
                 return Err(Failure::usage(format!(
                     "no SQLite store at {}",
-                    from.get_filename().display()
+                    from.display()
                 )));
             }
             // Refused here with the path named; SQLite would also refuse to

@@ -181,19 +181,22 @@ where
         // key (2.1 s for one owner's key among 1,000,000).
         let mut sql = format!("SELECT {KEY_COLUMNS} WHERE k.id > $1");
         let mut params = 1;
+        let mut owner_param = None;
         if filter.owner_id.is_some() {
             params += 1;
+            owner_param = Some(params);
             sql.push_str(&format!(" AND k.owner_id = ${params}"));
         }
         if filter.owner_type.is_some() {
             params += 1;
-            sql.push_str(&if filter.owner_id.is_some() {
+            sql.push_str(&match owner_param {
                 // One owner has one kind: checked once, as a constant, so
                 // that the planner keeps to the owner's index (SQLite, with
                 // no statistics, took the kind's and read 65 ms of keys).
-                format!(" AND (SELECT kind FROM principals WHERE id = $2) = ${params}")
-            } else {
-                format!(" AND k.owner_type = ${params}")
+                Some(owner) => {
+                    format!(" AND (SELECT kind FROM principals WHERE id = ${owner}) = ${params}")
+                }
+                None => format!(" AND k.owner_type = ${params}"),
             });
         }
         sql.push_str(&format!(" ORDER BY k.id LIMIT ${}", params + 1));

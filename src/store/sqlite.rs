@@ -92,6 +92,13 @@ impl SqliteStore {
         Ok(SqliteStore { reader, writer })
     }
 
+    /// The database file a `sqlite:` URL names; `None` when the URL cannot
+    /// be read as one.
+    pub fn file_of(url: &str) -> Option<std::path::PathBuf> {
+        let options = SqliteConnectOptions::from_str(url).ok()?;
+        Some(options.get_filename().to_path_buf())
+    }
+
     /// Writes a consistent copy of the whole store, what the write-ahead
     /// log holds included, into the new file `to` (`VACUUM INTO`: one read
     /// transaction, so a server may go on writing meanwhile).
