@@ -1,7 +1,8 @@
 //! Upgrading a store that holds data: a database left by an earlier
 //! keygate, at the schema before usage moved into `key_usage` and keys
 //! carried their owner's kind, keeps every key's usage and learns the kinds
-//! when the current keygate opens it, on both backends.
+//! when the current keygate opens it, on both backends; `keygate backup`
+//! copies such a store without upgrading it.
 
 mod support;
 
@@ -163,4 +164,55 @@ async fn postgres_keeps_usage_across_the_upgrade() {
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     let rows = sqlx::query_as(USAGE_ROWS).fetch_all(&pool).await;
     assert_only(rows.unwrap(), &unused);
+}
+
+/// The highest migration a SQLite store at `url` has run.
+async fn sqlite_schema_version(url: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    let (version,) = sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    version
+}
+
+/// `keygate backup` copies a store as it is: one left by an earlier
+/// keygate (which may still be serving it) is neither upgraded by the
+/// newer binary that backs it up nor in the copy, and the copy upgrades
+/// like the original when a keygate opens it.
+#[tokio::test]
+async fn sqlite_backup_leaves_an_older_store_at_its_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("keygate.db");
+    let url = format!("sqlite://{}", original.display());
+    let (used, unused) = (KeyId::generate(), KeyId::generate());
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
+            .await
+            .unwrap();
+        let old = before(sqlx::migrate!("./migrations/sqlite"), 3);
+        seed(&pool, old, old_rows(&used, &unused, "zeroblob(32)")).await;
+        pool.close().await;
+    }
+    let before_backup = std::fs::read(&original).unwrap();
+
+    let copy = dir.path().join("copy.db");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["backup", "--to", copy.to_str().unwrap(), "--store", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sqlite_schema_version(&url).await, 2);
+    assert_eq!(std::fs::read(&original).unwrap(), before_backup);
+    let copy_url = format!("sqlite://{}", copy.display());
+    assert_eq!(sqlite_schema_version(&copy_url).await, 2);
+
+    let store = store::open(&copy_url).await.unwrap();
+    check_upgraded(&*store, &used, &unused).await;
+    store.close().await;
 }

@@ -79,13 +79,13 @@ pub async fn run(command: Command) -> Result<(), Failure> {
                     to.display()
                 )));
             }
-            let store = SqliteStore::open(&url)
-                .await
-                .map_err(|e| cannot_open(&url, e))?;
-            let written = store.back_up_into(&to).await;
-            store.close().await;
-            written
-                .map_err(|e| Failure::runtime(format!("could not write {}: {e}", to.display())))?;
+            SqliteStore::back_up(&url, &to).await.map_err(|e| {
+                Failure::runtime(format!(
+                    "could not copy {} into {}: {e}",
+                    from.display(),
+                    to.display()
+                ))
+            })?;
             eprintln!("Wrote a copy of the key store to {}.", to.display());
             Ok(())
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::queries::{Sql, NO_LOCK};
 use super::writes::{Dialect, Lock};
@@ -99,20 +99,37 @@ impl SqliteStore {
         Some(options.get_filename().to_path_buf())
     }
 
-    /// Writes a consistent copy of the whole store, what the write-ahead
-    /// log holds included, into the new file `to` (`VACUUM INTO`: one read
-    /// transaction, so a server may go on writing meanwhile).
-    pub async fn back_up_into(&self, to: &std::path::Path) -> Result<(), StoreError> {
+    /// Writes a consistent copy of the whole store at `url`, what the
+    /// write-ahead log holds included, into the new file `to` (`VACUUM
+    /// INTO`: one read transaction, so a server may go on writing
+    /// meanwhile).
+    ///
+    /// The store is opened through one read-only connection, not [`open`]:
+    /// a backup copies the store as it is, so it neither creates a missing
+    /// one nor runs this binary's migrations on a store a running (perhaps
+    /// older) keygate is serving.
+    ///
+    /// [`open`]: SqliteStore::open
+    pub async fn back_up(url: &str, to: &std::path::Path) -> Result<(), StoreError> {
         let to = to.to_str().ok_or_else(|| {
             StoreError::Unavailable(sqlx::Error::Configuration(
                 "the backup path must be UTF-8".into(),
             ))
         })?;
-        sqlx::query("VACUUM INTO ?")
-            .bind(to)
-            .execute(&self.reader)
+        let mut source = SqliteConnectOptions::from_str(url)?
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
             .await?;
-        Ok(())
+        let copied = sqlx::query("VACUUM INTO ?")
+            .bind(to)
+            .execute(&mut source)
+            .await;
+        // Closed whatever the copy returned: the connection is the
+        // process's only one, and closing it lets SQLite tidy its files.
+        let closed = source.close().await;
+        copied?;
+        Ok(closed?)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, sqlx::Sqlite>, StoreError> {
