@@ -2,7 +2,8 @@
 //! out exactly as an attacker would write it: request smuggling (Content-Length
 //! against Transfer-Encoding, odd codings and lengths), obs-fold, invalid
 //! bytes, identity look-alikes over HTTP/2 and in trailers, request-target
-//! tricks, oversized HTTP/2 header lists, slow-loris heads and slow bodies.
+//! tricks, oversized HTTP/2 header lists, slow-loris heads, slow bodies and
+//! broken ones.
 //!
 //! The promise checked every time: the attacker gets a clear 4xx or a closed
 //! connection, and the upstream sees nothing the proxy did not authorize.
@@ -510,6 +511,64 @@ async fn a_stalled_body_with_a_key_ends_in_a_clear_status_and_a_closed_connectio
     assert!(started.elapsed() < Duration::from_secs(5));
     all_authorized(&upstream.seen.lock().unwrap(), &admin_key_id(&gate));
     gate.stop().await;
+}
+
+/// A request body the client breaks (chunked framing that does not parse,
+/// or its side of the connection closed before the body's end) is the
+/// client's fault on both paths: 400 `malformed_request_body`, the
+/// connection closed, counted by that reason and never as an upstream
+/// error (it was a 502 `upstream_unavailable` on hyper's path).
+#[tokio::test]
+async fn a_broken_request_body_is_the_clients_400_not_an_upstream_error() {
+    for relay in [true, false] {
+        let upstream = RecordingUpstream::start().await;
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}"))
+            .start()
+            .await;
+        let token = &gate.admin_token;
+        let head = |framing: &str| {
+            format!("POST /echo-body HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n{framing}\r\n\r\n")
+        };
+        let chunked = head("Transfer-Encoding: chunked");
+        // (request, whether the client then closes its sending side)
+        let cases = [
+            (format!("{chunked}zz\r\nhello\r\n0\r\n\r\n"), false),
+            (format!("{chunked}5\r\nhello\r\nzz\r\n"), false),
+            (format!("{chunked}5\r\nhel"), true),
+            (format!("{}abc", head("Content-Length: 10")), true),
+        ];
+        for (request, half_close) in &cases {
+            let mut stream = TcpStream::connect(gate.proxy).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            if *half_close {
+                stream.shutdown().await.unwrap();
+            }
+            let (response, closed) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+            let context = format!("relay {relay}: {request:?} -> {response}");
+            assert_eq!(statuses(&response).first(), Some(&400), "{context}");
+            assert!(response.contains("malformed_request_body"), "{context}");
+            assert!(closed, "{context}");
+        }
+        let metrics = reqwest::get(gate.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted = format!(
+            "keygate_auth_failures_total{{reason=\"malformed_request_body\"}} {}",
+            cases.len()
+        );
+        assert!(metrics.contains(&counted), "relay {relay}: {metrics}");
+        assert!(
+            !metrics.contains("keygate_upstream_errors_total{"),
+            "relay {relay}: {metrics}"
+        );
+        all_authorized(&upstream.seen.lock().unwrap(), &admin_key_id(&gate));
+        gate.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -48,10 +48,12 @@ pub enum ProxyError {
     UpstreamTimeout,
     #[error("the request was not completed within request_timeout")]
     RequestTimeout,
+    #[error("the request body ended early or its framing is invalid")]
+    MalformedBody,
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 14] = [
+const ALL: [ProxyError; 15] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -66,6 +68,7 @@ const ALL: [ProxyError; 14] = [
     ProxyError::UpstreamUnavailable,
     ProxyError::UpstreamTimeout,
     ProxyError::RequestTimeout,
+    ProxyError::MalformedBody,
 ];
 
 /// Who is to blame, for logs: client errors are routine, the rest are not.
@@ -94,6 +97,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::RequestTimeout => "request_timeout",
+            ProxyError::MalformedBody => "malformed_request_body",
         }
     }
 
@@ -113,6 +117,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MalformedBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -127,7 +132,8 @@ impl ProxyError {
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
     /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route),
     /// 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED (the upstream's or the request's
-    /// time ran out).
+    /// time ran out), 13 INTERNAL for a broken request body (gRPC's own
+    /// mapping of HTTP 400).
     fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "16",
@@ -135,6 +141,7 @@ impl ProxyError {
             StatusCode::NOT_FOUND => "12",
             StatusCode::TOO_MANY_REQUESTS => "8",
             StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
+            StatusCode::BAD_REQUEST => "13",
             _ => "14",
         }
     }
@@ -159,6 +166,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "The upstream service did not answer in time.",
             ProxyError::RequestTimeout => {
                 "The request was not completed in time: its upload and the upstream's answer must fit within request_timeout."
+            }
+            ProxyError::MalformedBody => {
+                "The request body ended before its declared length, or its chunked encoding is invalid."
             }
         }
     }
@@ -297,6 +307,16 @@ mod tests {
         assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(ProxyError::RequestTimeout.blame(), Blame::Client);
         assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn a_malformed_body_is_a_400_blamed_on_the_client() {
+        let r = ProxyError::MalformedBody.respond(false);
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(ProxyError::MalformedBody.blame(), Blame::Client);
+        assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
+        let grpc = ProxyError::MalformedBody.respond(true);
+        assert_eq!(grpc.headers()["grpc-status"], "13");
     }
 
     #[test]

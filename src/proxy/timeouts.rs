@@ -286,10 +286,24 @@ struct UploadState {
     /// upstream timeout, client gone): what is left of the body must not
     /// reach the upstream as if it were complete.
     abandoned: AtomicBool,
+    /// Set when the client's body itself failed (invalid chunked framing,
+    /// the connection ending before the declared length): the exchange
+    /// fails then through no fault of the upstream's.
+    client_failed: AtomicBool,
 }
 
 /// The forwarding side's view of an upload.
 pub struct UploadWatch(Option<Arc<UploadState>>);
+
+impl UploadWatch {
+    /// Whether the client's request body failed while it was being read:
+    /// the request is then the client's fault (400), not the upstream's.
+    pub fn client_body_failed(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.client_failed.load(Ordering::Acquire))
+    }
+}
 
 /// Why a request body stopped short: the exchange was abandoned.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +348,11 @@ where
         // the upstream stream (HTTP/2) or close the connection (HTTP/1).
         if self.abandoned() {
             return Poll::Ready(Some(Err(UploadAbandoned.into())));
+        }
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            if let Some(state) = &self.state {
+                state.client_failed.store(true, Ordering::Release);
+            }
         }
         // hyper stops polling a body that says it has ended, so the last
         // frame may never be followed by `None`.
@@ -380,7 +399,7 @@ impl Drop for AbandonOnDrop {
 /// answer, the rest of the request body is withheld from the upstream.
 pub async fn wait_for_response_head<F: Future>(
     response: F,
-    upload: UploadWatch,
+    upload: &UploadWatch,
     upstream_timeout: Duration,
 ) -> Result<F::Output, ()> {
     let mut abandon = AbandonOnDrop(upload.0.clone());
@@ -466,11 +485,15 @@ mod tests {
     #[tokio::test]
     async fn the_upstream_clock_starts_when_the_upload_has_been_sent() {
         let state = Arc::new(UploadState::default());
-        let waited = tokio::spawn(wait_for_response_head(
-            std::future::pending::<()>(),
-            UploadWatch(Some(state.clone())),
-            Duration::from_millis(50),
-        ));
+        let watch = UploadWatch(Some(state.clone()));
+        let waited = tokio::spawn(async move {
+            wait_for_response_head(
+                std::future::pending::<()>(),
+                &watch,
+                Duration::from_millis(50),
+            )
+            .await
+        });
         // Uploading for longer than the upstream timeout is not the upstream's fault.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waited.is_finished());
@@ -501,7 +524,7 @@ mod tests {
         // client's stream stops, which hyper reports as a clean end.
         let waiting = wait_for_response_head(
             std::future::pending::<()>(),
-            upload,
+            &upload,
             Duration::from_secs(60),
         );
         assert!(tokio::time::timeout(Duration::from_millis(10), waiting)
@@ -521,7 +544,7 @@ mod tests {
         );
         let (req, upload) = watch_upload(Request::new(StreamBody::new(frames)));
         let answered =
-            wait_for_response_head(async { "head" }, upload, Duration::from_secs(60)).await;
+            wait_for_response_head(async { "head" }, &upload, Duration::from_secs(60)).await;
         assert_eq!(answered, Ok("head"));
         let body = req.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ab");

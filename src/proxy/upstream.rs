@@ -119,8 +119,12 @@ impl UpstreamClients {
         };
         *req.version_mut() = version;
         let (req, upload) = timeouts::watch_upload(req);
-        match timeouts::wait_for_response_head(client.request(req), upload, self.timeout).await {
+        match timeouts::wait_for_response_head(client.request(req), &upload, self.timeout).await {
             Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) if upload.client_body_failed() => {
+                tracing::debug!(%error, "the client's request body failed");
+                Err(ProxyError::MalformedBody)
+            }
             Ok(Err(error)) => {
                 tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");
                 Err(ProxyError::UpstreamUnavailable)

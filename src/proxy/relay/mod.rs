@@ -468,7 +468,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 let read = self.io.read_buf(&mut self.buf);
                 match self.timer.run(deadline, read).await {
                     Ok(Ok(n)) if n > 0 => {}
-                    Ok(_) => return Err(Failure::Client),
+                    // The client closed its side before the declared
+                    // length: it may still read the answer that says so.
+                    Ok(Ok(_)) => {
+                        return Err(Failure::Proxy {
+                            error: ProxyError::MalformedBody,
+                            body_consumed: false,
+                        })
+                    }
+                    Ok(Err(_)) => return Err(Failure::Client),
                     Err(_) => {
                         return Err(Failure::Proxy {
                             error: ProxyError::RequestTimeout,
