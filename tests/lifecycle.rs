@@ -467,6 +467,16 @@ async fn access_log_lines_in_compact_and_json_formats() {
         let wrong = format!("{}{last}", &key[..key.len() - 1]);
         let refused = client.get(&url).bearer_auth(&wrong).send().await.unwrap();
         assert_eq!(refused.status(), 401);
+        // A head that does not parse: hyper answers it, and it is logged.
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, b"GARBAGE\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer).await;
+        assert!(answer.starts_with(b"HTTP/1.1 400 "));
         signal(&server.child, "TERM");
         let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
         assert!(status.success());
@@ -475,7 +485,7 @@ async fn access_log_lines_in_compact_and_json_formats() {
             .lines()
             .filter(|l| l.contains("keygate::access"))
             .collect();
-        assert_eq!(access.len(), 2, "{logs}");
+        assert_eq!(access.len(), 3, "{logs}");
         let key_id = &key[3..19];
         if format == "json" {
             let lines: Vec<serde_json::Value> = access
@@ -493,6 +503,9 @@ async fn access_log_lines_in_compact_and_json_formats() {
             assert!(lines[1].get("key_id").is_none());
             assert_eq!(lines[1]["status"], 401);
             assert_eq!(lines[1]["refusal"], "malformed_api_key");
+            assert_eq!(lines[2]["method"], "-");
+            assert_eq!(lines[2]["status"], 400);
+            assert_eq!(lines[2]["refusal"], "malformed_request");
         } else {
             let ok = access[0];
             assert!(ok.contains("  INFO keygate::access: "), "{ok}");
@@ -504,6 +517,11 @@ async fn access_log_lines_in_compact_and_json_formats() {
             assert!(
                 refused.contains(" status=401 refusal=\"malformed_api_key\" latency_us="),
                 "{refused}"
+            );
+            let unparsed = access[2];
+            assert!(
+                unparsed.contains(" status=400 refusal=\"malformed_request\" latency_us="),
+                "{unparsed}"
             );
         }
     }

@@ -235,3 +235,72 @@ async fn deleted_keys_give_their_series_slots_to_new_keys() {
     assert!(!text.contains("_other"), "nothing counted under _other");
     gate.stop().await;
 }
+
+/// A request head hyper cannot parse is answered by hyper (400; 431 when it
+/// is too large, 414 for a target of 64 KiB), on both paths; it is counted
+/// among the refusals by reason like every other, where an operator looking
+/// for the 400s their clients report can find it.
+#[tokio::test]
+async fn unparsable_heads_are_counted_by_reason() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    for relay in [true, false] {
+        let upstream = RecordingUpstream::start().await;
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}\nmax_header_bytes = 131072"))
+            .start()
+            .await;
+        let big = "a".repeat(140_000);
+        let long_target = "a".repeat(70_000);
+        let heads = [
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nBad Header: y\r\n\r\n".to_string(),
+                400,
+            ),
+            ("GARBAGE\r\n\r\n".to_string(), 400),
+            (
+                format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
+                431,
+            ),
+            (
+                format!("GET /{long_target} HTTP/1.1\r\nHost: a\r\n\r\n"),
+                414,
+            ),
+        ];
+        for (head, status) in &heads {
+            let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "relay {relay}: {:?} -> {answer}",
+                &head[..20]
+            );
+        }
+        let text = scrape(&gate).await;
+        let refusals: BTreeMap<String, f64> = samples(&text, "keygate_auth_failures_total")
+            .into_iter()
+            .map(|(labels, value)| (labels["reason"].clone(), value))
+            .collect();
+        assert_eq!(
+            refusals.get("malformed_request"),
+            Some(&2.0),
+            "relay {relay}: {text}"
+        );
+        assert_eq!(
+            refusals.get("request_head_too_large"),
+            Some(&1.0),
+            "relay {relay}: {text}"
+        );
+        assert_eq!(
+            refusals.get("uri_too_long"),
+            Some(&1.0),
+            "relay {relay}: {text}"
+        );
+        assert_eq!(upstream.count(), 0);
+        gate.stop().await;
+    }
+}

@@ -50,10 +50,19 @@ pub enum ProxyError {
     RequestTimeout,
     #[error("the request body ended early or its framing is invalid")]
     MalformedBody,
+    // The next three are hyper's answers to a head it cannot parse, which
+    // it writes itself, without a body; they are here for their code in
+    // the metrics and the access log ([`ProxyError::from_unparsed_head`]).
+    #[error("the request head could not be parsed")]
+    MalformedRequest,
+    #[error("the request head is larger than max_header_bytes")]
+    RequestHeadTooLarge,
+    #[error("the request target is too long")]
+    UriTooLong,
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 15] = [
+const ALL: [ProxyError; 18] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -69,6 +78,9 @@ const ALL: [ProxyError; 15] = [
     ProxyError::UpstreamTimeout,
     ProxyError::RequestTimeout,
     ProxyError::MalformedBody,
+    ProxyError::MalformedRequest,
+    ProxyError::RequestHeadTooLarge,
+    ProxyError::UriTooLong,
 ];
 
 /// Who is to blame, for logs: client errors are routine, the rest are not.
@@ -98,6 +110,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::MalformedBody => "malformed_request_body",
+            ProxyError::MalformedRequest => "malformed_request",
+            ProxyError::RequestHeadTooLarge => "request_head_too_large",
+            ProxyError::UriTooLong => "uri_too_long",
         }
     }
 
@@ -117,7 +132,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::MalformedBody => StatusCode::BAD_REQUEST,
+            ProxyError::MalformedBody | ProxyError::MalformedRequest => StatusCode::BAD_REQUEST,
+            ProxyError::RequestHeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -170,6 +187,11 @@ impl ProxyError {
             ProxyError::MalformedBody => {
                 "The request body ended before its declared length, or its chunked encoding is invalid."
             }
+            ProxyError::MalformedRequest => "The request head could not be parsed as HTTP/1.1.",
+            ProxyError::RequestHeadTooLarge => {
+                "The request head is larger than max_header_bytes or has more than max_headers headers."
+            }
+            ProxyError::UriTooLong => "The request target is too long.",
         }
     }
 
@@ -218,6 +240,26 @@ impl ProxyError {
 }
 
 impl ProxyError {
+    /// The refusal hyper's server answered for a request head it could not
+    /// parse (400, 431 or 414, written by hyper), or `None` when the
+    /// connection's error was not one of those.
+    pub fn from_unparsed_head(error: &hyper::Error) -> Option<ProxyError> {
+        if error.is_parse_too_large() {
+            // hyper tells a too-long target from a too-large head only in
+            // its message; both are parse-too-large.
+            let uri = error.to_string().starts_with("URI");
+            Some(if uri {
+                ProxyError::UriTooLong
+            } else {
+                ProxyError::RequestHeadTooLarge
+            })
+        } else if error.is_parse() {
+            Some(ProxyError::MalformedRequest)
+        } else {
+            None
+        }
+    }
+
     /// The same HTTP response as [`Self::respond`], serialized as HTTP/1.1
     /// for the relay, which answers upstream failures itself.
     pub fn render_http1(self, out: &mut Vec<u8>, close: bool) {

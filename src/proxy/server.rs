@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
@@ -28,8 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use super::handler::handle;
+use super::handler::{handle, record, record_failure, Outcome};
 use super::headers::ConnectionInfo;
+use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
 use super::timeouts::{self, Connections, OpenConnection};
 use super::ProxyState;
@@ -231,7 +232,22 @@ async fn serve_hyper<S>(
         .builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
-        tracing::debug!(%error, %peer, "connection ended with an error");
+        let unparsed = error
+            .downcast_ref::<hyper::Error>()
+            .and_then(ProxyError::from_unparsed_head);
+        match unparsed {
+            // hyper has answered it; it is counted and logged like every
+            // other refusal, with no method, route or key to name (and a
+            // latency of nothing: it never became a request).
+            Some(refusal) => {
+                let state = shared.states.load();
+                let outcome = Outcome::default();
+                record_failure(&state, refusal, &outcome);
+                let status = refusal.status().as_u16();
+                record(&state, "-", status, Some(refusal), &outcome, Instant::now());
+            }
+            None => tracing::debug!(%error, %peer, "connection ended with an error"),
+        }
     }
 }
 
