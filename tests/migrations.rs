@@ -110,6 +110,19 @@ where
     }
 }
 
+/// A SQLite store at `url` as the earlier schema (before migration 3)
+/// left it, holding [`old_rows`]: the used key and the unused one.
+async fn old_sqlite_store(url: &str) -> (KeyId, KeyId) {
+    let (used, unused) = (KeyId::generate(), KeyId::generate());
+    let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
+        .await
+        .unwrap();
+    let old = before(sqlx::migrate!("./migrations/sqlite"), 3);
+    seed(&pool, old, old_rows(&used, &unused, "zeroblob(32)")).await;
+    pool.close().await;
+    (used, unused)
+}
+
 const USAGE_ROWS: &str = "SELECT key_id, request_count FROM key_usage";
 
 /// The usage table after [`check_upgraded`]: the deleted key's row went
@@ -122,15 +135,7 @@ fn assert_only(rows: Vec<(String, i64)>, unused: &KeyId) {
 async fn sqlite_keeps_usage_across_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
-    let (used, unused) = (KeyId::generate(), KeyId::generate());
-    {
-        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
-            .await
-            .unwrap();
-        let old = before(sqlx::migrate!("./migrations/sqlite"), 3);
-        seed(&pool, old, old_rows(&used, &unused, "zeroblob(32)")).await;
-        pool.close().await;
-    }
+    let (used, unused) = old_sqlite_store(&url).await;
     let store = store::open(&url).await.unwrap();
     check_upgraded(&*store, &used, &unused).await;
     store.close().await;
@@ -186,15 +191,7 @@ async fn sqlite_backup_leaves_an_older_store_at_its_schema() {
     let dir = tempfile::tempdir().unwrap();
     let original = dir.path().join("keygate.db");
     let url = format!("sqlite://{}", original.display());
-    let (used, unused) = (KeyId::generate(), KeyId::generate());
-    {
-        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
-            .await
-            .unwrap();
-        let old = before(sqlx::migrate!("./migrations/sqlite"), 3);
-        seed(&pool, old, old_rows(&used, &unused, "zeroblob(32)")).await;
-        pool.close().await;
-    }
+    let (used, unused) = old_sqlite_store(&url).await;
     let before_backup = std::fs::read(&original).unwrap();
 
     let copy = dir.path().join("copy.db");
