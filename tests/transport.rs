@@ -305,6 +305,48 @@ async fn oversized_and_too_many_headers_are_refused() {
     gate.stop().await;
 }
 
+/// A `max_header_bytes` below 8 KiB, the least hyper's read buffer takes,
+/// holds on hyper's path too: a 4 KiB head is refused with 431 (and
+/// `request_head_too_large`) through the relay and through hyper, and a head
+/// within the limit passes.
+#[tokio::test]
+async fn a_small_max_header_bytes_holds_on_both_paths() {
+    for relay in [true, false] {
+        let upstream = RecordingUpstream::start().await;
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("max_header_bytes = 2048\nhttp1_relay = {relay}"))
+            .start()
+            .await;
+        let head = |filler: usize| {
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nAuthorization: Bearer {}\r\nx-fill: {}\r\n\r\n",
+                gate.admin_token,
+                "a".repeat(filler)
+            )
+        };
+        let response =
+            raw_exchange(gate.proxy, head(4096).as_bytes(), Duration::from_secs(3)).await;
+        assert!(
+            response.starts_with("HTTP/1.1 431"),
+            "relay {relay}: {response}"
+        );
+        assert!(
+            response.contains("request_head_too_large"),
+            "relay {relay}: {response}"
+        );
+        assert_eq!(upstream.count(), 0, "relay {relay}");
+        let response =
+            raw_exchange(gate.proxy, head(1024).as_bytes(), Duration::from_secs(3)).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "relay {relay}: {response}"
+        );
+        assert_eq!(upstream.count(), 1, "relay {relay}");
+        gate.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn slow_header_senders_are_cut_off() {
     let upstream = RecordingUpstream::start().await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
@@ -35,17 +35,29 @@ pub(super) struct Outcome<'a> {
 }
 
 /// Serves one request. Never fails: every error is a response.
+///
+/// `head_limit` is `max_header_bytes` when it is below what hyper's read
+/// buffer enforces by itself (8 KiB): an HTTP/1.1 head over it is refused
+/// here, as the relay and HTTP/2 refuse it.
 pub async fn handle(
     state: Arc<ProxyState>,
     conn: Arc<ConnectionInfo>,
     req: Request<Incoming>,
+    head_limit: Option<usize>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let mut outcome = Outcome::default();
+    let oversized =
+        req.version() < Version::HTTP_2 && head_limit.is_some_and(|l| http1_head_len(&req) > l);
     // Up to the response head only: a response that has started is never cut.
-    let exchange = pipeline(&state, &conn, req, grpc, &mut outcome);
+    let exchange = async {
+        if oversized {
+            return Err(ProxyError::RequestHeadTooLarge);
+        }
+        pipeline(&state, &conn, req, grpc, &mut outcome).await
+    };
     let (response, refusal) = match within_request_timeout(state.request_timeout, exchange).await {
         Ok(response) => (response, None),
         Err(error) => {
@@ -179,6 +191,22 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     if let Err(error) = copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%error, "upgraded connection ended with an error");
     }
+}
+
+/// The size of `req`'s head as HTTP/1.1 bytes: request line, header lines
+/// and the blank line (hyper does not say how many bytes it read).
+fn http1_head_len<B>(req: &Request<B>) -> usize {
+    let target = match req.uri().path_and_query() {
+        Some(p) if req.uri().scheme().is_none() => p.as_str().len(),
+        _ => req.uri().to_string().len(),
+    };
+    let request_line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let header_lines: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    request_line + header_lines + "\r\n".len()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

@@ -84,8 +84,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        // hyper's read buffer bounds the request head; it needs at least 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // hyper's read buffer bounds the request head; it needs at least
+        // 8 KiB (a smaller max_header_bytes is checked by the pipeline).
+        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_READ_BUFFER))
         .max_headers(limits.max_headers);
     builder
         .http2()
@@ -222,10 +223,12 @@ async fn serve_hyper<S>(
     let conn_info = Arc::new(conn_info);
     let states = shared.states.clone();
     let activity = open.activity();
+    let max_header_bytes = shared.limits.max_header_bytes;
+    let head_limit = (max_header_bytes < HYPER_MIN_READ_BUFFER).then_some(max_header_bytes);
     let service = service_fn(move |req| {
         timeouts::track(
             &activity,
-            handle(states.load_full(), conn_info.clone(), req),
+            handle(states.load_full(), conn_info.clone(), req, head_limit),
         )
     });
     let connection = shared
@@ -250,6 +253,10 @@ async fn serve_hyper<S>(
         }
     }
 }
+
+/// The smallest read buffer hyper's HTTP/1 server takes, which is what
+/// bounds a request head on its path.
+const HYPER_MIN_READ_BUFFER: usize = 8192;
 
 fn connection_info(peer: SocketAddr, proto: &'static str) -> ConnectionInfo {
     ConnectionInfo {
