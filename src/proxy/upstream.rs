@@ -1,7 +1,8 @@
 //! The pooled upstream clients: HTTP/1.1 and HTTP/2 (h2c with prior
 //! knowledge over `http://`, ALPN h2 over `https://`), both streaming bodies
 //! without buffering, with connect and response timeouts mapped to 502 and
-//! 504 (when the response timeout starts is `timeouts`' business).
+//! 504 (when the response timeout starts is `timeouts`' business), and a
+//! request that failed because the client's own body did to 400.
 
 use std::time::Duration;
 
