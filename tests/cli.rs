@@ -372,6 +372,15 @@ async fn flags_errors_and_exit_codes() {
     .await;
     assert_eq!(run.code, 64, "{}", run.stderr);
     assert!(run.stderr.contains("maxKeyLifetime"), "{}", run.stderr);
+    // A lifetime that is not one: clap's usage error, with an example.
+    let run = keygate(
+        &server,
+        Some(&gate.admin_token),
+        &["apikey", "create", "--name", "x", "--duration", "a week"],
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("e.g. 12h, 30d"), "{}", run.stderr);
     // Forbidden for a developer.
     let admin = admin_common::Api::new(&gate, &gate.admin_token);
     let dev = admin.create_user("dev@example.com", "developer", &[]).await;

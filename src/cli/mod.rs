@@ -50,7 +50,7 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArgs,
         /// Lifetime of the admin's key (default: the account's maximum).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = key_lifetime)]
         duration: Option<Duration>,
     },
     /// Copy the SQLite store into a new file while keygate may be serving
@@ -189,7 +189,7 @@ pub enum ApikeyCommand {
         #[arg(long, default_value = "")]
         description: String,
         /// Lifetime, e.g. 24h, 30d (default: the account's maximum).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = key_lifetime)]
         duration: Option<Duration>,
         /// Write straight into the store instead of calling the admin API.
         #[arg(long)]
@@ -221,7 +221,7 @@ pub enum ApikeyCommand {
         #[arg(long)]
         owner_email: String,
         /// Lifetime of the imported keys (default: the account's maximum).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = key_lifetime)]
         duration: Option<Duration>,
         #[command(flatten)]
         store: StoreArgs,
@@ -417,6 +417,14 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+/// A key's lifetime on the command line: humantime's reading, with what a
+/// lifetime looks like when it is not one (its own message names only the
+/// character it stopped at).
+fn key_lifetime(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}: a lifetime is a number and a unit, e.g. 12h, 30d or 1w 2d"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
