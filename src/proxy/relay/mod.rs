@@ -174,7 +174,7 @@ enum Failure {
         error: ProxyError,
         body_consumed: bool,
     },
-    /// The client went away or stalled while sending its body.
+    /// The client's connection failed (a reset) while it sent its body.
     Client,
 }
 
@@ -297,7 +297,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     .await
             }
             Err(Failure::Client) => {
-                record(state, method, 400, None, &outcome, started);
+                // Counted as on hyper's path, as the client's broken body,
+                // with nobody left to answer.
+                let error = ProxyError::MalformedBody;
+                record_failure(state, error, &outcome);
+                let status = error.status().as_u16();
+                record(state, method, status, Some(error), &outcome, started);
                 Next::Close
             }
             Err(Failure::Proxy {
