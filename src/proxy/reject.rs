@@ -5,7 +5,10 @@
 //! Bodies are static strings: a rejection allocates nothing and never echoes
 //! what the client sent.
 
+use std::cell::Cell;
+use std::io::Write;
 use std::sync::LazyLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -274,6 +277,7 @@ impl ProxyError {
         for (name, value) in response.headers() {
             put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
+        put_header(out, b"date", &http_date());
         put_header(out, b"content-length", body.len().to_string().as_bytes());
         if close {
             out.extend_from_slice(b"connection: close\r\n");
@@ -281,6 +285,26 @@ impl ProxyError {
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
     }
+}
+
+/// The `Date` value for the relay's own answers, as hyper puts one on its
+/// (RFC 9110 6.6.1: an origin with a clock sends it on every 4xx and 5xx).
+/// Formatted at most once a second on each thread.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let (at, mut text) = cached.get();
+        if at != second {
+            // IMF-fixdate is always 29 bytes: "Sun, 06 Nov 1994 08:49:37 GMT".
+            let _ = write!(&mut text[..], "{}", httpdate::HttpDate::from(now));
+            cached.set((second, text));
+        }
+        text
+    })
 }
 
 impl From<CredentialError> for ProxyError {
@@ -359,6 +383,20 @@ mod tests {
         assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
         let grpc = ProxyError::MalformedBody.respond(true);
         assert_eq!(grpc.headers()["grpc-status"], "13");
+    }
+
+    #[test]
+    fn the_relays_answers_carry_a_date() {
+        let mut out = Vec::new();
+        ProxyError::InvalidKey.render_http1(&mut out, false);
+        let text = String::from_utf8(out).unwrap();
+        let date = text
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .expect("a date header");
+        let parsed = httpdate::parse_http_date(date).expect("an IMF-fixdate");
+        let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
+        assert!(off.as_secs() < 5, "{date}");
     }
 
     #[test]
