@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::RecordingUpstream;
+use support::{run_cli, RecordingUpstream};
 
 const KEYGATE: &str = env!("CARGO_BIN_EXE_keygate");
 
@@ -45,21 +45,6 @@ fn write_config(
     let path = dir.join("keygate.toml");
     std::fs::write(&path, text).unwrap();
     (path, proxy, admin)
-}
-
-/// Runs a keygate command to completion; its stdout, once it has succeeded.
-fn run_cli<I, S>(args: I) -> String
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let out = Command::new(KEYGATE).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn bootstrap(config: &std::path::Path) -> String {

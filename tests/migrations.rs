@@ -12,6 +12,7 @@ use keygate::key::KeyId;
 use keygate::store::{self, Actor, KeyFilter, KeyStore, OwnerType, PageRequest, UsageDelta};
 use sqlx::migrate::Migrator;
 use support::postgres::PgDatabase;
+use support::run_cli;
 
 /// `migrator` cut to the migrations before `first_new`.
 fn before(mut migrator: Migrator, first_new: i64) -> Migrator {
@@ -195,15 +196,7 @@ async fn sqlite_backup_leaves_an_older_store_at_its_schema() {
     let before_backup = std::fs::read(&original).unwrap();
 
     let copy = dir.path().join("copy.db");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["backup", "--to", copy.to_str().unwrap(), "--store", &url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_cli(["backup", "--to", copy.to_str().unwrap(), "--store", &url]);
     assert_eq!(sqlite_schema_version(&url).await, 2);
     assert_eq!(std::fs::read(&original).unwrap(), before_backup);
     let copy_url = format!("sqlite://{}", copy.display());

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::postgres::PgDatabase;
-use support::RecordingUpstream;
+use support::{run_cli, RecordingUpstream};
 
 const KEYGATE: &str = env!("CARGO_BIN_EXE_keygate");
 
@@ -75,22 +75,13 @@ async fn two_processes_share_revocations_within_a_second() {
     };
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(KEYGATE)
-        .args([
-            "bootstrap",
-            "--email",
-            "ops@example.com",
-            "--store",
-            &db.url,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let admin_token = run_cli([
+        "bootstrap",
+        "--email",
+        "ops@example.com",
+        "--store",
+        &db.url,
+    ]);
     let (_a, _a_proxy, a_admin) = replica(dir.path(), "a", &db.url, upstream.addr).await;
     let (_b, b_proxy, _b_admin) = replica(dir.path(), "b", &db.url, upstream.addr).await;
     let client = reqwest::Client::new();
