@@ -219,7 +219,22 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= http::Version::HTTP_11 && req.headers().contains_key(UPGRADE)
 }
 
-pub(super) fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
+/// Metrics and the access-log event of a refusal answered with its own
+/// HTTP status (hyper's path answers gRPC with 200 and records through
+/// [`handle`] instead).
+pub(super) fn record_refusal(
+    state: &ProxyState,
+    method: &str,
+    error: ProxyError,
+    outcome: &Outcome<'_>,
+    started: Instant,
+) {
+    record_failure(state, error, outcome);
+    let status = error.status().as_u16();
+    record(state, method, status, Some(error), outcome, started);
+}
+
+fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
     match error.blame() {
         Blame::Client => state.metrics.auth_failure(error.code()),
         Blame::Upstream => {

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use super::handler::{handle, record, record_failure, Outcome};
+use super::handler::{handle, record_refusal, Outcome};
 use super::headers::ConnectionInfo;
 use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
@@ -244,10 +244,7 @@ async fn serve_hyper<S>(
             // latency of nothing: it never became a request).
             Some(refusal) => {
                 let state = shared.states.load();
-                let outcome = Outcome::default();
-                record_failure(&state, refusal, &outcome);
-                let status = refusal.status().as_u16();
-                record(&state, "-", status, Some(refusal), &outcome, Instant::now());
+                record_refusal(&state, "-", refusal, &Outcome::default(), Instant::now());
             }
             None => tracing::debug!(%error, %peer, "connection ended with an error"),
         }

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use crate::auth::{Credential, CredentialError, VerifiedKey};
 use crate::config::UpstreamProtocol;
 
-use super::handler::{authenticate, record, record_failure, Outcome};
+use super::handler::{authenticate, record, record_refusal, Outcome};
 use super::headers::{connection_tokens, write_response_head, ConnectionInfo};
 use super::reject::ProxyError;
 use super::routes::{strip_port, Route, Upstream};
@@ -300,18 +300,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 // Counted as on hyper's path, as the client's broken body,
                 // with nobody left to answer.
                 let error = ProxyError::MalformedBody;
-                record_failure(state, error, &outcome);
-                let status = error.status().as_u16();
-                record(state, method, status, Some(error), &outcome, started);
+                record_refusal(state, method, error, &outcome, started);
                 Next::Close
             }
             Err(Failure::Proxy {
                 error,
                 body_consumed,
             }) => {
-                record_failure(state, error, &outcome);
-                let status = error.status().as_u16();
-                record(state, method, status, Some(error), &outcome, started);
+                record_refusal(state, method, error, &outcome, started);
                 let close = plan.close || draining || !body_consumed;
                 self.out.clear();
                 error.render_http1(&mut self.out, close);
