@@ -158,6 +158,12 @@ pub struct ProxyConfig {
     /// Serve plain HTTP/1.1 requests to `http://` upstreams with the relay
     /// (`proxy::relay`) instead of hyper; everything else uses hyper anyway.
     pub http1_relay: bool,
+    /// How request paths are read before routing (`proxy::path`): `strict`
+    /// normalizes them, forwards the normalized path and refuses encoded
+    /// slashes; `keep_encoded_slashes` forwards `%2F` and `%5C` as they are
+    /// (for upstreams that do not decode them); `off` routes and forwards
+    /// the bytes the client sent.
+    pub path_normalization: PathNormalization,
     /// Serve TLS (ALPN h2 and http/1.1) on `listen` instead of plain TCP.
     pub tls: Option<TlsConfig>,
     /// CA bundle (PEM) trusted for `https://` upstreams instead of the
@@ -195,6 +201,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(30),
             worker_threads: 0,
             http1_relay: true,
+            path_normalization: PathNormalization::Strict,
             tls: None,
             upstream_ca_file: None,
         }
@@ -207,6 +214,15 @@ pub enum UpstreamProtocol {
     Auto,
     Http1,
     H2c,
+}
+
+/// How request paths are read before routing; see `proxy::path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathNormalization {
+    Strict,
+    KeepEncodedSlashes,
+    Off,
 }
 
 /// One route: requests whose host and path match go to its upstream, in its
@@ -500,6 +516,19 @@ impl Config {
                     "must start with '/'",
                 ));
             }
+            // Requests are normalized before routing: a prefix that is not
+            // normal itself could never match.
+            let normal =
+                crate::proxy::path::normalize(self.proxy.path_normalization, &route.path_prefix);
+            if !matches!(normal, Ok(p) if p == route.path_prefix) {
+                return Err(invalid(
+                    format!("routes[{i}].path_prefix"),
+                    &route.path_prefix,
+                    "must be a normalized path, as requests are normalized before routing: \
+                     no '.' or '..' segments, no '//', no escapes of letters, digits or '-._~', \
+                     escapes in upper case, no encoded slash, backslash or NUL",
+                ));
+            }
             if let Some(host) = &route.host {
                 if host.is_empty() || host.contains([':', '/', ' ']) {
                     return Err(invalid(
@@ -625,6 +654,18 @@ mod tests {
                 "request_timeout",
             ),
             ("[proxy]\nupstream = \"http://a\"\nbogus = 1", "bogus"),
+            (
+                "[proxy]\nupstream = \"http://a\"\npath_normalization = \"loose\"",
+                "path_normalization",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/a//b\"\nupstream = \"http://a\"",
+                "routes[0].path_prefix",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/%61pi\"\nupstream = \"http://a\"",
+                "must be a normalized path",
+            ),
             (
                 "[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"mysql://x\"",
                 "store.url",

@@ -63,6 +63,24 @@ async fn traefik_and_envoy_shapes_get_decisions() {
         .unwrap();
     assert_eq!(r.status(), 403);
 
+    // The original path is read as the proxy reads its own: normalized
+    // before routing, so a spelling of /orders is decided under /orders.
+    for (uri, status) in [
+        ("/%6Frders/42", 403),
+        ("/x/../orders/42", 403),
+        ("/x%2f..", 400),
+    ] {
+        let r = client
+            .get(gate.proxy_url("/verify"))
+            .header("x-forwarded-method", "DELETE")
+            .header("x-forwarded-uri", uri)
+            .bearer_auth(&reader_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{uri}");
+    }
+
     // Envoy ext_authz (HTTP): original method, original path after the prefix.
     let r = client
         .post(gate.proxy_url("/verify/orders/42"))

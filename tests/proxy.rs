@@ -674,3 +674,118 @@ async fn keys_over_their_rate_get_429_and_nothing_is_forwarded() {
         assert_eq!(get(&first).await.unwrap().status(), 200);
     }
 }
+
+/// One request on its own connection, raw (HTTP clients normalize paths
+/// before sending them): the status, the error code if any.
+async fn raw_status(gate: &Gate, path: &str, token: &str) -> (u16, String) {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    let response = raw_http(gate.proxy, request.as_bytes()).await;
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status for {path}: {response:?}"));
+    let code = response
+        .split("\"code\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_string();
+    (status, code)
+}
+
+/// A route is an authorization boundary: every spelling of a path under it
+/// that an upstream would serve as that path is authorized under it, and
+/// the upstream receives the normalized path. On both paths (relay, hyper).
+/// A gate with the route `/admin` (namespace `ops`) beside the default
+/// route, both to `upstream`, with `proxy_line` in [proxy]; and the token
+/// of a developer without access to `ops`.
+async fn gate_with_an_admin_route(
+    upstream: &RecordingUpstream,
+    proxy_line: &str,
+) -> (Gate, String) {
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"http://{0}\"\nnamespace = \"ops\"\n",
+        upstream.addr
+    );
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(proxy_line)
+        .extra(&routes)
+        .start()
+        .await;
+    let outsider = gate
+        .user("out@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, outsider) = gate.key_for(&outsider).await;
+    (gate, outsider)
+}
+
+/// A route is an authorization boundary: every spelling of a path under it
+/// that an upstream would serve as that path is authorized under it, and
+/// the upstream receives the normalized path. On both paths (relay, hyper).
+#[tokio::test]
+async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let (gate, outsider) =
+            gate_with_an_admin_route(&upstream, &format!("http1_relay = {relay}")).await;
+        let admin = gate.admin_token.clone();
+        // The default route takes any valid key.
+        assert_eq!(raw_status(&gate, "/public/x", &outsider).await.0, 200);
+        for path in [
+            "/admin/x",
+            "/%61dmin/x",
+            "/%41dmin/x/../../admin/x",
+            "/public/../admin/x",
+            "/public/%2e%2e/admin/x",
+            "/./admin/x",
+            "//admin/x",
+            "/admin;jsessionid=1/x",
+        ] {
+            let refused = raw_status(&gate, path, &outsider).await;
+            assert_eq!(refused, (403, "forbidden".into()), "relay={relay} {path}");
+            assert_eq!(
+                raw_status(&gate, path, &admin).await.0,
+                200,
+                "relay={relay} {path}"
+            );
+        }
+        let before = upstream.count();
+        for (path, code) in [
+            ("/public/..%2fadmin/x", "ambiguous_path"),
+            ("/public/..%5Cadmin/x", "ambiguous_path"),
+            ("/admin%00", "ambiguous_path"),
+            ("/public\\..\\admin/x", "ambiguous_path"),
+            ("/a%zz", "malformed_path"),
+        ] {
+            let refused = raw_status(&gate, path, &admin).await;
+            assert_eq!(refused, (400, code.into()), "relay={relay} {path}");
+        }
+        assert_eq!(
+            upstream.count(),
+            before,
+            "a refused path reached the upstream"
+        );
+
+        // The upstream receives the path that was authorized; the query is
+        // the client's.
+        raw_status(&gate, "/%61dmin//./x/%7euser/%c3%a9?q=%2F..%2f", &admin).await;
+        assert_eq!(upstream.last().path, "/admin/x/~user/%C3%A9?q=%2F..%2f");
+        raw_status(&gate, "/docs/a.b/.well-known", &admin).await;
+        assert_eq!(upstream.last().path, "/docs/a.b/.well-known");
+        gate.stop().await;
+    }
+
+    // Opting out: encoded slashes kept as escapes, or no normalization.
+    let (keep, _) =
+        gate_with_an_admin_route(&upstream, "path_normalization = \"keep_encoded_slashes\"").await;
+    let admin = keep.admin_token.clone();
+    assert_eq!(raw_status(&keep, "/repos/a%2fb/./c", &admin).await.0, 200);
+    assert_eq!(upstream.last().path, "/repos/a%2Fb/c");
+    keep.stop().await;
+    let (off, outsider) = gate_with_an_admin_route(&upstream, "path_normalization = \"off\"").await;
+    assert_eq!(raw_status(&off, "/%61dmin/x", &outsider).await.0, 200);
+    assert_eq!(upstream.last().path, "/%61dmin/x");
+    off.stop().await;
+}

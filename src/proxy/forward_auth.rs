@@ -18,6 +18,7 @@ use http_body_util::{Either, Full};
 use crate::auth::VerifiedKey;
 
 use super::handler::authenticate;
+use super::path;
 use super::reject::ProxyError;
 use super::routes::{request_host, strip_port, Route};
 use super::{ProxyBody, ProxyState};
@@ -69,8 +70,9 @@ pub async fn decide<'s, B>(
             envoy_path
         });
     let path = path.split('?').next().unwrap_or("/");
+    let path = path::normalize(state.path_normalization, path)?;
     // Without a matching route the request is only authenticated.
-    let route = state.routes.select(host, path);
+    let route = state.routes.select(host, &path);
     *route_seen = route;
 
     let credential = state.credentials.extract(headers)?;

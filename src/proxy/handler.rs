@@ -4,12 +4,13 @@
 //! Each step is a call into the module that owns it; failures are typed
 //! `ProxyError`s turned into responses by `reject` alone.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
@@ -20,6 +21,7 @@ use crate::telemetry::counted::CountedBody;
 
 use super::forward_auth;
 use super::headers::{strip_hop_by_hop, ConnectionInfo};
+use super::path;
 use super::reject::{Blame, ProxyError};
 use super::routes::{request_host, Route};
 use super::timeouts::within_request_timeout;
@@ -91,12 +93,26 @@ async fn pipeline<'s>(
         }
     }
 
-    // 1. Route: which upstream and namespace.
+    // 1. Route: which upstream and namespace, by the normalized path,
+    //    which is also the one forwarded.
+    let normalized = match path::normalize(state.path_normalization, req.uri().path())? {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(path) => Some(path),
+    };
     let route = state
         .routes
-        .select(request_host(&req), req.uri().path())
+        .select(
+            request_host(&req),
+            normalized.as_deref().unwrap_or(req.uri().path()),
+        )
         .ok_or(ProxyError::NoRoute)?;
     outcome.route = Some(route);
+    if let Some(path) = normalized {
+        let target = path::with_query(&path, req.uri().query());
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(target.parse().map_err(|_| ProxyError::MalformedPath)?);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::MalformedPath)?;
+    }
 
     // 2. Extract the credential (no I/O).
     let credential = state.credentials.extract(req.headers())?;

@@ -4,6 +4,7 @@
 pub mod forward_auth;
 pub mod handler;
 pub mod headers;
+pub mod path;
 pub mod reject;
 pub mod relay;
 pub mod routes;
@@ -41,6 +42,8 @@ pub type UpstreamBody = headers::StripTrailers<CountedBody<Incoming>>;
 pub struct ProxyState {
     /// Route table: upstream, namespace and permission per host/path.
     pub routes: routes::RouteTable,
+    /// How paths are normalized before routing and forwarding.
+    pub path_normalization: crate::config::PathNormalization,
     /// Finds and parses the credential.
     pub credentials: CredentialExtractor,
     /// Verifies keys through the cache.
@@ -114,6 +117,7 @@ impl ProxyState {
             .expect("validated by config");
         Ok(ProxyState {
             routes,
+            path_normalization: proxy.path_normalization,
             credentials: CredentialExtractor::new(
                 TokenFormat::new(&config.keys.prefix)
                     .accepting_imported(config.keys.accept_imported),

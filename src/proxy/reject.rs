@@ -53,6 +53,10 @@ pub enum ProxyError {
     RequestTimeout,
     #[error("the request body ended early or its framing is invalid")]
     MalformedBody,
+    #[error("the request path holds an encoded slash or backslash, a backslash or an encoded NUL")]
+    AmbiguousPath,
+    #[error("the request path holds a percent sign that does not start an escape")]
+    MalformedPath,
     // The next three are hyper's answers to a head it cannot parse, which
     // it writes itself, without a body; they are here for their code in
     // the metrics and the access log ([`ProxyError::from_unparsed_head`]).
@@ -65,7 +69,7 @@ pub enum ProxyError {
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 18] = [
+const ALL: [ProxyError; 20] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -81,6 +85,8 @@ const ALL: [ProxyError; 18] = [
     ProxyError::UpstreamTimeout,
     ProxyError::RequestTimeout,
     ProxyError::MalformedBody,
+    ProxyError::AmbiguousPath,
+    ProxyError::MalformedPath,
     ProxyError::MalformedRequest,
     ProxyError::RequestHeadTooLarge,
     ProxyError::UriTooLong,
@@ -113,6 +119,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::RequestTimeout => "request_timeout",
             ProxyError::MalformedBody => "malformed_request_body",
+            ProxyError::AmbiguousPath => "ambiguous_path",
+            ProxyError::MalformedPath => "malformed_path",
             ProxyError::MalformedRequest => "malformed_request",
             ProxyError::RequestHeadTooLarge => "request_head_too_large",
             ProxyError::UriTooLong => "uri_too_long",
@@ -135,7 +143,10 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::MalformedBody | ProxyError::MalformedRequest => StatusCode::BAD_REQUEST,
+            ProxyError::MalformedBody
+            | ProxyError::AmbiguousPath
+            | ProxyError::MalformedPath
+            | ProxyError::MalformedRequest => StatusCode::BAD_REQUEST,
             ProxyError::RequestHeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
         }
@@ -189,6 +200,12 @@ impl ProxyError {
             }
             ProxyError::MalformedBody => {
                 "The request body ended before its declared length, or its chunked encoding is invalid."
+            }
+            ProxyError::AmbiguousPath => {
+                "The request path holds an encoded slash or backslash, a backslash or an encoded NUL, which upstreams read differently; keygate refuses it (proxy.path_normalization)."
+            }
+            ProxyError::MalformedPath => {
+                "The request path holds a percent sign that is not followed by two hex digits."
             }
             ProxyError::MalformedRequest => "The request head could not be parsed as HTTP/1.1.",
             ProxyError::RequestHeadTooLarge => {

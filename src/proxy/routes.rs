@@ -78,7 +78,10 @@ fn series_id(name: &str) -> u64 {
     *ids.entry(name.to_owned()).or_insert(next)
 }
 
-/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apix`.
+/// `/api` matches `/api`, `/api/x` and `/api;v=1/x`, but not `/apix`.
+/// A `;` ends the segment too: servlet containers (Tomcat, Jetty) drop a
+/// segment's `;parameters` before routing, so they serve `/api;x/y` as
+/// `/api/y`, and it must be authorized under `/api`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
@@ -86,7 +89,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     let Some(rest) = path.strip_prefix(prefix) else {
         return false;
     };
-    prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/')
+    prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', ';'])
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +194,7 @@ mod tests {
         assert!(prefix_matches("/api", "/api"));
         assert!(prefix_matches("/api", "/api/v1"));
         assert!(!prefix_matches("/api", "/apix"));
+        assert!(prefix_matches("/api", "/api;jsessionid=1/x"));
         assert!(prefix_matches("/api/", "/api/x"));
         assert!(!prefix_matches("/api", "/"));
     }

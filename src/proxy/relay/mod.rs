@@ -25,6 +25,7 @@ mod framing;
 mod pool;
 mod rewind;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
@@ -45,6 +46,7 @@ use crate::config::UpstreamProtocol;
 
 use super::handler::{authenticate, record, record_refusal, Outcome};
 use super::headers::{connection_tokens, write_response_head, ConnectionInfo};
+use super::path;
 use super::reject::ProxyError;
 use super::routes::{strip_port, Route, Upstream};
 use super::server::ServerLimits;
@@ -637,12 +639,24 @@ fn plan<'s>(
     if !origin_form {
         return None;
     }
-    let path = target.split('?').next().unwrap_or(target);
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
     if let Some(forward_auth) = &state.forward_auth {
         if forward_auth.matches(path) {
             return None;
         }
     }
+    // A path refused by normalization is left to hyper's path, which
+    // answers it; a normalized one is routed and forwarded as hyper's path
+    // does.
+    let path = path::normalize(state.path_normalization, path).ok()?;
+    let rewritten = match &path {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(normal) => Some(path::with_query(normal, query)),
+    };
+    let target = rewritten.as_deref().unwrap_or(target);
     let (mut host, mut hosts, mut body, mut lengths, mut close) = (None, 0, 0, 0, false);
     for header in req.headers.iter() {
         let name = header.name;
@@ -671,7 +685,7 @@ fn plan<'s>(
     if hosts != 1 || lengths > 1 {
         return None;
     }
-    let route = state.routes.select(host.map(strip_port), path)?;
+    let route = state.routes.select(host.map(strip_port), &path)?;
     let upstream = &route.upstream;
     if upstream.scheme != Scheme::HTTP || upstream.protocol == UpstreamProtocol::H2c {
         return None;
