@@ -530,11 +530,11 @@ impl Config {
                 ));
             }
             if let Some(host) = &route.host {
-                if host.is_empty() || host.contains([':', '/', ' ']) {
+                if host.is_empty() || host.contains([':', '/', ' ']) || host.ends_with('.') {
                     return Err(invalid(
                         format!("routes[{i}].host"),
                         host,
-                        "must be a bare host name without port",
+                        "must be a bare host name, without port or trailing dot",
                     ));
                 }
             }

@@ -161,7 +161,7 @@ async fn grpc_upstream_down_is_unavailable() {
 #[tokio::test]
 async fn identity_reaches_the_grpc_server_as_metadata() {
     // The upstream records the metadata each call arrives with.
-    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+    type Seen = Arc<Mutex<Vec<[String; 4]>>>;
     let seen: Seen = Arc::default();
     let recorder = seen.clone();
     let (reporter, service) = tonic_health::server::health_reporter();
@@ -177,10 +177,12 @@ async fn identity_reaches_the_grpc_server_as_metadata() {
                     .unwrap_or("")
                     .to_string()
             };
-            recorder
-                .lock()
-                .unwrap()
-                .push((get("x-keygate-key-id"), get("x-keygate-role")));
+            recorder.lock().unwrap().push([
+                get("x-keygate-key-id"),
+                get("x-keygate-role"),
+                get("host"),
+                get("x-forwarded-host"),
+            ]);
             if req.metadata().contains_key("authorization") {
                 return Err(Status::internal("the credential reached the upstream"));
             }
@@ -210,8 +212,14 @@ async fn identity_reaches_the_grpc_server_as_metadata() {
         .await
         .expect("call passes, without the credential upstream");
     let seen = seen.lock().unwrap().clone();
-    // The client sent x-keygate-role: admin; the server saw the key's owner's role.
-    assert_eq!(seen, vec![(bob_id, "read".to_string())]);
+    // The client sent x-keygate-role: admin; the server saw the key's owner's
+    // role. Its :authority names it, with no Host beside it that differs
+    // (RFC 9113 section 8.3.1); the client's authority is x-forwarded-host.
+    let authority = gate.proxy.to_string();
+    assert_eq!(
+        seen,
+        vec![[bob_id, "read".to_string(), String::new(), authority]]
+    );
     gate.stop().await;
 }
 

@@ -579,6 +579,24 @@ async fn h2c_prior_knowledge_clients_are_served() {
         "non-gRPC goes upstream as HTTP/1.1"
     );
     assert!(seen.headers.contains_key("x-keygate-key-id"));
+    // The :authority is the host: the upstream gets it as Host and
+    // x-forwarded-host, as it gets an HTTP/1.1 client's Host, also over a
+    // Host header that names another (which routes did not match).
+    let authority = gate.proxy.to_string();
+    assert_eq!(seen.headers["host"], authority.as_str());
+    assert_eq!(seen.headers["x-forwarded-host"], authority.as_str());
+    let r = client
+        .get(gate.proxy_url("/h2"))
+        .bearer_auth(&gate.admin_token)
+        .header("host", "other.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["host"], authority.as_str());
+    assert_eq!(seen.headers["x-forwarded-host"], authority.as_str());
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
     let r = client.get(gate.proxy_url("/h2")).send().await.unwrap();
     assert_eq!(error_code(r).await, (401, "missing_api_key".to_string()));
     gate.stop().await;
@@ -788,4 +806,32 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
     assert_eq!(raw_status(&off, "/%61dmin/x", &outsider).await.0, 200);
     assert_eq!(upstream.last().path, "/%61dmin/x");
     off.stop().await;
+}
+
+/// An HTTP/1.1 client's Host does not go to an HTTP/2 upstream beside an
+/// `:authority` that names the upstream (RFC 9113 section 8.3.1 forbids a
+/// Host that differs); it arrives as x-forwarded-host.
+#[tokio::test]
+async fn an_h2c_upstream_gets_its_own_authority_and_the_host_as_x_forwarded_host() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy("upstream_protocol = \"h2c\"")
+        .start()
+        .await;
+    let r = reqwest::Client::new()
+        .get(gate.proxy_url("/over-h2"))
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert!(!seen.headers.contains_key("host"), "{:?}", seen.headers);
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        gate.proxy.to_string().as_str()
+    );
+    gate.stop().await;
 }

@@ -9,8 +9,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http::header::{CONTENT_TYPE, UPGRADE};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{CONTENT_TYPE, HOST, UPGRADE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
@@ -131,7 +131,15 @@ async fn pipeline<'s>(
     .await?;
 
     // 5. Rewrite headers: strip spoofed identity, credential, hop-by-hop;
-    //    add forwarding headers and the identity.
+    //    add forwarding headers and the identity. An HTTP/2 `:authority` or
+    //    an absolute-form target is the host routes matched: it becomes the
+    //    Host header, in place of any other (RFC 9112 section 3.2.2, RFC
+    //    9113 section 8.3.1), which the rewrite copies to x-forwarded-host
+    //    and an HTTP/1.1 upstream receives, as it receives an HTTP/1.1
+    //    client's Host.
+    if let Some(host) = authority_host(req.uri()) {
+        req.headers_mut().insert(HOST, host);
+    }
     let upgrade = wants_upgrade(&req);
     state.headers.rewrite_request(
         req.headers_mut(),
@@ -223,6 +231,14 @@ fn http1_head_len<B>(req: &Request<B>) -> usize {
         .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
         .sum();
     request_line + header_lines + "\r\n".len()
+}
+
+/// The host and port of a URI's authority, without user info, as a Host
+/// header value.
+fn authority_host(uri: &Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?.as_str();
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    HeaderValue::from_str(host).ok()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

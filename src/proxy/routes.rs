@@ -58,7 +58,9 @@ pub struct Route {
 impl Route {
     fn matches(&self, host: Option<&str>, path: &str) -> bool {
         if let Some(want) = &self.host {
-            match host {
+            // `example.com.` (fully qualified) is the same host as
+            // `example.com`, and name-based upstreams serve it as such.
+            match host.map(|h| h.strip_suffix('.').unwrap_or(h)) {
                 Some(h) if h.eq_ignore_ascii_case(want) => {}
                 _ => return false,
             }
@@ -226,6 +228,7 @@ mod tests {
         assert_eq!(port(None, "/orders/1"), Some(2));
         assert_eq!(port(None, "/orders/admin/x"), Some(4));
         assert_eq!(port(Some("ADMIN.example.com"), "/orders"), Some(3));
+        assert_eq!(port(Some("admin.example.com."), "/orders"), Some(3));
         assert_eq!(port(None, "/other"), Some(1));
     }
 }

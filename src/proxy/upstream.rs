@@ -119,6 +119,12 @@ impl UpstreamClients {
             (&self.http1, Version::HTTP_11)
         };
         *req.version_mut() = version;
+        if h2 {
+            // `:authority` names the upstream (the URI above), and an HTTP/2
+            // request must not carry a Host that differs from it (RFC 9113
+            // section 8.3.1); the client's host is in x-forwarded-host.
+            req.headers_mut().remove(http::header::HOST);
+        }
         let (req, upload) = timeouts::watch_upload(req);
         match timeouts::wait_for_response_head(client.request(req), &upload, self.timeout).await {
             Ok(Ok(response)) => Ok(response),
