@@ -96,7 +96,14 @@ fn request(rng: &mut Rng, token: &str, index: usize, last: bool) -> String {
     let target = if rng.chance(90) {
         format!(
             "/case/{{tag}}/{index}{}",
-            rng.pick(&["", "?q=1", "?a=b&c=%20", "/x/../y"])
+            rng.pick(&[
+                "",
+                "?q=1",
+                "?a=b&c=%20",
+                "/x/../y",
+                "/%7e/./z//w?p=%2F",
+                "/%2e%2E/v"
+            ])
         )
     } else {
         rng.pick(&[
@@ -105,6 +112,10 @@ fn request(rng: &mut Rng, token: &str, index: usize, last: bool) -> String {
             "//double",
             "/a b",
             "/%00",
+            "/a%2fb",
+            "/a\\b",
+            "/a%zz",
+            "/%41;p=1/../b",
             "",
             "/\x01",
             "svc:80",
