@@ -788,6 +788,31 @@ async fn malformed_requests_change_nothing() {
         );
     }
 
+    // A wrong value is named by its field, and valid JSON of the wrong
+    // shape is never called "not valid JSON" (serde_json reports an object
+    // where an enum's string belongs as a syntax error).
+    for (path, body, field) in [
+        (
+            "/api/v1/api-keys",
+            r#"{"spec":{"displayName":"x","ownerType":{}}}"#,
+            "spec.ownerType",
+        ),
+        ("/api/v1/users", r#"{"spec":{"email":42}}"#, "spec.email"),
+        (
+            "/api/v1/users",
+            r#"{"spec":{"email":"a@b.co","access":{"accountAccess":{"role":"root"}}}}"#,
+            "spec.access.accountAccess.role",
+        ),
+    ] {
+        let (got, answer) = api
+            .raw(Method::POST, path, "application/json", body.into())
+            .await;
+        assert_eq!(got, 422, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_argument", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{body}: {message}");
+    }
+
     // Oversized body (default limit 64 KiB).
     let huge = format!(
         r#"{{"spec":{{"email":"a@b.co","description":"{}"}}}}"#,

@@ -107,15 +107,37 @@ fn is_json_content_type(value: &str) -> bool {
             .is_some_and(|(_, suffix)| suffix.eq_ignore_ascii_case("json"))
 }
 
+/// Parses a JSON body. A refusal names the field it is about
+/// (`spec.ownerType: ...`, by `serde_path_to_error`), and is a syntax error
+/// (400) only when the bytes are not JSON at all: serde_json reports some
+/// wrong shapes (an object where an enum's string belongs) as syntax
+/// errors, which would tell the client its valid JSON is not JSON.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => AdminError::BadRequest {
-                code: "invalid_json",
-                message: format!("request body is not valid JSON: {e}"),
-            },
-            Category::Data => AdminError::invalid(format!("invalid request body: {e}")),
-        }
-    })
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    let error = match parsed {
+        Ok(value) => match deserializer.end() {
+            Ok(()) => return Ok(value),
+            Err(e) => return Err(not_json(e)),
+        },
+        Err(error) => error,
+    };
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+    if !is_json {
+        return Err(not_json(inner));
+    }
+    Err(AdminError::invalid(if path == "." {
+        format!("invalid request body: {inner}")
+    } else {
+        format!("invalid request body: {path}: {inner}")
+    }))
+}
+
+fn not_json(error: serde_json::Error) -> AdminError {
+    AdminError::BadRequest {
+        code: "invalid_json",
+        message: format!("request body is not valid JSON: {error}"),
+    }
 }

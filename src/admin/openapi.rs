@@ -418,7 +418,7 @@ fn schemas() -> Value {
             "description": description(),
             "ownerId": { "type": "string", "description": "default: the caller; cannot change" },
             "ownerType": { "type": "string", "enum": ["user", "service-account"] },
-            "expiryTime": { "type": ["string", "null"], "format": "date-time", "description": "at most maxKeyLifetime away; cannot change" },
+            "expiryTime": { "type": ["string", "null"], "format": "date-time", "description": "in the future and at most maxKeyLifetime away; required on create while the account sets maxKeyLifetime (it does by default: 90 days); cannot change" },
             "disabled": boolean(),
             "namespaces": { "type": "array", "items": { "type": "string" }, "description": "scope; empty means all of the owner's; cannot change" },
         })),
