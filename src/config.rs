@@ -162,7 +162,8 @@ pub struct ProxyConfig {
     /// normalizes them, forwards the normalized path and refuses encoded
     /// slashes; `keep_encoded_slashes` forwards `%2F` and `%5C` as they are
     /// (for upstreams that do not decode them); `off` routes and forwards
-    /// the bytes the client sent.
+    /// the bytes the client sent. Only when some route has a path prefix
+    /// other than `/`; without one the path goes upstream as sent.
     pub path_normalization: PathNormalization,
     /// Serve TLS (ALPN h2 and http/1.1) on `listen` instead of plain TCP.
     pub tls: Option<TlsConfig>,

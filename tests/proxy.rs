@@ -806,6 +806,17 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
     assert_eq!(raw_status(&off, "/%61dmin/x", &outsider).await.0, 200);
     assert_eq!(upstream.last().path, "/%61dmin/x");
     off.stop().await;
+
+    // Without path routes (the sidecar) the path decides nothing: the
+    // upstream gets it as the client sent it, encoded slashes included.
+    let sidecar = Gate::builder().upstream(upstream.addr).start().await;
+    let admin = sidecar.admin_token.clone();
+    assert_eq!(
+        raw_status(&sidecar, "/repos/a%2fb/./c", &admin).await.0,
+        200
+    );
+    assert_eq!(upstream.last().path, "/repos/a%2fb/./c");
+    sidecar.stop().await;
 }
 
 /// An HTTP/1.1 client's Host does not go to an HTTP/2 upstream beside an

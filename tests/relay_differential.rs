@@ -553,14 +553,20 @@ impl GatePair {
     async fn start(upstream: SocketAddr) -> GatePair {
         // Short, so that cases leaving a request unfinished end soon.
         let timeouts = "header_read_timeout = \"400ms\"\nrequest_timeout = \"800ms\"\n";
+        // A path route beside the default one, so that paths are
+        // normalized (or refused) as they are wherever paths route.
+        let routes =
+            format!("[[routes]]\npath_prefix = \"/case\"\nupstream = \"http://{upstream}\"\n");
         let relay = Gate::builder()
             .upstream(upstream)
             .proxy(&format!("http1_relay = true\n{timeouts}"))
+            .extra(&routes)
             .start()
             .await;
         let hyper = Gate::builder()
             .upstream(upstream)
             .proxy(&format!("http1_relay = false\n{timeouts}"))
+            .extra(&routes)
             .start_on(&relay)
             .await;
         let owner = relay

@@ -42,7 +42,9 @@ pub type UpstreamBody = headers::StripTrailers<CountedBody<Incoming>>;
 pub struct ProxyState {
     /// Route table: upstream, namespace and permission per host/path.
     pub routes: routes::RouteTable,
-    /// How paths are normalized before routing and forwarding.
+    /// How paths are normalized before routing and forwarding: as
+    /// configured when some route has a path prefix, `Off` when none has
+    /// (see [`routes::RouteTable::routes_by_path`]).
     pub path_normalization: crate::config::PathNormalization,
     /// Finds and parses the credential.
     pub credentials: CredentialExtractor,
@@ -101,6 +103,11 @@ impl ProxyState {
         let upstream_tls = tls::client_config(config.proxy.upstream_ca_file.as_deref())?;
         let proxy = &config.proxy;
         let routes = routes::RouteTable::from_config(config);
+        let path_normalization = if routes.routes_by_path() {
+            proxy.path_normalization
+        } else {
+            crate::config::PathNormalization::Off
+        };
         let relay_pools = (0..routes.len())
             .map(|_| relay::IdlePool::default())
             .collect();
@@ -117,7 +124,7 @@ impl ProxyState {
             .expect("validated by config");
         Ok(ProxyState {
             routes,
-            path_normalization: proxy.path_normalization,
+            path_normalization,
             credentials: CredentialExtractor::new(
                 TokenFormat::new(&config.keys.prefix)
                     .accepting_imported(config.keys.accept_imported),

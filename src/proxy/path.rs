@@ -21,7 +21,10 @@
 //! do the same, off by default; Spring's `StrictHttpFirewall` refuses the
 //! same characters.
 //!
-//! The query is left as it is: routes do not look at it.
+//! The query is left as it is: routes do not look at it. And all this only
+//! where paths decide something: without a route whose prefix is not `/`
+//! (the sidecar), the proxy runs with [`PathNormalization::Off`] and the
+//! upstream gets the path as sent (`ProxyState::path_normalization`).
 
 use std::borrow::Cow;
 

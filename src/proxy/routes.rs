@@ -154,6 +154,15 @@ impl RouteTable {
         self.routes.iter().find(|r| r.matches(host, path))
     }
 
+    /// Whether the path decides anything: some route has a prefix other
+    /// than `/`. Paths are normalized only then, for the route a request
+    /// gets to be the one its upstream serves; without path routes (the
+    /// sidecar) the path authorizes nothing, and the upstream gets it as
+    /// the client sent it.
+    pub fn routes_by_path(&self) -> bool {
+        self.routes.iter().any(|r| r.path_prefix != "/")
+    }
+
     /// The metrics label of the route at `index`.
     pub fn name(&self, index: usize) -> &str {
         &self.routes[index].name
