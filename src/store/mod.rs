@@ -12,6 +12,7 @@ mod model;
 mod postgres;
 mod queries;
 mod rows;
+mod sql_store;
 mod sqlite;
 mod writes;
 

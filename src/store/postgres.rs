@@ -29,6 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::queries::{Sql, NO_LOCK};
+use super::sql_store::sql_key_store;
 use super::writes::{Dialect, Lock};
 use super::*;
 use crate::key::{Digest, KeyId};
@@ -152,24 +153,18 @@ impl Dialect for Postgres {
 
 // === impl KeyStore for PostgresStore ===
 
-#[async_trait]
-impl KeyStore for PostgresStore {
-    async fn close(&self) {
+sql_key_store!(PostgresStore, reads: pool);
+
+/// What `sql_key_store!` forwards to: the parts of `KeyStore` PostgreSQL
+/// does its own way.
+impl PostgresStore {
+    async fn close_pools(&self) {
         // Ends the sessions now rather than when the server notices the
         // process has gone.
         self.pool.close().await;
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Sql::key_record(&self.pool, id).await
-    }
-
-    async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
+    async fn keys_that_exist(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
         let ids: Vec<&str> = ids.iter().map(KeyId::as_str).collect();
         let found: Vec<String> = sqlx::query_scalar("SELECT id FROM api_keys WHERE id = ANY($1)")
             .bind(&ids)
@@ -181,166 +176,7 @@ impl KeyStore for PostgresStore {
             .collect())
     }
 
-    async fn settings(&self) -> Result<AccountSettings, StoreError> {
-        Sql::settings(&self.pool, NO_LOCK).await
-    }
-
-    async fn update_settings(
-        &self,
-        actor: &Actor,
-        api_keys_enabled: bool,
-        max_key_lifetime: Duration,
-        max_keys_per_owner: u32,
-        expected_version: Option<i64>,
-    ) -> Result<AccountSettings, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_settings(
-            tx,
-            actor,
-            api_keys_enabled,
-            max_key_lifetime,
-            max_keys_per_owner,
-            expected_version,
-        )
-        .await
-    }
-
-    async fn create_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        spec: PrincipalSpec,
-    ) -> Result<Principal, StoreError> {
-        Sql::create_principal(self.begin().await?, actor, kind, spec).await
-    }
-
-    async fn get_principal(
-        &self,
-        kind: OwnerType,
-        id: &str,
-    ) -> Result<Option<Principal>, StoreError> {
-        Sql::principal_by(&self.pool, "id", kind, id, NO_LOCK).await
-    }
-
-    async fn find_principal_by_name(
-        &self,
-        kind: OwnerType,
-        name: &str,
-    ) -> Result<Option<Principal>, StoreError> {
-        Sql::principal_by(&self.pool, "name", kind, name, NO_LOCK).await
-    }
-
-    async fn list_principals(
-        &self,
-        kind: OwnerType,
-        page: &PageRequest,
-    ) -> Result<Page<Principal>, StoreError> {
-        Sql::list_principals(&self.pool, kind, page).await
-    }
-
-    async fn update_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        id: &str,
-        spec: PrincipalSpec,
-        expected_version: Option<i64>,
-    ) -> Result<(Principal, Vec<KeyId>), StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_principal(tx, actor, kind, id, spec, expected_version).await
-    }
-
-    async fn delete_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        id: &str,
-    ) -> Result<Vec<KeyId>, StoreError> {
-        Sql::delete_principal(self.begin().await?, actor, kind, id).await
-    }
-
-    async fn count_principals(&self, kind: OwnerType) -> Result<u64, StoreError> {
-        Sql::count_principals(&self.pool, kind).await
-    }
-
-    async fn create_namespace(
-        &self,
-        actor: &Actor,
-        name: &str,
-        description: &str,
-    ) -> Result<Namespace, StoreError> {
-        Sql::create_namespace(self.begin().await?, actor, name, description).await
-    }
-
-    async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError> {
-        Sql::namespace(&self.pool, id_or_name).await
-    }
-
-    async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError> {
-        Sql::list_namespaces(&self.pool, page).await
-    }
-
-    async fn update_namespace(
-        &self,
-        actor: &Actor,
-        id: &str,
-        description: &str,
-        expected_version: Option<i64>,
-    ) -> Result<Namespace, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_namespace(tx, actor, id, description, expected_version).await
-    }
-
-    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<Vec<KeyId>, StoreError> {
-        Sql::delete_namespace(self.begin().await?, actor, id).await
-    }
-
-    async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError> {
-        Sql::create_key(self.begin().await?, actor, key).await
-    }
-
-    async fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<u64, StoreError> {
-        Sql::import_keys(self.begin().await?, actor, keys).await
-    }
-
-    async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
-        Sql::key(&self.pool, id, NO_LOCK).await
-    }
-
-    async fn list_keys(
-        &self,
-        filter: &KeyFilter,
-        page: &PageRequest,
-    ) -> Result<Page<ApiKey>, StoreError> {
-        Sql::list_keys(&self.pool, filter, page).await
-    }
-
-    async fn update_key(
-        &self,
-        actor: &Actor,
-        id: &KeyId,
-        update: KeyUpdate,
-        expected_version: Option<i64>,
-    ) -> Result<ApiKey, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_key(tx, actor, id, update, expected_version).await
-    }
-
-    async fn rotate_key(
-        &self,
-        actor: &Actor,
-        id: &KeyId,
-        digest: Digest,
-        grace_until: SystemTime,
-    ) -> Result<ApiKey, StoreError> {
-        Sql::rotate_key(self.begin().await?, actor, id, digest, grace_until).await
-    }
-
-    async fn delete_key(&self, actor: &Actor, id: &KeyId) -> Result<(), StoreError> {
-        Sql::delete_key(self.begin().await?, actor, id).await
-    }
-
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -379,15 +215,7 @@ impl KeyStore for PostgresStore {
         Ok(())
     }
 
-    async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {
-        Sql::list_audit(&self.pool, page).await
-    }
-
-    async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        Sql::changes_since(&self.pool, watermark).await
-    }
-
-    async fn subscribe(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
+    async fn change_subscription(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
         let listener = listen(&self.pool).await?;
         Ok(Some(Box::new(PgSubscription {
             pool: self.pool.clone(),

@@ -15,11 +15,11 @@
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::queries::{Sql, NO_LOCK};
+use super::sql_store::sql_key_store;
 use super::writes::{Dialect, Lock};
 use super::*;
 use crate::key::{Digest, KeyId};
@@ -196,8 +196,11 @@ impl Dialect for Sqlite {
 
 // === impl KeyStore for SqliteStore ===
 
-#[async_trait]
-impl KeyStore for SqliteStore {
+sql_key_store!(SqliteStore, reads: reader);
+
+/// What `sql_key_store!` forwards to: the parts of `KeyStore` SQLite does
+/// its own way.
+impl SqliteStore {
     /// Moves the write-ahead log into the database file and empties it
     /// before closing: until then the latest changes live only in
     /// `keygate.db-wal` (after a first start, everything did, beside a 4 KiB
@@ -205,7 +208,7 @@ impl KeyStore for SqliteStore {
     /// miss them, and the next process to write would pay for the whole log
     /// at its first commit (184 MB after importing 1,000,000 keys). When
     /// this is the file's last connection SQLite also removes the log.
-    async fn close(&self) {
+    async fn close_pools(&self) {
         // Read-only connections cannot checkpoint: they close first, so the
         // writer is the last connection.
         self.reader.close().await;
@@ -227,16 +230,7 @@ impl KeyStore for SqliteStore {
         self.writer.close().await;
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
-    }
-
-    async fn find_key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
-        Sql::key_record(&self.reader, id).await
-    }
-
-    async fn existing_keys(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
+    async fn keys_that_exist(&self, ids: &[KeyId]) -> Result<Vec<KeyId>, StoreError> {
         let mut existing = Vec::new();
         for chunk in ids.chunks(KEYS_PER_STATEMENT) {
             let marks = vec!["?"; chunk.len()].join(", ");
@@ -252,166 +246,7 @@ impl KeyStore for SqliteStore {
         Ok(existing)
     }
 
-    async fn settings(&self) -> Result<AccountSettings, StoreError> {
-        Sql::settings(&self.reader, NO_LOCK).await
-    }
-
-    async fn update_settings(
-        &self,
-        actor: &Actor,
-        api_keys_enabled: bool,
-        max_key_lifetime: Duration,
-        max_keys_per_owner: u32,
-        expected_version: Option<i64>,
-    ) -> Result<AccountSettings, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_settings(
-            tx,
-            actor,
-            api_keys_enabled,
-            max_key_lifetime,
-            max_keys_per_owner,
-            expected_version,
-        )
-        .await
-    }
-
-    async fn create_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        spec: PrincipalSpec,
-    ) -> Result<Principal, StoreError> {
-        Sql::create_principal(self.begin().await?, actor, kind, spec).await
-    }
-
-    async fn get_principal(
-        &self,
-        kind: OwnerType,
-        id: &str,
-    ) -> Result<Option<Principal>, StoreError> {
-        Sql::principal_by(&self.reader, "id", kind, id, NO_LOCK).await
-    }
-
-    async fn find_principal_by_name(
-        &self,
-        kind: OwnerType,
-        name: &str,
-    ) -> Result<Option<Principal>, StoreError> {
-        Sql::principal_by(&self.reader, "name", kind, name, NO_LOCK).await
-    }
-
-    async fn list_principals(
-        &self,
-        kind: OwnerType,
-        page: &PageRequest,
-    ) -> Result<Page<Principal>, StoreError> {
-        Sql::list_principals(&self.reader, kind, page).await
-    }
-
-    async fn update_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        id: &str,
-        spec: PrincipalSpec,
-        expected_version: Option<i64>,
-    ) -> Result<(Principal, Vec<KeyId>), StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_principal(tx, actor, kind, id, spec, expected_version).await
-    }
-
-    async fn delete_principal(
-        &self,
-        actor: &Actor,
-        kind: OwnerType,
-        id: &str,
-    ) -> Result<Vec<KeyId>, StoreError> {
-        Sql::delete_principal(self.begin().await?, actor, kind, id).await
-    }
-
-    async fn count_principals(&self, kind: OwnerType) -> Result<u64, StoreError> {
-        Sql::count_principals(&self.reader, kind).await
-    }
-
-    async fn create_namespace(
-        &self,
-        actor: &Actor,
-        name: &str,
-        description: &str,
-    ) -> Result<Namespace, StoreError> {
-        Sql::create_namespace(self.begin().await?, actor, name, description).await
-    }
-
-    async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError> {
-        Sql::namespace(&self.reader, id_or_name).await
-    }
-
-    async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError> {
-        Sql::list_namespaces(&self.reader, page).await
-    }
-
-    async fn update_namespace(
-        &self,
-        actor: &Actor,
-        id: &str,
-        description: &str,
-        expected_version: Option<i64>,
-    ) -> Result<Namespace, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_namespace(tx, actor, id, description, expected_version).await
-    }
-
-    async fn delete_namespace(&self, actor: &Actor, id: &str) -> Result<Vec<KeyId>, StoreError> {
-        Sql::delete_namespace(self.begin().await?, actor, id).await
-    }
-
-    async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError> {
-        Sql::create_key(self.begin().await?, actor, key).await
-    }
-
-    async fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<u64, StoreError> {
-        Sql::import_keys(self.begin().await?, actor, keys).await
-    }
-
-    async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKey>, StoreError> {
-        Sql::key(&self.reader, id, NO_LOCK).await
-    }
-
-    async fn list_keys(
-        &self,
-        filter: &KeyFilter,
-        page: &PageRequest,
-    ) -> Result<Page<ApiKey>, StoreError> {
-        Sql::list_keys(&self.reader, filter, page).await
-    }
-
-    async fn update_key(
-        &self,
-        actor: &Actor,
-        id: &KeyId,
-        update: KeyUpdate,
-        expected_version: Option<i64>,
-    ) -> Result<ApiKey, StoreError> {
-        let tx = self.begin().await?;
-        Sql::update_key(tx, actor, id, update, expected_version).await
-    }
-
-    async fn rotate_key(
-        &self,
-        actor: &Actor,
-        id: &KeyId,
-        digest: Digest,
-        grace_until: SystemTime,
-    ) -> Result<ApiKey, StoreError> {
-        Sql::rotate_key(self.begin().await?, actor, id, digest, grace_until).await
-    }
-
-    async fn delete_key(&self, actor: &Actor, id: &KeyId) -> Result<(), StoreError> {
-        Sql::delete_key(self.begin().await?, actor, id).await
-    }
-
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -446,11 +281,8 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
-    async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {
-        Sql::list_audit(&self.reader, page).await
-    }
-
-    async fn changes_since(&self, watermark: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        Sql::changes_since(&self.reader, watermark).await
+    /// No notifications: the feed polls `changes_since`.
+    async fn change_subscription(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
+        Ok(None)
     }
 }
