@@ -749,8 +749,21 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
         let (gate, outsider) =
             gate_with_an_admin_route(&upstream, &format!("http1_relay = {relay}")).await;
         let admin = gate.admin_token.clone();
-        // The default route takes any valid key.
-        assert_eq!(raw_status(&gate, "/public/x", &outsider).await.0, 200);
+        // The default route takes any valid key, and no header can have the
+        // upstream serve another path than the one authorized.
+        let overridden = format!(
+            "GET /public/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {outsider}\r\n\
+             X-Original-URL: /admin/x\r\nx-rewrite-url: /admin/x\r\nConnection: close\r\n\r\n"
+        );
+        let response = raw_http(gate.proxy, overridden.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let seen = upstream.last();
+        assert_eq!(seen.path, "/public/x");
+        assert!(
+            !seen.headers.contains_key("x-original-url"),
+            "relay={relay}"
+        );
+        assert!(!seen.headers.contains_key("x-rewrite-url"), "relay={relay}");
         for path in [
             "/admin/x",
             "/%61dmin/x",

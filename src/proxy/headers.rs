@@ -25,6 +25,12 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Headers some frameworks take over the request line (Symfony and Zend
+/// read `X-Original-URL` and `X-Rewrite-URL`, as IIS's URL Rewrite sets
+/// them): a client sending one would have a path served other than the one
+/// its route authorized. keygate is the front of the upstream, so nobody
+/// before it may set them; they are removed like the identity headers.
+static PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -145,6 +151,9 @@ impl HeaderRules {
         };
         headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
         headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+        for name in PATH_OVERRIDES {
+            headers.remove(name);
+        }
         if let Some(host) = headers.get(HOST).cloned() {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
@@ -190,6 +199,7 @@ impl HeaderRules {
                 || is_hop_by_hop_bytes(name, header.value)
                 || is(b"x-forwarded-proto")
                 || is(b"x-forwarded-host")
+                || PATH_OVERRIDES.iter().any(|o| is(o.as_bytes()))
             {
                 continue;
             }
