@@ -163,8 +163,8 @@ impl ProxyError {
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
     /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route),
     /// 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED (the upstream's or the request's
-    /// time ran out), 13 INTERNAL for a broken request body (gRPC's own
-    /// mapping of HTTP 400).
+    /// time ran out), 13 INTERNAL for a 400 (a broken request body, a
+    /// refused path: gRPC's own mapping of HTTP 400).
     fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "16",
