@@ -135,6 +135,7 @@ fn rewriting(c: &mut Criterion) {
     let conn = Arc::new(ConnectionInfo {
         peer_ip: HeaderValue::from_static("10.1.2.3"),
         proto: HeaderValue::from_static("http"),
+        trusted_proxy: false,
     });
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("api.example.com"));

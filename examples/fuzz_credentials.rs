@@ -315,6 +315,7 @@ fn check_one(
     let connection = ConnectionInfo {
         peer_ip: HeaderValue::from_static("127.0.0.1"),
         proto: HeaderValue::from_static("http"),
+        trusted_proxy: false,
     };
     rules.rewrite_request(&mut headers, &connection, key, source, route, false);
     let expected: BTreeMap<&str, &[u8]> = [

@@ -167,6 +167,12 @@ pub struct ProxyConfig {
     pub path_normalization: PathNormalization,
     /// Serve TLS (ALPN h2 and http/1.1) on `listen` instead of plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Peers whose `x-forwarded-proto` and `x-forwarded-host` are kept
+    /// (a TLS-terminating ingress in front of keygate): addresses or
+    /// CIDR ranges. From anyone else those two are replaced by what keygate
+    /// saw; `x-forwarded-for` is appended to either way.
+    #[serde(deserialize_with = "deserialize_nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// CA bundle (PEM) trusted for `https://` upstreams instead of the
     /// system's roots.
     pub upstream_ca_file: Option<PathBuf>,
@@ -204,6 +210,7 @@ impl Default for ProxyConfig {
             http1_relay: true,
             path_normalization: PathNormalization::Strict,
             tls: None,
+            trusted_proxies: Vec::new(),
             upstream_ca_file: None,
         }
     }
@@ -613,6 +620,22 @@ fn deserialize_upstream_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ur
     deserialize_upstream(d).map(Some)
 }
 
+/// Addresses (`10.0.0.7`, `::1`) or CIDR ranges (`10.0.0.0/8`).
+fn deserialize_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{text:?} is not an IP address or a CIDR range (e.g. 10.0.0.0/8)"
+                    ))
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,6 +681,10 @@ mod tests {
             (
                 "[proxy]\nupstream = \"http://a\"\npath_normalization = \"loose\"",
                 "path_normalization",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\ntrusted_proxies = [\"10.0.0.0/33\"]",
+                "is not an IP address or a CIDR range",
             ),
             (
                 "[[routes]]\npath_prefix = \"/a//b\"\nupstream = \"http://a\"",

@@ -348,6 +348,7 @@ fn connection() -> ConnectionInfo {
     ConnectionInfo {
         peer_ip: HeaderValue::from_static("127.0.0.1"),
         proto: HeaderValue::from_static("http"),
+        trusted_proxy: false,
     }
 }
 

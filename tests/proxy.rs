@@ -859,3 +859,66 @@ async fn an_h2c_upstream_gets_its_own_authority_and_the_host_as_x_forwarded_host
     );
     gate.stop().await;
 }
+
+/// `x-forwarded-proto` and `-host` describe the client: kept from a
+/// trusted proxy (a TLS-terminating ingress), replaced from anyone else;
+/// `x-forwarded-for` is appended to either way. On both paths.
+#[tokio::test]
+async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
+    let upstream = RecordingUpstream::start().await;
+    for (trusted, relay) in [(true, true), (true, false), (false, true), (false, false)] {
+        let trust = if trusted {
+            "[\"10.0.0.0/8\", \"127.0.0.1\"]"
+        } else {
+            "[\"10.0.0.0/8\"]"
+        };
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}\ntrusted_proxies = {trust}"))
+            .start()
+            .await;
+        let r = reqwest::Client::new()
+            .get(gate.proxy_url("/fwd"))
+            .bearer_auth(&gate.admin_token)
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "shop.example.com")
+            .header("x-forwarded-for", "203.0.113.9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = upstream.last();
+        let case = format!("trusted={trusted} relay={relay}");
+        let (proto, host) = if trusted {
+            ("https".to_string(), "shop.example.com".to_string())
+        } else {
+            ("http".to_string(), gate.proxy.to_string())
+        };
+        assert_eq!(seen.headers["x-forwarded-proto"], proto.as_str(), "{case}");
+        assert_eq!(seen.headers["x-forwarded-host"], host.as_str(), "{case}");
+        assert_eq!(
+            seen.headers.get_all("x-forwarded-proto").iter().count(),
+            1,
+            "{case}"
+        );
+        assert_eq!(
+            seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+            "{case}"
+        );
+        if !trusted {
+            // Without a Host (HTTP/1.0), a client's x-forwarded-host is
+            // removed, not passed on.
+            let request = format!(
+                "GET /fwd HTTP/1.0\r\nAuthorization: Bearer {}\r\nX-Forwarded-Host: evil.example\r\n\r\n",
+                gate.admin_token
+            );
+            let response = raw_http(gate.proxy, request.as_bytes()).await;
+            assert!(response.contains(" 200 "), "{case}: {response}");
+            assert!(
+                !upstream.last().headers.contains_key("x-forwarded-host"),
+                "{case}"
+            );
+        }
+        gate.stop().await;
+    }
+}

@@ -58,6 +58,9 @@ pub struct ConnectionInfo {
     pub peer_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: HeaderValue,
+    /// The peer is one of `proxy.trusted_proxies`: its `x-forwarded-proto`
+    /// and `x-forwarded-host` describe the client and are kept.
+    pub trusted_proxy: bool,
 }
 
 /// Connection-level headers that never cross a proxy (RFC 9110 section 7.6.1).
@@ -150,12 +153,21 @@ impl HeaderRules {
             None => conn.peer_ip.clone(),
         };
         headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-        headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+        // A trusted proxy's values describe the client; anyone else's are
+        // replaced (or removed, for a host without a Host header).
+        let keep_proto = conn.trusted_proxy && headers.contains_key(&X_FORWARDED_PROTO);
+        let keep_host = conn.trusted_proxy && headers.contains_key(&X_FORWARDED_HOST);
+        if !keep_proto {
+            headers.insert(X_FORWARDED_PROTO.clone(), conn.proto.clone());
+        }
+        if !keep_host {
+            match headers.get(HOST).cloned() {
+                Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+                None => headers.remove(&X_FORWARDED_HOST),
+            };
+        }
         for name in PATH_OVERRIDES {
             headers.remove(name);
-        }
-        if let Some(host) = headers.get(HOST).cloned() {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         if !headers.contains_key(&X_REQUEST_ID) {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
@@ -191,17 +203,24 @@ impl HeaderRules {
             CredentialSource::ApiKeyHeader => self.api_key_header.as_str().as_bytes(),
         };
         let (mut forwarded_for, mut host, mut request_id) = (None, None, false);
+        // Whether a trusted proxy's x-forwarded-proto / -host were kept.
+        let (mut kept_proto, mut kept_host) = (false, false);
         for header in headers {
             let name = header.name.as_bytes();
             let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
             if is_identity_bytes(&self.prefix, name)
                 || (!self.keep_credential && is(credential))
                 || is_hop_by_hop_bytes(name, header.value)
-                || is(b"x-forwarded-proto")
-                || is(b"x-forwarded-host")
                 || PATH_OVERRIDES.iter().any(|o| is(o.as_bytes()))
             {
                 continue;
+            }
+            if is(b"x-forwarded-proto") || is(b"x-forwarded-host") {
+                if !conn.trusted_proxy {
+                    continue;
+                }
+                kept_proto |= is(b"x-forwarded-proto");
+                kept_host |= is(b"x-forwarded-host");
             }
             if is(b"x-forwarded-for") {
                 // Like `HeaderMap::get`, the first value is the one extended.
@@ -222,8 +241,10 @@ impl HeaderRules {
         }
         out.extend_from_slice(conn.peer_ip.as_bytes());
         out.extend_from_slice(b"\r\n");
-        put_header(out, b"x-forwarded-proto", conn.proto.as_bytes());
-        if let Some(host) = host {
+        if !kept_proto {
+            put_header(out, b"x-forwarded-proto", conn.proto.as_bytes());
+        }
+        if let Some(host) = host.filter(|_| !kept_host) {
             put_header(out, b"x-forwarded-host", host);
         }
         if !request_id {

@@ -70,6 +70,8 @@ pub struct ProxyState {
     pub request_timeout: std::time::Duration,
     /// Per-key rate limit, when configured.
     pub rate_limiter: Option<RateLimiter>,
+    /// Peers whose forwarding headers are kept (`proxy.trusted_proxies`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// What every generation of the proxy state shares: built once at start,
@@ -155,6 +157,7 @@ impl ProxyState {
                 }),
             request_timeout: proxy.request_timeout,
             rate_limiter: RateLimiter::new(&config.rate_limit, buckets),
+            trusted_proxies: proxy.trusted_proxies.clone(),
         })
     }
 }

@@ -130,7 +130,7 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let conn_info = connection_info(peer, "http");
+                    let conn_info = connection_info(&shared, peer, "http");
                     serve_connection(stream, &shared, conn_info, open, peer).await;
                     drop(permit);
                 });
@@ -155,7 +155,7 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let conn_info = connection_info(peer, "https");
+                    let conn_info = connection_info(&shared, peer, "https");
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                         serve_hyper(stream, &shared, conn_info, open, peer).await;
                     } else {
@@ -255,10 +255,18 @@ async fn serve_hyper<S>(
 /// bounds a request head on its path.
 const HYPER_MIN_READ_BUFFER: usize = 8192;
 
-fn connection_info(peer: SocketAddr, proto: &'static str) -> ConnectionInfo {
+fn connection_info(shared: &Shared, peer: SocketAddr, proto: &'static str) -> ConnectionInfo {
+    // An IPv4 client on a dual-stack listener is `::ffff:a.b.c.d`.
+    let ip = peer.ip().to_canonical();
     ConnectionInfo {
         peer_ip: HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         proto: HeaderValue::from_static(proto),
+        trusted_proxy: shared
+            .states
+            .load()
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&ip)),
     }
 }
