@@ -441,3 +441,50 @@ async fn bootstrap_and_local_create_still_work() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(run.stdout.trim().starts_with("kg_"));
 }
+
+/// `keygate check` says whether `serve` would start with a config file,
+/// naming what is wrong, without opening the store or binding anything.
+#[test]
+fn check_validates_a_config_file_without_starting() {
+    let check = |path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["check", "--config"])
+            .arg(path)
+            .output()
+            .expect("run keygate")
+    };
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.toml");
+    let ok = check(&shipped);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("configuration OK"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("never-created.db");
+    let base = format!(
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"sqlite://{}\"\n",
+        store.display()
+    );
+    for (extra, named) in [
+        (
+            "[[routes]]\npath_prefix = \"/a/../b\"\nupstream = \"http://127.0.0.1:9\"\n",
+            "routes[0].path_prefix",
+        ),
+        (
+            "[proxy.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+            "proxy.tls: cannot read",
+        ),
+    ] {
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let failed = check(&path);
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert_eq!(failed.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
+    assert!(!store.exists(), "check opened the store");
+}

@@ -24,9 +24,12 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Namespace { remote, command } => namespace(&remote, command).await,
         Command::Account { remote, command } => account(&remote, command).await,
         Command::Audit { remote, command } => audit(&remote, command).await,
-        Command::Serve { .. } | Command::Bootstrap { .. } | Command::Backup { .. } => Err(
-            Failure::usage("this command does not talk to the admin API"),
-        ),
+        Command::Serve { .. }
+        | Command::Check { .. }
+        | Command::Bootstrap { .. }
+        | Command::Backup { .. } => Err(Failure::usage(
+            "this command does not talk to the admin API",
+        )),
     }
 }
 

@@ -42,6 +42,15 @@ pub enum Command {
         #[arg(long, short, env = "KEYGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Check a configuration file without starting, as `nginx -t` does:
+    /// every field, the TLS certificate and key, the upstream CA bundle.
+    /// Exits 0 when `serve` would start with it (the store is not opened
+    /// and nothing is bound).
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "KEYGATE_CONFIG")]
+        config: PathBuf,
+    },
     /// Create the first account admin and print its API key once.
     Bootstrap {
         /// Email of the first admin.
@@ -402,6 +411,7 @@ impl From<ConfigError> for Failure {
 pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve::run(&config),
+        Command::Check { config } => serve::check(&config),
         command @ (Command::Bootstrap { .. }
         | Command::Backup { .. }
         | Command::Apikey {

@@ -1,6 +1,6 @@
 //! `keygate serve`: load and validate the config before any runtime starts,
 //! bind the listeners, reload on SIGHUP or file change, run until SIGTERM or
-//! SIGINT.
+//! SIGINT. `keygate check`: the same checks of the config, then stop.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +9,20 @@ use tokio::net::TcpListener;
 
 use super::{Failure, EX_UNAVAILABLE};
 use crate::config::Config;
+
+/// What `serve` checks before it binds or opens anything: the config's
+/// fields, then the files it names (certificate and key, CA bundle).
+pub fn check(path: &Path) -> Result<(), Failure> {
+    let config = Config::load(path)?;
+    if let Some(tls) = &config.proxy.tls {
+        crate::proxy::tls::load_certified_key(&tls.cert_file, &tls.key_file)
+            .map_err(|e| Failure::usage(format!("proxy.tls: {e}")))?;
+    }
+    crate::proxy::tls::client_config(config.proxy.upstream_ca_file.as_deref())
+        .map_err(|e| Failure::usage(format!("proxy.upstream_ca_file: {e}")))?;
+    println!("{}: configuration OK", path.display());
+    Ok(())
+}
 
 pub fn run(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
