@@ -883,6 +883,8 @@ async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
             .header("x-forwarded-proto", "https")
             .header("x-forwarded-host", "shop.example.com")
             .header("x-forwarded-for", "203.0.113.9")
+            .header("x-real-ip", "203.0.113.9")
+            .header("forwarded", "for=203.0.113.9;proto=https")
             .send()
             .await
             .unwrap();
@@ -905,6 +907,11 @@ async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
             seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
             "{case}"
         );
+        // The client's address as a proxy before keygate states it: only a
+        // trusted one may.
+        for name in ["x-real-ip", "forwarded"] {
+            assert_eq!(seen.headers.contains_key(name), trusted, "{case} {name}");
+        }
         if !trusted {
             // Without a Host (HTTP/1.0), a client's x-forwarded-host is
             // removed, not passed on.

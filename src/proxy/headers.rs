@@ -31,6 +31,10 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// its route authorized. keygate is the front of the upstream, so nobody
 /// before it may set them; they are removed like the identity headers.
 static PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+/// Headers by which a proxy before keygate describes the client, which
+/// keygate does not set itself: kept from a trusted proxy, removed from
+/// anyone else (apps read the client's address from them).
+static CLIENT_DESCRIPTIONS: [&str; 2] = ["forwarded", "x-real-ip"];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -155,6 +159,11 @@ impl HeaderRules {
         headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
         // A trusted proxy's values describe the client; anyone else's are
         // replaced (or removed, for a host without a Host header).
+        if !conn.trusted_proxy {
+            for name in CLIENT_DESCRIPTIONS {
+                headers.remove(name);
+            }
+        }
         let keep_proto = conn.trusted_proxy && headers.contains_key(&X_FORWARDED_PROTO);
         let keep_host = conn.trusted_proxy && headers.contains_key(&X_FORWARDED_HOST);
         if !keep_proto {
@@ -215,7 +224,10 @@ impl HeaderRules {
             {
                 continue;
             }
-            if is(b"x-forwarded-proto") || is(b"x-forwarded-host") {
+            if is(b"x-forwarded-proto")
+                || is(b"x-forwarded-host")
+                || CLIENT_DESCRIPTIONS.iter().any(|d| is(d.as_bytes()))
+            {
                 if !conn.trusted_proxy {
                     continue;
                 }
