@@ -62,8 +62,9 @@ pub struct ConnectionInfo {
     pub peer_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: HeaderValue,
-    /// The peer is one of `proxy.trusted_proxies`: its `x-forwarded-proto`
-    /// and `x-forwarded-host` describe the client and are kept.
+    /// The peer is one of `proxy.trusted_proxies`: its `x-forwarded-proto`,
+    /// `x-forwarded-host`, `forwarded` and `x-real-ip` describe the client
+    /// and are kept.
     pub trusted_proxy: bool,
 }
 
