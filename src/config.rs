@@ -711,5 +711,20 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
         }
+        // The Kubernetes example's ConfigMap: the block under
+        // `keygate.toml: |`, indented by four spaces.
+        let example = "config/examples/kubernetes-sidecar.yaml";
+        let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(example))
+            .expect("example");
+        let toml: String = yaml
+            .lines()
+            .skip_while(|line| line.trim() != "keygate.toml: |")
+            .skip(1)
+            .take_while(|line| line.starts_with("    ") || line.is_empty())
+            .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+            .collect();
+        assert!(toml.contains("[proxy]"), "{example}: no keygate.toml block");
+        toml.parse::<Config>()
+            .unwrap_or_else(|e| panic!("{example}: {e}"));
     }
 }
