@@ -254,6 +254,15 @@ pub struct RouteConfig {
     /// GET/HEAD/OPTIONS and write otherwise.
     #[serde(default)]
     pub permission: Option<Permission>,
+    /// Match `path_prefix` case-sensitively (the default, as RFC 3986
+    /// paths are); `false` for an upstream that serves `/ADMIN` as
+    /// `/admin` (IIS), so that every spelling is authorized here.
+    #[serde(default = "case_sensitive_by_default")]
+    pub case_sensitive: bool,
+}
+
+fn case_sensitive_by_default() -> bool {
+    true
 }
 
 fn default_path_prefix() -> String {

@@ -820,6 +820,27 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
     assert_eq!(upstream.last().path, "/%61dmin/x");
     off.stop().await;
 
+    // An upstream that ignores case: the route says so, and every case of
+    // its prefix is authorized under it.
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"http://{0}\"\nnamespace = \"ops\"\ncase_sensitive = false\n",
+        upstream.addr
+    );
+    let folded = Gate::builder()
+        .upstream(upstream.addr)
+        .extra(&routes)
+        .start()
+        .await;
+    let outsider = folded
+        .user("out@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, outsider) = folded.key_for(&outsider).await;
+    for path in ["/ADMIN/x", "/Admin", "/%41dmin/x"] {
+        let refused = raw_status(&folded, path, &outsider).await;
+        assert_eq!(refused, (403, "forbidden".into()), "{path}");
+    }
+    folded.stop().await;
+
     // Without path routes (the sidecar) the path decides nothing: the
     // upstream gets it as the client sent it, encoded slashes included.
     let sidecar = Gate::builder().upstream(upstream.addr).start().await;

@@ -53,6 +53,8 @@ pub struct Route {
     /// `x-keygate-namespace` value, built once.
     pub namespace_header: Option<HeaderValue>,
     pub permission: Option<Permission>,
+    /// Whether `path_prefix` is compared case-sensitively.
+    case_sensitive: bool,
 }
 
 impl Route {
@@ -65,7 +67,7 @@ impl Route {
                 _ => return false,
             }
         }
-        prefix_matches(&self.path_prefix, path)
+        prefix_matches(&self.path_prefix, path, self.case_sensitive)
     }
 }
 
@@ -84,11 +86,20 @@ fn series_id(name: &str) -> u64 {
 /// A `;` ends the segment too: servlet containers (Tomcat, Jetty) drop a
 /// segment's `;parameters` before routing, so they serve `/api;x/y` as
 /// `/api/y`, and it must be authorized under `/api`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+///
+/// Without `case_sensitive`, `/Admin` and `/ADMIN/x` match `/admin` too.
+fn prefix_matches(prefix: &str, path: &str, case_sensitive: bool) -> bool {
     if prefix == "/" {
         return true;
     }
-    let Some(rest) = path.strip_prefix(prefix) else {
+    let rest = if case_sensitive {
+        path.strip_prefix(prefix)
+    } else {
+        path.get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .map(|_| &path[prefix.len()..])
+    };
+    let Some(rest) = rest else {
         return false;
     };
     prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', ';'])
@@ -125,6 +136,7 @@ impl RouteTable {
                         .and_then(|n| HeaderValue::from_str(n).ok()),
                     namespace: r.namespace.clone(),
                     permission: r.permission,
+                    case_sensitive: r.case_sensitive,
                 }
             })
             .collect();
@@ -140,6 +152,7 @@ impl RouteTable {
                 namespace: None,
                 namespace_header: None,
                 permission: None,
+                case_sensitive: true,
             });
         }
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
@@ -201,13 +214,18 @@ mod tests {
 
     #[test]
     fn prefixes_match_on_segment_boundaries() {
-        assert!(prefix_matches("/", "/anything"));
-        assert!(prefix_matches("/api", "/api"));
-        assert!(prefix_matches("/api", "/api/v1"));
-        assert!(!prefix_matches("/api", "/apix"));
-        assert!(prefix_matches("/api", "/api;jsessionid=1/x"));
-        assert!(prefix_matches("/api/", "/api/x"));
-        assert!(!prefix_matches("/api", "/"));
+        assert!(prefix_matches("/", "/anything", true));
+        assert!(prefix_matches("/api", "/api", true));
+        assert!(prefix_matches("/api", "/api/v1", true));
+        assert!(!prefix_matches("/api", "/apix", true));
+        assert!(prefix_matches("/api", "/api;jsessionid=1/x", true));
+        assert!(prefix_matches("/api/", "/api/x", true));
+        assert!(!prefix_matches("/api", "/", true));
+        assert!(!prefix_matches("/admin", "/ADMIN/x", true));
+        assert!(prefix_matches("/admin", "/ADMIN/x", false));
+        assert!(prefix_matches("/admin", "/Admin;x", false));
+        assert!(!prefix_matches("/admin", "/ADMINx", false));
+        assert!(!prefix_matches("/admin", "/ad", false));
     }
 
     #[test]
