@@ -712,18 +712,16 @@ async fn raw_status(gate: &Gate, path: &str, token: &str) -> (u16, String) {
     (status, code)
 }
 
-/// A route is an authorization boundary: every spelling of a path under it
-/// that an upstream would serve as that path is authorized under it, and
-/// the upstream receives the normalized path. On both paths (relay, hyper).
-/// A gate with the route `/admin` (namespace `ops`) beside the default
-/// route, both to `upstream`, with `proxy_line` in [proxy]; and the token
-/// of a developer without access to `ops`.
+/// A gate with the route `/admin` (namespace `ops`, and `route_line`)
+/// beside the default route, both to `upstream`, with `proxy_line` in
+/// [proxy]; and the token of a developer without access to `ops`.
 async fn gate_with_an_admin_route(
     upstream: &RecordingUpstream,
     proxy_line: &str,
+    route_line: &str,
 ) -> (Gate, String) {
     let routes = format!(
-        "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"http://{0}\"\nnamespace = \"ops\"\n",
+        "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"http://{0}\"\nnamespace = \"ops\"\n{route_line}\n",
         upstream.addr
     );
     let gate = Gate::builder()
@@ -747,7 +745,7 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
     let upstream = RecordingUpstream::start().await;
     for relay in [true, false] {
         let (gate, outsider) =
-            gate_with_an_admin_route(&upstream, &format!("http1_relay = {relay}")).await;
+            gate_with_an_admin_route(&upstream, &format!("http1_relay = {relay}"), "").await;
         let admin = gate.admin_token.clone();
         // The default route takes any valid key, and no header can have the
         // upstream serve another path than the one authorized.
@@ -809,32 +807,26 @@ async fn paths_that_mean_a_routed_prefix_are_authorized_under_it() {
     }
 
     // Opting out: encoded slashes kept as escapes, or no normalization.
-    let (keep, _) =
-        gate_with_an_admin_route(&upstream, "path_normalization = \"keep_encoded_slashes\"").await;
+    let (keep, _) = gate_with_an_admin_route(
+        &upstream,
+        "path_normalization = \"keep_encoded_slashes\"",
+        "",
+    )
+    .await;
     let admin = keep.admin_token.clone();
     assert_eq!(raw_status(&keep, "/repos/a%2fb/./c", &admin).await.0, 200);
     assert_eq!(upstream.last().path, "/repos/a%2Fb/c");
     keep.stop().await;
-    let (off, outsider) = gate_with_an_admin_route(&upstream, "path_normalization = \"off\"").await;
+    let (off, outsider) =
+        gate_with_an_admin_route(&upstream, "path_normalization = \"off\"", "").await;
     assert_eq!(raw_status(&off, "/%61dmin/x", &outsider).await.0, 200);
     assert_eq!(upstream.last().path, "/%61dmin/x");
     off.stop().await;
 
     // An upstream that ignores case: the route says so, and every case of
     // its prefix is authorized under it.
-    let routes = format!(
-        "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"http://{0}\"\nnamespace = \"ops\"\ncase_sensitive = false\n",
-        upstream.addr
-    );
-    let folded = Gate::builder()
-        .upstream(upstream.addr)
-        .extra(&routes)
-        .start()
-        .await;
-    let outsider = folded
-        .user("out@example.com", AccountRole::Developer, &[])
-        .await;
-    let (_, outsider) = folded.key_for(&outsider).await;
+    let (folded, outsider) =
+        gate_with_an_admin_route(&upstream, "", "case_sensitive = false").await;
     for path in ["/ADMIN/x", "/Admin", "/%41dmin/x"] {
         let refused = raw_status(&folded, path, &outsider).await;
         assert_eq!(refused, (403, "forbidden".into()), "{path}");
