@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Gate, RecordingUpstream};
+use support::{run_cli, Gate, RecordingUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -435,17 +435,12 @@ fn write_config(
 }
 
 fn bootstrap(config: &std::path::Path) -> String {
-    let out = Command::new(KEYGATE)
-        .args(["bootstrap", "--email", "ops@example.com", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let args = ["bootstrap", "--email", "ops@example.com", "--config"];
+    run_cli(
+        args.iter()
+            .map(std::ffi::OsStr::new)
+            .chain([config.as_os_str()]),
+    )
 }
 
 fn spawn_serve(config: &std::path::Path) -> Server {

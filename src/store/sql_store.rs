@@ -8,8 +8,8 @@
 //! writes as inherent methods, named below, that the impl forwards to.
 //!
 //! Why a macro: a generic `impl<S: SqlBackend> KeyStore for S` would repeat
-//! the fifteen higher-ranked bounds `Sql<DB>` needs (Rust does not imply
-//! where-clauses), and the two impls were 120 lines of the same
+//! the fifteen bounds `Sql<DB>` needs, fourteen of them higher-ranked (Rust
+//! does not imply where-clauses), and the two impls were 120 lines of the same
 //! delegations. The store writes `sql_key_store!(Store, reads: field);` and
 //! provides:
 //!
