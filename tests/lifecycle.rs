@@ -432,25 +432,43 @@ fn wait_exit(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, S
 
 /// The access log as an operator's collector reads it (stderr not a
 /// terminal): one line per request in the compact format by default and in
-/// JSON with `[log] format = "json"`, naming key, owner, route, status and
-/// refusal, and never the secret.
+/// JSON with `[log] format = "json"`, naming key, owner, client, path, route,
+/// status, refusal and the request id the upstream received, and never the
+/// secret or the query. The compact run goes through the relay, the JSON one
+/// through hyper's path.
 #[tokio::test]
 async fn access_log_lines_in_compact_and_json_formats() {
     let upstream = RecordingUpstream::start().await;
-    for format in ["pretty", "json"] {
+    for (format, relay) in [("pretty", true), ("json", false)] {
+        upstream.seen.lock().unwrap().clear();
         let dir = tempfile::tempdir().unwrap();
-        let extra = format!("[log]\nformat = \"{format}\"");
+        let extra = format!("http1_relay = {relay}\n[log]\nformat = \"{format}\"");
         let (config, proxy, admin) = write_config(dir.path(), upstream.addr, &extra);
         let key = bootstrap(&config);
         let mut server = serve(&config, proxy, admin).await;
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{proxy}/logged");
-        let ok = client.get(&url).bearer_auth(&key).send().await.unwrap();
+        let ok = client
+            .get(format!("{url}?q=query-not-logged"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(ok.status(), 200);
-        // A broken checksum: refused before any lookup.
+        let forwarded_id = upstream.seen.lock().unwrap()[0].headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        // A broken checksum: refused before any lookup, with the client's id.
         let last = if key.ends_with('x') { 'y' } else { 'x' };
         let wrong = format!("{}{last}", &key[..key.len() - 1]);
-        let refused = client.get(&url).bearer_auth(&wrong).send().await.unwrap();
+        let refused = client
+            .get(&url)
+            .bearer_auth(&wrong)
+            .header("x-request-id", "client-chosen-7")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(refused.status(), 401);
         // A head that does not parse: hyper answers it, and it is logged.
         let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
@@ -466,6 +484,7 @@ async fn access_log_lines_in_compact_and_json_formats() {
         let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
         assert!(status.success());
         assert!(!logs.contains(&key[20..]), "the secret was logged");
+        assert!(!logs.contains("query-not-logged"), "the query was logged");
         let access: Vec<&str> = logs
             .lines()
             .filter(|l| l.contains("keygate::access"))
@@ -480,34 +499,59 @@ async fn access_log_lines_in_compact_and_json_formats() {
             assert_eq!(lines[0]["level"], "INFO");
             assert_eq!(lines[0]["target"], "keygate::access");
             assert_eq!(lines[0]["key_id"], key_id);
+            assert_eq!(lines[0]["client"], "127.0.0.1");
             assert_eq!(lines[0]["method"], "GET");
+            assert_eq!(lines[0]["path"], "/logged");
             assert_eq!(lines[0]["route"], "default");
             assert_eq!(lines[0]["status"], 200);
+            assert_eq!(lines[0]["request_id"], forwarded_id.as_str());
             assert!(lines[0]["latency_us"].is_u64());
             assert!(lines[0]["timestamp"].as_str().unwrap().ends_with('Z'));
             assert!(lines[1].get("key_id").is_none());
             assert_eq!(lines[1]["status"], 401);
             assert_eq!(lines[1]["refusal"], "malformed_api_key");
+            assert_eq!(lines[1]["request_id"], "client-chosen-7");
+            assert_eq!(lines[2]["client"], "127.0.0.1");
             assert_eq!(lines[2]["method"], "-");
+            assert!(lines[2].get("path").is_none());
+            assert!(lines[2].get("request_id").is_none());
             assert_eq!(lines[2]["status"], 400);
             assert_eq!(lines[2]["refusal"], "malformed_request");
         } else {
             let ok = access[0];
             assert!(ok.contains("  INFO keygate::access: "), "{ok}");
             assert!(ok.contains(&format!(" key_id=\"{key_id}\" ")), "{ok}");
-            assert!(ok.contains(" method=\"GET\" route=\"default\" "), "{ok}");
+            assert!(
+                ok.contains(
+                    " client=\"127.0.0.1\" method=\"GET\" path=\"/logged\" route=\"default\" "
+                ),
+                "{ok}"
+            );
             assert!(ok.contains(" status=200 latency_us="), "{ok}");
+            assert!(
+                ok.ends_with(&format!(" request_id=\"{forwarded_id}\"")),
+                "{ok}"
+            );
             let refused = access[1];
             assert!(!refused.contains("key_id="), "{refused}");
             assert!(
                 refused.contains(" status=401 refusal=\"malformed_api_key\" latency_us="),
                 "{refused}"
             );
+            assert!(
+                refused.ends_with(" request_id=\"client-chosen-7\""),
+                "{refused}"
+            );
             let unparsed = access[2];
             assert!(
-                unparsed.contains(" status=400 refusal=\"malformed_request\" latency_us="),
+                unparsed.contains(" client=\"127.0.0.1\" method=\"-\" status=400 "),
                 "{unparsed}"
             );
+            assert!(
+                unparsed.contains(" refusal=\"malformed_request\" latency_us="),
+                "{unparsed}"
+            );
+            assert!(!unparsed.contains("request_id="), "{unparsed}");
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::telemetry::access::{self, AccessEntry};
 use crate::telemetry::counted::CountedBody;
 
 use super::forward_auth;
-use super::headers::{strip_hop_by_hop, ConnectionInfo};
+use super::headers::{settle_request_id, strip_hop_by_hop, ConnectionInfo};
 use super::path;
 use super::reject::{Blame, ProxyError};
 use super::routes::{request_host, Route};
@@ -36,6 +36,24 @@ pub(super) struct Outcome<'a> {
     pub upstream_started: Option<Instant>,
 }
 
+/// What the access log says of a request before the pipeline learns more:
+/// who sent it, and what it asked for.
+pub(super) struct LoggedRequest<'a> {
+    /// The peer's IP address.
+    pub client: &'a str,
+    pub method: &'a str,
+    /// As sent, without the query; `None` for a head that did not parse.
+    pub path: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+}
+
+impl LoggedRequest<'_> {
+    /// A connection's client as the access log names it.
+    pub fn client_of(conn: &ConnectionInfo) -> &str {
+        conn.peer_ip.to_str().unwrap_or("-")
+    }
+}
+
 /// Serves one request. Never fails: every error is a response.
 ///
 /// `head_limit` is `max_header_bytes` when it is below what hyper's read
@@ -44,12 +62,15 @@ pub(super) struct Outcome<'a> {
 pub async fn handle(
     state: Arc<ProxyState>,
     conn: Arc<ConnectionInfo>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     head_limit: Option<usize>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
+    // Cheap clones (shared bytes), kept for the access log.
+    let uri = req.uri().clone();
+    let request_id = settle_request_id(req.headers_mut());
     let mut outcome = Outcome::default();
     let oversized =
         req.version() < Version::HTTP_2 && head_limit.is_some_and(|l| http1_head_len(&req) > l);
@@ -68,7 +89,14 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
-    record(&state, method.as_str(), status, refusal, &outcome, started);
+    let request_id = String::from_utf8_lossy(request_id.as_bytes());
+    let request = LoggedRequest {
+        client: LoggedRequest::client_of(&conn),
+        method: method.as_str(),
+        path: Some(uri.path()),
+        request_id: Some(&request_id),
+    };
+    record(&state, &request, status, refusal, &outcome, started);
     Ok(response)
 }
 
@@ -256,14 +284,14 @@ fn wants_upgrade<B>(req: &Request<B>) -> bool {
 /// [`handle`] instead).
 pub(super) fn record_refusal(
     state: &ProxyState,
-    method: &str,
+    request: &LoggedRequest<'_>,
     error: ProxyError,
     outcome: &Outcome<'_>,
     started: Instant,
 ) {
     record_failure(state, error, outcome);
     let status = error.status().as_u16();
-    record(state, method, status, Some(error), outcome, started);
+    record(state, request, status, Some(error), outcome, started);
 }
 
 fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) {
@@ -286,7 +314,7 @@ fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) 
 /// reading it took (the response head's time), for callers to reuse.
 pub(super) fn record(
     state: &ProxyState,
-    method: &str,
+    request: &LoggedRequest<'_>,
     status: u16,
     refusal: Option<ProxyError>,
     outcome: &Outcome<'_>,
@@ -321,12 +349,15 @@ pub(super) fn record(
     access::log(&AccessEntry {
         key_id: key.map(|k| k.id.as_str()),
         owner_id: key.map(|k| k.owner.id.as_str()),
-        method,
+        client: request.client,
+        method: request.method,
+        path: request.path,
         route: outcome.route.map(|r| r.name.as_str()),
         upstream: outcome.route.map(|r| r.upstream.authority.as_str()),
         status,
         refusal: refusal.map(ProxyError::code),
         latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        request_id: request.request_id,
     });
     ended
 }

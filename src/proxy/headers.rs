@@ -68,6 +68,15 @@ pub struct ConnectionInfo {
     pub trusted_proxy: bool,
 }
 
+/// An HTTP/1.1 request head as the relay parsed it, with the target it
+/// forwards (normalized where the path was).
+#[derive(Clone, Copy)]
+pub struct RawHead<'h> {
+    pub method: &'h [u8],
+    pub target: &'h [u8],
+    pub headers: &'h [httparse::Header<'h>],
+}
+
 /// Connection-level headers that never cross a proxy (RFC 9110 section 7.6.1).
 const HOP_BY_HOP: [&HeaderName; 8] = [
     &CONNECTION,
@@ -190,7 +199,8 @@ impl HeaderRules {
 
     /// The relay's version of [`Self::rewrite_request`], on the raw head of
     /// an HTTP/1.1 request: writes the request line and every header that
-    /// survives the rewrite into `out`, then the forwarding headers. The
+    /// survives the rewrite into `out`, then the forwarding headers, with
+    /// `new_request_id` when the client sent no `x-request-id`. The
     /// identity follows once the key is verified ([`Self::write_identity`]).
     /// The relay only passes heads whose `Connection` names no header and
     /// that carry no `Upgrade` or `Transfer-Encoding`, so dropping the fixed
@@ -198,12 +208,16 @@ impl HeaderRules {
     pub fn write_request_head(
         &self,
         out: &mut Vec<u8>,
-        method: &[u8],
-        target: &[u8],
-        headers: &[httparse::Header<'_>],
+        head: &RawHead<'_>,
         conn: &ConnectionInfo,
         source: CredentialSource,
+        new_request_id: &[u8],
     ) {
+        let RawHead {
+            method,
+            target,
+            headers,
+        } = *head;
         out.extend_from_slice(method);
         out.push(b' ');
         out.extend_from_slice(target);
@@ -261,7 +275,7 @@ impl HeaderRules {
             put_header(out, b"x-forwarded-host", host);
         }
         if !request_id {
-            put_header(out, b"x-request-id", &request_id_bytes());
+            put_header(out, b"x-request-id", new_request_id);
         }
     }
 
@@ -510,6 +524,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The request's `x-request-id`: the client's first, or a new one inserted
+/// now, so that the access log names the id the upstream receives.
+pub fn settle_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        return id.clone();
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
 /// A unique request id: a per-process random prefix and a counter, so that
 /// generating one costs no syscall.
 fn new_request_id() -> HeaderValue {
@@ -517,7 +542,7 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// The 32 hex digits of [`new_request_id`], without allocating.
-fn request_id_bytes() -> [u8; 32] {
+pub fn request_id_bytes() -> [u8; 32] {
     static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
         let mut b = [0u8; 8];
         let _ = getrandom::getrandom(&mut b);

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use super::handler::{handle, record_refusal, Outcome};
+use super::handler::{handle, record_refusal, LoggedRequest, Outcome};
 use super::headers::ConnectionInfo;
 use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
@@ -221,6 +221,7 @@ async fn serve_hyper<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn_info = Arc::new(conn_info);
+    let client = conn_info.clone();
     let states = shared.states.clone();
     let activity = open.activity();
     let max_header_bytes = shared.limits.max_header_bytes;
@@ -240,11 +241,18 @@ async fn serve_hyper<S>(
             .and_then(ProxyError::from_unparsed_head);
         match unparsed {
             // hyper has answered it; it is counted and logged like every
-            // other refusal, with no method, route or key to name (and a
-            // latency of nothing: it never became a request).
+            // other refusal, with no method, path, route, key or request id
+            // to name (and a latency of nothing: it never became a request).
             Some(refusal) => {
                 let state = shared.states.load();
-                record_refusal(&state, "-", refusal, &Outcome::default(), Instant::now());
+                let request = LoggedRequest {
+                    client: LoggedRequest::client_of(&client),
+                    method: "-",
+                    path: None,
+                    request_id: None,
+                };
+                let (outcome, now) = (Outcome::default(), Instant::now());
+                record_refusal(&state, &request, refusal, &outcome, now);
             }
             None => tracing::debug!(%error, %peer, "connection ended with an error"),
         }

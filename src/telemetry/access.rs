@@ -1,6 +1,7 @@
 //! The access log: one line per proxied request, at INFO under the target
-//! `keygate::access`, with the key id, owner id, method, route, upstream,
-//! status, refusal reason and latency. Never the credential.
+//! `keygate::access`, with the key id, owner id, client address, method,
+//! path, route, upstream, status, refusal reason, latency and request id.
+//! Never the credential, nor the query (where a misplaced secret would be).
 //!
 //! When [`super::init_logging`] installs the process's logging and lines go
 //! to a file or collector (JSON, or the compact format off a terminal), the
@@ -31,12 +32,20 @@ use super::compact::{prints_as_is, timestamp};
 pub struct AccessEntry<'a> {
     pub key_id: Option<&'a str>,
     pub owner_id: Option<&'a str>,
+    /// The peer's IP address (not a forwarded client's).
+    pub client: &'a str,
     pub method: &'a str,
+    /// The path as the client sent it, without the query; `None` when the
+    /// head did not parse.
+    pub path: Option<&'a str>,
     pub route: Option<&'a str>,
     pub upstream: Option<&'a str>,
     pub status: u16,
     pub refusal: Option<&'static str>,
     pub latency_us: u64,
+    /// The `x-request-id` the upstream received (the client's or a new
+    /// one), which correlates this line with the upstream's logs.
+    pub request_id: Option<&'a str>,
 }
 
 /// The shape of the lines written directly.
@@ -75,12 +84,15 @@ pub fn log(entry: &AccessEntry<'_>) {
             target: "keygate::access",
             key_id = entry.key_id,
             owner_id = entry.owner_id,
+            client = entry.client,
             method = entry.method,
+            path = entry.path,
             route = entry.route,
             upstream = entry.upstream,
             status = entry.status,
             refusal = entry.refusal,
             latency_us = entry.latency_us,
+            request_id = entry.request_id,
         );
         return;
     };
@@ -103,16 +115,19 @@ enum Value<'a> {
 impl<'a> AccessEntry<'a> {
     /// The fields in the order the event names them; `None` is left out,
     /// as tracing leaves out an `Option` that is `None`.
-    fn fields(&self) -> [(&'static str, Option<Value<'a>>); 8] {
+    fn fields(&self) -> [(&'static str, Option<Value<'a>>); 11] {
         [
             ("key_id", self.key_id.map(Value::Str)),
             ("owner_id", self.owner_id.map(Value::Str)),
+            ("client", Some(Value::Str(self.client))),
             ("method", Some(Value::Str(self.method))),
+            ("path", self.path.map(Value::Str)),
             ("route", self.route.map(Value::Str)),
             ("upstream", self.upstream.map(Value::Str)),
             ("status", Some(Value::Num(self.status.into()))),
             ("refusal", self.refusal.map(Value::Str)),
             ("latency_us", Some(Value::Num(self.latency_us))),
+            ("request_id", self.request_id.map(Value::Str)),
         ]
     }
 }
@@ -178,12 +193,15 @@ mod tests {
         AccessEntry {
             key_id: Some("1mf7b9nsycnm6tzn"),
             owner_id: Some("zwf1rfd5fz3vhj8p"),
+            client: "127.0.0.1",
             method: "GET",
+            path: Some("/v1/orders"),
             route: Some("default"),
             upstream: Some("127.0.0.1:18080"),
             status: 200,
             refusal: None,
             latency_us: 1307,
+            request_id: Some("6a1f0c5e9b2d4e7f0000000000000001"),
         }
     }
 
@@ -192,8 +210,10 @@ mod tests {
         AccessEntry {
             key_id: None,
             owner_id: None,
+            path: Some("/a\"b"),
             route: Some("odd \"name\"\n"),
             status: 401,
+            request_id: Some("client's \u{1b}[31m id"),
             refusal: Some("invalid_api_key"),
             ..entry()
         }
@@ -208,17 +228,19 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "2026-11-23T19:27:29.258591Z  INFO keygate::access: key_id=\"1mf7b9nsycnm6tzn\" \
-             owner_id=\"zwf1rfd5fz3vhj8p\" method=\"GET\" route=\"default\" \
-             upstream=\"127.0.0.1:18080\" status=200 latency_us=1307\n"
+             owner_id=\"zwf1rfd5fz3vhj8p\" client=\"127.0.0.1\" method=\"GET\" \
+             path=\"/v1/orders\" route=\"default\" upstream=\"127.0.0.1:18080\" status=200 \
+             latency_us=1307 request_id=\"6a1f0c5e9b2d4e7f0000000000000001\"\n"
         );
         let refused = refused();
         let mut out = Vec::new();
         write_line(&mut out, &refused, LineFormat::Compact, UNIX_EPOCH + AT);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "2026-11-23T19:27:29.258591Z  INFO keygate::access: method=\"GET\" \
-             route=\"odd \\\"name\\\"\\n\" upstream=\"127.0.0.1:18080\" status=401 \
-             refusal=\"invalid_api_key\" latency_us=1307\n"
+            "2026-11-23T19:27:29.258591Z  INFO keygate::access: client=\"127.0.0.1\" \
+             method=\"GET\" path=\"/a\\\"b\" route=\"odd \\\"name\\\"\\n\" \
+             upstream=\"127.0.0.1:18080\" status=401 refusal=\"invalid_api_key\" \
+             latency_us=1307 request_id=\"client's \\u{1b}[31m id\"\n"
         );
     }
 
@@ -231,11 +253,13 @@ mod tests {
         assert_eq!(
             text,
             "{\"timestamp\":\"2026-11-23T19:27:29.258591Z\",\"level\":\"INFO\",\
-             \"method\":\"GET\",\"route\":\"odd \\\"name\\\"\\n\",\"upstream\":\"127.0.0.1:18080\",\
+             \"client\":\"127.0.0.1\",\"method\":\"GET\",\"path\":\"/a\\\"b\",\
+             \"route\":\"odd \\\"name\\\"\\n\",\"upstream\":\"127.0.0.1:18080\",\
              \"status\":401,\"refusal\":\"invalid_api_key\",\"latency_us\":1307,\
-             \"target\":\"keygate::access\"}\n"
+             \"request_id\":\"client's \\u001b[31m id\",\"target\":\"keygate::access\"}\n"
         );
         let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["route"], "odd \"name\"\n");
+        assert_eq!(parsed["request_id"], "client's \u{1b}[31m id");
     }
 }

@@ -44,8 +44,10 @@ use tokio::time::Instant;
 use crate::auth::{Credential, CredentialError, VerifiedKey};
 use crate::config::UpstreamProtocol;
 
-use super::handler::{authenticate, record, record_refusal, Outcome};
-use super::headers::{connection_tokens, write_response_head, ConnectionInfo};
+use super::handler::{authenticate, record, record_refusal, LoggedRequest, Outcome};
+use super::headers::{
+    connection_tokens, request_id_bytes, write_response_head, ConnectionInfo, RawHead,
+};
 use super::path;
 use super::reject::ProxyError;
 use super::routes::{strip_port, Route, Upstream};
@@ -97,6 +99,7 @@ where
         ubuf: BytesMut::with_capacity(READ_CHUNK),
         timer: Deadline::new(Instant::now() + limits.idle_timeout),
     };
+    let mut noted = Noted::default();
     // One drain watch for the connection's life: a `changed()` per idle
     // wait registered a waiter and removed it again on every request.
     let mut watcher = drain.clone();
@@ -110,7 +113,7 @@ where
         let state = states.load_full();
         // Err: the listener is gone, which also means draining.
         let draining = drain.has_changed().unwrap_or(true);
-        match relay.exchange(&state, started, draining).await {
+        match relay.exchange(&state, started, draining, &mut noted).await {
             Next::KeepAlive if !draining => {}
             Next::KeepAlive | Next::Close => return Ended::Closed,
             Next::Handoff => return Ended::Handoff(relay.buf),
@@ -130,6 +133,17 @@ struct Relay<'a, S> {
     ubuf: BytesMut,
     /// The timer behind every wait's deadline.
     timer: Deadline,
+}
+
+/// What the access log names of a request, copied out of its head (which
+/// is gone from `buf` by the time the line is written). Kept for the
+/// connection's life, so a request costs no allocation here.
+#[derive(Default)]
+struct Noted {
+    /// The path as sent, without the query.
+    path: String,
+    /// The client's `x-request-id`, or the one generated for the request.
+    request_id: String,
 }
 
 enum HeadRead {
@@ -229,6 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         state: &ProxyState,
         started: std::time::Instant,
         draining: bool,
+        noted: &mut Noted,
     ) -> Next {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -239,8 +254,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             _ => return Next::Handoff,
         };
         self.out.clear();
-        let Some(plan) = plan(&req, state, self.conn, self.limits, &mut self.out) else {
+        let Some(plan) = plan(&req, state, self.conn, self.limits, &mut self.out, noted) else {
             return Next::Handoff;
+        };
+        let request = LoggedRequest {
+            client: LoggedRequest::client_of(self.conn),
+            method: plan.method.as_str(),
+            path: Some(&noted.path),
+            request_id: Some(&noted.request_id),
         };
         self.buf.advance(head_len);
 
@@ -291,10 +312,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
         // Recorded when the response head is known, before it is sent (as
         // on hyper's path): whoever sees the answer also sees it counted.
-        let method = plan.method.as_str();
         match forwarded {
             Ok((head, upstream)) => {
-                let recorded = record(state, method, head.status, None, &outcome, started);
+                let recorded = record(state, &request, head.status, None, &outcome, started);
                 self.relay_response(upstream, head, plan.route, state, recorded)
                     .await
             }
@@ -302,14 +322,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 // Counted as on hyper's path, as the client's broken body,
                 // with nobody left to answer.
                 let error = ProxyError::MalformedBody;
-                record_refusal(state, method, error, &outcome, started);
+                record_refusal(state, &request, error, &outcome, started);
                 Next::Close
             }
             Err(Failure::Proxy {
                 error,
                 body_consumed,
             }) => {
-                record_refusal(state, method, error, &outcome, started);
+                record_refusal(state, &request, error, &outcome, started);
                 let close = plan.close || draining || !body_consumed;
                 self.out.clear();
                 error.render_http1(&mut self.out, close);
@@ -622,6 +642,7 @@ fn plan<'s>(
     conn: &ConnectionInfo,
     limits: &ServerLimits,
     out: &mut Vec<u8>,
+    noted: &mut Noted,
 ) -> Option<Plan<'s>> {
     if req.version != Some(1) || req.headers.len() > limits.max_headers {
         return None;
@@ -643,6 +664,7 @@ fn plan<'s>(
         Some((path, query)) => (path, Some(query)),
         None => (target, None),
     };
+    let path_as_sent = path;
     if let Some(forward_auth) = &state.forward_auth {
         if forward_auth.matches(path) {
             return None;
@@ -658,6 +680,7 @@ fn plan<'s>(
     };
     let target = rewritten.as_deref().unwrap_or(target);
     let (mut host, mut hosts, mut body, mut lengths, mut close) = (None, 0, 0, 0, false);
+    let mut request_id = None;
     for header in req.headers.iter() {
         let name = header.name;
         let is = |known: &str| name.eq_ignore_ascii_case(known);
@@ -680,6 +703,9 @@ fn plan<'s>(
             }
         } else if is("content-type") && header.value.starts_with(b"application/grpc") {
             return None;
+        } else if is("x-request-id") {
+            // The first, as `HeaderMap::get` on hyper's path.
+            request_id = request_id.or(Some(header.value));
         }
     }
     if hosts != 1 || lengths > 1 {
@@ -690,6 +716,14 @@ fn plan<'s>(
     if upstream.scheme != Scheme::HTTP || upstream.protocol == UpstreamProtocol::H2c {
         return None;
     }
+    noted.path.clear();
+    noted.path.push_str(path_as_sent);
+    noted.request_id.clear();
+    let new_request_id = request_id_bytes();
+    let request_id = request_id.unwrap_or(&new_request_id);
+    noted
+        .request_id
+        .push_str(&String::from_utf8_lossy(request_id));
     let key_header = state.credentials.api_key_header().as_str();
     let credential = state.credentials.extract_values(
         req.headers
@@ -702,14 +736,14 @@ fn plan<'s>(
             .map(|h| h.value),
     );
     if let Ok(credential) = &credential {
-        state.headers.write_request_head(
-            out,
-            method_bytes,
-            target.as_bytes(),
-            req.headers,
-            conn,
-            credential.source,
-        );
+        let head = RawHead {
+            method: method_bytes,
+            target: target.as_bytes(),
+            headers: req.headers,
+        };
+        state
+            .headers
+            .write_request_head(out, &head, conn, credential.source, &new_request_id);
     }
     Some(Plan {
         route,
