@@ -171,6 +171,7 @@ http {{
       proxy_set_header X-Keygate-Key-Id $keygate_key_id;
       proxy_set_header X-Keygate-Owner-Name $keygate_owner;
       proxy_set_header Authorization "";
+      proxy_set_header X-Api-Key "";
       proxy_pass http://{upstream};
     }}
     location = /_keygate {{

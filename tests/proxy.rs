@@ -104,6 +104,53 @@ async fn all_three_presentations_are_accepted_and_stripped() {
     gate.stop().await;
 }
 
+/// A second key beside the one that authenticates (the key header next to a
+/// Bearer token) is a secret too: it never reaches the upstream, on either
+/// path. An `Authorization` of another scheme belongs to the upstream and
+/// is forwarded beside a key header.
+#[tokio::test]
+async fn a_second_key_beside_the_credential_is_stripped_too() {
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}"))
+            .start()
+            .await;
+        let client = reqwest::Client::new();
+        let other_key = gate.tokens.generate().1.expose().to_string();
+        let r = client
+            .get(gate.proxy_url("/two-keys"))
+            .bearer_auth(&gate.admin_token)
+            .header("x-api-key", other_key.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "relay {relay}");
+        let seen = upstream.last();
+        assert!(!seen.headers.contains_key("authorization"), "relay {relay}");
+        assert!(
+            !seen.headers.contains_key("x-api-key"),
+            "relay {relay}: the second key was forwarded"
+        );
+        let r = client
+            .get(gate.proxy_url("/upstream-auth"))
+            .header("authorization", "Negotiate YIIBhwYGKwYBBQUCoII=")
+            .header("x-api-key", gate.admin_token.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "relay {relay}");
+        let seen = upstream.last();
+        assert_eq!(
+            seen.headers["authorization"], "Negotiate YIIBhwYGKwYBBQUCoII=",
+            "relay {relay}"
+        );
+        assert!(!seen.headers.contains_key("x-api-key"), "relay {relay}");
+        gate.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn every_bad_key_is_refused_with_its_code_and_never_forwarded() {
     let (gate, upstream) = setup().await;

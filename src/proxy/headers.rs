@@ -140,10 +140,14 @@ impl HeaderRules {
     ) {
         self.strip_spoofed(headers);
         if !self.keep_credential {
-            match source {
-                CredentialSource::Authorization => headers.remove(AUTHORIZATION),
-                CredentialSource::ApiKeyHeader => headers.remove(&self.api_key_header),
-            };
+            // The key header is keygate's whichever header the credential
+            // came from: a second key sent beside the one that
+            // authenticated must not reach the upstream either. Another
+            // scheme's `Authorization` is the upstream's and stays.
+            headers.remove(&self.api_key_header);
+            if source == CredentialSource::Authorization {
+                headers.remove(AUTHORIZATION);
+            }
         }
         let upgrade_to = if upgrade {
             headers.get(UPGRADE).cloned()
@@ -222,10 +226,8 @@ impl HeaderRules {
         out.push(b' ');
         out.extend_from_slice(target);
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let credential: &[u8] = match source {
-            CredentialSource::Authorization => b"authorization",
-            CredentialSource::ApiKeyHeader => self.api_key_header.as_str().as_bytes(),
-        };
+        let key_header = self.api_key_header.as_str().as_bytes();
+        let from_authorization = source == CredentialSource::Authorization;
         let (mut forwarded_for, mut host, mut request_id) = (None, None, false);
         // Whether a trusted proxy's x-forwarded-proto / -host were kept.
         let (mut kept_proto, mut kept_host) = (false, false);
@@ -233,7 +235,8 @@ impl HeaderRules {
             let name = header.name.as_bytes();
             let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
             if is_identity_bytes(&self.prefix, name)
-                || (!self.keep_credential && is(credential))
+                || (!self.keep_credential
+                    && (is(key_header) || (from_authorization && is(b"authorization"))))
                 || is_hop_by_hop_bytes(name, header.value)
                 || PATH_OVERRIDES.iter().any(|o| is(o.as_bytes()))
             {
