@@ -649,6 +649,53 @@ async fn h2c_prior_knowledge_clients_are_served() {
     gate.stop().await;
 }
 
+/// RFC 9112 section 3.2: an HTTP/1.1 request without a Host, with two, or
+/// with one that is not a host is refused with 400 `invalid_host` and
+/// reaches no upstream (with host routes, a route would be chosen by one
+/// Host and the upstream could read another); HTTP/1.0 may omit it.
+#[tokio::test]
+async fn requests_without_one_sound_host_are_refused() {
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}"))
+            .start()
+            .await;
+        let token = &gate.admin_token;
+        let before = upstream.count();
+        for hosts in [
+            "",
+            "Host: a.example.com\r\nHost: b.example.com\r\n",
+            "Host: a b\r\n",
+            "Host: user@a.example.com\r\n",
+            "Host: \r\n",
+        ] {
+            let request =
+                format!("GET /h HTTP/1.1\r\n{hosts}Authorization: Bearer {token}\r\n\r\n");
+            let answer = raw_http(gate.proxy, request.as_bytes()).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400 "),
+                "relay {relay}, {hosts:?}: {answer}"
+            );
+            assert!(answer.contains("\"invalid_host\""), "{answer}");
+        }
+        assert_eq!(
+            upstream.count(),
+            before,
+            "relay {relay}: a request was forwarded"
+        );
+        let request = format!("GET /h HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n");
+        let answer = raw_http(gate.proxy, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.0 200 "),
+            "relay {relay}: {answer}"
+        );
+        assert_eq!(upstream.count(), before + 1);
+        gate.stop().await;
+    }
+}
+
 /// Sends raw bytes and reads until the server closes or a response is complete.
 async fn raw_http(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -23,7 +23,7 @@ use super::forward_auth;
 use super::headers::{settle_request_id, strip_hop_by_hop, ConnectionInfo};
 use super::path;
 use super::reject::{Blame, ProxyError};
-use super::routes::{request_host, Route};
+use super::routes::{hosts_are_sound, request_host, Route};
 use super::timeouts::within_request_timeout;
 use super::{ProxyBody, ProxyState};
 
@@ -107,6 +107,13 @@ async fn pipeline<'s>(
     grpc: bool,
     outcome: &mut Outcome<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // A request whose Host is missing, repeated or not a host is refused
+    // before anything reads it (RFC 9112 section 3.2): a route would be
+    // chosen by one reading of it and the upstream could act on another.
+    if !hosts_are_sound(&req) {
+        return Err(ProxyError::InvalidHost);
+    }
+
     // Forward-auth: the same checks, answered as a decision.
     if let Some(forward_auth) = &state.forward_auth {
         if forward_auth.matches(req.uri().path()) {
@@ -272,7 +279,14 @@ fn authority_host(uri: &Uri) -> Option<HeaderValue> {
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
+}
+
+/// `application/grpc`, `application/grpc+proto`, `application/grpc-web`…,
+/// in any case (media types are case-insensitive, RFC 9110 section 8.3.1).
+pub(super) fn is_grpc_content_type(value: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    value.len() >= GRPC.len() && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -360,4 +374,24 @@ pub(super) fn record(
         request_id: request.request_id,
     });
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_in_any_case() {
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web+proto",
+            "Application/GRPC",
+        ] {
+            assert!(is_grpc_content_type(grpc.as_bytes()), "{grpc}");
+        }
+        for other in ["application/json", "application/grp", "text/grpc"] {
+            assert!(!is_grpc_content_type(other.as_bytes()), "{other}");
+        }
+    }
 }

@@ -57,6 +57,8 @@ pub enum ProxyError {
     AmbiguousPath,
     #[error("the request path holds a percent sign that does not start an escape")]
     MalformedPath,
+    #[error("the request's Host header is missing, repeated or not a host")]
+    InvalidHost,
     // The next three are hyper's answers to a head it cannot parse, which
     // it writes itself, without a body; they are here for their code in
     // the metrics and the access log ([`ProxyError::from_unparsed_head`]).
@@ -69,7 +71,7 @@ pub enum ProxyError {
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 20] = [
+const ALL: [ProxyError; 21] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -87,6 +89,7 @@ const ALL: [ProxyError; 20] = [
     ProxyError::MalformedBody,
     ProxyError::AmbiguousPath,
     ProxyError::MalformedPath,
+    ProxyError::InvalidHost,
     ProxyError::MalformedRequest,
     ProxyError::RequestHeadTooLarge,
     ProxyError::UriTooLong,
@@ -121,6 +124,7 @@ impl ProxyError {
             ProxyError::MalformedBody => "malformed_request_body",
             ProxyError::AmbiguousPath => "ambiguous_path",
             ProxyError::MalformedPath => "malformed_path",
+            ProxyError::InvalidHost => "invalid_host",
             ProxyError::MalformedRequest => "malformed_request",
             ProxyError::RequestHeadTooLarge => "request_head_too_large",
             ProxyError::UriTooLong => "uri_too_long",
@@ -146,6 +150,7 @@ impl ProxyError {
             ProxyError::MalformedBody
             | ProxyError::AmbiguousPath
             | ProxyError::MalformedPath
+            | ProxyError::InvalidHost
             | ProxyError::MalformedRequest => StatusCode::BAD_REQUEST,
             ProxyError::RequestHeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
@@ -162,16 +167,17 @@ impl ProxyError {
 
     /// gRPC status code: 16 UNAUTHENTICATED, 7 PERMISSION_DENIED,
     /// 8 RESOURCE_EXHAUSTED (rate limited), 12 UNIMPLEMENTED (no route),
-    /// 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED (the upstream's or the request's
-    /// time ran out), 13 INTERNAL for a 400 (a broken request body, a
-    /// refused path: gRPC's own mapping of HTTP 400).
+    /// 14 UNAVAILABLE for 502, 503 and 504 (SPEC, and gRPC's own mapping of
+    /// those statuses), 4 DEADLINE_EXCEEDED when the request's own
+    /// `request_timeout` ran out (408), 13 INTERNAL for a 400 (a broken
+    /// request body, a refused path or Host: gRPC's mapping of HTTP 400).
     fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::UNAUTHORIZED => "16",
             StatusCode::FORBIDDEN => "7",
             StatusCode::NOT_FOUND => "12",
             StatusCode::TOO_MANY_REQUESTS => "8",
-            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
+            StatusCode::REQUEST_TIMEOUT => "4",
             StatusCode::BAD_REQUEST => "13",
             _ => "14",
         }
@@ -207,6 +213,9 @@ impl ProxyError {
             ProxyError::MalformedPath => {
                 "The request path holds a percent sign that is not followed by two hex digits."
             }
+            ProxyError::InvalidHost => {
+                "The request's Host header is missing (HTTP/1.1 requires one), repeated, or not a host with an optional port."
+            }
             ProxyError::MalformedRequest => "The request head could not be parsed as HTTP/1.1.",
             ProxyError::RequestHeadTooLarge => {
                 "The request head is larger than max_header_bytes or has more than max_headers headers."
@@ -231,19 +240,23 @@ impl ProxyError {
 
     /// Builds the response for an HTTP or a gRPC client.
     pub fn respond(self, grpc: bool) -> Response<ProxyBody> {
-        if grpc {
+        let mut response = if grpc {
             let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             headers.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
             headers.insert("grpc-message", HeaderValue::from_static(self.message()));
-            return response;
-        }
-        let mut response = Response::new(Either::Right(Full::new(self.json_body())));
-        *response.status_mut() = self.status();
+            response
+        } else {
+            let mut response = Response::new(Either::Right(Full::new(self.json_body())));
+            *response.status_mut() = self.status();
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        };
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.status() == StatusCode::UNAUTHORIZED {
+        if !grpc && self.status() == StatusCode::UNAUTHORIZED {
             headers.insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
@@ -379,9 +392,17 @@ mod tests {
             "14"
         );
         assert_eq!(
+            ProxyError::UpstreamTimeout.respond(true).headers()["grpc-status"],
+            "14"
+        );
+        assert_eq!(
             ProxyError::RequestTimeout.respond(true).headers()["grpc-status"],
             "4"
         );
+        // The message points at Retry-After: a gRPC client gets it too.
+        let limited = ProxyError::RateLimited.respond(true);
+        assert_eq!(limited.headers()["grpc-status"], "8");
+        assert_eq!(limited.headers()[RETRY_AFTER], "1");
     }
 
     #[test]

@@ -200,6 +200,29 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
     Some(strip_port(raw))
 }
 
+/// Whether a `Host` value is `host[:port]` as RFC 9110 section 7.2 allows
+/// it: an authority without userinfo, not empty. Anything else is refused
+/// (RFC 9112 section 3.2), as routes and upstreams could read it apart.
+pub fn valid_host(value: &[u8]) -> bool {
+    !value.is_empty()
+        && !value.contains(&b'@')
+        && http::uri::Authority::try_from(value).is_ok_and(|a| a.as_str().len() == value.len())
+}
+
+/// Whether a request's `Host` headers let it be routed: an HTTP/1.1
+/// request has exactly one, any other at most one, and a present one is
+/// [`valid_host`]. A request whose URI names the host (HTTP/2
+/// `:authority`, absolute-form) is routed by that, but its Host must still
+/// be sound in HTTP/1.1.
+pub fn hosts_are_sound<B>(req: &http::Request<B>) -> bool {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => false,
+        (Some(host), None) => valid_host(host.as_bytes()),
+        (None, _) => req.version() != http::Version::HTTP_11,
+    }
+}
+
 /// `host:port` → `host`, keeping IPv6 brackets intact.
 pub fn strip_port(host: &str) -> &str {
     match host.rfind(':') {
@@ -211,6 +234,22 @@ pub fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_host_and_port_only() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "a-b.c_d",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in ["", "a b", "user@example.com", "example.com/x", "exa\"mple"] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn prefixes_match_on_segment_boundaries() {

@@ -44,13 +44,15 @@ use tokio::time::Instant;
 use crate::auth::{Credential, CredentialError, VerifiedKey};
 use crate::config::UpstreamProtocol;
 
-use super::handler::{authenticate, record, record_refusal, LoggedRequest, Outcome};
+use super::handler::{
+    authenticate, is_grpc_content_type, record, record_refusal, LoggedRequest, Outcome,
+};
 use super::headers::{
     connection_tokens, request_id_bytes, write_response_head, ConnectionInfo, RawHead,
 };
 use super::path;
 use super::reject::ProxyError;
-use super::routes::{strip_port, Route, Upstream};
+use super::routes::{strip_port, valid_host, Route, Upstream};
 use super::server::ServerLimits;
 use super::ProxyState;
 use deadline::Deadline;
@@ -686,6 +688,10 @@ fn plan<'s>(
         let is = |known: &str| name.eq_ignore_ascii_case(known);
         if is("host") {
             hosts += 1;
+            // A Host that is not a host is hyper's path's to refuse.
+            if !valid_host(header.value) {
+                return None;
+            }
             host = std::str::from_utf8(header.value).ok();
         } else if is("content-length") {
             lengths += 1;
@@ -701,7 +707,7 @@ fn plan<'s>(
                     return None;
                 }
             }
-        } else if is("content-type") && header.value.starts_with(b"application/grpc") {
+        } else if is("content-type") && is_grpc_content_type(header.value) {
             return None;
         } else if is("x-request-id") {
             // The first, as `HeaderMap::get` on hyper's path.
