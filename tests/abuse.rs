@@ -522,11 +522,7 @@ async fn a_stalled_body_with_a_key_ends_in_a_clear_status_and_a_closed_connectio
 async fn a_broken_request_body_is_the_clients_400_not_an_upstream_error() {
     for relay in [true, false] {
         let upstream = RecordingUpstream::start().await;
-        let gate = Gate::builder()
-            .upstream(upstream.addr)
-            .proxy(&format!("http1_relay = {relay}"))
-            .start()
-            .await;
+        let gate = Gate::with_relay(upstream.addr, relay).await;
         let token = &gate.admin_token;
         let head = |framing: &str| {
             format!("POST /echo-body HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n{framing}\r\n\r\n")

@@ -112,11 +112,7 @@ async fn all_three_presentations_are_accepted_and_stripped() {
 async fn a_second_key_beside_the_credential_is_stripped_too() {
     let upstream = RecordingUpstream::start().await;
     for relay in [true, false] {
-        let gate = Gate::builder()
-            .upstream(upstream.addr)
-            .proxy(&format!("http1_relay = {relay}"))
-            .start()
-            .await;
+        let gate = Gate::with_relay(upstream.addr, relay).await;
         let client = reqwest::Client::new();
         let other_key = gate.tokens.generate().1.expose().to_string();
         let r = client
@@ -657,11 +653,7 @@ async fn h2c_prior_knowledge_clients_are_served() {
 async fn requests_without_one_sound_host_are_refused() {
     let upstream = RecordingUpstream::start().await;
     for relay in [true, false] {
-        let gate = Gate::builder()
-            .upstream(upstream.addr)
-            .proxy(&format!("http1_relay = {relay}"))
-            .start()
-            .await;
+        let gate = Gate::with_relay(upstream.addr, relay).await;
         let token = &gate.admin_token;
         let before = upstream.count();
         for hosts in [

@@ -137,11 +137,7 @@ fn get(path: &str, token: &str, extra: &str) -> String {
 }
 
 async fn gate_for(upstream: &RawUpstream, relay: bool) -> Gate {
-    Gate::builder()
-        .upstream(upstream.addr)
-        .proxy(&format!("http1_relay = {relay}"))
-        .start()
-        .await
+    Gate::with_relay(upstream.addr, relay).await
 }
 
 #[tokio::test]

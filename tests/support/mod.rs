@@ -66,6 +66,16 @@ pub struct GateBuilder {
 }
 
 impl Gate {
+    /// A gate to `upstream` serving HTTP/1.1 through the relay (`relay`) or
+    /// through hyper's path, for tests that hold both paths to one answer.
+    pub async fn with_relay(upstream: SocketAddr, relay: bool) -> Gate {
+        Gate::builder()
+            .upstream(upstream)
+            .proxy(&format!("http1_relay = {relay}"))
+            .start()
+            .await
+    }
+
     pub fn builder() -> GateBuilder {
         GateBuilder {
             upstream: None,
