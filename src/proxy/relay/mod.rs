@@ -68,6 +68,9 @@ const MAX_HEADERS: usize = 128;
 const MAX_RESPONSE_HEADERS: usize = 100;
 /// Largest upstream response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The longest request target hyper's HTTP/1 parser takes (`MAX_URI_LEN`
+/// in hyper's `proto::h1::role`); a longer one gets its 414.
+const HYPER_MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// Buffer space made available before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -657,6 +660,10 @@ fn plan<'s>(
         return None;
     }
     let target = req.path?;
+    // hyper answers a target over its limit with 414; so must this path.
+    if target.len() > HYPER_MAX_URI_LEN {
+        return None;
+    }
     let origin_form =
         target.starts_with('/') && target.bytes().all(|c| c.is_ascii_graphic() && c != b'#');
     if !origin_form {
