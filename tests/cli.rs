@@ -402,6 +402,115 @@ async fn flags_errors_and_exit_codes() {
     gate.stop().await;
 }
 
+/// An id from the command line names one resource of the command's kind
+/// or nothing: `--id ../users/ID` once deleted the user (the `..` was
+/// resolved by the URL parser), `--id ..` listed the collection. Ids that
+/// cannot be ids are refused before any request, with exit 64.
+#[tokio::test]
+async fn ids_cannot_reach_other_resources() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+    let admin = admin_common::Api::new(&gate, &gate.admin_token);
+    let user = admin
+        .create_user("victim@example.com", "developer", &[])
+        .await;
+    let sa = admin
+        .create_service_account("victim-bot", "read", &[])
+        .await;
+    admin.create_namespace("orders").await;
+    let (key_id, _) = admin
+        .create_key(serde_json::json!({ "ownerId": user }))
+        .await;
+
+    let hostile = [
+        format!("../users/{user}"),
+        format!("../service-accounts/{sa}"),
+        format!("../api-keys/{key_id}"),
+        format!("{key_id}/../../users/{user}"),
+        "../namespaces/orders".to_string(),
+        "..".to_string(),
+        ".".to_string(),
+        String::new(),
+        "%2e%2e".to_string(),
+        format!("{user}?x=1"),
+        format!("{user}#x"),
+        format!("{user}\n"),
+    ];
+    let commands: &[&[&str]] = &[
+        &["apikey", "get"],
+        &["apikey", "delete"],
+        &["apikey", "enable"],
+        &["apikey", "disable"],
+        &["apikey", "usage"],
+        &["apikey", "rotate", "--grace", "0s"],
+        &["apikey", "update", "--name", "x"],
+        &["user", "get"],
+        &["user", "delete"],
+        &["user", "update", "--role", "read"],
+        &["service-account", "get"],
+        &["service-account", "delete"],
+        &["service-account", "update", "--description", "x"],
+        &["namespace", "get"],
+        &["namespace", "delete"],
+        &["namespace", "update", "--description", "x"],
+    ];
+    for id in &hostile {
+        for command in commands {
+            let mut args = command.to_vec();
+            args.extend(["--id", id]);
+            let run = keygate(&server, key, &args).await;
+            assert_eq!(run.code, 64, "{args:?}: {}{}", run.stdout, run.stderr);
+            assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
+            assert!(
+                run.stderr.contains("--id is not a"),
+                "{args:?}: {}",
+                run.stderr
+            );
+        }
+        // Ids in a query string or a body are checked the same way.
+        for args in [
+            vec!["apikey", "list", "--owner-id", id],
+            vec![
+                "apikey",
+                "create",
+                "--name",
+                "x",
+                "--duration",
+                "1h",
+                "--owner-id",
+                id,
+            ],
+        ] {
+            let run = keygate(&server, key, &args).await;
+            assert_eq!(run.code, 64, "{args:?}: {}{}", run.stdout, run.stderr);
+            assert!(run.stderr.contains("--owner-id is not a"), "{}", run.stderr);
+        }
+    }
+
+    // Everything is still there, unchanged, and the good ids still work.
+    for path in [
+        format!("/api/v1/users/{user}"),
+        format!("/api/v1/service-accounts/{sa}"),
+        format!("/api/v1/api-keys/{key_id}"),
+        "/api/v1/namespaces/orders".to_string(),
+    ] {
+        let (status, body) = admin.get(&path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["resourceVersion"], "1", "{path}: {body}");
+    }
+    let run = keygate(&server, key, &["user", "get", "--id", &user, "-o", "json"]).await;
+    assert_eq!(run.json()["spec"]["email"], "victim@example.com");
+    let run = keygate(
+        &server,
+        key,
+        &["apikey", "list", "--owner-id", &user, "-o", "json"],
+    )
+    .await;
+    assert_eq!(run.json()["apiKeys"].as_array().unwrap().len(), 1);
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn bootstrap_and_local_create_still_work() {
     let dir = tempfile::tempdir().unwrap();
