@@ -163,7 +163,7 @@ async fn api_key_commands() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(proxy_get(&gate, "/", &rotated).await.0, 401);
     let run = keygate(&server, key, &["apikey", "get", "--id", &id]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("404 not_found"), "{}", run.stderr);
     gate.stop().await;
 }
@@ -360,7 +360,7 @@ async fn flags_errors_and_exit_codes() {
     // A wrong key: refused, and the key is not echoed.
     let (_, bogus, _) = gate.tokens.generate();
     let run = keygate(&server, Some(bogus.expose()), &["apikey", "list"]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("401 invalid_api_key"), "{}", run.stderr);
     assert!(!run.stderr.contains(bogus.expose()));
     // A policy refusal is a usage error with the policy's message.
@@ -379,7 +379,7 @@ async fn flags_errors_and_exit_codes() {
         &["apikey", "create", "--name", "x", "--duration", "a week"],
     )
     .await;
-    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.code, 64, "{}", run.stderr);
     assert!(run.stderr.contains("e.g. 12h, 30d"), "{}", run.stderr);
     // Forbidden for a developer.
     let admin = admin_common::Api::new(&gate, &gate.admin_token);
@@ -388,7 +388,7 @@ async fn flags_errors_and_exit_codes() {
         .create_key(serde_json::json!({ "ownerId": dev }))
         .await;
     let run = keygate(&server, Some(&dev_token), &["user", "list"]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("403 forbidden"), "{}", run.stderr);
     // --help does not show the key from the environment.
     let run = keygate(
@@ -508,6 +508,106 @@ async fn ids_cannot_reach_other_resources() {
     )
     .await;
     assert_eq!(run.json()["apiKeys"].as_array().unwrap().len(), 1);
+    gate.stop().await;
+}
+
+/// The README's exit codes: 64 for bad usage or a refused request, 69
+/// when the server is unreachable; `--help` and `--version` exit 0. clap's
+/// usage errors had exited 2, the API's 401/403/404/409 1, and a key with a
+/// control character 69 ("cannot reach ... builder error").
+#[tokio::test]
+async fn usage_errors_and_refused_requests_exit_64() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+
+    // clap's usage errors keep clap's message.
+    for (args, says) in [
+        (&["apikey", "get"][..], "--id <ID>"),
+        (&["apikey", "frobnicate"][..], "unrecognized subcommand"),
+        (
+            &["apikey", "create", "--name", "x", "--duration", "5x"][..],
+            "e.g. 12h",
+        ),
+        (
+            &["apikey", "list", "--page-size", "many"][..],
+            "invalid value",
+        ),
+        (
+            &["apikey", "list", "--no-such-flag"][..],
+            "unexpected argument",
+        ),
+        (&["apikey"][..], "Usage:"),
+        (&[][..], "Usage:"),
+    ] {
+        let run = keygate(&server, key, args).await;
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
+    }
+    // Help and version are answers, not errors.
+    for args in [
+        &["--help"][..],
+        &["--version"][..],
+        &["apikey", "--help"][..],
+        &["apikey", "get", "--help"][..],
+        &["help", "user"][..],
+    ] {
+        let run = keygate(&server, key, args).await;
+        assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+        assert!(!run.stdout.is_empty(), "{args:?}");
+    }
+
+    // What the API refuses: 401, 403, 404, 409.
+    let (_, bogus, _) = gate.tokens.generate();
+    let run = keygate(&server, Some(bogus.expose()), &["apikey", "list"]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("401 invalid_api_key"), "{}", run.stderr);
+    let admin = admin_common::Api::new(&gate, &gate.admin_token);
+    let dev = admin.create_user("dev@example.com", "developer", &[]).await;
+    let (key_id, dev_token) = admin
+        .create_key(serde_json::json!({ "ownerId": dev }))
+        .await;
+    let run = keygate(&server, Some(&dev_token), &["user", "list"]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("403 forbidden"), "{}", run.stderr);
+    let missing = "0000000000000000";
+    let run = keygate(&server, key, &["apikey", "get", "--id", missing]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("404 not_found"), "{}", run.stderr);
+    let stale = [
+        "apikey",
+        "update",
+        "--id",
+        &key_id,
+        "--name",
+        "y",
+        "--resource-version",
+        "99",
+    ];
+    let run = keygate(&server, key, &stale).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("409"), "{}", run.stderr);
+
+    // A key HTTP cannot carry is bad usage, named, and not printed.
+    for bad in [
+        format!("{}\u{1}", gate.admin_token),
+        format!("kg_x\u{7f}{}", &gate.admin_token[5..]),
+        format!("{} {}", gate.admin_token, gate.admin_token),
+    ] {
+        let run = keygate(&server, Some(&bad), &["apikey", "list"]).await;
+        assert_eq!(run.code, 64, "{}", run.stderr);
+        assert!(
+            run.stderr.contains("is not a valid API key"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("cannot reach"), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains(&gate.admin_token[5..]),
+            "printed the key"
+        );
+    }
     gate.stop().await;
 }
 

@@ -3,8 +3,10 @@
 //! (`local`); the other commands are
 //! clients of the admin API (`commands` over `remote`, printed by `output`).
 //!
-//! Exit codes: 0 success, 1 runtime failure, 64 bad usage or configuration
-//! (EX_USAGE), 69 server or store unavailable (EX_UNAVAILABLE).
+//! Exit codes: 0 success (and `--help`, `--version`), 1 runtime failure,
+//! 64 bad usage or configuration, or a request the admin API refused
+//! (EX_USAGE; clap's own usage errors too, which would exit 2), 69 server or
+//! store unavailable (EX_UNAVAILABLE).
 
 mod commands;
 mod local;
@@ -381,7 +383,9 @@ pub enum AuditCommand {
     List(PageArgs),
 }
 
-/// A failure with the exit code it deserves.
+/// A failure with the exit code it deserves. Its message is printed, so it
+/// never holds a secret, and `Debug` shows it as it is.
+#[derive(Debug)]
 pub struct Failure {
     pub code: u8,
     pub message: String,
@@ -405,6 +409,20 @@ impl Failure {
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
         Failure::usage(e.to_string())
+    }
+}
+
+/// What becomes of arguments clap did not take: `--help` and `--version`
+/// print to stdout and exit 0; a usage error prints clap's message and
+/// exits 64 (EX_USAGE, as every other usage error here) where clap's
+/// `exit` would give 2.
+pub fn arguments_refused(refused: &clap::Error) -> ExitCode {
+    // Nothing better to do when stderr or stdout is gone.
+    let _ = refused.print();
+    if refused.use_stderr() {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -2,7 +2,13 @@
 //! the caller's API key, and the mapping of HTTP failures to exit codes.
 //!
 //! The API key is only ever put in the `Authorization` header; it is never
-//! printed, not even in an error.
+//! printed, not even in an error (one that HTTP cannot carry is refused as
+//! bad usage, without it).
+//!
+//! Exit codes of a call (README, "Control plane"): a request the API
+//! refused (any 4xx) is 64, as bad usage; 502, 503 and 504 (the server or
+//! a proxy before it unavailable) and no answer at all are 69; any other
+//! failure (a 500) is 1.
 //!
 //! Requests name their path as segments under `/api/v1`, each
 //! percent-encoded as one segment (`Client::url`), never as text pasted
@@ -10,6 +16,7 @@
 
 use std::time::Duration;
 
+use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
@@ -21,18 +28,21 @@ pub struct Client {
     server: String,
     /// The admin API's root: the server URL with `/api/v1` appended.
     api: Url,
-    api_key: String,
+    /// `Bearer <key>`, marked sensitive.
+    authorization: HeaderValue,
 }
 
 impl Client {
     pub fn new(args: &RemoteArgs) -> Result<Client, Failure> {
         let api_key = args
             .api_key
-            .clone()
-            .filter(|k| !k.trim().is_empty())
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
             .ok_or_else(|| {
                 Failure::usage("an API key is needed: pass --api-key or set KEYGATE_API_KEY")
             })?;
+        let authorization = authorization(api_key)?;
         let server = args.server.trim_end_matches('/').to_string();
         let api = api_root(&server).ok_or_else(|| {
             Failure::usage(format!(
@@ -48,7 +58,7 @@ impl Client {
             http,
             server,
             api,
-            api_key: api_key.trim().to_string(),
+            authorization,
         })
     }
 
@@ -108,7 +118,7 @@ impl Client {
         let mut request = self
             .http
             .request(method, url)
-            .bearer_auth(&self.api_key)
+            .header(AUTHORIZATION, self.authorization.clone())
             .query(query);
         if let Some(body) = body {
             request = request.json(&body);
@@ -140,14 +150,51 @@ impl Client {
             .map(str::to_owned)
             .unwrap_or_else(|| status.to_string());
         Err(Failure {
-            code: match status {
-                StatusCode::SERVICE_UNAVAILABLE => EX_UNAVAILABLE,
-                StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => EX_USAGE,
-                _ => 1,
-            },
+            code: exit_code(status),
             message: format!("{} {code}: {message}", status.as_u16()),
         })
     }
+}
+
+/// The exit code of a failed call: the README's "64 for bad usage or a
+/// refused request, 69 when the server is unreachable".
+fn exit_code(status: StatusCode) -> u8 {
+    match status {
+        // Invalid, unauthenticated, forbidden, not found, a stale
+        // resourceVersion, a policy: the request, not the server, must change.
+        s if s.is_client_error() => EX_USAGE,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            EX_UNAVAILABLE
+        }
+        _ => 1,
+    }
+}
+
+/// The `Authorization` header of `api_key`. An API key is ASCII letters,
+/// digits and punctuation; anything else (a control character, a space, a
+/// non-ASCII letter, often a paste gone wrong) is refused here as bad usage,
+/// rather than by the HTTP client as an unreachable server, and the key is
+/// not printed.
+fn authorization(api_key: &str) -> Result<HeaderValue, Failure> {
+    let invalid = |what: &str| {
+        Failure::usage(format!(
+            "the API key (--api-key or KEYGATE_API_KEY) is not a valid API key: it holds {what} \
+             (the key is not shown, as it holds a secret)"
+        ))
+    };
+    if let Some(c) = api_key.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(invalid(if c.is_control() {
+            "a control character"
+        } else if c.is_whitespace() {
+            "a space"
+        } else {
+            "a non-ASCII character"
+        }));
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {api_key}"))
+        .map_err(|_| invalid("a character HTTP cannot carry"))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// `server` (an `http(s)://` URL, its own path kept) with `api/v1`
@@ -222,6 +269,37 @@ mod tests {
             panic!("a client of a good server URL");
         };
         assert_eq!(client.url(&[".."]).unwrap_err().code, EX_USAGE);
+    }
+
+    #[test]
+    fn refusals_are_usage_errors_and_gateways_unavailability() {
+        for status in [400, 401, 403, 404, 409, 413, 422, 429] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(exit_code(status), EX_USAGE, "{status}");
+        }
+        for status in [502, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(exit_code(status), EX_UNAVAILABLE, "{status}");
+        }
+        assert_eq!(exit_code(StatusCode::INTERNAL_SERVER_ERROR), 1);
+    }
+
+    #[test]
+    fn an_api_key_http_cannot_carry_is_bad_usage_and_not_printed() {
+        for (key, what) in [
+            ("kg_abc\u{1}def", "a control character"),
+            ("kg_abc\ndef", "a control character"),
+            ("kg_abc def", "a space"),
+            ("kg_abcédef", "a non-ASCII character"),
+        ] {
+            let refused = authorization(key).expect_err(key);
+            assert_eq!(refused.code, EX_USAGE);
+            assert!(refused.message.contains(what), "{}", refused.message);
+            assert!(!refused.message.contains("abc"), "{}", refused.message);
+        }
+        let value = authorization("kg_abc_def").unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer kg_abc_def");
+        assert!(value.is_sensitive());
     }
 
     #[test]
