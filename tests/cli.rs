@@ -697,3 +697,100 @@ fn check_validates_a_config_file_without_starting() {
     }
     assert!(!store.exists(), "check opened the store");
 }
+
+/// Every command and subcommand has a description of its own in `--help`.
+/// A subcommand without one had shown the doc comment of the argument
+/// struct it flattens (`user create` as "Access flags of user and
+/// service-account commands", `user get` as "The `--id` of the resource a
+/// command acts on"), or nothing (`namespace create`).
+#[test]
+fn every_subcommand_has_its_own_description() {
+    // The first paragraph of each `Args` struct's doc comment, read from
+    // the source, so a struct added later is covered too.
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli/mod.rs"))
+        .expect("read src/cli/mod.rs");
+    let lines: Vec<&str> = source.lines().collect();
+    let mut struct_docs = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !(line.starts_with("#[derive(") && line.contains("Args")) {
+            continue;
+        }
+        let mut doc = Vec::new();
+        for above in lines[..i].iter().rev() {
+            match above.trim().strip_prefix("///") {
+                Some(text) => doc.push(text.trim()),
+                None => break,
+            }
+        }
+        doc.reverse();
+        let paragraph = doc
+            .split(|l| l.is_empty())
+            .next()
+            .unwrap_or_default()
+            .join(" ");
+        if !paragraph.is_empty() {
+            struct_docs.push(paragraph.trim_end_matches('.').to_string());
+        }
+    }
+    assert!(
+        struct_docs.contains(&"Paging flags of the list commands".to_string()),
+        "{struct_docs:?}"
+    );
+
+    let help = |path: &[String]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(path)
+            .arg("--help")
+            .env_remove("KEYGATE_API_KEY")
+            .output()
+            .expect("run keygate");
+        assert_eq!(out.status.code(), Some(0), "{path:?} --help");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let check = |path: &[String], description: &str| {
+        let description = description.trim().trim_end_matches('.');
+        assert!(!description.is_empty(), "{path:?} has no description");
+        assert!(
+            !description.starts_with("Usage:"),
+            "{path:?} has no description"
+        );
+        for doc in &struct_docs {
+            assert!(
+                !doc.starts_with(description),
+                "{path:?} is described by an argument struct's doc: {description:?}"
+            );
+        }
+    };
+
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let text = help(&path);
+        // The command's own description heads its help.
+        check(&path, text.lines().next().unwrap_or_default());
+        // Its subcommands, as listed: "  name  description" (continuation
+        // lines are indented further).
+        let listed = text
+            .lines()
+            .skip_while(|l| *l != "Commands:")
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "));
+        for entry in listed {
+            let (name, description) = entry
+                .trim()
+                .split_once(char::is_whitespace)
+                .unwrap_or((entry.trim(), ""));
+            if name == "help" {
+                continue;
+            }
+            let mut sub = path.clone();
+            sub.push(name.to_string());
+            check(&sub, description);
+            pending.push(sub);
+            seen += 1;
+        }
+    }
+    // 10 commands, and 28 subcommands of the six groups.
+    assert!(seen >= 38, "only {seen} subcommands walked");
+}
