@@ -11,8 +11,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     limit_glibc_arenas();
-    let cli = keygate::cli::Cli::parse();
-    keygate::cli::main(cli)
+    match keygate::cli::Cli::try_parse() {
+        Ok(cli) => keygate::cli::main(cli),
+        Err(refused) => keygate::cli::arguments_refused(&refused),
+    }
 }
 
 /// At most two malloc arenas, set before any other thread exists. Left to

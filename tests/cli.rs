@@ -163,7 +163,7 @@ async fn api_key_commands() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(proxy_get(&gate, "/", &rotated).await.0, 401);
     let run = keygate(&server, key, &["apikey", "get", "--id", &id]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("404 not_found"), "{}", run.stderr);
     gate.stop().await;
 }
@@ -360,7 +360,7 @@ async fn flags_errors_and_exit_codes() {
     // A wrong key: refused, and the key is not echoed.
     let (_, bogus, _) = gate.tokens.generate();
     let run = keygate(&server, Some(bogus.expose()), &["apikey", "list"]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("401 invalid_api_key"), "{}", run.stderr);
     assert!(!run.stderr.contains(bogus.expose()));
     // A policy refusal is a usage error with the policy's message.
@@ -379,7 +379,7 @@ async fn flags_errors_and_exit_codes() {
         &["apikey", "create", "--name", "x", "--duration", "a week"],
     )
     .await;
-    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.code, 64, "{}", run.stderr);
     assert!(run.stderr.contains("e.g. 12h, 30d"), "{}", run.stderr);
     // Forbidden for a developer.
     let admin = admin_common::Api::new(&gate, &gate.admin_token);
@@ -388,7 +388,7 @@ async fn flags_errors_and_exit_codes() {
         .create_key(serde_json::json!({ "ownerId": dev }))
         .await;
     let run = keygate(&server, Some(&dev_token), &["user", "list"]).await;
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 64);
     assert!(run.stderr.contains("403 forbidden"), "{}", run.stderr);
     // --help does not show the key from the environment.
     let run = keygate(
@@ -399,6 +399,215 @@ async fn flags_errors_and_exit_codes() {
     .await;
     assert_eq!(run.code, 0);
     assert!(!run.stdout.contains(&gate.admin_token));
+    gate.stop().await;
+}
+
+/// An id from the command line names one resource of the command's kind
+/// or nothing: `--id ../users/ID` once deleted the user (the `..` was
+/// resolved by the URL parser), `--id ..` listed the collection. Ids that
+/// cannot be ids are refused before any request, with exit 64.
+#[tokio::test]
+async fn ids_cannot_reach_other_resources() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+    let admin = admin_common::Api::new(&gate, &gate.admin_token);
+    let user = admin
+        .create_user("victim@example.com", "developer", &[])
+        .await;
+    let sa = admin
+        .create_service_account("victim-bot", "read", &[])
+        .await;
+    admin.create_namespace("orders").await;
+    let (key_id, _) = admin
+        .create_key(serde_json::json!({ "ownerId": user }))
+        .await;
+
+    let hostile = [
+        format!("../users/{user}"),
+        format!("../service-accounts/{sa}"),
+        format!("../api-keys/{key_id}"),
+        format!("{key_id}/../../users/{user}"),
+        "../namespaces/orders".to_string(),
+        "..".to_string(),
+        ".".to_string(),
+        String::new(),
+        "%2e%2e".to_string(),
+        format!("{user}?x=1"),
+        format!("{user}#x"),
+        format!("{user}\n"),
+    ];
+    let commands: &[&[&str]] = &[
+        &["apikey", "get"],
+        &["apikey", "delete"],
+        &["apikey", "enable"],
+        &["apikey", "disable"],
+        &["apikey", "usage"],
+        &["apikey", "rotate", "--grace", "0s"],
+        &["apikey", "update", "--name", "x"],
+        &["user", "get"],
+        &["user", "delete"],
+        &["user", "update", "--role", "read"],
+        &["service-account", "get"],
+        &["service-account", "delete"],
+        &["service-account", "update", "--description", "x"],
+        &["namespace", "get"],
+        &["namespace", "delete"],
+        &["namespace", "update", "--description", "x"],
+    ];
+    for id in &hostile {
+        for command in commands {
+            let mut args = command.to_vec();
+            args.extend(["--id", id]);
+            let run = keygate(&server, key, &args).await;
+            assert_eq!(run.code, 64, "{args:?}: {}{}", run.stdout, run.stderr);
+            assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
+            assert!(
+                run.stderr.contains("--id is not a"),
+                "{args:?}: {}",
+                run.stderr
+            );
+        }
+        // Ids in a query string or a body are checked the same way.
+        for args in [
+            vec!["apikey", "list", "--owner-id", id],
+            vec![
+                "apikey",
+                "create",
+                "--name",
+                "x",
+                "--duration",
+                "1h",
+                "--owner-id",
+                id,
+            ],
+        ] {
+            let run = keygate(&server, key, &args).await;
+            assert_eq!(run.code, 64, "{args:?}: {}{}", run.stdout, run.stderr);
+            assert!(run.stderr.contains("--owner-id is not a"), "{}", run.stderr);
+        }
+    }
+
+    // Everything is still there, unchanged, and the good ids still work.
+    for path in [
+        format!("/api/v1/users/{user}"),
+        format!("/api/v1/service-accounts/{sa}"),
+        format!("/api/v1/api-keys/{key_id}"),
+        "/api/v1/namespaces/orders".to_string(),
+    ] {
+        let (status, body) = admin.get(&path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["resourceVersion"], "1", "{path}: {body}");
+    }
+    let run = keygate(&server, key, &["user", "get", "--id", &user, "-o", "json"]).await;
+    assert_eq!(run.json()["spec"]["email"], "victim@example.com");
+    let run = keygate(
+        &server,
+        key,
+        &["apikey", "list", "--owner-id", &user, "-o", "json"],
+    )
+    .await;
+    assert_eq!(run.json()["apiKeys"].as_array().unwrap().len(), 1);
+    gate.stop().await;
+}
+
+/// The README's exit codes: 64 for bad usage or a refused request, 69
+/// when the server is unreachable; `--help` and `--version` exit 0. clap's
+/// usage errors had exited 2, the API's 401/403/404/409 1, and a key with a
+/// control character 69 ("cannot reach ... builder error").
+#[tokio::test]
+async fn usage_errors_and_refused_requests_exit_64() {
+    let gate = Gate::builder().start().await;
+    let server = gate.admin_url("");
+    let key = Some(gate.admin_token.as_str());
+
+    // clap's usage errors keep clap's message.
+    for (args, says) in [
+        (&["apikey", "get"][..], "--id <ID>"),
+        (&["apikey", "frobnicate"][..], "unrecognized subcommand"),
+        (
+            &["apikey", "create", "--name", "x", "--duration", "5x"][..],
+            "e.g. 12h",
+        ),
+        (
+            &["apikey", "list", "--page-size", "many"][..],
+            "invalid value",
+        ),
+        (
+            &["apikey", "list", "--no-such-flag"][..],
+            "unexpected argument",
+        ),
+        (&["apikey"][..], "Usage:"),
+        (&[][..], "Usage:"),
+    ] {
+        let run = keygate(&server, key, args).await;
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(run.stdout.is_empty(), "{args:?}: {}", run.stdout);
+    }
+    // Help and version are answers, not errors.
+    for args in [
+        &["--help"][..],
+        &["--version"][..],
+        &["apikey", "--help"][..],
+        &["apikey", "get", "--help"][..],
+        &["help", "user"][..],
+    ] {
+        let run = keygate(&server, key, args).await;
+        assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+        assert!(!run.stdout.is_empty(), "{args:?}");
+    }
+
+    // What the API refuses: 401, 403, 404, 409.
+    let (_, bogus, _) = gate.tokens.generate();
+    let run = keygate(&server, Some(bogus.expose()), &["apikey", "list"]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("401 invalid_api_key"), "{}", run.stderr);
+    let admin = admin_common::Api::new(&gate, &gate.admin_token);
+    let dev = admin.create_user("dev@example.com", "developer", &[]).await;
+    let (key_id, dev_token) = admin
+        .create_key(serde_json::json!({ "ownerId": dev }))
+        .await;
+    let run = keygate(&server, Some(&dev_token), &["user", "list"]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("403 forbidden"), "{}", run.stderr);
+    let missing = "0000000000000000";
+    let run = keygate(&server, key, &["apikey", "get", "--id", missing]).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("404 not_found"), "{}", run.stderr);
+    let stale = [
+        "apikey",
+        "update",
+        "--id",
+        &key_id,
+        "--name",
+        "y",
+        "--resource-version",
+        "99",
+    ];
+    let run = keygate(&server, key, &stale).await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("409"), "{}", run.stderr);
+
+    // A key HTTP cannot carry is bad usage, named, and not printed.
+    for bad in [
+        format!("{}\u{1}", gate.admin_token),
+        format!("kg_x\u{7f}{}", &gate.admin_token[5..]),
+        format!("{} {}", gate.admin_token, gate.admin_token),
+    ] {
+        let run = keygate(&server, Some(&bad), &["apikey", "list"]).await;
+        assert_eq!(run.code, 64, "{}", run.stderr);
+        assert!(
+            run.stderr.contains("is not a valid API key"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("cannot reach"), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains(&gate.admin_token[5..]),
+            "printed the key"
+        );
+    }
     gate.stop().await;
 }
 
@@ -487,4 +696,101 @@ fn check_validates_a_config_file_without_starting() {
         assert!(stderr.contains(named), "{named}: {stderr}");
     }
     assert!(!store.exists(), "check opened the store");
+}
+
+/// Every command and subcommand has a description of its own in `--help`.
+/// A subcommand without one had shown the doc comment of the argument
+/// struct it flattens (`user create` as "Access flags of user and
+/// service-account commands", `user get` as "The `--id` of the resource a
+/// command acts on"), or nothing (`namespace create`).
+#[test]
+fn every_subcommand_has_its_own_description() {
+    // The first paragraph of each `Args` struct's doc comment, read from
+    // the source, so a struct added later is covered too.
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli/mod.rs"))
+        .expect("read src/cli/mod.rs");
+    let lines: Vec<&str> = source.lines().collect();
+    let mut struct_docs = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !(line.starts_with("#[derive(") && line.contains("Args")) {
+            continue;
+        }
+        let mut doc = Vec::new();
+        for above in lines[..i].iter().rev() {
+            match above.trim().strip_prefix("///") {
+                Some(text) => doc.push(text.trim()),
+                None => break,
+            }
+        }
+        doc.reverse();
+        let paragraph = doc
+            .split(|l| l.is_empty())
+            .next()
+            .unwrap_or_default()
+            .join(" ");
+        if !paragraph.is_empty() {
+            struct_docs.push(paragraph.trim_end_matches('.').to_string());
+        }
+    }
+    assert!(
+        struct_docs.contains(&"Paging flags of the list commands".to_string()),
+        "{struct_docs:?}"
+    );
+
+    let help = |path: &[String]| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(path)
+            .arg("--help")
+            .env_remove("KEYGATE_API_KEY")
+            .output()
+            .expect("run keygate");
+        assert_eq!(out.status.code(), Some(0), "{path:?} --help");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let check = |path: &[String], description: &str| {
+        let description = description.trim().trim_end_matches('.');
+        assert!(!description.is_empty(), "{path:?} has no description");
+        assert!(
+            !description.starts_with("Usage:"),
+            "{path:?} has no description"
+        );
+        for doc in &struct_docs {
+            assert!(
+                !doc.starts_with(description),
+                "{path:?} is described by an argument struct's doc: {description:?}"
+            );
+        }
+    };
+
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let text = help(&path);
+        // The command's own description heads its help.
+        check(&path, text.lines().next().unwrap_or_default());
+        // Its subcommands, as listed: "  name  description" (continuation
+        // lines are indented further).
+        let listed = text
+            .lines()
+            .skip_while(|l| *l != "Commands:")
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "));
+        for entry in listed {
+            let (name, description) = entry
+                .trim()
+                .split_once(char::is_whitespace)
+                .unwrap_or((entry.trim(), ""));
+            if name == "help" {
+                continue;
+            }
+            let mut sub = path.clone();
+            sub.push(name.to_string());
+            check(&sub, description);
+            pending.push(sub);
+            seen += 1;
+        }
+    }
+    // 10 commands, and 28 subcommands of the six groups.
+    assert!(seen >= 38, "only {seen} subcommands walked");
 }

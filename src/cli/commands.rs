@@ -4,6 +4,11 @@
 //! Updates read the resource first and send its `resourceVersion` back
 //! (unless `--resource-version` is given), so a change made in between is
 //! refused with 409 rather than overwritten.
+//!
+//! Every id from the command line is checked for the shape of the id it
+//! names before any request (`key_id`, `principal_id`, `namespace_ref`),
+//! and goes into the path as one encoded segment (`remote::Client`), so
+//! `--id ../users/x` is refused here rather than read as another resource.
 
 use std::time::SystemTime;
 
@@ -15,6 +20,8 @@ use super::{
     AccessArgs, AccountCommand, ApikeyCommand, AuditCommand, Command, Failure, NamespaceCommand,
     PageArgs, RemoteArgs, ServiceAccountCommand, UserCommand,
 };
+use crate::admin::resource::{validate_namespace_name, MAX_NAMESPACE_CHARS};
+use crate::key::KeyId;
 
 pub async fn run(command: Command) -> Result<(), Failure> {
     match command {
@@ -35,7 +42,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
 
 // === api keys ===
 
-const KEYS: &str = "/api/v1/api-keys";
+const KEYS: &str = "api-keys";
 
 fn key_columns() -> Vec<Column> {
     vec![
@@ -72,7 +79,7 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
                 Some(d) => Some(d),
                 // The account's longest, or none when keys may live forever.
                 None => {
-                    let settings = client.get("/api/v1/account/settings", &[]).await?;
+                    let settings = client.get(&SETTINGS, &[]).await?;
                     let max = settings["spec"]["maxKeyLifetime"].as_str().unwrap_or("0s");
                     let max = humantime::parse_duration(max).map_err(|_| {
                         Failure::runtime(format!("the server sent maxKeyLifetime {max:?}"))
@@ -90,12 +97,12 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
                 spec["expiryTime"] = json!(humantime::format_rfc3339_seconds(at).to_string());
             }
             if let Some(id) = owner_id {
-                spec["ownerId"] = json!(id);
+                spec["ownerId"] = json!(principal_id("--owner-id", &id)?);
             }
             if let Some(t) = owner_type {
                 spec["ownerType"] = json!(t);
             }
-            let created = client.post(KEYS, json!({ "spec": spec })).await?;
+            let created = client.post(&[KEYS], json!({ "spec": spec })).await?;
             issued(out, &created, "Created");
             Ok(())
         }
@@ -106,36 +113,35 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
         } => {
             let mut query = page_query(&page);
             if let Some(id) = owner_id {
+                principal_id("--owner-id", &id)?;
                 query.push(("ownerId", id));
             }
             if let Some(t) = owner_type {
                 query.push(("ownerType", t));
             }
-            let list = client.get(KEYS, &query).await?;
+            let list = client.get(&[KEYS], &query).await?;
             show_list(out, &list, "apiKeys", &key_columns());
             Ok(())
         }
         ApikeyCommand::Get(id) => {
-            show(out, &client.get(&format!("{KEYS}/{}", id.id), &[]).await?);
+            let id = key_id(&id.id)?;
+            show(out, &client.get(&[KEYS, id], &[]).await?);
             Ok(())
         }
         ApikeyCommand::Delete(id) => {
-            client.delete(&format!("{KEYS}/{}", id.id)).await?;
-            done(out, &format!("Deleted API key {}.", id.id));
+            let id = key_id(&id.id)?;
+            client.delete(&[KEYS, id]).await?;
+            done(out, &format!("Deleted API key {id}."));
             Ok(())
         }
         ApikeyCommand::Enable(id) => {
-            let key = client
-                .post(&format!("{KEYS}/{}/enable", id.id), json!({}))
-                .await?;
-            show(out, &key);
+            let id = key_id(&id.id)?;
+            show(out, &client.post(&[KEYS, id, "enable"], json!({})).await?);
             Ok(())
         }
         ApikeyCommand::Disable(id) => {
-            let key = client
-                .post(&format!("{KEYS}/{}/disable", id.id), json!({}))
-                .await?;
-            show(out, &key);
+            let id = key_id(&id.id)?;
+            show(out, &client.post(&[KEYS, id, "disable"], json!({})).await?);
             Ok(())
         }
         ApikeyCommand::Rotate { id, grace } => {
@@ -143,7 +149,7 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
                 Some(g) => json!({ "gracePeriod": g }),
                 None => json!({}),
             };
-            let rotated = client.post(&format!("{KEYS}/{id}/rotate"), body).await?;
+            let rotated = client.post(&[KEYS, key_id(&id)?, "rotate"], body).await?;
             issued(out, &rotated, "Rotated");
             Ok(())
         }
@@ -153,7 +159,7 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
             description,
             resource_version,
         } => {
-            let path = format!("{KEYS}/{id}");
+            let path = [KEYS, key_id(&id)?];
             let version = version_of(&client, &path, resource_version).await?;
             let mut spec = Map::new();
             if let Some(n) = name {
@@ -169,10 +175,8 @@ async fn apikey(remote: &RemoteArgs, command: ApikeyCommand) -> Result<(), Failu
             Ok(())
         }
         ApikeyCommand::Usage(id) => {
-            show(
-                out,
-                &client.get(&format!("{KEYS}/{}/usage", id.id), &[]).await?,
-            );
+            let id = key_id(&id.id)?;
+            show(out, &client.get(&[KEYS, id, "usage"], &[]).await?);
             Ok(())
         }
         // `cli::main` runs imports against the store (cli::local).
@@ -270,7 +274,7 @@ fn access(args: &AccessArgs, current: Option<&Value>) -> Result<Option<Value>, F
 }
 
 async fn user(remote: &RemoteArgs, command: UserCommand) -> Result<(), Failure> {
-    const USERS: &str = "/api/v1/users";
+    const USERS: &str = "users";
     let client = Client::new(remote)?;
     let out = remote.output;
     match command {
@@ -279,16 +283,20 @@ async fn user(remote: &RemoteArgs, command: UserCommand) -> Result<(), Failure> 
             if let Some(a) = access(&a, None)? {
                 spec["access"] = a;
             }
-            show(out, &client.post(USERS, json!({ "spec": spec })).await?);
+            show(out, &client.post(&[USERS], json!({ "spec": spec })).await?);
         }
         UserCommand::List(page) => {
-            let list = client.get(USERS, &page_query(&page)).await?;
+            let list = client.get(&[USERS], &page_query(&page)).await?;
             show_list(out, &list, "users", &user_columns());
         }
-        UserCommand::Get(id) => show(out, &client.get(&format!("{USERS}/{}", id.id), &[]).await?),
+        UserCommand::Get(id) => {
+            let id = principal_id("--id", &id.id)?;
+            show(out, &client.get(&[USERS, id], &[]).await?);
+        }
         UserCommand::Delete(id) => {
-            let answer = client.delete(&format!("{USERS}/{}", id.id)).await?;
-            deleted_principal(out, "user", &id.id, &answer);
+            let id = principal_id("--id", &id.id)?;
+            let answer = client.delete(&[USERS, id]).await?;
+            deleted_principal(out, "user", id, &answer);
         }
         UserCommand::Update {
             id,
@@ -307,7 +315,8 @@ async fn user(remote: &RemoteArgs, command: UserCommand) -> Result<(), Failure> 
                 disabled,
                 resource_version,
             };
-            update_principal(&client, out, &format!("{USERS}/{id}"), change).await?;
+            let path = [USERS, principal_id("--id", &id)?];
+            update_principal(&client, out, &path, change).await?;
         }
     }
     Ok(())
@@ -317,7 +326,7 @@ async fn service_account(
     remote: &RemoteArgs,
     command: ServiceAccountCommand,
 ) -> Result<(), Failure> {
-    const SAS: &str = "/api/v1/service-accounts";
+    const SAS: &str = "service-accounts";
     let client = Client::new(remote)?;
     let out = remote.output;
     match command {
@@ -330,18 +339,20 @@ async fn service_account(
             if let Some(a) = access(&a, None)? {
                 spec["access"] = a;
             }
-            show(out, &client.post(SAS, json!({ "spec": spec })).await?);
+            show(out, &client.post(&[SAS], json!({ "spec": spec })).await?);
         }
         ServiceAccountCommand::List(page) => {
-            let list = client.get(SAS, &page_query(&page)).await?;
+            let list = client.get(&[SAS], &page_query(&page)).await?;
             show_list(out, &list, "serviceAccounts", &service_account_columns());
         }
         ServiceAccountCommand::Get(id) => {
-            show(out, &client.get(&format!("{SAS}/{}", id.id), &[]).await?)
+            let id = principal_id("--id", &id.id)?;
+            show(out, &client.get(&[SAS, id], &[]).await?);
         }
         ServiceAccountCommand::Delete(id) => {
-            let answer = client.delete(&format!("{SAS}/{}", id.id)).await?;
-            deleted_principal(out, "service account", &id.id, &answer);
+            let id = principal_id("--id", &id.id)?;
+            let answer = client.delete(&[SAS, id]).await?;
+            deleted_principal(out, "service account", id, &answer);
         }
         ServiceAccountCommand::Update {
             id,
@@ -364,7 +375,8 @@ async fn service_account(
                 disabled,
                 resource_version,
             };
-            update_principal(&client, out, &format!("{SAS}/{id}"), change).await?;
+            let path = [SAS, principal_id("--id", &id)?];
+            update_principal(&client, out, &path, change).await?;
         }
     }
     Ok(())
@@ -385,7 +397,7 @@ struct PrincipalChange<'a> {
 async fn update_principal(
     client: &Client,
     out: Output,
-    path: &str,
+    path: &[&str],
     change: PrincipalChange<'_>,
 ) -> Result<(), Failure> {
     let current = client.get(path, &[]).await?;
@@ -419,7 +431,7 @@ fn deleted_principal(out: Output, kind: &str, id: &str, answer: &Value) {
 // === namespaces, account, audit ===
 
 async fn namespace(remote: &RemoteArgs, command: NamespaceCommand) -> Result<(), Failure> {
-    const NAMESPACES: &str = "/api/v1/namespaces";
+    const NAMESPACES: &str = "namespaces";
     let client = Client::new(remote)?;
     let out = remote.output;
     let columns = [
@@ -432,27 +444,28 @@ async fn namespace(remote: &RemoteArgs, command: NamespaceCommand) -> Result<(),
             let spec = json!({ "name": name, "description": description });
             show(
                 out,
-                &client.post(NAMESPACES, json!({ "spec": spec })).await?,
+                &client.post(&[NAMESPACES], json!({ "spec": spec })).await?,
             );
         }
         NamespaceCommand::List(page) => {
-            let list = client.get(NAMESPACES, &page_query(&page)).await?;
+            let list = client.get(&[NAMESPACES], &page_query(&page)).await?;
             show_list(out, &list, "namespaces", &columns);
         }
-        NamespaceCommand::Get(id) => show(
-            out,
-            &client.get(&format!("{NAMESPACES}/{}", id.id), &[]).await?,
-        ),
+        NamespaceCommand::Get(id) => {
+            let id = namespace_ref(&id.id)?;
+            show(out, &client.get(&[NAMESPACES, id], &[]).await?);
+        }
         NamespaceCommand::Delete(id) => {
-            client.delete(&format!("{NAMESPACES}/{}", id.id)).await?;
-            done(out, &format!("Deleted namespace {}.", id.id));
+            let id = namespace_ref(&id.id)?;
+            client.delete(&[NAMESPACES, id]).await?;
+            done(out, &format!("Deleted namespace {id}."));
         }
         NamespaceCommand::Update {
             id,
             description,
             resource_version,
         } => {
-            let path = format!("{NAMESPACES}/{id}");
+            let path = [NAMESPACES, namespace_ref(&id)?];
             let version = version_of(&client, &path, resource_version).await?;
             let body =
                 json!({ "resourceVersion": version, "spec": { "description": description } });
@@ -462,19 +475,20 @@ async fn namespace(remote: &RemoteArgs, command: NamespaceCommand) -> Result<(),
     Ok(())
 }
 
+const SETTINGS: [&str; 2] = ["account", "settings"];
+
 async fn account(remote: &RemoteArgs, command: AccountCommand) -> Result<(), Failure> {
-    const SETTINGS: &str = "/api/v1/account/settings";
     let client = Client::new(remote)?;
     let out = remote.output;
     match command {
-        AccountCommand::Get => show(out, &client.get(SETTINGS, &[]).await?),
+        AccountCommand::Get => show(out, &client.get(&SETTINGS, &[]).await?),
         AccountCommand::Update {
             api_keys_enabled,
             max_key_lifetime,
             max_keys_per_owner,
             resource_version,
         } => {
-            let version = version_of(&client, SETTINGS, resource_version).await?;
+            let version = version_of(&client, &SETTINGS, resource_version).await?;
             let mut spec = Map::new();
             if let Some(e) = api_keys_enabled {
                 spec.insert("apiKeysEnabled".into(), json!(e));
@@ -486,7 +500,7 @@ async fn account(remote: &RemoteArgs, command: AccountCommand) -> Result<(), Fai
                 spec.insert("maxKeysPerOwner".into(), json!(n));
             }
             let body = json!({ "resourceVersion": version, "spec": spec });
-            show(out, &client.put(SETTINGS, body).await?);
+            show(out, &client.put(&SETTINGS, body).await?);
         }
     }
     Ok(())
@@ -495,9 +509,7 @@ async fn account(remote: &RemoteArgs, command: AccountCommand) -> Result<(), Fai
 async fn audit(remote: &RemoteArgs, command: AuditCommand) -> Result<(), Failure> {
     let client = Client::new(remote)?;
     let AuditCommand::List(page) = command;
-    let list = client
-        .get("/api/v1/audit-events", &page_query(&page))
-        .await?;
+    let list = client.get(&["audit-events"], &page_query(&page)).await?;
     let columns = [
         Column::new("TIME", |v| output::text(&v["time"])),
         Column::new("ACTOR", |v| output::text(&v["actor"]["name"])),
@@ -516,6 +528,43 @@ async fn audit(remote: &RemoteArgs, command: AuditCommand) -> Result<(), Failure
 
 // === helpers ===
 
+/// An API key's id: 16 lowercase Crockford base32 characters, as the
+/// server names keys. The value is not echoed: a token pasted by mistake
+/// holds a secret.
+fn key_id(id: &str) -> Result<&str, Failure> {
+    KeyId::parse(id).map(|_| id).map_err(|_| {
+        Failure::usage(
+            "--id is not an API key id: 16 lowercase Crockford base32 characters \
+             (0-9, a-z without i, l, o, u), as `keygate apikey list` shows",
+        )
+    })
+}
+
+/// A user's or service account's id: the same shape as a key's (every
+/// resource id is made the same way).
+fn principal_id<'a>(flag: &str, id: &'a str) -> Result<&'a str, Failure> {
+    KeyId::parse(id).map(|_| id).map_err(|_| {
+        Failure::usage(format!(
+            "{flag} is not a user or service-account id: 16 lowercase Crockford base32 \
+             characters (0-9, a-z without i, l, o, u), as `keygate user list` and \
+             `keygate service-account list` show"
+        ))
+    })
+}
+
+/// A namespace's id or name: both have a name's shape (lowercase letters,
+/// digits, `-`).
+fn namespace_ref(id: &str) -> Result<&str, Failure> {
+    validate_namespace_name("--id", id)
+        .map(|()| id)
+        .map_err(|_| {
+            Failure::usage(format!(
+                "--id is not a namespace id or name: 1 to {MAX_NAMESPACE_CHARS} lowercase \
+                 letters, digits or '-', not starting or ending with '-'"
+            ))
+        })
+}
+
 fn page_query(page: &PageArgs) -> Vec<(&'static str, String)> {
     let mut q = Vec::new();
     if let Some(n) = page.page_size {
@@ -527,7 +576,11 @@ fn page_query(page: &PageArgs) -> Vec<(&'static str, String)> {
     q
 }
 
-async fn version_of(client: &Client, path: &str, given: Option<String>) -> Result<String, Failure> {
+async fn version_of(
+    client: &Client,
+    path: &[&str],
+    given: Option<String>,
+) -> Result<String, Failure> {
     match given {
         Some(v) => Ok(v),
         None => Ok(output::text(

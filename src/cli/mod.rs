@@ -3,8 +3,10 @@
 //! (`local`); the other commands are
 //! clients of the admin API (`commands` over `remote`, printed by `output`).
 //!
-//! Exit codes: 0 success, 1 runtime failure, 64 bad usage or configuration
-//! (EX_USAGE), 69 server or store unavailable (EX_UNAVAILABLE).
+//! Exit codes: 0 success (and `--help`, `--version`), 1 runtime failure,
+//! 64 bad usage or configuration, or a request the admin API refused
+//! (EX_USAGE; clap's own usage errors too, which would exit 2), 69 server or
+//! store unavailable (EX_UNAVAILABLE).
 
 mod commands;
 mod local;
@@ -159,8 +161,12 @@ pub struct PageArgs {
 }
 
 /// The `--id` of the resource a command acts on.
+///
+/// The doc comment of a flattened `Args` struct is what clap shows for a
+/// subcommand that has none of its own, so every subcommand has its own.
 #[derive(Debug, Args)]
 pub struct IdArg {
+    /// The resource's id, as its list command shows it.
     #[arg(long)]
     pub id: String,
 }
@@ -195,6 +201,7 @@ pub enum ApikeyCommand {
         /// Display name.
         #[arg(long)]
         name: String,
+        /// What the key is for.
         #[arg(long, default_value = "")]
         description: String,
         /// Lifetime, e.g. 24h, 30d (default: the account's maximum).
@@ -218,8 +225,9 @@ pub enum ApikeyCommand {
         #[arg(long = "namespace", conflicts_with = "local")]
         namespaces: Vec<String>,
     },
-    /// Import keys issued by another system, straight into the store: one
-    /// `token<TAB>name[<TAB>owner-email]` per line. Needs `[keys]
+    /// Import keys issued by another system, straight into the store.
+    ///
+    /// One `token<TAB>name[<TAB>owner-email]` per line. Needs `[keys]
     /// accept_imported = true` on the servers that should accept them.
     Import {
         /// The file of `token<TAB>name[<TAB>owner-email]` lines (`-` for
@@ -237,8 +245,10 @@ pub enum ApikeyCommand {
     },
     /// List API keys (yours; admins: everyone's).
     List {
+        /// Only the keys of this user or service account.
         #[arg(long)]
         owner_id: Option<String>,
+        /// Only the keys of owners of this type: user or service-account.
         #[arg(long)]
         owner_type: Option<String>,
         #[command(flatten)]
@@ -254,6 +264,7 @@ pub enum ApikeyCommand {
     Disable(IdArg),
     /// Issue a new secret; the old one keeps working for the grace period.
     Rotate {
+        /// The key's id.
         #[arg(long)]
         id: String,
         /// How long the old secret keeps working, e.g. 1h, 0s (default 24h).
@@ -262,11 +273,13 @@ pub enum ApikeyCommand {
     },
     /// Change an API key's display name or description.
     Update {
+        /// The key's id.
         #[arg(long)]
         id: String,
         /// New display name.
         #[arg(long)]
         name: Option<String>,
+        /// New description.
         #[arg(long)]
         description: Option<String>,
         /// Fail if the key changed since this version (default: the current one).
@@ -279,19 +292,26 @@ pub enum ApikeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
+    /// Create a user with an account role (read unless given) and namespace permissions.
     Create {
+        /// The user's email, their name in keygate.
         #[arg(long)]
         email: String,
         #[command(flatten)]
         access: AccessArgs,
     },
+    /// List users.
     List(PageArgs),
+    /// Show one user.
     Get(IdArg),
     /// Delete a user and all their API keys.
     Delete(IdArg),
+    /// Change a user's email, role, namespace permissions or disabled state.
     Update {
+        /// The user's id.
         #[arg(long)]
         id: String,
+        /// New email.
         #[arg(long)]
         email: Option<String>,
         #[command(flatten)]
@@ -299,6 +319,7 @@ pub enum UserCommand {
         /// Disable (true) or enable (false) the user and so all their keys.
         #[arg(long)]
         disabled: Option<bool>,
+        /// Fail if the user changed since this version (default: the current one).
         #[arg(long)]
         resource_version: Option<String>,
     },
@@ -306,29 +327,40 @@ pub enum UserCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ServiceAccountCommand {
+    /// Create a service account with an account role (read unless given) and namespace permissions.
     Create {
+        /// The service account's name.
         #[arg(long)]
         name: String,
+        /// What the service account is for.
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
         access: AccessArgs,
     },
+    /// List service accounts.
     List(PageArgs),
+    /// Show one service account.
     Get(IdArg),
     /// Delete a service account and all its API keys.
     Delete(IdArg),
+    /// Change a service account's name, description, role, namespace permissions or disabled state.
     Update {
+        /// The service account's id.
         #[arg(long)]
         id: String,
+        /// New name.
         #[arg(long)]
         name: Option<String>,
+        /// New description.
         #[arg(long)]
         description: Option<String>,
         #[command(flatten)]
         access: AccessArgs,
+        /// Disable (true) or enable (false) the service account and so all its keys.
         #[arg(long)]
         disabled: Option<bool>,
+        /// Fail if the service account changed since this version (default: the current one).
         #[arg(long)]
         resource_version: Option<String>,
     },
@@ -336,21 +368,30 @@ pub enum ServiceAccountCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NamespaceCommand {
+    /// Create a namespace (account admins).
     Create {
+        /// Its name: lowercase letters, digits and '-'; it cannot be changed.
         #[arg(long)]
         name: String,
+        /// What the namespace holds.
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// List the namespaces you have access to.
     List(PageArgs),
     /// Show a namespace (by id or name).
     Get(IdArg),
+    /// Delete a namespace (by id or name) and every permission granted on it.
     Delete(IdArg),
+    /// Change a namespace's description (by id or name).
     Update {
+        /// The namespace's id or name.
         #[arg(long)]
         id: String,
+        /// New description.
         #[arg(long)]
         description: String,
+        /// Fail if the namespace changed since this version (default: the current one).
         #[arg(long)]
         resource_version: Option<String>,
     },
@@ -368,8 +409,10 @@ pub enum AccountCommand {
         /// Longest key lifetime, e.g. 90d; 0s lets keys live forever.
         #[arg(long)]
         max_key_lifetime: Option<String>,
+        /// Most API keys one user or service account may hold.
         #[arg(long)]
         max_keys_per_owner: Option<u32>,
+        /// Fail if the settings changed since this version (default: the current one).
         #[arg(long)]
         resource_version: Option<String>,
     },
@@ -381,7 +424,9 @@ pub enum AuditCommand {
     List(PageArgs),
 }
 
-/// A failure with the exit code it deserves.
+/// A failure with the exit code it deserves. Its message is printed, so it
+/// never holds a secret, and `Debug` shows it as it is.
+#[derive(Debug)]
 pub struct Failure {
     pub code: u8,
     pub message: String,
@@ -405,6 +450,20 @@ impl Failure {
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
         Failure::usage(e.to_string())
+    }
+}
+
+/// What becomes of arguments clap did not take: `--help` and `--version`
+/// print to stdout and exit 0; a usage error prints clap's message and
+/// exits 64 (EX_USAGE, as every other usage error here) where clap's
+/// `exit` would give 2.
+pub fn arguments_refused(refused: &clap::Error) -> ExitCode {
+    // Nothing better to do when stderr or stdout is gone.
+    let _ = refused.print();
+    if refused.use_stderr() {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
