@@ -47,7 +47,8 @@ pub fn render(n: &Namespace) -> Value {
     })
 }
 
-/// Admins see every namespace; others those they have a permission on.
+/// Admins see every namespace; others those they have a permission on,
+/// within their key's scope.
 async fn list(
     State(state): State<AdminState>,
     caller: Caller,
@@ -81,11 +82,11 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<CreateRequest>,
 ) -> Result<(StatusCode, Json<Value>), AdminError> {
-    caller.require_admin("create namespaces")?;
-    let name = body
-        .spec
-        .name
-        .ok_or_else(|| AdminError::invalid("spec.name is required"))?;
+    let Some(name) = body.spec.name else {
+        caller.require_admin("create namespaces")?;
+        return Err(AdminError::invalid("spec.name is required"));
+    };
+    caller.may_create_or_delete_namespace("create namespaces", &name)?;
     validate_namespace_name("spec.name", &name)?;
     let description = body.spec.description.unwrap_or_default();
     validate_description("spec.description", &description)?;
@@ -124,8 +125,8 @@ async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
-    caller.require_admin("delete namespaces")?;
     let current = find(&state, &id).await?;
+    caller.may_create_or_delete_namespace("delete namespaces", &current.name)?;
     let keys = state
         .store
         .delete_namespace(&caller.actor(), &current.id)
