@@ -931,3 +931,80 @@ async fn user_emails_are_checked_when_given_not_when_kept() {
         .await;
     assert_eq!(status, 422, "a given email is checked, even the stored one");
 }
+
+/// On update, the part of `spec.access` a request leaves out keeps its
+/// value: changing a principal's namespaces does not demote it (the role
+/// defaulted to `read`), nor changing its role revoke its grants. On
+/// create, what is left out is least privilege.
+#[tokio::test]
+async fn updating_access_keeps_the_parts_left_out() {
+    let (gate, api) = gate().await;
+    api.create_namespace("orders").await;
+    api.create_namespace("billing").await;
+    for (path, spec) in [
+        (
+            "/api/v1/users",
+            json!({ "email": "second-admin@example.com" }),
+        ),
+        ("/api/v1/service-accounts", json!({ "name": "ops" })),
+    ] {
+        let mut created_spec = spec.clone();
+        created_spec["access"] = json!({ "accountAccess": { "role": "admin" },
+            "namespaceAccesses": { "billing": { "permission": "write" } } });
+        let (status, created) = api.post(path, json!({ "spec": created_spec })).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap();
+        let access = |body: &Value| body["spec"]["access"].clone();
+
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "1", "spec": { "access": {
+                    "namespaceAccesses": { "orders": { "permission": "read" } } } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "admin" },
+                "namespaceAccesses": { "orders": { "permission": "read" } } }),
+            "{path}: the role is kept"
+        );
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "2", "spec": { "access": {
+                    "accountAccess": { "role": "developer" } } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "developer" },
+                "namespaceAccesses": { "orders": { "permission": "read" } } }),
+            "{path}: the grants are kept"
+        );
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "3", "spec": { "access": { "namespaceAccesses": {} } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "developer" }, "namespaceAccesses": {} }),
+            "{path}: an empty map clears the grants"
+        );
+        // On create, a role left out is the least privilege.
+        let mut bare = spec.clone();
+        for v in bare.as_object_mut().unwrap().values_mut() {
+            *v = json!(format!("new-{}", v.as_str().unwrap()));
+        }
+        bare["access"] = json!({ "namespaceAccesses": { "orders": { "permission": "read" } } });
+        let (status, created) = api.post(path, json!({ "spec": bare })).await;
+        assert_eq!(status, 201, "{created}");
+        assert_eq!(created["spec"]["access"]["accountAccess"]["role"], "read");
+    }
+    gate.stop().await;
+}

@@ -379,9 +379,14 @@ fn schemas() -> Value {
         })),
         "Empty": object(&[], json!({})),
         "Access": object(&[], json!({
-            "accountAccess": object(&["role"], json!({ "role": { "type": "string", "enum": ["admin", "developer", "read"] } })),
+            "accountAccess": {
+                "type": "object", "additionalProperties": false, "required": ["role"],
+                "description": "left out: the read role on create, the current role on update",
+                "properties": { "role": { "type": "string", "enum": ["admin", "developer", "read"] } },
+            },
             "namespaceAccesses": {
                 "type": "object",
+                "description": "left out: none on create, the current grants on update; {} clears them",
                 "additionalProperties": object(&["permission"], json!({ "permission": { "type": "string", "enum": ["admin", "write", "read"] } })),
             },
         })),

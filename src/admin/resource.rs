@@ -125,29 +125,24 @@ pub fn next_token(next: Option<String>) -> String {
 
 // === access ===
 
-/// `spec.access` as the API shows it.
+/// `spec.access` as the API shows it. In a request either part may be left
+/// out: on create it is then least privilege (the read role, no
+/// namespaces); on update it keeps its current value, so that changing a
+/// principal's namespaces cannot silently demote it, nor changing its role
+/// silently revoke its grants. `"namespaceAccesses": {}` clears the grants.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessJson {
-    #[serde(default)]
-    pub account_access: AccountAccessJson,
-    #[serde(default)]
-    pub namespace_accesses: BTreeMap<String, NamespaceAccessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_access: Option<AccountAccessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_accesses: Option<BTreeMap<String, NamespaceAccessJson>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccountAccessJson {
     pub role: AccountRole,
-}
-
-impl Default for AccountAccessJson {
-    /// Least privilege when a request leaves the role out.
-    fn default() -> Self {
-        AccountAccessJson {
-            role: AccountRole::Read,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,21 +154,22 @@ pub struct NamespaceAccessJson {
 impl From<&Access> for AccessJson {
     fn from(a: &Access) -> AccessJson {
         AccessJson {
-            account_access: AccountAccessJson {
+            account_access: Some(AccountAccessJson {
                 role: a.account_role,
-            },
-            namespace_accesses: a
-                .namespaces
-                .iter()
-                .map(|(ns, p)| (ns.clone(), NamespaceAccessJson { permission: *p }))
-                .collect(),
+            }),
+            namespace_accesses: Some(
+                a.namespaces
+                    .iter()
+                    .map(|(ns, p)| (ns.clone(), NamespaceAccessJson { permission: *p }))
+                    .collect(),
+            ),
         }
     }
 }
 
 impl AccessJson {
-    /// What a new principal gets when its request leaves `access` out: the
-    /// read role and no namespaces.
+    /// What a new principal gets when its request leaves `access` (or a
+    /// part of it) out: the read role and no namespaces.
     pub fn default_access() -> Access {
         Access {
             account_role: AccountRole::Read,
@@ -181,18 +177,27 @@ impl AccessJson {
         }
     }
 
-    /// Checks the namespace names' shape; the store checks they exist.
-    pub fn into_access(self) -> Result<Access, AdminError> {
-        for ns in self.namespace_accesses.keys() {
-            validate_namespace_name("spec.access.namespaceAccesses", ns)?;
-        }
+    /// The access this request sets over `current` (the principal's, on
+    /// update; `None` on create): parts left out keep `current`'s value, or
+    /// get [`AccessJson::default_access`]'s on create. Checks the namespace
+    /// names' shape; the store checks they exist.
+    pub fn into_access(self, current: Option<&Access>) -> Result<Access, AdminError> {
+        let base = current.cloned().unwrap_or_else(AccessJson::default_access);
+        let namespaces = match self.namespace_accesses {
+            Some(given) => {
+                for ns in given.keys() {
+                    validate_namespace_name("spec.access.namespaceAccesses", ns)?;
+                }
+                given
+                    .into_iter()
+                    .map(|(ns, a)| (ns, a.permission))
+                    .collect()
+            }
+            None => base.namespaces,
+        };
         Ok(Access {
-            account_role: self.account_access.role,
-            namespaces: self
-                .namespace_accesses
-                .into_iter()
-                .map(|(ns, a)| (ns, a.permission))
-                .collect(),
+            account_role: self.account_access.map_or(base.account_role, |a| a.role),
+            namespaces,
         })
     }
 }

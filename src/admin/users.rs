@@ -42,7 +42,7 @@ impl Kind for UserSpec {
             (None, None) => return Err(AdminError::invalid("spec.email is required")),
         };
         let access = match (self.access, current) {
-            (Some(a), _) => a.into_access()?,
+            (Some(a), current) => a.into_access(current.map(|c| &c.access))?,
             (None, Some(c)) => c.access.clone(),
             (None, None) => AccessJson::default_access(),
         };
