@@ -1008,3 +1008,57 @@ async fn updating_access_keeps_the_parts_left_out() {
     }
     gate.stop().await;
 }
+
+/// A namespace is addressed by id or name, so one string must name one
+/// namespace: a name shaped like an id is refused, and a name of that shape
+/// an older version let in does not shadow the namespace whose id it is.
+#[tokio::test]
+async fn a_namespace_name_cannot_pass_for_another_namespaces_id() {
+    let (gate, api) = gate().await;
+    let first = api.create_namespace("first").await;
+    let (status, body) = api
+        .post("/api/v1/namespaces", json!({ "spec": { "name": first } }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_argument");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.name "),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(
+            "/api/v1/namespaces",
+            json!({ "spec": { "name": "abcdefghjkmnpqrs" } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    // A name with a '-' or of another length is no id.
+    api.create_namespace("orders-2024-q1ab").await;
+    api.create_namespace("abcdefghjkmnpqrst").await;
+
+    // As an older version let in: a namespace named after first's id.
+    gate.sql(&format!(
+        "INSERT INTO namespaces (id, name, description, created_ms, modified_ms) \
+         VALUES ('shadow0000000000', '{first}', '', 1, 1)"
+    ))
+    .await;
+    let (status, got) = api.get(&format!("/api/v1/namespaces/{first}")).await;
+    assert_eq!(
+        (status, got["spec"]["name"].as_str()),
+        (200, Some("first")),
+        "{got}"
+    );
+    let (status, _) = api.delete(&format!("/api/v1/namespaces/{first}")).await;
+    assert_eq!(status, 200);
+    let (status, got) = api.get("/api/v1/namespaces/shadow0000000000").await;
+    assert_eq!(
+        (status, got["spec"]["name"].as_str()),
+        (200, Some(first.as_str())),
+        "{got}"
+    );
+    assert_eq!(api.get("/api/v1/namespaces/first").await.0, 404);
+    gate.stop().await;
+}

@@ -83,6 +83,7 @@ behaviour!(
     principals_crud,
     service_accounts_are_apart_from_users,
     namespaces_crud,
+    a_namespace_id_wins_over_another_namespaces_name,
     deleting_a_namespace_removes_its_grants,
     a_grant_racing_a_namespace_delete_does_not_outlive_it,
     keys_crud_and_find_key,
@@ -354,6 +355,33 @@ async fn service_accounts_are_apart_from_users(store: Arc<dyn KeyStore>) {
         ),
         "{err:?}"
     );
+}
+
+/// A name may equal another namespace's id (the admin API refuses such
+/// names, the store holds what older versions let in): looked up by that
+/// string, the namespace whose id it is comes back, never the other.
+async fn a_namespace_id_wins_over_another_namespaces_name(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let first = store.create_namespace(&actor(), "first", "").await.unwrap();
+    let shadow = store
+        .create_namespace(&actor(), &first.id, "named after first's id")
+        .await
+        .unwrap();
+    // Rewritten after the other, so that a scan in storage order meets it
+    // second.
+    let first = store
+        .update_namespace(&actor(), &first.id, "the first", Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_namespace(&first.id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.get_namespace(&shadow.id).await.unwrap(),
+        Some(shadow.clone())
+    );
+    assert_eq!(store.get_namespace("first").await.unwrap(), Some(first));
 }
 
 async fn namespaces_crud(store: Arc<dyn KeyStore>) {

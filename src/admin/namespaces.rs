@@ -1,6 +1,9 @@
 //! `/api/v1/namespaces`: the names routes and access are scoped to.
 //! `spec.name` (immutable) and `spec.description`. A namespace is addressed
-//! by its id or its name.
+//! by its id or its name; so that one path never names two namespaces, a
+//! new name may not have the shape of an id (16 lowercase Crockford base32
+//! characters), and a lookup prefers the namespace whose id matches (a name
+//! of that shape made before the rule cannot shadow another's id).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,6 +17,7 @@ use super::error::AdminError;
 use super::extract::{JsonBody, QueryParams};
 use super::resource::{self, validate_description, validate_namespace_name, ListParams};
 use super::AdminState;
+use crate::key::KeyId;
 use crate::store::Namespace;
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +92,12 @@ async fn create(
     };
     caller.may_create_or_delete_namespace("create namespaces", &name)?;
     validate_namespace_name("spec.name", &name)?;
+    if KeyId::parse(&name).is_ok() {
+        return Err(AdminError::invalid(format!(
+            "spec.name {name:?} has the shape of a namespace id (16 lowercase letters and \
+             digits); namespaces are addressed by id or name, so a name may not look like an id"
+        )));
+    }
     let description = body.spec.description.unwrap_or_default();
     validate_description("spec.description", &description)?;
     let n = state

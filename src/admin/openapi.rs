@@ -416,7 +416,14 @@ fn schemas() -> Value {
         })),
         "Namespace": resource("NamespaceSpec", &["active"], &[]),
         "NamespaceList": list("namespaces", "Namespace"),
-        "CreateNamespaceRequest": create_request("NamespaceSpec", &["name"]),
+        // A new name may not look like an id: a namespace is addressed by either.
+        "CreateNamespaceRequest": object(&["spec"], json!({ "spec": { "allOf": [
+            schema_ref("NamespaceSpec"),
+            { "required": ["name"], "properties": { "name": {
+                "not": { "pattern": "^[0-9a-hjkmnp-tv-z]{16}$" },
+                "description": "not 16 lowercase Crockford base32 characters, the shape of an id",
+            } } },
+        ] } })),
         "UpdateNamespaceRequest": update_request("NamespaceSpec"),
         "ApiKeySpec": object(&[], json!({
             "displayName": name("required on create"),

@@ -114,16 +114,21 @@ where
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// The namespace with this id, or else this name.
+    /// The namespace with this id, or else this name. Both are unique, but
+    /// a name may equal another namespace's id (the admin API refuses such
+    /// names now; older stores may hold one): the id wins, so that an id
+    /// always names the namespace it was given to.
     pub(super) async fn namespace<'e>(
         store: impl Executor<'e, Database = DB>,
         id_or_name: &str,
     ) -> Result<Option<Namespace>, StoreError> {
-        let row: Option<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
-                .bind(id_or_name)
-                .fetch_optional(store)
-                .await?;
+        let row: Option<NamespaceRow> = sqlx::query_as(
+            "SELECT * FROM namespaces WHERE id = $1 OR name = $1 \
+             ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1",
+        )
+        .bind(id_or_name)
+        .fetch_optional(store)
+        .await?;
         Ok(row.map(Namespace::from))
     }
 
