@@ -394,6 +394,60 @@ async fn an_admins_namespace_scoped_key_acts_only_within_its_namespaces() {
     gate.stop().await;
 }
 
+/// A non-admin's namespace listing is filtered before it is paged: every
+/// page but the last is full, and no page token is the id of a namespace
+/// the caller cannot see.
+#[tokio::test]
+async fn a_developers_namespace_pages_are_full_and_reveal_nothing() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    for name in ["n1", "n2", "n3", "n4", "n5", "n6"] {
+        admin.create_namespace(name).await;
+    }
+    let dev = admin
+        .create_user(
+            "dev@example.com",
+            "developer",
+            &[("n2", "read"), ("n5", "write")],
+        )
+        .await;
+    let (_, token) = admin.create_key(json!({ "ownerId": dev })).await;
+    let api = admin.as_key(&token);
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..10 {
+        let (status, page) = api
+            .get(&format!(
+                "/api/v1/namespaces?pageSize=1&pageToken={page_token}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["namespaces"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "a full page: {page}");
+        seen.push(items[0]["spec"]["name"].as_str().unwrap().to_string());
+        page_token = page["nextPageToken"].as_str().unwrap().to_string();
+        if page_token.is_empty() {
+            break;
+        }
+        assert_eq!(page_token, items[0]["id"].as_str().unwrap(), "{page}");
+    }
+    seen.sort();
+    assert_eq!(seen, ["n2", "n5"]);
+    // Scoped to one of the two: that one alone.
+    let (_, scoped) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["n5"] }))
+        .await;
+    let (_, page) = api.as_key(&scoped).get("/api/v1/namespaces").await;
+    let names: Vec<&str> = page["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!((names, &page["nextPageToken"]), (vec!["n5"], &json!("")));
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn a_read_user_still_manages_their_own_keys() {
     let gate = Gate::builder().start().await;

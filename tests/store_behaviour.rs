@@ -933,10 +933,10 @@ async fn pagination_covers_everything_once(store: Arc<dyn KeyStore>) {
         .windows(2)
         .all(|w| w[0].id.as_str() < w[1].id.as_str()));
 
-    let first = store.list_namespaces(&page(3, None)).await.unwrap();
+    let first = store.list_namespaces(None, &page(3, None)).await.unwrap();
     assert_eq!(first.items.len(), 3);
     let second = store
-        .list_namespaces(&page(3, first.next.clone()))
+        .list_namespaces(None, &page(3, first.next.clone()))
         .await
         .unwrap();
     assert_eq!(second.items.len(), 1);
@@ -944,13 +944,37 @@ async fn pagination_covers_everything_once(store: Arc<dyn KeyStore>) {
     // Sizes are clamped: 0 means one item.
     assert_eq!(
         store
-            .list_namespaces(&page(0, None))
+            .list_namespaces(None, &page(0, None))
             .await
             .unwrap()
             .items
             .len(),
         1
     );
+    // Only the named namespaces, filtered before the page is cut: full
+    // pages, and each token the id of a namespace the page showed.
+    let named = ["b".to_string(), "d".to_string(), "ghost".to_string()];
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let listed = store
+            .list_namespaces(Some(&named), &page(1, after))
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), 1, "{listed:?}");
+        seen.push(listed.items[0].name.clone());
+        match listed.next {
+            Some(next) => {
+                assert_eq!(next, listed.items[0].id);
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["b", "d"]);
+    let none = store.list_namespaces(Some(&[]), &page(10, None)).await;
+    assert_eq!(none.unwrap().items.len(), 0);
 }
 
 async fn audit_pagination_newest_first(store: Arc<dyn KeyStore>) {

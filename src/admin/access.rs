@@ -185,6 +185,26 @@ impl Caller {
         self.key.owner.access.permission_on(namespace)
     }
 
+    /// The namespaces the caller may see, or `None` for all of them (an
+    /// account admin's unscoped key): those it has a permission on, within
+    /// the calling key's scope.
+    pub fn visible_namespaces(&self) -> Option<Vec<String>> {
+        if self.is_admin() {
+            return None;
+        }
+        let candidates: Vec<String> = if self.is_scoped() {
+            self.key.namespaces.iter().map(|n| n.to_string()).collect()
+        } else {
+            self.key.owner.access.namespaces.keys().cloned().collect()
+        };
+        Some(
+            candidates
+                .into_iter()
+                .filter(|n| self.permission_on(n).is_some())
+                .collect(),
+        )
+    }
+
     pub fn may_read_namespace(&self, namespace: &str) -> Result<(), AdminError> {
         match self.permission_on(namespace) {
             Some(_) => Ok(()),

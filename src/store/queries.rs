@@ -132,18 +132,37 @@ where
         Ok(row.map(Namespace::from))
     }
 
-    /// A page of namespaces, in id order.
+    /// A page of namespaces, in id order: all of them, or only those named
+    /// in `names`. The filter is in the SQL, before the page is cut, so
+    /// that every page but the last is full and a page token is always the
+    /// id of a namespace the page showed.
     pub(super) async fn list_namespaces(
         pool: &Pool<DB>,
+        names: Option<&[String]>,
         page: &PageRequest,
     ) -> Result<Page<Namespace>, StoreError> {
         let size = page_size(page);
-        let rows: Vec<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(page.after.as_deref().unwrap_or(""))
-                .bind(size + 1)
-                .fetch_all(pool)
-                .await?;
+        let mut sql = String::from("SELECT * FROM namespaces WHERE id > $1");
+        let mut params = 1;
+        if let Some(names) = names {
+            if names.is_empty() {
+                return Ok(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+            let placeholders: Vec<String> = (0..names.len())
+                .map(|i| format!("${}", params + 1 + i))
+                .collect();
+            params += names.len();
+            sql.push_str(&format!(" AND name IN ({})", placeholders.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", params + 1));
+        let mut query = sqlx::query_as(&sql).bind(page.after.as_deref().unwrap_or(""));
+        for name in names.unwrap_or_default() {
+            query = query.bind(name.as_str());
+        }
+        let rows: Vec<NamespaceRow> = query.bind(size + 1).fetch_all(pool).await?;
         let items = rows.into_iter().map(Namespace::from).collect();
         Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
     }
