@@ -1062,3 +1062,76 @@ async fn a_namespace_name_cannot_pass_for_another_namespaces_id() {
     assert_eq!(api.get("/api/v1/namespaces/first").await.0, 404);
     gate.stop().await;
 }
+
+/// A key's secret pasted where it does not belong never comes back: not in
+/// the Basic form `<id>:<secret>` in a path, not alone in any field an
+/// error quotes, and it is refused as a name or description. Ids stay
+/// readable.
+#[tokio::test]
+async fn no_form_of_a_key_comes_back_in_an_error() {
+    let (gate, api) = gate().await;
+    let (id, token) = api.create_key(json!({})).await;
+    let rest = &token[4 + id.len()..];
+    let secret = &rest[..32];
+    let answers = [
+        api.get(&format!("/api/v1/api-keys/{id}:{rest}")).await,
+        api.get(&format!("/api/v1/api-keys/{rest}")).await,
+        api.try_create_key(&mut json!({ "ownerId": secret })).await,
+        api.try_create_key(&mut json!({ "expiryTime": secret }))
+            .await,
+        api.try_create_key(&mut json!({ "namespaces": [secret] }))
+            .await,
+        api.try_create_key(&mut json!({ "ownerType": secret }))
+            .await,
+        api.try_create_key(&mut json!({ secret: 1 })).await,
+        api.post("/api/v1/users", json!({ "spec": { "email": secret } }))
+            .await,
+        api.post(
+            "/api/v1/users",
+            json!({ "spec": { "email": format!("{secret}@example.com") } }),
+        )
+        .await,
+        api.get(&format!("/api/v1/api-keys?ownerType={secret}"))
+            .await,
+        api.get(&format!("/api/v1/api-keys?{secret}=1")).await,
+        api.try_create_key(&mut json!({ "displayName": secret }))
+            .await,
+        api.try_create_key(&mut json!({ "displayName": format!("ci {id}:{rest}") }))
+            .await,
+        api.try_create_key(&mut json!({ "description": format!("the secret is {secret}.") }))
+            .await,
+        api.post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "bot", "description": secret } }),
+        )
+        .await,
+    ];
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert!((400..500).contains(status), "#{i}: {status} {body}");
+        let text = body.to_string();
+        assert!(!text.contains(secret), "#{i} echoes the secret: {text}");
+    }
+    assert!(
+        answers[0].1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&id),
+        "the id stays readable: {}",
+        answers[0].1
+    );
+    for (i, (status, body)) in answers[11..].iter().enumerate() {
+        assert_eq!(*status, 422, "#{i}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("looks like it contains an API key"),
+            "{body}"
+        );
+        assert!(message.starts_with("spec."), "names its field: {body}");
+    }
+    // Single-case identifiers as long as a secret, such as a commit hash,
+    // are no secret.
+    let sha = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+    api.create_key(json!({ "displayName": format!("deploy {sha}"), "description": sha }))
+        .await;
+    gate.stop().await;
+}

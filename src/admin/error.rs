@@ -5,8 +5,10 @@
 //! Client errors (4xx) say what was wrong with the request; internal ones
 //! (store down, corrupt record) are logged here and answered with a generic
 //! message, so no response leaks store internals. Nothing here may print a
-//! secret: messages are built from ids, names and serde's error text, which
-//! never contains a token (tokens are never request input).
+//! secret: messages are built from ids, names and serde's error text, and
+//! since those may quote what the client sent (a key pasted into the wrong
+//! field or path), every message is passed through [`redact_token_like`],
+//! which removes a whole token and a secret on its own alike.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -180,15 +182,18 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// Replaces every run of token characters that is long enough to be a key
-/// (24 or more of `[A-Za-z0-9_.-]`, with an underscore) by `<redacted>`.
-/// Error messages have no legitimate run that long.
+/// Replaces every run of token characters (`[A-Za-z0-9_.-]`) that may hold
+/// a key, or the secret part of one, by `<redacted>`: a run of 24 or more
+/// with an underscore (a whole token), or one holding an alphanumeric run
+/// as long as a secret (the secret alone, as pasted from the `Basic` form
+/// `<id>:<secret>` or cut out of a token). Ids (16 characters) and every
+/// legitimate part of a message are shorter, and stay readable.
 pub fn redact_token_like(message: &str) -> String {
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     let mut out = String::with_capacity(message.len());
     let mut run = String::new();
     let flush = |run: &mut String, out: &mut String| {
-        if run.len() >= 24 && run.contains('_') {
+        if (run.len() >= 24 && run.contains('_')) || holds_secret_length_run(run) {
             out.push_str("<redacted>");
         } else {
             out.push_str(run);
@@ -207,6 +212,13 @@ pub fn redact_token_like(message: &str) -> String {
     out
 }
 
+/// Whether `text` has an ASCII alphanumeric run at least as long as a
+/// key's secret.
+fn holds_secret_length_run(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|run| run.len() >= crate::key::SECRET_LEN)
+}
+
 #[cfg(test)]
 mod redaction_tests {
     use super::redact_token_like;
@@ -220,5 +232,30 @@ mod redaction_tests {
         assert!(redacted.contains("spec.expiryTime must be an RFC 3339 time; got \"<redacted>\""));
         let plain = "unknown variant `owner`, expected one of `user`, `service-account`";
         assert_eq!(redact_token_like(plain), plain);
+    }
+
+    #[test]
+    fn the_secret_alone_is_redacted_and_ids_kept() {
+        let (id, rest) = ("6qapv6sg93srp1pv", "5GJwpJP7n1l9h7ZEGkVfDlC3YBM4wSkp39OQZh");
+        let secret = &rest[..32];
+        for (message, kept) in [
+            (
+                format!("API key {id}:{rest} not found"),
+                format!("API key {id}:<redacted> not found"),
+            ),
+            (
+                format!("spec.ownerId {secret:?} is neither"),
+                "spec.ownerId \"<redacted>\" is neither".into(),
+            ),
+            (
+                format!("unknown field `{secret}`"),
+                "unknown field `<redacted>`".into(),
+            ),
+            (format!("got \"x-{secret}.y\""), "got \"<redacted>\"".into()),
+        ] {
+            assert_eq!(redact_token_like(&message), kept);
+        }
+        let id_only = format!("API key {id} not found");
+        assert_eq!(redact_token_like(&id_only), id_only);
     }
 }

@@ -204,30 +204,43 @@ impl AccessJson {
 
 // === validation ===
 
-/// Non-empty, at most `MAX_NAME_CHARS`, no control characters, no
-/// surrounding whitespace.
 /// Whether free text holds something shaped like a native API key
-/// (`<prefix>_<16 id>_<38 secret+check>`): refused in names and descriptions,
-/// which are listed, logged and sent as headers.
+/// (`<prefix>_<16 id>_<38 secret+check>`) or its secret on its own (as in
+/// the `Basic` form `<id>:<secret>`): an alphanumeric run at least as long
+/// as a secret that mixes upper- and lowercase letters, as 32 random base62
+/// characters all but always do (hex digests and other identifiers, which
+/// are single-case, pass). Refused in names and descriptions, which are
+/// listed, logged and sent as headers.
 fn contains_key_shape(value: &str) -> bool {
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    value.split(|c: char| !is_token_char(c)).any(|run| {
+    let full_token = value.split(|c: char| !is_token_char(c)).any(|run| {
         let parts: Vec<&str> = run.split('_').collect();
         parts.len() >= 3
             && parts[parts.len() - 2].len() == crate::key::ID_LEN
             && parts[parts.len() - 1].len() == crate::key::SECRET_LEN + crate::key::CHECK_LEN
-    })
+    });
+    let secret = value
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|run| {
+            run.len() >= crate::key::SECRET_LEN
+                && run.chars().any(|c| c.is_ascii_uppercase())
+                && run.chars().any(|c| c.is_ascii_lowercase())
+        });
+    full_token || secret
 }
 
-fn refuse_key_shape(field: &str, value: &str) -> Result<(), AdminError> {
+pub fn refuse_key_shape(field: &str, value: &str) -> Result<(), AdminError> {
     if contains_key_shape(value) {
         return Err(AdminError::invalid(format!(
-            "{field} looks like it contains an API key; never put a key in a name or description"
+            "{field} looks like it contains an API key or its secret; never put a key in a \
+             name, email or description"
         )));
     }
     Ok(())
 }
 
+/// Non-empty, at most `MAX_NAME_CHARS`, no control characters, no
+/// surrounding whitespace, nothing shaped like a key.
 pub fn validate_name(field: &str, value: &str) -> Result<(), AdminError> {
     refuse_key_shape(field, value)?;
     if value.trim().is_empty() {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::bootstrap::looks_like_email;
 use super::error::AdminError;
 use super::principals::{self, Kind};
-use super::resource::{AccessJson, MAX_NAME_CHARS};
+use super::resource::{refuse_key_shape, AccessJson, MAX_NAME_CHARS};
 use super::AdminState;
 use crate::store::{OwnerType, Principal, PrincipalSpec};
 
@@ -29,6 +29,7 @@ impl Kind for UserSpec {
     fn merge(self, current: Option<&Principal>) -> Result<PrincipalSpec, AdminError> {
         let email = match (self.email, current) {
             (Some(e), _) => {
+                refuse_key_shape("spec.email", &e)?;
                 if !looks_like_email(&e) || e.chars().count() > MAX_NAME_CHARS {
                     return Err(AdminError::invalid(format!(
                         "spec.email {e:?} is not a valid email address"
