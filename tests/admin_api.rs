@@ -1135,3 +1135,68 @@ async fn no_form_of_a_key_comes_back_in_an_error() {
         .await;
     gate.stop().await;
 }
+
+/// A key policy's refusal names the request field it is about, as the
+/// other 422s do.
+#[tokio::test]
+async fn policy_errors_name_their_field() {
+    let (gate, api) = gate().await;
+    let message = |body: &Value| body["error"]["message"].as_str().unwrap_or("").to_string();
+    for (mut spec, field) in [
+        (
+            json!({ "expiryTime": "2001-01-01T00:00:00Z" }),
+            "spec.expiryTime: ",
+        ),
+        (
+            json!({ "expiryTime": in_hours(91 * 24) }),
+            "spec.expiryTime: ",
+        ),
+        (json!({ "expiryTime": null }), "spec.expiryTime: "),
+        (json!({ "namespaces": ["nope"] }), "spec.namespaces: "),
+    ] {
+        let (status, body) = api.try_create_key(&mut spec).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("policy_violation")),
+            "{body}"
+        );
+        assert!(message(&body).starts_with(field), "{field}: {body}");
+    }
+    let grants = json!({ "namespaceAccesses": { "nope": { "permission": "read" } } });
+    let (status, body) = api
+        .post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "x", "access": grants } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        message(&body).starts_with("spec.access.namespaceAccesses: "),
+        "{body}"
+    );
+    let user = api.create_user("u@example.com", "developer", &[]).await;
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{user}"),
+            json!({ "resourceVersion": "1", "spec": { "access": grants } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        message(&body).starts_with("spec.access.namespaceAccesses: "),
+        "{body}"
+    );
+    let (_, settings) = api.get("/api/v1/account/settings").await;
+    let (status, _) = api
+        .put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": settings["resourceVersion"], "spec": { "maxKeysPerOwner": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    api.create_key(json!({ "ownerId": user })).await;
+    let (status, body) = api.try_create_key(&mut json!({ "ownerId": user })).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(message(&body).starts_with("spec.ownerId: "), "{body}");
+    gate.stop().await;
+}

@@ -16,7 +16,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::auth::{AuthError, CredentialError};
-use crate::store::StoreError;
+use crate::store::{PolicyViolation, StoreError};
 
 /// Everything an admin handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,16 @@ pub enum AdminError {
     PayloadTooLarge(usize),
     #[error("request body must be JSON (content-type: application/json)")]
     UnsupportedMediaType,
+    /// A key policy refused the change (422 `policy_violation`); `field`
+    /// is the request field it is about, named in the message as the
+    /// body's other 422s name theirs.
+    #[error("{violation}")]
+    Policy {
+        field: Option<&'static str>,
+        violation: PolicyViolation,
+    },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// The store is down and the authenticator had nothing cached.
     #[error("the key store is unavailable")]
     Unavailable,
@@ -61,6 +69,51 @@ impl AdminError {
 
     pub fn not_found(kind: &str, id: &str) -> AdminError {
         AdminError::NotFound(format!("{kind} {id} not found"))
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Policy(violation) => AdminError::Policy {
+                field: policy_field(&violation),
+                violation,
+            },
+            e => AdminError::Store(e),
+        }
+    }
+}
+
+/// The request field a key policy is about, where only one can be: an
+/// unknown namespace is in `spec.namespaces` of a key but in
+/// `spec.access.namespaceAccesses` of a principal, so its handler says
+/// which ([`AdminError::namespaces_in`]); the last admin is about a role,
+/// a state or a deletion.
+fn policy_field(violation: &PolicyViolation) -> Option<&'static str> {
+    match violation {
+        PolicyViolation::ExpiryRequired { .. }
+        | PolicyViolation::LifetimeTooLong { .. }
+        | PolicyViolation::ExpiryInPast => Some("spec.expiryTime"),
+        PolicyViolation::TooManyKeys { .. } | PolicyViolation::UnknownOwner { .. } => {
+            Some("spec.ownerId")
+        }
+        PolicyViolation::UnknownNamespace(_) | PolicyViolation::LastAdmin { .. } => None,
+    }
+}
+
+impl AdminError {
+    /// Names `field` as the place of an unknown namespace, if this is one.
+    pub fn namespaces_in(self, field: &'static str) -> AdminError {
+        match self {
+            AdminError::Policy {
+                field: None,
+                violation: violation @ PolicyViolation::UnknownNamespace(_),
+            } => AdminError::Policy {
+                field: Some(field),
+                violation,
+            },
+            other => other,
+        }
     }
 }
 
@@ -122,6 +175,14 @@ impl AdminError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 self.to_string(),
+            ),
+            AdminError::Policy { field, violation } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "policy_violation",
+                match field {
+                    Some(field) => format!("{field}: {violation}"),
+                    None => violation.to_string(),
+                },
             ),
             AdminError::Store(e) => match e {
                 StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", e.to_string()),

@@ -208,7 +208,7 @@ fn errors() -> Value {
         "409": e("already exists, or resourceVersion is stale"),
         "413": e("request body too large"),
         "415": e("request body is not JSON"),
-        "422": e("invalid field, or a policy refused the change (key policies; the last enabled admin stays)"),
+        "422": e("invalid field, or a policy refused the change (key policies; the last enabled admin stays); the message starts with the field it is about, such as spec.expiryTime"),
         "503": e("the key store is unavailable"),
     })
 }
