@@ -1200,3 +1200,65 @@ async fn policy_errors_name_their_field() {
     assert!(message(&body).starts_with("spec.ownerId: "), "{body}");
     gate.stop().await;
 }
+
+/// An email is one address whatever its case: a second user cannot take it
+/// in another case, a lookup by email (the local CLI's `--owner-email`)
+/// finds it in any case, and it is shown as typed.
+#[tokio::test]
+async fn user_emails_are_unique_and_found_ignoring_case() {
+    let (gate, api) = gate().await;
+    let dev = api.create_user("dev@example.com", "developer", &[]).await;
+    let (status, body) = api
+        .post(
+            "/api/v1/users",
+            json!({ "spec": { "email": "DEV@example.com" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("already_exists")),
+        "{body}"
+    );
+    let other = api.create_user("other@example.com", "read", &[]).await;
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{other}"),
+            json!({ "resourceVersion": "1", "spec": { "email": "Dev@Example.com" } }),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{dev}"),
+            json!({ "resourceVersion": "1", "spec": { "email": "Dev@Example.com" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["spec"]["email"].as_str()),
+        (200, Some("Dev@Example.com")),
+        "{body}"
+    );
+
+    let store = format!("sqlite://{}", gate.db_path.display());
+    let token = tokio::task::spawn_blocking(move || {
+        support::run_cli([
+            "apikey",
+            "create",
+            "--local",
+            "--name",
+            "ops",
+            "--duration",
+            "1h",
+            "--owner-email",
+            "ADMIN@Example.COM",
+            "--store",
+            &store,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(token.starts_with("kg_"), "{token}");
+    let (status, _) = api.as_key(&token).get("/api/v1/users").await;
+    assert_eq!(status, 200, "the key is the admin's");
+    gate.stop().await;
+}

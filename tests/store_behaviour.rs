@@ -227,6 +227,26 @@ async fn principals_crud(store: Arc<dyn KeyStore>) {
         matches!(&dup, StoreError::AlreadyExists { kind: "user", name } if name == "a@example.com"),
         "{dup:?}"
     );
+    // An email is one address in any case: unique and found ignoring it.
+    let dup = store
+        .create_principal(
+            &actor(),
+            OwnerType::User,
+            spec("A@Example.COM", AccountRole::Read, &[]),
+        )
+        .await
+        .expect_err("duplicate email in another case");
+    assert!(
+        matches!(&dup, StoreError::AlreadyExists { kind: "user", .. }),
+        "{dup:?}"
+    );
+    assert_eq!(
+        store
+            .find_principal_by_name(OwnerType::User, "A@EXAMPLE.com")
+            .await
+            .unwrap(),
+        Some(a.clone())
+    );
 
     store.create_namespace(&actor(), "prod", "").await.unwrap();
     // Another admin, so that `a` may step down (the_last_enabled_admin_stays).

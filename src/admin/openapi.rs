@@ -351,7 +351,7 @@ fn email() -> Value {
         "maxLength": 254,
         // The lookahead: a local part of at most 64 characters.
         "pattern": format!("^(?=[^@]{{1,64}}@){atom}(\\.{atom})*@{label}(\\.{label})+$"),
-        "description": "required on create",
+        "description": "required on create; unique ignoring case, kept as typed",
     })
 }
 

@@ -1,5 +1,7 @@
 //! `/api/v1/users`: people who own API keys, with their account role and
 //! namespace permissions. `spec.email`, `spec.access`, `spec.disabled`.
+//! An email is unique and looked up ignoring case (the store's index and
+//! lookups), and kept as typed for display.
 
 use axum::routing::{get, post, MethodRouter};
 use serde::Deserialize;

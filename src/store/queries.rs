@@ -46,7 +46,8 @@ where
 {
     /// The principal of `kind` whose `column` (`id` or `name`, both unique
     /// within a kind) is `value`; `lock` is the clause that locks its row
-    /// inside a change (empty outside one).
+    /// inside a change (empty outside one). A user's name, its email,
+    /// matches ignoring case, as its unique index compares it.
     pub(super) async fn principal_by<'e>(
         store: impl Executor<'e, Database = DB>,
         column: &'static str,
@@ -54,7 +55,16 @@ where
         value: &str,
         lock: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2{lock}");
+        let sql = if column == "name" && kind == OwnerType::User {
+            // `kind = 'user'` written out, as the partial index's WHERE is,
+            // so that the planners can use `users_email_unique_ignoring_case`.
+            format!(
+                "SELECT * FROM principals WHERE lower(name) = lower($1) AND kind = 'user' \
+                 AND kind = $2{lock}"
+            )
+        } else {
+            format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2{lock}")
+        };
         let row: Option<PrincipalRow> = sqlx::query_as(&sql)
             .bind(value)
             .bind(kind.as_str())
