@@ -931,3 +931,334 @@ async fn user_emails_are_checked_when_given_not_when_kept() {
         .await;
     assert_eq!(status, 422, "a given email is checked, even the stored one");
 }
+
+/// On update, the part of `spec.access` a request leaves out keeps its
+/// value: changing a principal's namespaces does not demote it (the role
+/// defaulted to `read`), nor changing its role revoke its grants. On
+/// create, what is left out is least privilege.
+#[tokio::test]
+async fn updating_access_keeps_the_parts_left_out() {
+    let (gate, api) = gate().await;
+    api.create_namespace("orders").await;
+    api.create_namespace("billing").await;
+    for (path, spec) in [
+        (
+            "/api/v1/users",
+            json!({ "email": "second-admin@example.com" }),
+        ),
+        ("/api/v1/service-accounts", json!({ "name": "ops" })),
+    ] {
+        let mut created_spec = spec.clone();
+        created_spec["access"] = json!({ "accountAccess": { "role": "admin" },
+            "namespaceAccesses": { "billing": { "permission": "write" } } });
+        let (status, created) = api.post(path, json!({ "spec": created_spec })).await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap();
+        let access = |body: &Value| body["spec"]["access"].clone();
+
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "1", "spec": { "access": {
+                    "namespaceAccesses": { "orders": { "permission": "read" } } } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "admin" },
+                "namespaceAccesses": { "orders": { "permission": "read" } } }),
+            "{path}: the role is kept"
+        );
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "2", "spec": { "access": {
+                    "accountAccess": { "role": "developer" } } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "developer" },
+                "namespaceAccesses": { "orders": { "permission": "read" } } }),
+            "{path}: the grants are kept"
+        );
+        let (status, updated) = api
+            .put(
+                &format!("{path}/{id}"),
+                json!({ "resourceVersion": "3", "spec": { "access": { "namespaceAccesses": {} } } }),
+            )
+            .await;
+        assert_eq!(status, 200, "{updated}");
+        assert_eq!(
+            access(&updated),
+            json!({ "accountAccess": { "role": "developer" }, "namespaceAccesses": {} }),
+            "{path}: an empty map clears the grants"
+        );
+        // On create, a role left out is the least privilege.
+        let mut bare = spec.clone();
+        for v in bare.as_object_mut().unwrap().values_mut() {
+            *v = json!(format!("new-{}", v.as_str().unwrap()));
+        }
+        bare["access"] = json!({ "namespaceAccesses": { "orders": { "permission": "read" } } });
+        let (status, created) = api.post(path, json!({ "spec": bare })).await;
+        assert_eq!(status, 201, "{created}");
+        assert_eq!(created["spec"]["access"]["accountAccess"]["role"], "read");
+    }
+    gate.stop().await;
+}
+
+/// A namespace is addressed by id or name, so one string must name one
+/// namespace: a name shaped like an id is refused, and a name of that shape
+/// an older version let in does not shadow the namespace whose id it is.
+#[tokio::test]
+async fn a_namespace_name_cannot_pass_for_another_namespaces_id() {
+    let (gate, api) = gate().await;
+    let first = api.create_namespace("first").await;
+    let (status, body) = api
+        .post("/api/v1/namespaces", json!({ "spec": { "name": first } }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_argument");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.name "),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(
+            "/api/v1/namespaces",
+            json!({ "spec": { "name": "abcdefghjkmnpqrs" } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    // A name with a '-' or of another length is no id.
+    api.create_namespace("orders-2024-q1ab").await;
+    api.create_namespace("abcdefghjkmnpqrst").await;
+
+    // As an older version let in: a namespace named after first's id.
+    gate.sql(&format!(
+        "INSERT INTO namespaces (id, name, description, created_ms, modified_ms) \
+         VALUES ('shadow0000000000', '{first}', '', 1, 1)"
+    ))
+    .await;
+    let (status, got) = api.get(&format!("/api/v1/namespaces/{first}")).await;
+    assert_eq!(
+        (status, got["spec"]["name"].as_str()),
+        (200, Some("first")),
+        "{got}"
+    );
+    let (status, _) = api.delete(&format!("/api/v1/namespaces/{first}")).await;
+    assert_eq!(status, 200);
+    let (status, got) = api.get("/api/v1/namespaces/shadow0000000000").await;
+    assert_eq!(
+        (status, got["spec"]["name"].as_str()),
+        (200, Some(first.as_str())),
+        "{got}"
+    );
+    assert_eq!(api.get("/api/v1/namespaces/first").await.0, 404);
+    gate.stop().await;
+}
+
+/// A key's secret pasted where it does not belong never comes back: not in
+/// the Basic form `<id>:<secret>` in a path, not alone in any field an
+/// error quotes, and it is refused as a name or description. Ids stay
+/// readable.
+#[tokio::test]
+async fn no_form_of_a_key_comes_back_in_an_error() {
+    let (gate, api) = gate().await;
+    let (id, token) = api.create_key(json!({})).await;
+    let rest = &token[4 + id.len()..];
+    let secret = &rest[..32];
+    let answers = [
+        api.get(&format!("/api/v1/api-keys/{id}:{rest}")).await,
+        api.get(&format!("/api/v1/api-keys/{rest}")).await,
+        api.try_create_key(&mut json!({ "ownerId": secret })).await,
+        api.try_create_key(&mut json!({ "expiryTime": secret }))
+            .await,
+        api.try_create_key(&mut json!({ "namespaces": [secret] }))
+            .await,
+        api.try_create_key(&mut json!({ "ownerType": secret }))
+            .await,
+        api.try_create_key(&mut json!({ secret: 1 })).await,
+        api.post("/api/v1/users", json!({ "spec": { "email": secret } }))
+            .await,
+        api.post(
+            "/api/v1/users",
+            json!({ "spec": { "email": format!("{secret}@example.com") } }),
+        )
+        .await,
+        api.get(&format!("/api/v1/api-keys?ownerType={secret}"))
+            .await,
+        api.get(&format!("/api/v1/api-keys?{secret}=1")).await,
+        api.try_create_key(&mut json!({ "displayName": secret }))
+            .await,
+        api.try_create_key(&mut json!({ "displayName": format!("ci {id}:{rest}") }))
+            .await,
+        api.try_create_key(&mut json!({ "description": format!("the secret is {secret}.") }))
+            .await,
+        api.post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "bot", "description": secret } }),
+        )
+        .await,
+    ];
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert!((400..500).contains(status), "#{i}: {status} {body}");
+        let text = body.to_string();
+        assert!(!text.contains(secret), "#{i} echoes the secret: {text}");
+    }
+    assert!(
+        answers[0].1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&id),
+        "the id stays readable: {}",
+        answers[0].1
+    );
+    for (i, (status, body)) in answers[11..].iter().enumerate() {
+        assert_eq!(*status, 422, "#{i}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("looks like it contains an API key"),
+            "{body}"
+        );
+        assert!(message.starts_with("spec."), "names its field: {body}");
+    }
+    // Single-case identifiers as long as a secret, such as a commit hash,
+    // are no secret.
+    let sha = "9fceb02d0ae598e95dc970b74767f19372d61af8";
+    api.create_key(json!({ "displayName": format!("deploy {sha}"), "description": sha }))
+        .await;
+    gate.stop().await;
+}
+
+/// A key policy's refusal names the request field it is about, as the
+/// other 422s do.
+#[tokio::test]
+async fn policy_errors_name_their_field() {
+    let (gate, api) = gate().await;
+    let message = |body: &Value| body["error"]["message"].as_str().unwrap_or("").to_string();
+    for (mut spec, field) in [
+        (
+            json!({ "expiryTime": "2001-01-01T00:00:00Z" }),
+            "spec.expiryTime: ",
+        ),
+        (
+            json!({ "expiryTime": in_hours(91 * 24) }),
+            "spec.expiryTime: ",
+        ),
+        (json!({ "expiryTime": null }), "spec.expiryTime: "),
+        (json!({ "namespaces": ["nope"] }), "spec.namespaces: "),
+    ] {
+        let (status, body) = api.try_create_key(&mut spec).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("policy_violation")),
+            "{body}"
+        );
+        assert!(message(&body).starts_with(field), "{field}: {body}");
+    }
+    let grants = json!({ "namespaceAccesses": { "nope": { "permission": "read" } } });
+    let (status, body) = api
+        .post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "x", "access": grants } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        message(&body).starts_with("spec.access.namespaceAccesses: "),
+        "{body}"
+    );
+    let user = api.create_user("u@example.com", "developer", &[]).await;
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{user}"),
+            json!({ "resourceVersion": "1", "spec": { "access": grants } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        message(&body).starts_with("spec.access.namespaceAccesses: "),
+        "{body}"
+    );
+    let (_, settings) = api.get("/api/v1/account/settings").await;
+    let (status, _) = api
+        .put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": settings["resourceVersion"], "spec": { "maxKeysPerOwner": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    api.create_key(json!({ "ownerId": user })).await;
+    let (status, body) = api.try_create_key(&mut json!({ "ownerId": user })).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(message(&body).starts_with("spec.ownerId: "), "{body}");
+    gate.stop().await;
+}
+
+/// An email is one address whatever its case: a second user cannot take it
+/// in another case, a lookup by email (the local CLI's `--owner-email`)
+/// finds it in any case, and it is shown as typed.
+#[tokio::test]
+async fn user_emails_are_unique_and_found_ignoring_case() {
+    let (gate, api) = gate().await;
+    let dev = api.create_user("dev@example.com", "developer", &[]).await;
+    let (status, body) = api
+        .post(
+            "/api/v1/users",
+            json!({ "spec": { "email": "DEV@example.com" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("already_exists")),
+        "{body}"
+    );
+    let other = api.create_user("other@example.com", "read", &[]).await;
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{other}"),
+            json!({ "resourceVersion": "1", "spec": { "email": "Dev@Example.com" } }),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api
+        .put(
+            &format!("/api/v1/users/{dev}"),
+            json!({ "resourceVersion": "1", "spec": { "email": "Dev@Example.com" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["spec"]["email"].as_str()),
+        (200, Some("Dev@Example.com")),
+        "{body}"
+    );
+
+    let store = format!("sqlite://{}", gate.db_path.display());
+    let token = tokio::task::spawn_blocking(move || {
+        support::run_cli([
+            "apikey",
+            "create",
+            "--local",
+            "--name",
+            "ops",
+            "--duration",
+            "1h",
+            "--owner-email",
+            "ADMIN@Example.COM",
+            "--store",
+            &store,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(token.starts_with("kg_"), "{token}");
+    let (status, _) = api.as_key(&token).get("/api/v1/users").await;
+    assert_eq!(status, 200, "the key is the admin's");
+    gate.stop().await;
+}

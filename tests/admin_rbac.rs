@@ -249,6 +249,205 @@ async fn scoped_keys_cannot_mint_broader_keys() {
     gate.stop().await;
 }
 
+/// A key scoped to namespaces acts only within them, even an account
+/// admin's (as Temporal Cloud's and Confluent Cloud's scoped keys): it is
+/// no account admin, mints no broader key, and sees no other namespace.
+#[tokio::test]
+async fn an_admins_namespace_scoped_key_acts_only_within_its_namespaces() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    admin.create_namespace("orders").await;
+    admin.create_namespace("billing").await;
+    let dev = admin
+        .create_user("dev@example.com", "developer", &[("orders", "write")])
+        .await;
+    let sa = admin.create_service_account("bot", "read", &[]).await;
+    let (dev_key, _) = admin.create_key(json!({ "ownerId": dev })).await;
+    let (_, scoped) = admin.create_key(json!({ "namespaces": ["orders"] })).await;
+    let api = admin.as_key(&scoped);
+    let (_, me) = api.get("/api/v1/api-keys").await;
+    let admin_id = me["apiKeys"][0]["spec"]["ownerId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Allowed: within the scope, and what every caller may do.
+    let (own_key, _) = api.create_key(json!({ "namespaces": ["orders"] })).await;
+    assert_eq!(api.get(&format!("/api/v1/api-keys/{own_key}")).await.0, 200);
+    assert_eq!(api.get(&format!("/api/v1/users/{admin_id}")).await.0, 200);
+    assert_eq!(api.get("/api/v1/account/settings").await.0, 200);
+    assert_eq!(api.get("/api/v1/namespaces/orders").await.0, 200);
+    let (status, body) = api
+        .put(
+            "/api/v1/namespaces/orders",
+            json!({ "resourceVersion": "1", "spec": { "description": "ours" } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, list) = api.get("/api/v1/namespaces").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["orders"], "{list}");
+    let (status, keys) = api.get("/api/v1/api-keys").await;
+    assert_eq!(status, 200);
+    assert!(
+        keys["apiKeys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["spec"]["ownerId"] == admin_id.as_str()),
+        "only its owner's keys: {keys}"
+    );
+
+    // Refused: account-wide resources, other namespaces, broader keys.
+    let refusals = [
+        api.try_create_key(&mut json!({})).await,
+        api.try_create_key(&mut json!({ "namespaces": ["billing"] }))
+            .await,
+        api.try_create_key(&mut json!({ "namespaces": ["orders", "billing"] }))
+            .await,
+        api.try_create_key(&mut json!({ "ownerId": dev, "namespaces": ["orders"] }))
+            .await,
+        api.try_create_key(&mut json!({ "ownerId": sa, "namespaces": ["orders"] }))
+            .await,
+        api.post(
+            "/api/v1/users",
+            json!({ "spec": { "email": "x@example.com", "access": {
+                "accountAccess": { "role": "admin" } } } }),
+        )
+        .await,
+        api.get("/api/v1/users").await,
+        api.get(&format!("/api/v1/users/{dev}")).await,
+        api.put(
+            &format!("/api/v1/users/{dev}"),
+            json!({ "resourceVersion": "1", "spec": { "access": {
+                "accountAccess": { "role": "admin" } } } }),
+        )
+        .await,
+        api.delete(&format!("/api/v1/users/{dev}")).await,
+        api.get("/api/v1/service-accounts").await,
+        api.post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "mine" } }),
+        )
+        .await,
+        api.delete(&format!("/api/v1/service-accounts/{sa}")).await,
+        api.put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": "1", "spec": { "maxKeysPerOwner": 100 } }),
+        )
+        .await,
+        api.get("/api/v1/audit-events").await,
+        api.get("/api/v1/namespaces/billing").await,
+        api.put(
+            "/api/v1/namespaces/billing",
+            json!({ "resourceVersion": "1", "spec": { "description": "x" } }),
+        )
+        .await,
+        api.delete("/api/v1/namespaces/billing").await,
+        api.post("/api/v1/namespaces", json!({ "spec": { "name": "new" } }))
+            .await,
+        api.get(&format!("/api/v1/api-keys?ownerId={dev}")).await,
+        api.get(&format!("/api/v1/api-keys/{dev_key}")).await,
+        api.post(&format!("/api/v1/api-keys/{dev_key}/disable"), json!({}))
+            .await,
+        api.delete(&format!("/api/v1/api-keys/{dev_key}")).await,
+    ];
+    for (i, (status, body)) in refusals.iter().enumerate() {
+        assert_eq!(*status, 403, "refusal #{i}: {body}");
+        assert_eq!(code(body), "forbidden", "refusal #{i}");
+    }
+    let (_, users) = admin.get("/api/v1/users").await;
+    assert_eq!(users["users"].as_array().unwrap().len(), 2, "{users}");
+    assert_eq!(admin.get("/api/v1/namespaces/billing").await.0, 200);
+    assert_eq!(
+        admin.get(&format!("/api/v1/api-keys/{dev_key}")).await.1["state"],
+        "active"
+    );
+    // With API keys switched off, only an admin's unscoped key still works
+    // here (to switch them back on); a scoped one could not.
+    let (_, settings) = admin.get("/api/v1/account/settings").await;
+    let (status, _) = admin
+        .put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": settings["resourceVersion"], "spec": { "apiKeysEnabled": false } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = api.get("/api/v1/namespaces/orders").await;
+    assert_eq!((status, code(&body)), (401, "api_keys_disabled"), "{body}");
+    let (_, settings) = admin.get("/api/v1/account/settings").await;
+    let (status, _) = admin
+        .put(
+            "/api/v1/account/settings",
+            json!({ "resourceVersion": settings["resourceVersion"], "spec": { "apiKeysEnabled": true } }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // A namespace of its scope is its owner's to delete.
+    assert_eq!(api.delete("/api/v1/namespaces/orders").await.0, 200);
+    gate.stop().await;
+}
+
+/// A non-admin's namespace listing is filtered before it is paged: every
+/// page but the last is full, and no page token is the id of a namespace
+/// the caller cannot see.
+#[tokio::test]
+async fn a_developers_namespace_pages_are_full_and_reveal_nothing() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    for name in ["n1", "n2", "n3", "n4", "n5", "n6"] {
+        admin.create_namespace(name).await;
+    }
+    let dev = admin
+        .create_user(
+            "dev@example.com",
+            "developer",
+            &[("n2", "read"), ("n5", "write")],
+        )
+        .await;
+    let (_, token) = admin.create_key(json!({ "ownerId": dev })).await;
+    let api = admin.as_key(&token);
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..10 {
+        let (status, page) = api
+            .get(&format!(
+                "/api/v1/namespaces?pageSize=1&pageToken={page_token}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["namespaces"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "a full page: {page}");
+        seen.push(items[0]["spec"]["name"].as_str().unwrap().to_string());
+        page_token = page["nextPageToken"].as_str().unwrap().to_string();
+        if page_token.is_empty() {
+            break;
+        }
+        assert_eq!(page_token, items[0]["id"].as_str().unwrap(), "{page}");
+    }
+    seen.sort();
+    assert_eq!(seen, ["n2", "n5"]);
+    // Scoped to one of the two: that one alone.
+    let (_, scoped) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["n5"] }))
+        .await;
+    let (_, page) = api.as_key(&scoped).get("/api/v1/namespaces").await;
+    let names: Vec<&str> = page["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!((names, &page["nextPageToken"]), (vec!["n5"], &json!("")));
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn a_read_user_still_manages_their_own_keys() {
     let gate = Gate::builder().start().await;

@@ -7,22 +7,41 @@
 //! access: a service account's key acts with the service account's access,
 //! never with that of whoever created it.
 //!
+//! A key scoped to namespaces (`spec.namespaces` not empty) acts only
+//! within them, as Temporal Cloud's and Confluent Cloud's scoped keys do:
+//! its permission on a namespace is its owner's if the namespace is in the
+//! scope and none otherwise, and it is never an account admin, whatever its
+//! owner's role. So with a scoped key, even an account admin's:
+//! - no user, service account, account setting or audit event may be read
+//!   or changed (beyond reading its own principal and the settings, as any
+//!   caller may);
+//! - no namespace outside the scope may be read, listed, edited, created or
+//!   deleted; inside it, the owner's permission applies, and an account
+//!   admin owner may also create (re-create) and delete those namespaces;
+//! - only keys of its own owner may be read or managed, and a new key must
+//!   be scoped within the calling key's scope: a scoped key cannot mint a
+//!   broader (or unscoped) one.
+//!
 //! The rules:
-//! - account admins (`accountAccess.role = admin`) may do everything;
+//! - account admins (`accountAccess.role = admin`) with an unscoped key may
+//!   do everything;
 //! - every caller may read the account settings, the namespaces it has
-//!   access to, its own principal and its own keys;
+//!   access to (within its key's scope), its own principal and its own keys;
 //! - every caller may edit, enable, disable, rotate and delete its own keys;
 //! - a user may create keys for itself, scoped within its own access (and
 //!   within its calling key's scope, so a scoped key cannot mint a broader
 //!   one);
-//! - only admins create, change or delete users, service accounts and
-//!   namespaces, create keys for others or for service accounts, change the
-//!   account settings and read the audit log; a namespace admin may also
-//!   edit that namespace's description.
+//! - only account admins with an unscoped key create, change or delete
+//!   users, service accounts and namespaces, create keys for others or for
+//!   service accounts, change the account settings and read the audit log;
+//!   a namespace admin may also edit that namespace's description, and a
+//!   scoped account admin key may create and delete the namespaces of its
+//!   scope.
 //!
 //! While the account-wide `apiKeysEnabled` switch is off, keys fail on the
-//! proxy; on this API an account admin's key still works, so that an admin
-//! can turn the switch back on without touching the store by hand.
+//! proxy; on this API an account admin's unscoped key still works, so that
+//! an admin can turn the switch back on without touching the store by hand
+//! (a scoped key could not change the switch, so it gets no exemption).
 
 use std::time::SystemTime;
 
@@ -65,7 +84,9 @@ impl FromRequestParts<AdminState> for Caller {
                     .find_key(&credential.token.id)
                     .await?
                     .ok_or(AuthError::Invalid)?;
-                if record.owner_access.account_role != AccountRole::Admin {
+                if record.owner_access.account_role != AccountRole::Admin
+                    || !record.namespaces.is_empty()
+                {
                     return Err(AuthError::ApiKeysDisabled.into());
                 }
                 Ok(Caller {
@@ -78,8 +99,24 @@ impl FromRequestParts<AdminState> for Caller {
 }
 
 impl Caller {
+    /// Whether the caller acts as an account admin: its owner has the admin
+    /// role and the calling key is not limited to namespaces.
     pub fn is_admin(&self) -> bool {
+        self.owner_is_admin() && !self.is_scoped()
+    }
+
+    fn owner_is_admin(&self) -> bool {
         self.key.owner.access.account_role == AccountRole::Admin
+    }
+
+    /// Whether the calling key is limited to namespaces.
+    fn is_scoped(&self) -> bool {
+        !self.key.namespaces.is_empty()
+    }
+
+    /// The calling key's namespace scope, for messages.
+    fn scope(&self) -> Vec<&str> {
+        self.key.namespaces.iter().map(|n| &**n).collect()
     }
 
     /// The caller's principal id.
@@ -104,10 +141,26 @@ impl Caller {
     pub fn require_admin(&self, what: &str) -> Result<(), AdminError> {
         if self.is_admin() {
             Ok(())
+        } else if self.owner_is_admin() {
+            Err(AdminError::forbidden(format!(
+                "the calling API key is limited to namespaces {:?}; only an account admin's \
+                 unscoped key may {what}",
+                self.scope()
+            )))
         } else {
             Err(AdminError::forbidden(format!(
                 "only account admins may {what}"
             )))
+        }
+    }
+
+    /// Creating or deleting the namespace `name`: account admins, with an
+    /// unscoped key or one scoped to `name`.
+    pub fn may_create_or_delete_namespace(&self, what: &str, name: &str) -> Result<(), AdminError> {
+        if self.owner_is_admin() && !self.key.out_of_scope(name) {
+            Ok(())
+        } else {
+            self.require_admin(what)
         }
     }
 
@@ -123,14 +176,41 @@ impl Caller {
         }
     }
 
-    /// The caller's permission on a namespace, if any.
+    /// The caller's permission on a namespace, if any: its owner's, when
+    /// the namespace is within the calling key's scope.
     pub fn permission_on(&self, namespace: &str) -> Option<Permission> {
+        if self.key.out_of_scope(namespace) {
+            return None;
+        }
         self.key.owner.access.permission_on(namespace)
+    }
+
+    /// The namespaces the caller may see, or `None` for all of them (an
+    /// account admin's unscoped key): those it has a permission on, within
+    /// the calling key's scope.
+    pub fn visible_namespaces(&self) -> Option<Vec<String>> {
+        if self.is_admin() {
+            return None;
+        }
+        let candidates: Vec<String> = if self.is_scoped() {
+            self.key.namespaces.iter().map(|n| n.to_string()).collect()
+        } else {
+            self.key.owner.access.namespaces.keys().cloned().collect()
+        };
+        Some(
+            candidates
+                .into_iter()
+                .filter(|n| self.permission_on(n).is_some())
+                .collect(),
+        )
     }
 
     pub fn may_read_namespace(&self, namespace: &str) -> Result<(), AdminError> {
         match self.permission_on(namespace) {
             Some(_) => Ok(()),
+            None if self.key.out_of_scope(namespace) => Err(AdminError::forbidden(format!(
+                "the calling API key is not scoped to namespace {namespace:?}"
+            ))),
             None => Err(AdminError::forbidden(format!(
                 "you have no access to namespace {namespace:?}"
             ))),
@@ -188,30 +268,26 @@ impl Caller {
             return Ok(());
         }
         if owner_type == OwnerType::ServiceAccount {
-            return Err(AdminError::forbidden(
-                "only account admins may create API keys for service accounts",
-            ));
+            return self.require_admin("create API keys for service accounts");
         }
         if owner_type != self.principal_type() || owner_id != self.principal_id() {
-            return Err(AdminError::forbidden(
-                "only account admins may create API keys for other users",
-            ));
+            return self.require_admin("create API keys for other users");
         }
-        let scope = &self.key.namespaces;
-        if !scope.is_empty() && namespaces.is_empty() {
+        if self.is_scoped() && namespaces.is_empty() {
             return Err(AdminError::forbidden(format!(
-                "the calling API key is limited to namespaces {scope:?}; a new key must be too"
+                "the calling API key is limited to namespaces {:?}; a new key must be too",
+                self.scope()
             )));
         }
         for ns in namespaces {
-            if self.permission_on(ns).is_none() {
-                return Err(AdminError::forbidden(format!(
-                    "you have no access to namespace {ns:?}, so a key of yours cannot be scoped to it"
-                )));
-            }
             if self.key.out_of_scope(ns) {
                 return Err(AdminError::forbidden(format!(
                     "the calling API key is not scoped to namespace {ns:?}"
+                )));
+            }
+            if self.permission_on(ns).is_none() {
+                return Err(AdminError::forbidden(format!(
+                    "you have no access to namespace {ns:?}, so a key of yours cannot be scoped to it"
                 )));
             }
         }

@@ -250,7 +250,8 @@ async fn create(
                 disabled: spec.disabled.unwrap_or(false),
             },
         )
-        .await?;
+        .await
+        .map_err(|e| AdminError::from(e).namespaces_in("spec.namespaces"))?;
     // The id may sit in the negative cache from a probe before it existed.
     state.authenticator.invalidate(&[key.id]);
     Ok((StatusCode::CREATED, Json(IssuedResponse::new(&key, &token))))

@@ -5,8 +5,10 @@
 //! Client errors (4xx) say what was wrong with the request; internal ones
 //! (store down, corrupt record) are logged here and answered with a generic
 //! message, so no response leaks store internals. Nothing here may print a
-//! secret: messages are built from ids, names and serde's error text, which
-//! never contains a token (tokens are never request input).
+//! secret: messages are built from ids, names and serde's error text, and
+//! since those may quote what the client sent (a key pasted into the wrong
+//! field or path), every message is passed through [`redact_token_like`],
+//! which removes a whole token and a secret on its own alike.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +16,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::auth::{AuthError, CredentialError};
-use crate::store::StoreError;
+use crate::store::{PolicyViolation, StoreError};
 
 /// Everything an admin handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +43,16 @@ pub enum AdminError {
     PayloadTooLarge(usize),
     #[error("request body must be JSON (content-type: application/json)")]
     UnsupportedMediaType,
+    /// A key policy refused the change (422 `policy_violation`); `field`
+    /// is the request field it is about, named in the message as the
+    /// body's other 422s name theirs.
+    #[error("{violation}")]
+    Policy {
+        field: Option<&'static str>,
+        violation: PolicyViolation,
+    },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// The store is down and the authenticator had nothing cached.
     #[error("the key store is unavailable")]
     Unavailable,
@@ -59,6 +69,51 @@ impl AdminError {
 
     pub fn not_found(kind: &str, id: &str) -> AdminError {
         AdminError::NotFound(format!("{kind} {id} not found"))
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Policy(violation) => AdminError::Policy {
+                field: policy_field(&violation),
+                violation,
+            },
+            e => AdminError::Store(e),
+        }
+    }
+}
+
+/// The request field a key policy is about, where only one can be: an
+/// unknown namespace is in `spec.namespaces` of a key but in
+/// `spec.access.namespaceAccesses` of a principal, so its handler says
+/// which ([`AdminError::namespaces_in`]); the last admin is about a role,
+/// a state or a deletion.
+fn policy_field(violation: &PolicyViolation) -> Option<&'static str> {
+    match violation {
+        PolicyViolation::ExpiryRequired { .. }
+        | PolicyViolation::LifetimeTooLong { .. }
+        | PolicyViolation::ExpiryInPast => Some("spec.expiryTime"),
+        PolicyViolation::TooManyKeys { .. } | PolicyViolation::UnknownOwner { .. } => {
+            Some("spec.ownerId")
+        }
+        PolicyViolation::UnknownNamespace(_) | PolicyViolation::LastAdmin { .. } => None,
+    }
+}
+
+impl AdminError {
+    /// Names `field` as the place of an unknown namespace, if this is one.
+    pub fn namespaces_in(self, field: &'static str) -> AdminError {
+        match self {
+            AdminError::Policy {
+                field: None,
+                violation: violation @ PolicyViolation::UnknownNamespace(_),
+            } => AdminError::Policy {
+                field: Some(field),
+                violation,
+            },
+            other => other,
+        }
     }
 }
 
@@ -121,6 +176,14 @@ impl AdminError {
                 "unsupported_media_type",
                 self.to_string(),
             ),
+            AdminError::Policy { field, violation } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "policy_violation",
+                match field {
+                    Some(field) => format!("{field}: {violation}"),
+                    None => violation.to_string(),
+                },
+            ),
             AdminError::Store(e) => match e {
                 StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", e.to_string()),
                 StoreError::AlreadyExists { .. } => {
@@ -180,15 +243,18 @@ impl IntoResponse for AdminError {
     }
 }
 
-/// Replaces every run of token characters that is long enough to be a key
-/// (24 or more of `[A-Za-z0-9_.-]`, with an underscore) by `<redacted>`.
-/// Error messages have no legitimate run that long.
+/// Replaces every run of token characters (`[A-Za-z0-9_.-]`) that may hold
+/// a key, or the secret part of one, by `<redacted>`: a run of 24 or more
+/// with an underscore (a whole token), or one holding an alphanumeric run
+/// as long as a secret (the secret alone, as pasted from the `Basic` form
+/// `<id>:<secret>` or cut out of a token). Ids (16 characters) and every
+/// legitimate part of a message are shorter, and stay readable.
 pub fn redact_token_like(message: &str) -> String {
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     let mut out = String::with_capacity(message.len());
     let mut run = String::new();
     let flush = |run: &mut String, out: &mut String| {
-        if run.len() >= 24 && run.contains('_') {
+        if (run.len() >= 24 && run.contains('_')) || holds_secret_length_run(run) {
             out.push_str("<redacted>");
         } else {
             out.push_str(run);
@@ -207,6 +273,13 @@ pub fn redact_token_like(message: &str) -> String {
     out
 }
 
+/// Whether `text` has an ASCII alphanumeric run at least as long as a
+/// key's secret.
+fn holds_secret_length_run(text: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|run| run.len() >= crate::key::SECRET_LEN)
+}
+
 #[cfg(test)]
 mod redaction_tests {
     use super::redact_token_like;
@@ -220,5 +293,30 @@ mod redaction_tests {
         assert!(redacted.contains("spec.expiryTime must be an RFC 3339 time; got \"<redacted>\""));
         let plain = "unknown variant `owner`, expected one of `user`, `service-account`";
         assert_eq!(redact_token_like(plain), plain);
+    }
+
+    #[test]
+    fn the_secret_alone_is_redacted_and_ids_kept() {
+        let (id, rest) = ("6qapv6sg93srp1pv", "5GJwpJP7n1l9h7ZEGkVfDlC3YBM4wSkp39OQZh");
+        let secret = &rest[..32];
+        for (message, kept) in [
+            (
+                format!("API key {id}:{rest} not found"),
+                format!("API key {id}:<redacted> not found"),
+            ),
+            (
+                format!("spec.ownerId {secret:?} is neither"),
+                "spec.ownerId \"<redacted>\" is neither".into(),
+            ),
+            (
+                format!("unknown field `{secret}`"),
+                "unknown field `<redacted>`".into(),
+            ),
+            (format!("got \"x-{secret}.y\""), "got \"<redacted>\"".into()),
+        ] {
+            assert_eq!(redact_token_like(&message), kept);
+        }
+        let id_only = format!("API key {id} not found");
+        assert_eq!(redact_token_like(&id_only), id_only);
     }
 }

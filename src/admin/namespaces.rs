@@ -1,6 +1,9 @@
 //! `/api/v1/namespaces`: the names routes and access are scoped to.
 //! `spec.name` (immutable) and `spec.description`. A namespace is addressed
-//! by its id or its name.
+//! by its id or its name; so that one path never names two namespaces, a
+//! new name may not have the shape of an id (16 lowercase Crockford base32
+//! characters), and a lookup prefers the namespace whose id matches (a name
+//! of that shape made before the rule cannot shadow another's id).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,6 +17,7 @@ use super::error::AdminError;
 use super::extract::{JsonBody, QueryParams};
 use super::resource::{self, validate_description, validate_namespace_name, ListParams};
 use super::AdminState;
+use crate::key::KeyId;
 use crate::store::Namespace;
 
 #[derive(Debug, Deserialize)]
@@ -47,19 +51,22 @@ pub fn render(n: &Namespace) -> Value {
     })
 }
 
-/// Admins see every namespace; others those they have a permission on.
+/// Admins see every namespace; others those they have a permission on,
+/// within their key's scope.
 async fn list(
     State(state): State<AdminState>,
     caller: Caller,
     QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Value>, AdminError> {
-    let page = state.store.list_namespaces(&params.page()?).await?;
-    let items: Vec<Value> = page
-        .items
-        .iter()
-        .filter(|n| caller.permission_on(&n.name).is_some())
-        .map(render)
-        .collect();
+    // Filtered in the store, before the page is cut: filtering a page
+    // afterwards left pages empty and handed out page tokens that were the
+    // ids of namespaces the caller may not see.
+    let visible = caller.visible_namespaces();
+    let page = state
+        .store
+        .list_namespaces(visible.as_deref(), &params.page()?)
+        .await?;
+    let items: Vec<Value> = page.items.iter().map(render).collect();
     Ok(Json(json!({
         "namespaces": items,
         "nextPageToken": resource::next_token(page.next),
@@ -81,12 +88,18 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<CreateRequest>,
 ) -> Result<(StatusCode, Json<Value>), AdminError> {
-    caller.require_admin("create namespaces")?;
-    let name = body
-        .spec
-        .name
-        .ok_or_else(|| AdminError::invalid("spec.name is required"))?;
+    let Some(name) = body.spec.name else {
+        caller.require_admin("create namespaces")?;
+        return Err(AdminError::invalid("spec.name is required"));
+    };
+    caller.may_create_or_delete_namespace("create namespaces", &name)?;
     validate_namespace_name("spec.name", &name)?;
+    if KeyId::parse(&name).is_ok() {
+        return Err(AdminError::invalid(format!(
+            "spec.name {name:?} has the shape of a namespace id (16 lowercase letters and \
+             digits); namespaces are addressed by id or name, so a name may not look like an id"
+        )));
+    }
     let description = body.spec.description.unwrap_or_default();
     validate_description("spec.description", &description)?;
     let n = state
@@ -124,8 +137,8 @@ async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
-    caller.require_admin("delete namespaces")?;
     let current = find(&state, &id).await?;
+    caller.may_create_or_delete_namespace("delete namespaces", &current.name)?;
     let keys = state
         .store
         .delete_namespace(&caller.actor(), &current.id)

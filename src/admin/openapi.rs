@@ -208,7 +208,7 @@ fn errors() -> Value {
         "409": e("already exists, or resourceVersion is stale"),
         "413": e("request body too large"),
         "415": e("request body is not JSON"),
-        "422": e("invalid field, or a policy refused the change (key policies; the last enabled admin stays)"),
+        "422": e("invalid field, or a policy refused the change (key policies; the last enabled admin stays); the message starts with the field it is about, such as spec.expiryTime"),
         "503": e("the key store is unavailable"),
     })
 }
@@ -351,7 +351,7 @@ fn email() -> Value {
         "maxLength": 254,
         // The lookahead: a local part of at most 64 characters.
         "pattern": format!("^(?=[^@]{{1,64}}@){atom}(\\.{atom})*@{label}(\\.{label})+$"),
-        "description": "required on create",
+        "description": "required on create; unique ignoring case, kept as typed",
     })
 }
 
@@ -379,9 +379,14 @@ fn schemas() -> Value {
         })),
         "Empty": object(&[], json!({})),
         "Access": object(&[], json!({
-            "accountAccess": object(&["role"], json!({ "role": { "type": "string", "enum": ["admin", "developer", "read"] } })),
+            "accountAccess": {
+                "type": "object", "additionalProperties": false, "required": ["role"],
+                "description": "left out: the read role on create, the current role on update",
+                "properties": { "role": { "type": "string", "enum": ["admin", "developer", "read"] } },
+            },
             "namespaceAccesses": {
                 "type": "object",
+                "description": "left out: none on create, the current grants on update; {} clears them",
                 "additionalProperties": object(&["permission"], json!({ "permission": { "type": "string", "enum": ["admin", "write", "read"] } })),
             },
         })),
@@ -411,7 +416,14 @@ fn schemas() -> Value {
         })),
         "Namespace": resource("NamespaceSpec", &["active"], &[]),
         "NamespaceList": list("namespaces", "Namespace"),
-        "CreateNamespaceRequest": create_request("NamespaceSpec", &["name"]),
+        // A new name may not look like an id: a namespace is addressed by either.
+        "CreateNamespaceRequest": object(&["spec"], json!({ "spec": { "allOf": [
+            schema_ref("NamespaceSpec"),
+            { "required": ["name"], "properties": { "name": {
+                "not": { "pattern": "^[0-9a-hjkmnp-tv-z]{16}$" },
+                "description": "not 16 lowercase Crockford base32 characters, the shape of an id",
+            } } },
+        ] } })),
         "UpdateNamespaceRequest": update_request("NamespaceSpec"),
         "ApiKeySpec": object(&[], json!({
             "displayName": name("required on create"),

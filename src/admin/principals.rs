@@ -20,6 +20,9 @@ use super::resource::{self, ListParams};
 use super::AdminState;
 use crate::store::{OwnerType, Principal, PrincipalSpec};
 
+/// Where a principal's namespaces are named in a request.
+const GRANTS: &str = "spec.access.namespaceAccesses";
+
 /// One kind's `spec`: how a request's spec becomes a `PrincipalSpec`, and
 /// how a principal's spec is shown.
 pub trait Kind: DeserializeOwned + Send + 'static {
@@ -96,7 +99,8 @@ pub async fn create<K: Kind>(
     let p = state
         .store
         .create_principal(&caller.actor(), K::KIND, spec)
-        .await?;
+        .await
+        .map_err(|e| AdminError::from(e).namespaces_in(GRANTS))?;
     Ok((StatusCode::CREATED, Json(render::<K>(&p))))
 }
 
@@ -113,7 +117,8 @@ pub async fn update<K: Kind>(
     let (p, keys) = state
         .store
         .update_principal(&caller.actor(), K::KIND, &id, spec, Some(expected))
-        .await?;
+        .await
+        .map_err(|e| AdminError::from(e).namespaces_in(GRANTS))?;
     // Access and `disabled` are cached with each key: drop them first.
     state.authenticator.invalidate(&keys);
     Ok(Json(render::<K>(&p)))

@@ -125,29 +125,24 @@ pub fn next_token(next: Option<String>) -> String {
 
 // === access ===
 
-/// `spec.access` as the API shows it.
+/// `spec.access` as the API shows it. In a request either part may be left
+/// out: on create it is then least privilege (the read role, no
+/// namespaces); on update it keeps its current value, so that changing a
+/// principal's namespaces cannot silently demote it, nor changing its role
+/// silently revoke its grants. `"namespaceAccesses": {}` clears the grants.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessJson {
-    #[serde(default)]
-    pub account_access: AccountAccessJson,
-    #[serde(default)]
-    pub namespace_accesses: BTreeMap<String, NamespaceAccessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_access: Option<AccountAccessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_accesses: Option<BTreeMap<String, NamespaceAccessJson>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccountAccessJson {
     pub role: AccountRole,
-}
-
-impl Default for AccountAccessJson {
-    /// Least privilege when a request leaves the role out.
-    fn default() -> Self {
-        AccountAccessJson {
-            role: AccountRole::Read,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,21 +154,22 @@ pub struct NamespaceAccessJson {
 impl From<&Access> for AccessJson {
     fn from(a: &Access) -> AccessJson {
         AccessJson {
-            account_access: AccountAccessJson {
+            account_access: Some(AccountAccessJson {
                 role: a.account_role,
-            },
-            namespace_accesses: a
-                .namespaces
-                .iter()
-                .map(|(ns, p)| (ns.clone(), NamespaceAccessJson { permission: *p }))
-                .collect(),
+            }),
+            namespace_accesses: Some(
+                a.namespaces
+                    .iter()
+                    .map(|(ns, p)| (ns.clone(), NamespaceAccessJson { permission: *p }))
+                    .collect(),
+            ),
         }
     }
 }
 
 impl AccessJson {
-    /// What a new principal gets when its request leaves `access` out: the
-    /// read role and no namespaces.
+    /// What a new principal gets when its request leaves `access` (or a
+    /// part of it) out: the read role and no namespaces.
     pub fn default_access() -> Access {
         Access {
             account_role: AccountRole::Read,
@@ -181,48 +177,70 @@ impl AccessJson {
         }
     }
 
-    /// Checks the namespace names' shape; the store checks they exist.
-    pub fn into_access(self) -> Result<Access, AdminError> {
-        for ns in self.namespace_accesses.keys() {
-            validate_namespace_name("spec.access.namespaceAccesses", ns)?;
-        }
+    /// The access this request sets over `current` (the principal's, on
+    /// update; `None` on create): parts left out keep `current`'s value, or
+    /// get [`AccessJson::default_access`]'s on create. Checks the namespace
+    /// names' shape; the store checks they exist.
+    pub fn into_access(self, current: Option<&Access>) -> Result<Access, AdminError> {
+        let base = current.cloned().unwrap_or_else(AccessJson::default_access);
+        let namespaces = match self.namespace_accesses {
+            Some(given) => {
+                for ns in given.keys() {
+                    validate_namespace_name("spec.access.namespaceAccesses", ns)?;
+                }
+                given
+                    .into_iter()
+                    .map(|(ns, a)| (ns, a.permission))
+                    .collect()
+            }
+            None => base.namespaces,
+        };
         Ok(Access {
-            account_role: self.account_access.role,
-            namespaces: self
-                .namespace_accesses
-                .into_iter()
-                .map(|(ns, a)| (ns, a.permission))
-                .collect(),
+            account_role: self.account_access.map_or(base.account_role, |a| a.role),
+            namespaces,
         })
     }
 }
 
 // === validation ===
 
-/// Non-empty, at most `MAX_NAME_CHARS`, no control characters, no
-/// surrounding whitespace.
 /// Whether free text holds something shaped like a native API key
-/// (`<prefix>_<16 id>_<38 secret+check>`): refused in names and descriptions,
-/// which are listed, logged and sent as headers.
+/// (`<prefix>_<16 id>_<38 secret+check>`) or its secret on its own (as in
+/// the `Basic` form `<id>:<secret>`): an alphanumeric run at least as long
+/// as a secret that mixes upper- and lowercase letters, as 32 random base62
+/// characters all but always do (hex digests and other identifiers, which
+/// are single-case, pass). Refused in names and descriptions, which are
+/// listed, logged and sent as headers.
 fn contains_key_shape(value: &str) -> bool {
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    value.split(|c: char| !is_token_char(c)).any(|run| {
+    let full_token = value.split(|c: char| !is_token_char(c)).any(|run| {
         let parts: Vec<&str> = run.split('_').collect();
         parts.len() >= 3
             && parts[parts.len() - 2].len() == crate::key::ID_LEN
             && parts[parts.len() - 1].len() == crate::key::SECRET_LEN + crate::key::CHECK_LEN
-    })
+    });
+    let secret = value
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|run| {
+            run.len() >= crate::key::SECRET_LEN
+                && run.chars().any(|c| c.is_ascii_uppercase())
+                && run.chars().any(|c| c.is_ascii_lowercase())
+        });
+    full_token || secret
 }
 
-fn refuse_key_shape(field: &str, value: &str) -> Result<(), AdminError> {
+pub fn refuse_key_shape(field: &str, value: &str) -> Result<(), AdminError> {
     if contains_key_shape(value) {
         return Err(AdminError::invalid(format!(
-            "{field} looks like it contains an API key; never put a key in a name or description"
+            "{field} looks like it contains an API key or its secret; never put a key in a \
+             name, email or description"
         )));
     }
     Ok(())
 }
 
+/// Non-empty, at most `MAX_NAME_CHARS`, no control characters, no
+/// surrounding whitespace, nothing shaped like a key.
 pub fn validate_name(field: &str, value: &str) -> Result<(), AdminError> {
     refuse_key_shape(field, value)?;
     if value.trim().is_empty() {

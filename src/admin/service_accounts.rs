@@ -44,7 +44,7 @@ impl Kind for ServiceAccountSpec {
         };
         validate_description("spec.description", &description)?;
         let access = match (self.access, current) {
-            (Some(a), _) => a.into_access()?,
+            (Some(a), current) => a.into_access(current.map(|c| &c.access))?,
             (None, Some(c)) => c.access.clone(),
             (None, None) => AccessJson::default_access(),
         };

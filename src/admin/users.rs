@@ -1,5 +1,7 @@
 //! `/api/v1/users`: people who own API keys, with their account role and
 //! namespace permissions. `spec.email`, `spec.access`, `spec.disabled`.
+//! An email is unique and looked up ignoring case (the store's index and
+//! lookups), and kept as typed for display.
 
 use axum::routing::{get, post, MethodRouter};
 use serde::Deserialize;
@@ -8,7 +10,7 @@ use serde_json::{json, Value};
 use super::bootstrap::looks_like_email;
 use super::error::AdminError;
 use super::principals::{self, Kind};
-use super::resource::{AccessJson, MAX_NAME_CHARS};
+use super::resource::{refuse_key_shape, AccessJson, MAX_NAME_CHARS};
 use super::AdminState;
 use crate::store::{OwnerType, Principal, PrincipalSpec};
 
@@ -29,6 +31,7 @@ impl Kind for UserSpec {
     fn merge(self, current: Option<&Principal>) -> Result<PrincipalSpec, AdminError> {
         let email = match (self.email, current) {
             (Some(e), _) => {
+                refuse_key_shape("spec.email", &e)?;
                 if !looks_like_email(&e) || e.chars().count() > MAX_NAME_CHARS {
                     return Err(AdminError::invalid(format!(
                         "spec.email {e:?} is not a valid email address"
@@ -42,7 +45,7 @@ impl Kind for UserSpec {
             (None, None) => return Err(AdminError::invalid("spec.email is required")),
         };
         let access = match (self.access, current) {
-            (Some(a), _) => a.into_access()?,
+            (Some(a), current) => a.into_access(current.map(|c| &c.access))?,
             (None, Some(c)) => c.access.clone(),
             (None, None) => AccessJson::default_access(),
         };

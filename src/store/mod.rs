@@ -146,7 +146,14 @@ pub trait KeyStore: Send + Sync + 'static {
         description: &str,
     ) -> Result<Namespace, StoreError>;
     async fn get_namespace(&self, id_or_name: &str) -> Result<Option<Namespace>, StoreError>;
-    async fn list_namespaces(&self, page: &PageRequest) -> Result<Page<Namespace>, StoreError>;
+    /// A page of namespaces in id order: all of them (`names` is `None`),
+    /// or only those named in `names` (filtered before paging, so every
+    /// page but the last is full).
+    async fn list_namespaces(
+        &self,
+        names: Option<&[String]>,
+        page: &PageRequest,
+    ) -> Result<Page<Namespace>, StoreError>;
     async fn update_namespace(
         &self,
         actor: &Actor,

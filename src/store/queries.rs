@@ -46,7 +46,8 @@ where
 {
     /// The principal of `kind` whose `column` (`id` or `name`, both unique
     /// within a kind) is `value`; `lock` is the clause that locks its row
-    /// inside a change (empty outside one).
+    /// inside a change (empty outside one). A user's name, its email,
+    /// matches ignoring case, as its unique index compares it.
     pub(super) async fn principal_by<'e>(
         store: impl Executor<'e, Database = DB>,
         column: &'static str,
@@ -54,7 +55,16 @@ where
         value: &str,
         lock: &str,
     ) -> Result<Option<Principal>, StoreError> {
-        let sql = format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2{lock}");
+        let sql = if column == "name" && kind == OwnerType::User {
+            // `kind = 'user'` written out, as the partial index's WHERE is,
+            // so that the planners can use `users_email_unique_ignoring_case`.
+            format!(
+                "SELECT * FROM principals WHERE lower(name) = lower($1) AND kind = 'user' \
+                 AND kind = $2{lock}"
+            )
+        } else {
+            format!("SELECT * FROM principals WHERE {column} = $1 AND kind = $2{lock}")
+        };
         let row: Option<PrincipalRow> = sqlx::query_as(&sql)
             .bind(value)
             .bind(kind.as_str())
@@ -114,31 +124,55 @@ where
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// The namespace with this id, or else this name.
+    /// The namespace with this id, or else this name. Both are unique, but
+    /// a name may equal another namespace's id (the admin API refuses such
+    /// names now; older stores may hold one): the id wins, so that an id
+    /// always names the namespace it was given to.
     pub(super) async fn namespace<'e>(
         store: impl Executor<'e, Database = DB>,
         id_or_name: &str,
     ) -> Result<Option<Namespace>, StoreError> {
-        let row: Option<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id = $1 OR name = $1")
-                .bind(id_or_name)
-                .fetch_optional(store)
-                .await?;
+        let row: Option<NamespaceRow> = sqlx::query_as(
+            "SELECT * FROM namespaces WHERE id = $1 OR name = $1 \
+             ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1",
+        )
+        .bind(id_or_name)
+        .fetch_optional(store)
+        .await?;
         Ok(row.map(Namespace::from))
     }
 
-    /// A page of namespaces, in id order.
+    /// A page of namespaces, in id order: all of them, or only those named
+    /// in `names`. The filter is in the SQL, before the page is cut, so
+    /// that every page but the last is full and a page token is always the
+    /// id of a namespace the page showed.
     pub(super) async fn list_namespaces(
         pool: &Pool<DB>,
+        names: Option<&[String]>,
         page: &PageRequest,
     ) -> Result<Page<Namespace>, StoreError> {
         let size = page_size(page);
-        let rows: Vec<NamespaceRow> =
-            sqlx::query_as("SELECT * FROM namespaces WHERE id > $1 ORDER BY id LIMIT $2")
-                .bind(page.after.as_deref().unwrap_or(""))
-                .bind(size + 1)
-                .fetch_all(pool)
-                .await?;
+        let mut sql = String::from("SELECT * FROM namespaces WHERE id > $1");
+        let mut params = 1;
+        if let Some(names) = names {
+            if names.is_empty() {
+                return Ok(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+            let placeholders: Vec<String> = (0..names.len())
+                .map(|i| format!("${}", params + 1 + i))
+                .collect();
+            params += names.len();
+            sql.push_str(&format!(" AND name IN ({})", placeholders.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", params + 1));
+        let mut query = sqlx::query_as(&sql).bind(page.after.as_deref().unwrap_or(""));
+        for name in names.unwrap_or_default() {
+            query = query.bind(name.as_str());
+        }
+        let rows: Vec<NamespaceRow> = query.bind(size + 1).fetch_all(pool).await?;
         let items = rows.into_iter().map(Namespace::from).collect();
         Ok(paginate(items, size, |n: &Namespace| n.id.clone()))
     }

@@ -141,9 +141,10 @@ macro_rules! sql_key_store {
 
             async fn list_namespaces(
                 &self,
+                names: Option<&[String]>,
                 page: &PageRequest,
             ) -> Result<Page<Namespace>, StoreError> {
-                Sql::list_namespaces(&self.$reads, page).await
+                Sql::list_namespaces(&self.$reads, names, page).await
             }
 
             async fn update_namespace(
