@@ -108,6 +108,66 @@ async fn traefik_and_envoy_shapes_get_decisions() {
     gate.stop().await;
 }
 
+/// With routes and no default upstream, a request no route covers is
+/// refused (404, as the proxy refuses it), not let through on the key
+/// alone, which skipped every route's namespace; a host route applies by
+/// the original host, and without any route (forward-auth alone) a valid
+/// key is the decision.
+#[tokio::test]
+async fn requests_no_route_covers_are_refused() {
+    let upstream = RecordingUpstream::start().await;
+    let routes = format!(
+        "{ROUTES}[[routes]]\nhost = \"orders.example.com\"\nupstream = \"http://{up}\"\nnamespace = \"orders\"\n\
+         [[routes]]\npath_prefix = \"/billing\"\nupstream = \"http://{up}\"\nnamespace = \"billing\"\n",
+        up = upstream.addr
+    );
+    let gate = Gate::builder()
+        .without_default_route()
+        .extra(&routes)
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let outsider = gate
+        .user("dev@example.com", AccountRole::Developer, &[])
+        .await;
+    let (_, token) = gate.key_for(&outsider).await;
+    let decide = |host: Option<&'static str>, uri: &'static str| {
+        let mut request = client
+            .get(gate.proxy_url("/verify"))
+            .header("x-original-method", "GET")
+            .header("x-original-uri", uri)
+            .bearer_auth(&token);
+        if let Some(host) = host {
+            request = request.header("x-forwarded-host", host);
+        }
+        request.send()
+    };
+    let r = decide(None, "/other").await.unwrap();
+    assert_eq!(r.status(), 404, "no route covers /other");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_route");
+    assert_eq!(decide(None, "/billing/1").await.unwrap().status(), 403);
+    let r = decide(Some("orders.example.com"), "/x").await.unwrap();
+    assert_eq!(r.status(), 403, "the host route's namespace applies");
+    gate.stop().await;
+
+    // Forward-auth alone: nothing routes, a valid key decides.
+    let gate = Gate::builder()
+        .without_default_route()
+        .extra(ROUTES)
+        .start()
+        .await;
+    let r = client
+        .get(gate.proxy_url("/verify"))
+        .header("x-original-uri", "/anything")
+        .bearer_auth(&gate.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gate.stop().await;
+}
+
 /// nginx from Debian's packages, as .ci/run installs it.
 fn nginx_binary() -> Option<&'static str> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"]
@@ -181,6 +241,7 @@ http {{
       proxy_set_header Content-Length "";
       proxy_set_header X-Original-URI $request_uri;
       proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Forwarded-Host $host;
     }}
   }}
 }}

@@ -7,7 +7,9 @@
 //! conventionally send `X-Original-Method` and `X-Original-URI`; Envoy sends
 //! the original method and headers with the original path appended to the
 //! decision path. 200 carries the identity headers; a refusal is the same
-//! response the proxy would give.
+//! response the proxy would give, a request no route covers included. The
+//! caller must pass the original host (`X-Forwarded-Host`, or the Host of
+//! the decision request) for host routes to apply.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -71,8 +73,15 @@ pub async fn decide<'s, B>(
         });
     let path = path.split('?').next().unwrap_or("/");
     let path = path::normalize(state.path_normalization, path)?;
-    // Without a matching route the request is only authenticated.
+    // With routes configured, the decision is the proxy's: a request no
+    // route covers is refused as the proxy refuses it (404), never let
+    // through on the key alone, which would skip every route's namespace.
+    // Only a keygate that routes nothing (forward-auth alone) decides on
+    // the key alone.
     let route = state.routes.select(host, &path);
+    if route.is_none() && !state.routes.is_empty() {
+        return Err(ProxyError::NoRoute);
+    }
     *route_seen = route;
 
     let credential = state.credentials.extract(headers)?;

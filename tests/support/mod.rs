@@ -61,6 +61,9 @@ pub struct Gate {
 
 pub struct GateBuilder {
     upstream: Option<String>,
+    /// `[proxy] upstream` is written (the default route); off for a gate
+    /// that routes only by `[[routes]]`.
+    default_route: bool,
     extra: String,
     proxy_extra: String,
 }
@@ -79,6 +82,7 @@ impl Gate {
     pub fn builder() -> GateBuilder {
         GateBuilder {
             upstream: None,
+            default_route: true,
             extra: String::new(),
             proxy_extra: String::new(),
         }
@@ -204,6 +208,12 @@ impl GateBuilder {
         self
     }
 
+    /// No `[proxy] upstream`: only `[[routes]]` (from [`Self::extra`]) route.
+    pub fn without_default_route(mut self) -> Self {
+        self.default_route = false;
+        self
+    }
+
     /// Extra `key = value` lines inside the generated `[proxy]` table.
     pub fn proxy(mut self, lines: &str) -> Self {
         self.proxy_extra.push_str(lines);
@@ -261,11 +271,15 @@ impl GateBuilder {
         admin_user: Principal,
         admin_token: String,
     ) -> Gate {
-        let upstream = self
-            .upstream
-            .unwrap_or_else(|| "http://127.0.0.1:9".to_string());
+        let upstream = match (self.default_route, self.upstream) {
+            (false, _) => String::new(),
+            (true, upstream) => format!(
+                "upstream = \"{}\"\n",
+                upstream.as_deref().unwrap_or("http://127.0.0.1:9")
+            ),
+        };
         let text = format!(
-            "[proxy]\nupstream = \"{upstream}\"\nupstream_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\
+            "[proxy]\n{upstream}upstream_timeout = \"2s\"\nconnect_timeout = \"1s\"\n\
              drain_timeout = \"2s\"\n{}[store]\nurl = \"sqlite://{}\"\n[usage]\nflush_interval = \"100ms\"\n{}",
             self.proxy_extra,
             db_path.display(),
