@@ -5,7 +5,9 @@
 //! certificate loaded, proxy state built) and only then swaps it in, so a
 //! bad file is refused with a logged reason and the old one keeps serving.
 //! Open connections are never dropped: they pick up the new state on their
-//! next request. Listen addresses, the store and the cache need a restart.
+//! next request. The log level applies at once; what a running process
+//! cannot change ([`keep_restart_only`]) keeps its value until a restart,
+//! with a warning.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -88,15 +90,24 @@ impl Reloader {
         // Remember the stamps first: a failed reload is not retried until the
         // files change again.
         self.stamps = self.current_stamps();
-        let config = Config::load(&self.path)?;
+        let mut config = Config::load(&self.path)?;
         let certificate = match (&config.proxy.tls, &self.certs) {
             (Some(tls), Some(_)) => Some(load_certified_key(&tls.cert_file, &tls.key_file)?),
             (None, None) => None,
             (Some(_), None) => return Err(ReloadError::TlsToggled("turned on")),
             (None, Some(_)) => return Err(ReloadError::TlsToggled("turned off")),
         };
+        let kept = keep_restart_only(&self.active, &mut config);
         let state = ProxyState::new(&config, &self.shared)?;
-        self.warn_about_restart_only_changes(&config);
+        for field in kept {
+            tracing::warn!(
+                field,
+                "changed in the config file; the running value stays until a restart"
+            );
+        }
+        if config.log.level != self.active.log.level {
+            crate::telemetry::reload_log_level(&config.log.level);
+        }
         if let (Some(resolver), Some(certificate)) = (&self.certs, certificate) {
             resolver.replace(certificate);
         }
@@ -105,51 +116,103 @@ impl Reloader {
         self.stamps = self.current_stamps();
         Ok(())
     }
+}
 
-    fn warn_about_restart_only_changes(&self, new: &Config) {
-        let old = &self.active;
-        let changed = [
-            ("proxy.listen", old.proxy.listen != new.proxy.listen),
-            ("admin.listen", old.admin.listen != new.admin.listen),
-            (
-                "store",
-                format!("{:?}", old.store) != format!("{:?}", new.store),
-            ),
-            (
-                "cache",
-                format!("{:?}", old.cache) != format!("{:?}", new.cache),
-            ),
-            (
-                "proxy limits",
-                format!(
-                    "{:?}",
-                    (
-                        old.proxy.max_header_bytes,
-                        old.proxy.max_headers,
-                        old.proxy.max_connections,
-                        old.proxy.header_read_timeout,
-                        old.proxy.idle_timeout
-                    )
-                ) != format!(
-                    "{:?}",
-                    (
-                        new.proxy.max_header_bytes,
-                        new.proxy.max_headers,
-                        new.proxy.max_connections,
-                        new.proxy.header_read_timeout,
-                        new.proxy.idle_timeout
-                    )
-                ),
-            ),
-        ];
-        for (field, differs) in changed {
-            if differs {
-                tracing::warn!(
-                    field,
-                    "changed in the config file; it takes effect only after a restart"
-                );
-            }
-        }
+/// What a reload cannot apply to a running process: the listeners, the
+/// store, the cache, the connection limits, the runtime, the key format and
+/// key header (the admin API keeps its own), the log format, the metrics,
+/// usage and echo settings. A changed one keeps its value in force (it is
+/// copied into `new`, so everything built from `new` agrees with what
+/// runs) and is named in a warning each time until a restart.
+fn keep_restart_only(active: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    keep(
+        &mut kept,
+        "proxy.listen",
+        &active.proxy.listen,
+        &mut new.proxy.listen,
+    );
+    keep(&mut kept, "admin", &active.admin, &mut new.admin);
+    keep(&mut kept, "store", &active.store, &mut new.store);
+    keep(&mut kept, "cache", &active.cache, &mut new.cache);
+    keep(&mut kept, "keys", &active.keys, &mut new.keys);
+    keep(
+        &mut kept,
+        "proxy.api_key_header",
+        &active.proxy.api_key_header,
+        &mut new.proxy.api_key_header,
+    );
+    keep(
+        &mut kept,
+        "proxy.max_header_bytes",
+        &active.proxy.max_header_bytes,
+        &mut new.proxy.max_header_bytes,
+    );
+    keep(
+        &mut kept,
+        "proxy.max_headers",
+        &active.proxy.max_headers,
+        &mut new.proxy.max_headers,
+    );
+    keep(
+        &mut kept,
+        "proxy.max_connections",
+        &active.proxy.max_connections,
+        &mut new.proxy.max_connections,
+    );
+    keep(
+        &mut kept,
+        "proxy.header_read_timeout",
+        &active.proxy.header_read_timeout,
+        &mut new.proxy.header_read_timeout,
+    );
+    keep(
+        &mut kept,
+        "proxy.idle_timeout",
+        &active.proxy.idle_timeout,
+        &mut new.proxy.idle_timeout,
+    );
+    keep(
+        &mut kept,
+        "proxy.drain_timeout",
+        &active.proxy.drain_timeout,
+        &mut new.proxy.drain_timeout,
+    );
+    keep(
+        &mut kept,
+        "proxy.http1_relay",
+        &active.proxy.http1_relay,
+        &mut new.proxy.http1_relay,
+    );
+    keep(
+        &mut kept,
+        "proxy.worker_threads",
+        &active.proxy.worker_threads,
+        &mut new.proxy.worker_threads,
+    );
+    keep(
+        &mut kept,
+        "log.format",
+        &active.log.format,
+        &mut new.log.format,
+    );
+    keep(&mut kept, "metrics", &active.metrics, &mut new.metrics);
+    keep(&mut kept, "usage", &active.usage, &mut new.usage);
+    keep(&mut kept, "echo", &active.echo, &mut new.echo);
+    kept
+}
+
+/// Puts `old` back in `new`'s place when they differ, naming it in `kept`.
+/// Compared by their Debug text: not every config type is `PartialEq`.
+fn keep<T: std::fmt::Debug + Clone>(
+    kept: &mut Vec<&'static str>,
+    name: &'static str,
+    old: &T,
+    new: &mut T,
+) {
+    if format!("{old:?}") != format!("{new:?}") {
+        *new = old.clone();
+        kept.push(name);
     }
 }
 

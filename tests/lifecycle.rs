@@ -62,7 +62,8 @@ async fn serve(config: &std::path::Path, proxy: u16, admin: u16) -> Server {
     let child = Command::new(KEYGATE)
         .args(["serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        // [log] level decides (info by default), as a reload may change it.
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -344,6 +345,71 @@ async fn sighup_reloads_the_config_file() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The log level applies at once; what a running process cannot change
+    // keeps its value, with a warning naming it. keep_credential, turned
+    // off again, shows when the reload has run.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replacen("keep_credential = true", "keep_credential = false", 1)
+        .replacen("[proxy]\n", "[proxy]\napi_key_header = \"x-gate-key\"\n", 1)
+        .replacen("drain_timeout = \"10s\"", "drain_timeout = \"2s\"", 1)
+        + "[log]\nlevel = \"warn\"\n";
+    std::fs::write(&config, text).unwrap();
+    let mut server = server;
+    signal(&server.child, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let quiet = format!("http://127.0.0.1:{}/before-warn-level", server.proxy);
+    loop {
+        // The old key header stays in force.
+        let r = client
+            .get(&quiet)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if !upstream.last().headers.contains_key("x-api-key") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client
+        .get(&quiet)
+        .header("x-gate-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        401,
+        "proxy.api_key_header was applied by a reload"
+    );
+    let silent = format!("http://127.0.0.1:{}/never-logged", server.proxy);
+    let r = client.get(&silent).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // At warn, the drain says nothing: wait for the exit alone.
+    signal(&server.child, "TERM");
+    let mut logs = String::new();
+    let mut stderr = server.child.stderr.take().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+    assert!(server.child.wait().unwrap().success(), "{logs}");
+    for field in ["proxy.api_key_header", "proxy.drain_timeout"] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains(field) && l.contains("until a restart")),
+            "{field} not named: {logs}"
+        );
+    }
+    assert!(logs.contains("log level changing"), "{logs}");
+    assert!(
+        !logs.contains("/never-logged"),
+        "an info line after the level went to warn: {logs}"
+    );
 }
 
 #[test]

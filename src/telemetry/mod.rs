@@ -13,7 +13,7 @@ pub mod usage;
 
 use std::io::{BufWriter, Stderr, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -60,11 +60,22 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
         .with_env_filter(filter)
         .with_ansi(terminal)
         .with_writer(writer);
+    // Each format is its own subscriber type, so is its reload handle.
+    macro_rules! init_reloadable {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = LEVEL_RELOAD.set(Box::new(move |filter| {
+                handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            builder.try_init()
+        }};
+    }
     let result = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => init_reloadable!(builder.json().flatten_event(true)),
         // Colours for people; the cheaper twin for files and collectors.
-        LogFormat::Pretty if terminal => builder.compact().try_init(),
-        LogFormat::Pretty => builder.event_format(compact::FastCompact).try_init(),
+        LogFormat::Pretty if terminal => init_reloadable!(builder.compact()),
+        LogFormat::Pretty => init_reloadable!(builder.event_format(compact::FastCompact)),
     };
     result.map_err(|e| e.to_string())?;
     match config.format {
@@ -85,6 +96,33 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
         })
         .map_err(|e| format!("cannot start the log flusher: {e}"))?;
     Ok(LogGuard { buffer, stop })
+}
+
+/// Swaps the filter of the subscriber [`init_logging`] installed.
+type LevelReload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static LEVEL_RELOAD: OnceLock<LevelReload> = OnceLock::new();
+
+/// Applies a reloaded `[log] level` to the running process. `RUST_LOG`, when
+/// set, stays in force as it did at start; without [`init_logging`] (tests)
+/// there is nothing to change.
+pub fn reload_log_level(level: &str) {
+    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() {
+        tracing::warn!("log.level changed, but RUST_LOG is set and stays in force");
+        return;
+    }
+    let Some(reload) = LEVEL_RELOAD.get() else {
+        return;
+    };
+    match EnvFilter::try_new(level) {
+        Ok(filter) => {
+            // Said at the old level, which may be the last to show it.
+            tracing::info!(level, "log level changing");
+            if let Err(error) = reload(filter) {
+                tracing::warn!(level, %error, "log.level not applied");
+            }
+        }
+        Err(error) => tracing::warn!(level, %error, "log.level not applied"),
+    }
 }
 
 /// The shared, buffered stderr that log lines are written into.
