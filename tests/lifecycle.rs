@@ -621,3 +621,36 @@ async fn access_log_lines_in_compact_and_json_formats() {
         }
     }
 }
+
+/// A failed upstream is logged once per request at warn with its cause, on
+/// both paths: hyper's client error alone said "client error (Connect)".
+#[tokio::test]
+async fn upstream_failures_are_logged_with_their_cause() {
+    let dead = support::dead_address().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!("[[routes]]\npath_prefix = \"/tls\"\nupstream = \"https://{dead}\"");
+    let (config, proxy, admin) = write_config(dir.path(), dead, &routes);
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let client = reqwest::Client::new();
+    for path in ["/plain", "/tls/x"] {
+        let r = client
+            .get(format!("http://127.0.0.1:{proxy}{path}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{path}");
+    }
+    signal(&server.child, "TERM");
+    let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success());
+    let failures: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains(&dead.to_string()))
+        .collect();
+    assert_eq!(failures.len(), 2, "{logs}");
+    for line in failures {
+        assert!(line.contains("Connection refused"), "no cause: {line}");
+    }
+}

@@ -218,15 +218,9 @@ fn api_root(server: &str) -> Option<Url> {
 /// reqwest errors print the URL; ours never holds a secret, but the error
 /// is clearer without it, as the server is already named.
 fn without_url(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
+    let mut text = crate::telemetry::error_chain(e);
     if let Some(url) = e.url() {
         text = text.replace(&format!(" ({url})"), "");
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
     }
     text
 }

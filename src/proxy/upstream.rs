@@ -132,11 +132,18 @@ impl UpstreamClients {
                 tracing::debug!(%error, "the client's request body failed");
                 Err(ProxyError::MalformedBody)
             }
+            // Logged as nginx logs a failed upstream, once per request, with
+            // the cause (hyper's own message alone says "client error
+            // (Connect)"), for the 502 the client got.
             Ok(Err(error)) => {
-                tracing::debug!(%error, upstream = %upstream.authority, "upstream request failed");
+                let error = crate::telemetry::error_chain(&error);
+                tracing::warn!(%error, upstream = %upstream.authority, "upstream request failed");
                 Err(ProxyError::UpstreamUnavailable)
             }
-            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Err(_) => {
+                tracing::warn!(upstream = %upstream.authority, "upstream did not answer within upstream_timeout");
+                Err(ProxyError::UpstreamTimeout)
+            }
         }
     }
 }

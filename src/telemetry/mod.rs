@@ -98,6 +98,20 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
     Ok(LogGuard { buffer, stop })
 }
 
+/// An error and every error beneath it, `outer: inner: …`: hyper's and
+/// reqwest's errors say "client error (Connect)" on top and keep the cause
+/// (a refused connection, a certificate rejected) in their sources.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Swaps the filter of the subscriber [`init_logging`] installed.
 type LevelReload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 static LEVEL_RELOAD: OnceLock<LevelReload> = OnceLock::new();

@@ -435,6 +435,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Ok(()) => break upstream,
                 Err(UpstreamRead::TimedOut) => {
                     let error = if upstream_deadline <= request_deadline {
+                        tracing::warn!(
+                            upstream = %plan.route.upstream.authority,
+                            "upstream did not answer within upstream_timeout"
+                        );
                         ProxyError::UpstreamTimeout
                     } else {
                         ProxyError::RequestTimeout
@@ -826,12 +830,13 @@ async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, ()
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
+        // As hyper's path logs them (upstream.rs).
         Ok(Err(error)) => {
-            tracing::debug!(%error, upstream = %upstream.authority, "upstream connect failed");
+            tracing::warn!(%error, upstream = %upstream.authority, "upstream connect failed");
             Err(())
         }
         Err(_) => {
-            tracing::debug!(upstream = %upstream.authority, "upstream connect timed out");
+            tracing::warn!(upstream = %upstream.authority, "upstream connect timed out");
             Err(())
         }
     }
