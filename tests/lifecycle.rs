@@ -128,6 +128,41 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A second stop signal during the drain stops keygate at once (exit 1),
+/// not after the in-flight request or `drain_timeout`.
+#[tokio::test]
+async fn a_second_stop_signal_ends_the_drain_at_once() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    // The upstream answers /slow after 5 s; drain_timeout is 10 s.
+    let slow = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/slow", server.proxy))
+            .bearer_auth(&key)
+            .timeout(Duration::from_secs(20))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&server.child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Instant::now();
+    signal(&server.child, "INT");
+    let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(3));
+    assert!(second.elapsed() < Duration::from_secs(2), "{logs}");
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("second stop signal"), "{logs}");
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the cut request did not complete"
+    );
+}
+
 /// The store's write-ahead log beside `keygate.db`: gone, or empty, once
 /// everything in it has been checkpointed into the file.
 fn assert_log_checkpointed(dir: &std::path::Path, after: &str) {

@@ -86,7 +86,9 @@ async fn forward_sighup(triggers: tokio::sync::mpsc::UnboundedSender<()>) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, which starts the drain. A second one
+/// during the drain stops the process at once (exit 1), as an operator who
+/// sends it again means, rather than waiting out `drain_timeout`.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -101,4 +103,13 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second stop signal: exiting now without finishing the drain");
+        crate::telemetry::flush_logs();
+        std::process::exit(1);
+    });
 }

@@ -34,6 +34,17 @@ impl Drop for LogGuard {
     }
 }
 
+/// The buffer [`init_logging`] installed, for [`flush_logs`].
+static LOG_BUFFER: OnceLock<Arc<Mutex<BufWriter<Stderr>>>> = OnceLock::new();
+
+/// Writes out buffered log lines now: for an exit that skips the
+/// [`LogGuard`]'s drop (`std::process::exit`).
+pub fn flush_logs() {
+    if let Some(buffer) = LOG_BUFFER.get() {
+        let _ = lock(buffer).flush();
+    }
+}
+
 /// How long a log line may wait in the buffer before it reaches stderr.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
@@ -54,6 +65,7 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
         std::io::stderr(),
     )));
     let stop = Arc::new(AtomicBool::new(false));
+    let _ = LOG_BUFFER.set(buffer.clone());
     let writer = BufferedStderr(buffer.clone());
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
