@@ -59,23 +59,35 @@ fn bootstrap(config: &std::path::Path) -> String {
 }
 
 async fn serve(config: &std::path::Path, proxy: u16, admin: u16) -> Server {
-    let child = Command::new(KEYGATE)
+    let child = spawn_keygate(config, None);
+    wait_ready(admin).await;
+    Server { child, proxy }
+}
+
+/// `keygate serve` with its stderr piped; `[log] level` decides what is
+/// logged unless `rust_log` is given (a reload may change the level).
+fn spawn_keygate(config: &std::path::Path, rust_log: Option<&str>) -> Child {
+    let mut command = Command::new(KEYGATE);
+    command
         .args(["serve", "--config"])
         .arg(config)
-        // [log] level decides (info by default), as a reload may change it.
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let server = Server { child, proxy };
+        .stderr(Stdio::piped());
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    command.spawn().unwrap()
+}
+
+async fn wait_ready(admin: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
             .await
             .is_ok_and(|r| r.status() == 200)
         {
-            return server;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -688,4 +700,23 @@ async fn upstream_failures_are_logged_with_their_cause() {
     for line in failures {
         assert!(line.contains("Connection refused"), "no cause: {line}");
     }
+}
+
+/// An unusable RUST_LOG is named in a warning, and [log] level applies.
+#[tokio::test]
+async fn an_unusable_rust_log_is_named_not_dropped_silently() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, admin) = write_config(dir.path(), upstream.addr, "");
+    let mut child = spawn_keygate(&config, Some("keygate=loud"));
+    wait_ready(admin).await;
+    signal(&child, "TERM");
+    let (status, logs) = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{logs}");
+    assert!(
+        logs.contains("RUST_LOG is not a valid filter") && logs.contains("keygate=loud"),
+        "{logs}"
+    );
+    // log.level (info) applied: the start line is there.
+    assert!(logs.contains("keygate serving"), "{logs}");
 }

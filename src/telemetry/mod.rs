@@ -57,9 +57,22 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// price is that a line can reach stderr up to 200 ms late; the buffer is
 /// flushed at exit.
 pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .map_err(|e| format!("log.level {:?} is not a valid filter: {e}", config.level))?;
+    let configured = || {
+        EnvFilter::try_new(&config.level)
+            .map_err(|e| format!("log.level {:?} is not a valid filter: {e}", config.level))
+    };
+    // An unusable RUST_LOG is said once logging runs, not silently dropped.
+    let mut unusable_env = None;
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(env) => match EnvFilter::try_new(&env) {
+            Ok(filter) => filter,
+            Err(error) => {
+                unusable_env = Some((env, error));
+                configured()?
+            }
+        },
+        Err(_) => configured()?,
+    };
     let buffer = Arc::new(Mutex::new(BufWriter::with_capacity(
         64 * 1024,
         std::io::stderr(),
@@ -90,6 +103,9 @@ pub fn init_logging(config: &LogConfig) -> Result<LogGuard, String> {
         LogFormat::Pretty => init_reloadable!(builder.event_format(compact::FastCompact)),
     };
     result.map_err(|e| e.to_string())?;
+    if let Some((env, error)) = unusable_env {
+        tracing::warn!(rust_log = %env, %error, "RUST_LOG is not a valid filter; using log.level");
+    }
     match config.format {
         LogFormat::Json => access::install(access::LineFormat::Json, buffer.clone()),
         LogFormat::Pretty if !terminal => {
