@@ -678,6 +678,22 @@ fn check_validates_a_config_file_without_starting() {
         "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"sqlite://{}\"\n",
         store.display()
     );
+    // A certificate with the key of another one: every handshake would fail.
+    let [first, second] = ["first", "second"].map(|name| {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    });
+    let mismatched = format!(
+        "[proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        first.0.display(),
+        second.1.display()
+    );
     for (extra, named) in [
         (
             "[[routes]]\npath_prefix = \"/a/../b\"\nupstream = \"http://127.0.0.1:9\"\n",
@@ -687,6 +703,7 @@ fn check_validates_a_config_file_without_starting() {
             "[proxy.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
             "proxy.tls: cannot read",
         ),
+        (mismatched.as_str(), "does not belong to the certificate"),
     ] {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, format!("{base}{extra}")).unwrap();
