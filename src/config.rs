@@ -3,6 +3,7 @@
 //! reaches the running proxy. Every error names the field, the value and the
 //! rule it broke.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -34,15 +35,19 @@ pub enum ConfigError {
     Invalid {
         field: String,
         value: String,
-        rule: &'static str,
+        rule: Cow<'static, str>,
     },
 }
 
-fn invalid(field: impl Into<String>, value: impl ToString, rule: &'static str) -> ConfigError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl ToString,
+    rule: impl Into<Cow<'static, str>>,
+) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         value: value.to_string(),
-        rule,
+        rule: rule.into(),
     }
 }
 
@@ -585,6 +590,11 @@ impl Config {
                 "must be a sqlite://PATH or postgres://USER@HOST/DB URL",
             ));
         }
+        // What the store would refuse when it opens: refused here, so that
+        // `check` finds it and `serve` never gets that far.
+        if let Err(rule) = crate::store::check_url(url) {
+            return Err(invalid("store.url", crate::store::display_url(url), rule));
+        }
         if self.metrics.max_key_series == 0 {
             return Err(invalid(
                 "metrics.max_key_series",
@@ -711,6 +721,32 @@ mod tests {
         for (text, field) in cases {
             let err = text.parse::<Config>().expect_err(text).to_string();
             assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    /// What the store would refuse when it opens is refused at load, so
+    /// that `keygate check` finds it, without showing the password.
+    #[test]
+    fn a_store_url_that_cannot_be_read_is_refused_at_load() {
+        for url in [
+            "postgres://u:hunter2secret@h:notaport/db",
+            "postgres://u:hunter2secret@h/db?sslmode=sometimes",
+            "sqlite://keygate.db?mode=sideways",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            let err = text.parse::<Config>().expect_err(url).to_string();
+            assert!(err.contains("store.url"), "{err}");
+            assert!(!err.contains("hunter2secret"), "{err}");
+        }
+        for url in [
+            "postgres://u:pw@db.internal:5432/keygate?sslmode=require",
+            "postgresql://u@h/db",
+            "sqlite://keygate.db",
+            "sqlite:///var/lib/keygate/keygate.db?mode=rwc",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
         }
     }
 

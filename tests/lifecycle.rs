@@ -384,6 +384,95 @@ fn invalid_configs_exit_64_naming_the_field() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// What `serve` finds wrong with the files and URLs the configuration names
+/// while starting exits 64, as any configuration error: restarting cannot
+/// help (the shipped unit has RestartPreventExitStatus=64). A listener or a
+/// store that is not there stays 69. Each had exited 69.
+#[test]
+fn configuration_errors_found_while_starting_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    };
+    let ((cert, key), (_, other_key)) = (pem("a"), pem("b"));
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n").unwrap();
+    let garbage = garbage.display().to_string();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let serve = |extra: &str| {
+        let (config, _, _) = write_config(dir.path(), upstream, extra);
+        let out = Command::new(KEYGATE)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    for (extra, named) in [
+        (
+            format!("tls = {{ cert_file = \"{cert}\", key_file = \"{cert}\" }}"),
+            "private key file",
+        ),
+        (
+            format!("tls = {{ cert_file = \"{cert}\", key_file = \"{other_key}\" }}"),
+            "does not belong to the certificate",
+        ),
+        (
+            "upstream_ca_file = \"/nonexistent/ca.pem\"".to_string(),
+            "CA file",
+        ),
+        (
+            format!("upstream_ca_file = \"{garbage}\""),
+            "holds no certificate",
+        ),
+    ] {
+        let (code, stderr) = serve(&extra);
+        assert_eq!(code, Some(64), "{extra}: {stderr}");
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
+    // The store URL is the configuration's too; its password is not shown.
+    let path = dir.path().join("pg.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n\
+         [store]\nurl = \"postgres://u:hunter2secret@h:notaport/db\"\n",
+    )
+    .unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("store.url"), "{stderr}");
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+
+    // A port taken by another process: unavailable, not misconfigured.
+    let (config, proxy, _) = write_config(
+        dir.path(),
+        upstream,
+        &format!("tls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}"),
+    );
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", proxy)).unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+}
+
 #[test]
 fn bootstrap_refuses_once_a_user_exists() {
     let dir = tempfile::tempdir().unwrap();

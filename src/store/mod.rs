@@ -16,6 +16,7 @@ mod sql_store;
 mod sqlite;
 mod writes;
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -257,6 +258,24 @@ pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
             "the store URL must start with sqlite:, postgres: or postgresql:".into(),
         ))),
     }
+}
+
+/// Why the store named by `url` could not be opened, found from the URL
+/// alone (no file or connection is opened): what [`open`] would refuse as
+/// the configuration's fault. The reason never repeats the URL, which may
+/// hold a password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let refused = |e: sqlx::Error| format!("not a valid store URL: {e}");
+    match url.split_once(':').map(|(scheme, _)| scheme) {
+        Some("sqlite") => {
+            sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(refused)?;
+        }
+        Some("postgres" | "postgresql") => {
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(refused)?;
+        }
+        _ => return Err("the scheme must be sqlite:, postgres: or postgresql:".into()),
+    }
+    Ok(())
 }
 
 /// The store URL as it may be logged: any password replaced by `***`.
