@@ -595,6 +595,16 @@ impl Config {
         if let Err(rule) = crate::store::check_url(url) {
             return Err(invalid("store.url", crate::store::display_url(url), rule));
         }
+        // Parsed as telemetry::init_logging parses it (RUST_LOG aside): a
+        // filter that passed here and at reload would otherwise stop the
+        // next start.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                format!("must be a tracing filter such as \"info\" or \"info,keygate=debug\": {e}"),
+            ));
+        }
         if self.metrics.max_key_series == 0 {
             return Err(invalid(
                 "metrics.max_key_series",
@@ -717,6 +727,14 @@ mod tests {
                 "[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"mysql://x\"",
                 "store.url",
             ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"loud=x\"",
+                "log.level",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"keygate=verbose\"",
+                "log.level",
+            ),
         ];
         for (text, field) in cases {
             let err = text.parse::<Config>().expect_err(text).to_string();
@@ -747,6 +765,20 @@ mod tests {
             let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn log_filters_that_init_logging_takes_are_accepted() {
+        for level in [
+            "info",
+            "warn,keygate::access=off",
+            "keygate=debug,sqlx=warn",
+            "trace",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"{level}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{level}: {e}"));
         }
     }
 

@@ -704,6 +704,9 @@ fn check_validates_a_config_file_without_starting() {
             "proxy.tls: cannot read",
         ),
         (mismatched.as_str(), "does not belong to the certificate"),
+        // Only the logger had parsed it: check and reload took it, and the
+        // next start exited 64.
+        ("[log]\nlevel = \"loud=x\"\n", "log.level"),
     ] {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, format!("{base}{extra}")).unwrap();
