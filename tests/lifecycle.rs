@@ -473,6 +473,38 @@ fn configuration_errors_found_while_starting_exit_64() {
     assert!(stderr.contains("cannot listen"), "{stderr}");
 }
 
+/// A PostgreSQL password given as a query parameter is masked where the
+/// URL is logged, as one in the userinfo is; an unreachable store exits 69.
+#[test]
+fn a_store_password_in_the_query_is_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pg.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{}\"\nupstream = \"http://127.0.0.1:9\"\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n[store]\n\
+             url = \"postgres://postgres@127.0.0.1:1/db?password=hunter2secret&application_name=kg\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the key store at postgres://postgres@127.0.0.1:1/db?password=***&application_name=kg"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+}
+
 #[test]
 fn bootstrap_refuses_once_a_user_exists() {
     let dir = tempfile::tempdir().unwrap();
