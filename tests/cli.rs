@@ -707,6 +707,11 @@ fn check_validates_a_config_file_without_starting() {
         // Only the logger had parsed it: check and reload took it, and the
         // next start exited 64.
         ("[log]\nlevel = \"loud=x\"\n", "log.level"),
+        // Never sent, and would be logged in every access line.
+        (
+            "[[routes]]\npath_prefix = \"/svc\"\nupstream = \"http://svc:hunter2secret@127.0.0.1:9\"\n",
+            "routes[0].upstream",
+        ),
     ] {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, format!("{base}{extra}")).unwrap();
@@ -714,6 +719,7 @@ fn check_validates_a_config_file_without_starting() {
         let stderr = String::from_utf8_lossy(&failed.stderr);
         assert_eq!(failed.status.code(), Some(64), "{stderr}");
         assert!(stderr.contains(named), "{named}: {stderr}");
+        assert!(!stderr.contains("hunter2secret"), "{stderr}");
     }
     assert!(!store.exists(), "check opened the store");
 }
