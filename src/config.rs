@@ -836,6 +836,28 @@ mod tests {
         }
     }
 
+    /// A SQLite store without a file passed check, then every pooled
+    /// connection got a temporary database of its own: /readyz said 200
+    /// and every request got 503.
+    #[test]
+    fn a_sqlite_store_without_a_file_is_refused() {
+        for url in [
+            "sqlite://",
+            "sqlite:",
+            "sqlite://?mode=rwc",
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://keygate.db?mode=memory",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            let err = text.parse::<Config>().expect_err(url).to_string();
+            assert!(
+                err.contains("store.url") && err.contains("database file"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn log_filters_that_init_logging_takes_are_accepted() {
         for level in [

@@ -722,6 +722,19 @@ fn check_validates_a_config_file_without_starting() {
         assert!(!stderr.contains("hunter2secret"), "{stderr}");
     }
     assert!(!store.exists(), "check opened the store");
+
+    // A SQLite store with no file: every pooled connection would get its
+    // own temporary database.
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"sqlite://\"\n",
+    )
+    .unwrap();
+    let failed = check(&path);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("store.url"), "{stderr}");
 }
 
 /// Every command and subcommand has a description of its own in `--help`.

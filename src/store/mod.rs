@@ -249,6 +249,10 @@ pub trait ChangeSubscription: Send {
 /// Opens the store named by a URL (`sqlite:`, `postgres:` or `postgresql:`),
 /// creating and migrating it if needed.
 pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
+    // Config validation checks this first; this guards callers that open a
+    // store without a validated config (the local CLI's --store).
+    check_url(url)
+        .map_err(|rule| StoreError::Unavailable(sqlx::Error::Configuration(rule.into())))?;
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => Ok(Arc::new(SqliteStore::open(url).await?)),
         Some("postgres" | "postgresql") => Ok(Arc::new(PostgresStore::open(url).await?)),
@@ -269,6 +273,23 @@ pub fn check_url(url: &str) -> Result<(), String> {
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => {
             sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(refused)?;
+            // No file, no store: each pooled connection (one writer, four
+            // readers) would get a temporary database of its own, the
+            // readers' never migrated ("no such table").
+            let rest = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let in_memory = form_urlencoded::parse(query.as_bytes())
+                .any(|(name, value)| name == "mode" && value == "memory");
+            if path.is_empty() || path == ":memory:" || in_memory {
+                return Err(
+                    "must name a database file (sqlite://PATH): with an empty path or \
+                            in memory, each of the store's connections would get a database \
+                            of its own"
+                        .into(),
+                );
+            }
         }
         Some("postgres" | "postgresql") => {
             // sqlx takes `password` but not libpq's `sslpassword` (an
