@@ -563,6 +563,46 @@ impl Config {
                         "must be a bare host name, without port or trailing dot",
                     ));
                 }
+                // Hosts are compared whole: a pattern would never match,
+                // and the namespace check it was meant to bring would be
+                // silently skipped for the hosts it was meant to cover.
+                if host.contains('*') {
+                    return Err(invalid(
+                        format!("routes[{i}].host"),
+                        host,
+                        "wildcards are not supported: a host matches only itself; \
+                         give each host a route of its own",
+                    ));
+                }
+            }
+            // Routes of equal host and prefix are tried in config order, so
+            // a later one could never match (nor one whose prefix differs
+            // only in case from an earlier case-insensitive one).
+            if let Some(j) = self.routes[..i].iter().position(|earlier| {
+                let same_host = match (&earlier.host, &route.host) {
+                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                let same_prefix = earlier.path_prefix == route.path_prefix
+                    || (!earlier.case_sensitive
+                        && earlier.path_prefix.eq_ignore_ascii_case(&route.path_prefix));
+                same_host && same_prefix
+            }) {
+                return Err(ConfigError::Invalid {
+                    field: format!("routes[{i}]"),
+                    value: format!(
+                        "{}{}",
+                        route.host.as_deref().unwrap_or(""),
+                        route.path_prefix
+                    ),
+                    rule: format!(
+                        "has the same host and path_prefix as routes[{j}], which is tried \
+                         first: routes[{i}] could never match; remove one or change its \
+                         host or path_prefix"
+                    )
+                    .into(),
+                });
             }
         }
         if self.cache.capacity == 0 {
@@ -855,6 +895,67 @@ mod tests {
                 err.contains("store.url") && err.contains("database file"),
                 "{err}"
             );
+        }
+    }
+
+    /// `*.example.com` was taken and never matched, so the namespace
+    /// check it carried was skipped for a.example.com; a route repeating an
+    /// earlier one's host and prefix could never match either.
+    #[test]
+    fn routes_that_could_never_match_are_refused() {
+        let route = |host: &str, prefix: &str, extra: &str| {
+            let host = if host.is_empty() {
+                String::new()
+            } else {
+                format!("host = \"{host}\"\n")
+            };
+            format!(
+                "[[routes]]\n{host}path_prefix = \"{prefix}\"\nupstream = \"http://a\"\n{extra}"
+            )
+        };
+        for (text, named) in [
+            (route("*.example.com", "/", ""), "routes[0].host"),
+            (route("a.*.com", "/", ""), "routes[0].host"),
+            (
+                route("", "/x", "")
+                    + &route("a.example.com", "/", "")
+                    + &route("A.Example.com", "/", ""),
+                "routes[2]",
+            ),
+            (route("", "/api", "") + &route("", "/api", ""), "routes[1]"),
+            (
+                route("", "/api", "case_sensitive = false\n") + &route("", "/API", ""),
+                "routes[1]",
+            ),
+        ] {
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(err.contains(named), "{err:?} should name {named}");
+        }
+        let err = (route("", "/x", "")
+            + &route("a.example.com", "/", "")
+            + &route("A.Example.com", "/", ""))
+            .parse::<Config>()
+            .expect_err("duplicate")
+            .to_string();
+        assert!(
+            err.contains("routes[1]") && err.contains("never match"),
+            "{err}"
+        );
+        let err = route("*.example.com", "/", "")
+            .parse::<Config>()
+            .expect_err("*")
+            .to_string();
+        assert!(err.contains("wildcards are not supported"), "{err}");
+        // Not duplicates: another host, another prefix, a case-sensitive
+        // prefix before one that differs in case.
+        for text in [
+            route("a.example.com", "/api", "") + &route("b.example.com", "/api", ""),
+            route("a.example.com", "/api", "") + &route("", "/api", ""),
+            route("", "/api", "") + &route("", "/api/", ""),
+            route("", "/api", "") + &route("", "/API", "case_sensitive = false\n"),
+        ] {
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
         }
     }
 

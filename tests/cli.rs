@@ -707,6 +707,11 @@ fn check_validates_a_config_file_without_starting() {
         // Only the logger had parsed it: check and reload took it, and the
         // next start exited 64.
         ("[log]\nlevel = \"loud=x\"\n", "log.level"),
+        // Never matched, so its namespace check was skipped.
+        (
+            "[[routes]]\nhost = \"*.example.com\"\nupstream = \"http://127.0.0.1:9\"\nnamespace = \"n\"\n",
+            "wildcards are not supported",
+        ),
         // Never sent, and would be logged in every access line.
         (
             "[[routes]]\npath_prefix = \"/svc\"\nupstream = \"http://svc:hunter2secret@127.0.0.1:9\"\n",
