@@ -505,6 +505,89 @@ fn a_store_password_in_the_query_is_not_logged() {
     assert!(!stderr.contains("hunter2secret"), "{stderr}");
 }
 
+/// The store holds key digests and the audit log: the database file keygate
+/// creates, its write-ahead log and shared memory, and a backup are 0600
+/// under the usual umask (022), which had left them 0644. A store file that
+/// exists keeps the mode its operator gave it.
+#[tokio::test]
+async fn a_new_store_its_wal_and_a_backup_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // The real binary under the umask most services run with.
+    let under_umask_022 = |args: &[&std::ffi::OsStr]| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("umask 022 && exec \"$@\"")
+            .arg("sh")
+            .arg(KEYGATE)
+            .args(args);
+        command
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let child = under_umask_022(&["serve".as_ref(), "--config".as_ref(), config.as_os_str()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Server { child, proxy };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "keygate did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for file in ["keygate.db", "keygate.db-wal", "keygate.db-shm"] {
+        assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
+    }
+    let copy = dir.path().join("copy.db");
+    let out = under_umask_022(&[
+        "backup".as_ref(),
+        "--to".as_ref(),
+        copy.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&copy), 0o600);
+
+    let shared = dir.path().join("shared.db");
+    std::fs::write(&shared, b"").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = under_umask_022(&[
+        "bootstrap".as_ref(),
+        "--email".as_ref(),
+        "ops@example.com".as_ref(),
+        "--store".as_ref(),
+        format!("sqlite://{}", shared.display()).as_ref(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&shared), 0o640);
+}
+
 #[test]
 fn bootstrap_refuses_once_a_user_exists() {
     let dir = tempfile::tempdir().unwrap();
