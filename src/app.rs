@@ -36,6 +36,22 @@ pub enum StartError {
     Tls(TlsError),
 }
 
+impl StartError {
+    /// Whether the configuration is at fault (a certificate, key or CA file
+    /// that cannot be used, a store URL that cannot be read), so that
+    /// starting again unchanged would fail the same way; otherwise something
+    /// it names is unavailable (the store unreachable), which may pass.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            StartError::Tls(_) => true,
+            StartError::Store { source, .. } => matches!(
+                source,
+                StoreError::Unavailable(sqlx::Error::Configuration(_))
+            ),
+        }
+    }
+}
+
 /// Where a running keygate reloads its configuration from.
 pub struct ReloadSource {
     /// The config file, re-read on a trigger or when it changes.

@@ -3,6 +3,7 @@
 //! reaches the running proxy. Every error names the field, the value and the
 //! rule it broke.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -34,15 +35,19 @@ pub enum ConfigError {
     Invalid {
         field: String,
         value: String,
-        rule: &'static str,
+        rule: Cow<'static, str>,
     },
 }
 
-fn invalid(field: impl Into<String>, value: impl ToString, rule: &'static str) -> ConfigError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl ToString,
+    rule: impl Into<Cow<'static, str>>,
+) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         value: value.to_string(),
-        rule,
+        rule: rule.into(),
     }
 }
 
@@ -525,7 +530,11 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        if let Some(upstream) = &self.proxy.upstream {
+            refuse_credentials("proxy.upstream".into(), upstream)?;
+        }
         for (i, route) in self.routes.iter().enumerate() {
+            refuse_credentials(format!("routes[{i}].upstream"), &route.upstream)?;
             if !route.path_prefix.starts_with('/') {
                 return Err(invalid(
                     format!("routes[{i}].path_prefix"),
@@ -554,6 +563,46 @@ impl Config {
                         "must be a bare host name, without port or trailing dot",
                     ));
                 }
+                // Hosts are compared whole: a pattern would never match,
+                // and the namespace check it was meant to bring would be
+                // silently skipped for the hosts it was meant to cover.
+                if host.contains('*') {
+                    return Err(invalid(
+                        format!("routes[{i}].host"),
+                        host,
+                        "wildcards are not supported: a host matches only itself; \
+                         give each host a route of its own",
+                    ));
+                }
+            }
+            // Routes of equal host and prefix are tried in config order, so
+            // a later one could never match (nor one whose prefix differs
+            // only in case from an earlier case-insensitive one).
+            if let Some(j) = self.routes[..i].iter().position(|earlier| {
+                let same_host = match (&earlier.host, &route.host) {
+                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                let same_prefix = earlier.path_prefix == route.path_prefix
+                    || (!earlier.case_sensitive
+                        && earlier.path_prefix.eq_ignore_ascii_case(&route.path_prefix));
+                same_host && same_prefix
+            }) {
+                return Err(ConfigError::Invalid {
+                    field: format!("routes[{i}]"),
+                    value: format!(
+                        "{}{}",
+                        route.host.as_deref().unwrap_or(""),
+                        route.path_prefix
+                    ),
+                    rule: format!(
+                        "has the same host and path_prefix as routes[{j}], which is tried \
+                         first: routes[{i}] could never match; remove one or change its \
+                         host or path_prefix"
+                    )
+                    .into(),
+                });
             }
         }
         if self.cache.capacity == 0 {
@@ -583,6 +632,21 @@ impl Config {
                 "store.url",
                 format!("{scheme}:..."),
                 "must be a sqlite://PATH or postgres://USER@HOST/DB URL",
+            ));
+        }
+        // What the store would refuse when it opens: refused here, so that
+        // `check` finds it and `serve` never gets that far.
+        if let Err(rule) = crate::store::check_url(url) {
+            return Err(invalid("store.url", crate::store::display_url(url), rule));
+        }
+        // Parsed as telemetry::init_logging parses it (RUST_LOG aside): a
+        // filter that passed here and at reload would otherwise stop the
+        // next start.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                format!("must be a tracing filter such as \"info\" or \"info,keygate=debug\": {e}"),
             ));
         }
         if self.metrics.max_key_series == 0 {
@@ -622,7 +686,43 @@ pub fn parse_upstream(value: &str) -> Result<Uri, &'static str> {
 
 fn deserialize_upstream<'de, D: Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
     let text = String::deserialize(d)?;
-    parse_upstream(&text).map_err(|rule| serde::de::Error::custom(format!("{text:?} {rule}")))
+    // Credentials are refused by `validate`, whose error can leave the
+    // password out: TOML's errors quote the whole line.
+    if let Ok(uri) = text.parse::<Uri>() {
+        if userinfo(&uri).is_some() {
+            return Ok(uri);
+        }
+    }
+    parse_upstream(&text).map_err(|rule| {
+        if text.contains('@') {
+            serde::de::Error::custom(rule)
+        } else {
+            serde::de::Error::custom(format!("{text:?} {rule}"))
+        }
+    })
+}
+
+/// The `user:password@` of an upstream URI, which keygate never sends.
+fn userinfo(uri: &Uri) -> Option<&str> {
+    uri.authority()?
+        .as_str()
+        .rsplit_once('@')
+        .map(|(info, _)| info)
+}
+
+/// Refuses credentials in an upstream URI, showing it without them.
+fn refuse_credentials(field: String, uri: &Uri) -> Result<(), ConfigError> {
+    if userinfo(uri).is_none() {
+        return Ok(());
+    }
+    let host = uri.authority().map_or("", |a| a.as_str());
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
+    Err(invalid(
+        field,
+        format!("{}://***@{host}", uri.scheme_str().unwrap_or("http")),
+        "must not hold credentials (user:password@): keygate does not send them to the \
+         upstream, which gets the caller's identity headers instead; remove them",
+    ))
 }
 
 fn deserialize_upstream_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
@@ -707,10 +807,169 @@ mod tests {
                 "[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"mysql://x\"",
                 "store.url",
             ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"loud=x\"",
+                "log.level",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"keygate=verbose\"",
+                "log.level",
+            ),
         ];
         for (text, field) in cases {
             let err = text.parse::<Config>().expect_err(text).to_string();
             assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    /// What the store would refuse when it opens is refused at load, so
+    /// that `keygate check` finds it, without showing the password.
+    #[test]
+    fn a_store_url_that_cannot_be_read_is_refused_at_load() {
+        for url in [
+            "postgres://u:hunter2secret@h:notaport/db",
+            "postgres://u:hunter2secret@h/db?sslmode=sometimes",
+            "sqlite://keygate.db?mode=sideways",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            let err = text.parse::<Config>().expect_err(url).to_string();
+            assert!(err.contains("store.url"), "{err}");
+            assert!(!err.contains("hunter2secret"), "{err}");
+        }
+        for url in [
+            "postgres://u:pw@db.internal:5432/keygate?sslmode=require",
+            "postgresql://u@h/db",
+            "sqlite://keygate.db",
+            "sqlite:///var/lib/keygate/keygate.db?mode=rwc",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    /// keygate never sends an upstream URI's userinfo, and it would be
+    /// logged in every access line: refused, naming the field, never
+    /// showing the password.
+    #[test]
+    fn credentials_in_an_upstream_are_refused_without_showing_them() {
+        for (text, field) in [
+            (
+                "[proxy]\nupstream = \"http://svc:hunter2secret@127.0.0.1:19010\"",
+                "proxy.upstream",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[[routes]]\nupstream = \"http://b\"\n\
+                 [[routes]]\npath_prefix = \"/x\"\nupstream = \"https://svc:hunter2secret@b:8443/\"",
+                "routes[1].upstream",
+            ),
+            ("[proxy]\nupstream = \"http://svc@127.0.0.1:19010\"", "proxy.upstream"),
+            // Broken in another way too: still not shown.
+            ("[proxy]\nupstream = \"ftp://svc:hunter2secret@b\"", "upstream"),
+        ] {
+            let err = text.parse::<Config>().expect_err(text).to_string();
+            assert!(err.contains(field), "{err:?} should name {field}");
+            assert!(!err.contains("hunter2secret"), "{err}");
+            if !text.contains("ftp") {
+                assert!(err.contains("does not send them"), "{err}");
+            }
+        }
+    }
+
+    /// A SQLite store without a file passed check, then every pooled
+    /// connection got a temporary database of its own: /readyz said 200
+    /// and every request got 503.
+    #[test]
+    fn a_sqlite_store_without_a_file_is_refused() {
+        for url in [
+            "sqlite://",
+            "sqlite:",
+            "sqlite://?mode=rwc",
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://keygate.db?mode=memory",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[store]\nurl = \"{url}\"\n");
+            let err = text.parse::<Config>().expect_err(url).to_string();
+            assert!(
+                err.contains("store.url") && err.contains("database file"),
+                "{err}"
+            );
+        }
+    }
+
+    /// `*.example.com` was taken and never matched, so the namespace
+    /// check it carried was skipped for a.example.com; a route repeating an
+    /// earlier one's host and prefix could never match either.
+    #[test]
+    fn routes_that_could_never_match_are_refused() {
+        let route = |host: &str, prefix: &str, extra: &str| {
+            let host = if host.is_empty() {
+                String::new()
+            } else {
+                format!("host = \"{host}\"\n")
+            };
+            format!(
+                "[[routes]]\n{host}path_prefix = \"{prefix}\"\nupstream = \"http://a\"\n{extra}"
+            )
+        };
+        for (text, named) in [
+            (route("*.example.com", "/", ""), "routes[0].host"),
+            (route("a.*.com", "/", ""), "routes[0].host"),
+            (
+                route("", "/x", "")
+                    + &route("a.example.com", "/", "")
+                    + &route("A.Example.com", "/", ""),
+                "routes[2]",
+            ),
+            (route("", "/api", "") + &route("", "/api", ""), "routes[1]"),
+            (
+                route("", "/api", "case_sensitive = false\n") + &route("", "/API", ""),
+                "routes[1]",
+            ),
+        ] {
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(err.contains(named), "{err:?} should name {named}");
+        }
+        let err = (route("", "/x", "")
+            + &route("a.example.com", "/", "")
+            + &route("A.Example.com", "/", ""))
+            .parse::<Config>()
+            .expect_err("duplicate")
+            .to_string();
+        assert!(
+            err.contains("routes[1]") && err.contains("never match"),
+            "{err}"
+        );
+        let err = route("*.example.com", "/", "")
+            .parse::<Config>()
+            .expect_err("*")
+            .to_string();
+        assert!(err.contains("wildcards are not supported"), "{err}");
+        // Not duplicates: another host, another prefix, a case-sensitive
+        // prefix before one that differs in case.
+        for text in [
+            route("a.example.com", "/api", "") + &route("b.example.com", "/api", ""),
+            route("a.example.com", "/api", "") + &route("", "/api", ""),
+            route("", "/api", "") + &route("", "/api/", ""),
+            route("", "/api", "") + &route("", "/API", "case_sensitive = false\n"),
+        ] {
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
+    fn log_filters_that_init_logging_takes_are_accepted() {
+        for level in [
+            "info",
+            "warn,keygate::access=off",
+            "keygate=debug,sqlx=warn",
+            "trace",
+        ] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"{level}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{level}: {e}"));
         }
     }
 

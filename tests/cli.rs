@@ -678,6 +678,22 @@ fn check_validates_a_config_file_without_starting() {
         "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"sqlite://{}\"\n",
         store.display()
     );
+    // A certificate with the key of another one: every handshake would fail.
+    let [first, second] = ["first", "second"].map(|name| {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    });
+    let mismatched = format!(
+        "[proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        first.0.display(),
+        second.1.display()
+    );
     for (extra, named) in [
         (
             "[[routes]]\npath_prefix = \"/a/../b\"\nupstream = \"http://127.0.0.1:9\"\n",
@@ -687,6 +703,20 @@ fn check_validates_a_config_file_without_starting() {
             "[proxy.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
             "proxy.tls: cannot read",
         ),
+        (mismatched.as_str(), "does not belong to the certificate"),
+        // Only the logger had parsed it: check and reload took it, and the
+        // next start exited 64.
+        ("[log]\nlevel = \"loud=x\"\n", "log.level"),
+        // Never matched, so its namespace check was skipped.
+        (
+            "[[routes]]\nhost = \"*.example.com\"\nupstream = \"http://127.0.0.1:9\"\nnamespace = \"n\"\n",
+            "wildcards are not supported",
+        ),
+        // Never sent, and would be logged in every access line.
+        (
+            "[[routes]]\npath_prefix = \"/svc\"\nupstream = \"http://svc:hunter2secret@127.0.0.1:9\"\n",
+            "routes[0].upstream",
+        ),
     ] {
         let path = dir.path().join("keygate.toml");
         std::fs::write(&path, format!("{base}{extra}")).unwrap();
@@ -694,8 +724,22 @@ fn check_validates_a_config_file_without_starting() {
         let stderr = String::from_utf8_lossy(&failed.stderr);
         assert_eq!(failed.status.code(), Some(64), "{stderr}");
         assert!(stderr.contains(named), "{named}: {stderr}");
+        assert!(!stderr.contains("hunter2secret"), "{stderr}");
     }
     assert!(!store.exists(), "check opened the store");
+
+    // A SQLite store with no file: every pooled connection would get its
+    // own temporary database.
+    let path = dir.path().join("keygate.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n[store]\nurl = \"sqlite://\"\n",
+    )
+    .unwrap();
+    let failed = check(&path);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("store.url"), "{stderr}");
 }
 
 /// Every command and subcommand has a description of its own in `--help`.

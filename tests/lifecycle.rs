@@ -497,6 +497,210 @@ fn invalid_configs_exit_64_naming_the_field() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// What `serve` finds wrong with the files and URLs the configuration names
+/// while starting exits 64, as any configuration error: restarting cannot
+/// help (the shipped unit has RestartPreventExitStatus=64). A listener or a
+/// store that is not there stays 69. Each had exited 69.
+#[test]
+fn configuration_errors_found_while_starting_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.path().join(format!("{name}.crt")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    };
+    let ((cert, key), (_, other_key)) = (pem("a"), pem("b"));
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n").unwrap();
+    let garbage = garbage.display().to_string();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    let serve = |extra: &str| {
+        let (config, _, _) = write_config(dir.path(), upstream, extra);
+        let out = Command::new(KEYGATE)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    for (extra, named) in [
+        (
+            format!("tls = {{ cert_file = \"{cert}\", key_file = \"{cert}\" }}"),
+            "private key file",
+        ),
+        (
+            format!("tls = {{ cert_file = \"{cert}\", key_file = \"{other_key}\" }}"),
+            "does not belong to the certificate",
+        ),
+        (
+            "upstream_ca_file = \"/nonexistent/ca.pem\"".to_string(),
+            "CA file",
+        ),
+        (
+            format!("upstream_ca_file = \"{garbage}\""),
+            "holds no certificate",
+        ),
+    ] {
+        let (code, stderr) = serve(&extra);
+        assert_eq!(code, Some(64), "{extra}: {stderr}");
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
+    // The store URL is the configuration's too; its password is not shown.
+    let path = dir.path().join("pg.toml");
+    std::fs::write(
+        &path,
+        "[proxy]\nupstream = \"http://127.0.0.1:9\"\n\
+         [store]\nurl = \"postgres://u:hunter2secret@h:notaport/db\"\n",
+    )
+    .unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("store.url"), "{stderr}");
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+
+    // A port taken by another process: unavailable, not misconfigured.
+    let (config, proxy, _) = write_config(
+        dir.path(),
+        upstream,
+        &format!("tls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}"),
+    );
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", proxy)).unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+}
+
+/// A PostgreSQL password given as a query parameter is masked where the
+/// URL is logged, as one in the userinfo is; an unreachable store exits 69.
+#[test]
+fn a_store_password_in_the_query_is_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pg.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{}\"\nupstream = \"http://127.0.0.1:9\"\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n[store]\n\
+             url = \"postgres://postgres@127.0.0.1:1/db?password=hunter2secret&application_name=kg\"\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KEYGATE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the key store at postgres://postgres@127.0.0.1:1/db?password=***&application_name=kg"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2secret"), "{stderr}");
+}
+
+/// The store holds key digests and the audit log: the database file keygate
+/// creates, its write-ahead log and shared memory, and a backup are 0600
+/// under the usual umask (022), which had left them 0644. A store file that
+/// exists keeps the mode its operator gave it.
+#[tokio::test]
+async fn a_new_store_its_wal_and_a_backup_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // The real binary under the umask most services run with.
+    let under_umask_022 = |args: &[&std::ffi::OsStr]| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("umask 022 && exec \"$@\"")
+            .arg("sh")
+            .arg(KEYGATE)
+            .args(args);
+        command
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let child = under_umask_022(&["serve".as_ref(), "--config".as_ref(), config.as_os_str()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = Server { child, proxy };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "keygate did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for file in ["keygate.db", "keygate.db-wal", "keygate.db-shm"] {
+        assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
+    }
+    let copy = dir.path().join("copy.db");
+    let out = under_umask_022(&[
+        "backup".as_ref(),
+        "--to".as_ref(),
+        copy.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&copy), 0o600);
+
+    let shared = dir.path().join("shared.db");
+    std::fs::write(&shared, b"").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = under_umask_022(&[
+        "bootstrap".as_ref(),
+        "--email".as_ref(),
+        "ops@example.com".as_ref(),
+        "--store".as_ref(),
+        format!("sqlite://{}", shared.display()).as_ref(),
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&shared), 0o640);
+}
+
 #[test]
 fn bootstrap_refuses_once_a_user_exists() {
     let dir = tempfile::tempdir().unwrap();

@@ -156,6 +156,23 @@ async fn a_bad_certificate_on_reload_is_refused_and_the_old_one_serves() {
     gate.stop().await;
 }
 
+/// A key that is not the certificate's (a half-done renewal: the new key
+/// beside the old certificate) is refused on reload as a bad file is, and the
+/// old pair keeps serving: taking it would fail every handshake.
+#[tokio::test]
+async fn a_key_not_matching_the_certificate_on_reload_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "good");
+    let other = make_cert(dir.path(), "other");
+    let gate = Gate::builder().proxy(&tls_lines(&cert)).start().await;
+    std::fs::copy(&other.key_path, &cert.key_path).unwrap();
+    gate.reload_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, leaf) = handshake(gate.proxy.port(), client_config(&[&cert], &[b"h2"])).await;
+    assert_eq!(leaf, cert.der);
+    gate.stop().await;
+}
+
 /// An HTTPS upstream with its own certificate.
 async fn https_upstream(cert: &TestCert) -> u16 {
     let certified =

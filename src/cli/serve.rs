@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use super::{Failure, EX_UNAVAILABLE};
+use super::{Failure, EX_UNAVAILABLE, EX_USAGE};
 use crate::config::Config;
 
 /// What `serve` checks before it binds or opens anything: the config's
@@ -62,7 +62,14 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         crate::app::run_with_reload(config, Some(reload), proxy, admin, shutdown_signal())
             .await
             .map_err(|e| Failure {
-                code: EX_UNAVAILABLE,
+                // 64 tells systemd (RestartPreventExitStatus) and the
+                // operator that restarting will not help until the file is
+                // fixed; 69, that what it names may come back.
+                code: if e.is_configuration() {
+                    EX_USAGE
+                } else {
+                    EX_UNAVAILABLE
+                },
                 message: e.to_string(),
             })
     })

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::InconsistentKeys;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -30,6 +31,10 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("the private key in {path} is not usable: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error("the private key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the certificate in {path} cannot be read: {reason}")]
+    Certificate { path: PathBuf, reason: String },
     #[error("TLS configuration failed: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -38,7 +43,9 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads a PEM certificate chain and private key into a signing key.
+/// Reads a PEM certificate chain and private key into a signing key, and
+/// checks that the key is the one the leaf certificate was issued for: with
+/// another key every handshake would fail, and nothing would say why.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let file_error = |what, path: &Path, e: &dyn fmt::Display| TlsError::File {
         what,
@@ -64,7 +71,24 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             path: key.to_owned(),
             reason: e.to_string(),
         })?;
-    Ok(CertifiedKey::new(chain, signing))
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+        // A signing key that cannot tell its public key cannot be compared
+        // (ring's keys all can); the handshake is the judge then.
+        Err(rustls::Error::InconsistentKeys(_)) => Ok(certified),
+        // The leaf is PEM but not a certificate webpki can parse.
+        Err(e) => Err(TlsError::Certificate {
+            path: cert.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// The listener's current certificate; `replace` swaps it for new handshakes.
@@ -145,4 +169,44 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `localhost` and its key, as PEM files.
+    fn pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn a_certificate_loads_with_its_own_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(dir.path(), "a");
+        load_certified_key(&cert, &key).expect("matching pair");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = pair(dir.path(), "a");
+        let (_, other_key) = pair(dir.path(), "b");
+        let error = load_certified_key(&cert, &other_key).expect_err("mismatched pair");
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&*cert.to_string_lossy())
+                && message.contains(&*other_key.to_string_lossy())
+                && message.contains("does not belong"),
+            "{message}"
+        );
+    }
 }

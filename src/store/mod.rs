@@ -16,6 +16,7 @@ mod sql_store;
 mod sqlite;
 mod writes;
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -248,6 +249,10 @@ pub trait ChangeSubscription: Send {
 /// Opens the store named by a URL (`sqlite:`, `postgres:` or `postgresql:`),
 /// creating and migrating it if needed.
 pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
+    // Config validation checks this first; this guards callers that open a
+    // store without a validated config (the local CLI's --store).
+    check_url(url)
+        .map_err(|rule| StoreError::Unavailable(sqlx::Error::Configuration(rule.into())))?;
     match url.split_once(':').map(|(scheme, _)| scheme) {
         Some("sqlite") => Ok(Arc::new(SqliteStore::open(url).await?)),
         Some("postgres" | "postgresql") => Ok(Arc::new(PostgresStore::open(url).await?)),
@@ -259,8 +264,87 @@ pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
     }
 }
 
-/// The store URL as it may be logged: any password replaced by `***`.
+/// Why the store named by `url` could not be opened, found from the URL
+/// alone (no file or connection is opened): what [`open`] would refuse as
+/// the configuration's fault. The reason never repeats the URL, which may
+/// hold a password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let refused = |e: sqlx::Error| format!("not a valid store URL: {e}");
+    match url.split_once(':').map(|(scheme, _)| scheme) {
+        Some("sqlite") => {
+            sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(refused)?;
+            // No file, no store: each pooled connection (one writer, four
+            // readers) would get a temporary database of its own, the
+            // readers' never migrated ("no such table").
+            let rest = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let in_memory = form_urlencoded::parse(query.as_bytes())
+                .any(|(name, value)| name == "mode" && value == "memory");
+            if path.is_empty() || path == ":memory:" || in_memory {
+                return Err(
+                    "must name a database file (sqlite://PATH): with an empty path or \
+                            in memory, each of the store's connections would get a database \
+                            of its own"
+                        .into(),
+                );
+            }
+        }
+        Some("postgres" | "postgresql") => {
+            // sqlx takes `password` but not libpq's `sslpassword` (an
+            // encrypted client key): it would be ignored, and logged with
+            // its value as an unrecognized parameter.
+            let query = url.split_once('?').map_or("", |(_, query)| query);
+            for pair in query.split('&') {
+                let name = form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(name, _)| name.into_owned())
+                    .unwrap_or_default();
+                if names_a_password(pair) && name != "password" {
+                    return Err(format!(
+                        "the {name:?} parameter is not supported: use an unencrypted \
+                         client key (sslkey), or the password in the URL's userinfo or \
+                         the `password` parameter"
+                    ));
+                }
+            }
+            // After that check: sqlx logs what it ignores, values included.
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(refused)?;
+        }
+        _ => return Err("the scheme must be sqlite:, postgres: or postgresql:".into()),
+    }
+    Ok(())
+}
+
+/// The store URL as it may be logged: any password replaced by `***`, the
+/// userinfo's and that of a query parameter naming one (libpq's `password`
+/// and `sslpassword`, which a PostgreSQL URL may carry instead).
 pub fn display_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = without_userinfo_password(base);
+    if let Some(query) = query {
+        shown.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                shown.push('&');
+            }
+            match pair.split_once('=') {
+                Some((name, _)) if names_a_password(pair) => {
+                    shown.push_str(name);
+                    shown.push_str("=***");
+                }
+                _ => shown.push_str(pair),
+            }
+        }
+    }
+    shown
+}
+
+fn without_userinfo_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -274,6 +358,15 @@ pub fn display_url(url: &str) -> String {
     }
 }
 
+/// Whether a `name=value` query pair's name, decoded as the driver decodes
+/// it (`pass%77ord` is `password`), names a password: libpq's `password`
+/// and `sslpassword`, and any spelling of another.
+fn names_a_password(pair: &str) -> bool {
+    form_urlencoded::parse(pair.as_bytes())
+        .next()
+        .is_some_and(|(name, _)| name.to_ascii_lowercase().contains("password"))
+}
+
 /// Most changes one `changes_since` call returns.
 pub const CHANGE_BATCH: i64 = 1000;
 /// How many of the newest changes the feed keeps; a replica that falls
@@ -282,3 +375,53 @@ pub const CHANGE_RETENTION: i64 = 10_000;
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_url_masks_every_password() {
+        for (url, shown) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/db?password=hunter2secret&application_name=kg",
+                "postgres://postgres@127.0.0.1:5432/db?password=***&application_name=kg",
+            ),
+            (
+                "postgres://u:hunter2secret@h/db?sslmode=require&sslpassword=hunter2secret",
+                "postgres://u:***@h/db?sslmode=require&sslpassword=***",
+            ),
+            // Decoded as sqlx decodes it; no path before the query.
+            (
+                "postgres://h?user=u&pass%77ord=hunter2secret",
+                "postgres://h?user=u&pass%77ord=***",
+            ),
+            (
+                "postgresql://u@h/db?PASSWORD=hunter2secret",
+                "postgresql://u@h/db?PASSWORD=***",
+            ),
+            (
+                "postgres://u@h/db?sslmode=require",
+                "postgres://u@h/db?sslmode=require",
+            ),
+            (
+                "sqlite://keygate.db?mode=rwc",
+                "sqlite://keygate.db?mode=rwc",
+            ),
+            ("sqlite://keygate.db", "sqlite://keygate.db"),
+        ] {
+            assert_eq!(display_url(url), shown, "{url}");
+            assert!(!display_url(url).contains("hunter2secret"));
+        }
+    }
+
+    #[test]
+    fn a_password_parameter_the_driver_ignores_is_refused_without_its_value() {
+        let rule = check_url("postgres://u@h/db?sslpassword=hunter2secret").unwrap_err();
+        assert!(
+            rule.contains("sslpassword") && !rule.contains("hunter2secret"),
+            "{rule}"
+        );
+        check_url("postgres://u@h/db?password=hunter2secret&sslmode=prefer").expect("password");
+    }
+}

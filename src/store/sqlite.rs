@@ -47,7 +47,9 @@ impl SqliteStore {
     /// whole database: it is opened `immutable` instead. Keys verify either
     /// way; writes fail as the store being unavailable.
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
+        let options = SqliteConnectOptions::from_str(url)?;
+        create_private(options.get_filename());
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -116,6 +118,20 @@ impl SqliteStore {
                 "the backup path must be UTF-8".into(),
             ))
         })?;
+        // The copy holds what the store does: private too. Created here
+        // (VACUUM INTO writes into an empty file), so an existing one is
+        // refused rather than made private.
+        create_new_private(std::path::Path::new(to))
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        let copied = Self::vacuum_into(url, to).await;
+        if copied.is_err() {
+            // Nothing worth keeping: the empty file made above.
+            let _ = std::fs::remove_file(to);
+        }
+        copied
+    }
+
+    async fn vacuum_into(url: &str, to: &str) -> Result<(), StoreError> {
         let mut source = SqliteConnectOptions::from_str(url)?
             .read_only(true)
             .busy_timeout(Duration::from_secs(5))
@@ -149,6 +165,34 @@ impl SqliteStore {
             other => Ok(other?),
         }
     }
+}
+
+/// Creates the database file empty, readable and writable by this user only
+/// (0600), when nothing is there yet: the store holds key digests and the
+/// audit log. SQLite would create it 0644 less the umask (world-readable
+/// under the usual 022), and creates the `-wal` and `-shm` files with the
+/// database file's mode, so they follow. An empty file is an empty database
+/// to SQLite.
+///
+/// Done here rather than with a umask around the open: the umask is the
+/// whole process's, and other threads create files meanwhile (and sqlx
+/// opens on a worker thread of its own). An existing file keeps the mode
+/// its operator gave it. Any failure (a read-only directory, a missing one)
+/// is left for SQLite to report, as it would have.
+fn create_private(path: &std::path::Path) {
+    if path.as_os_str().is_empty() || path.exists() {
+        return;
+    }
+    let _ = create_new_private(path);
+}
+
+/// Creates `path` empty with mode 0600 (on Unix), failing if it exists.
+fn create_new_private(path: &std::path::Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map(drop)
 }
 
 /// SQLITE_CANTOPEN: the file, or a file it needs beside it, cannot be opened.
