@@ -679,20 +679,11 @@ fn check_validates_a_config_file_without_starting() {
         store.display()
     );
     // A certificate with the key of another one: every handshake would fail.
-    let [first, second] = ["first", "second"].map(|name| {
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (cert, key) = (
-            dir.path().join(format!("{name}.crt")),
-            dir.path().join(format!("{name}.key")),
-        );
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-        (cert, key)
-    });
+    let [first, second] = ["first", "second"].map(|name| support::make_cert(dir.path(), name));
     let mismatched = format!(
         "[proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        first.0.display(),
-        second.1.display()
+        first.cert_path.display(),
+        second.key_path.display()
     );
     for (extra, named) in [
         (

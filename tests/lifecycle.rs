@@ -80,6 +80,14 @@ fn spawn_keygate(config: &std::path::Path, rust_log: Option<&str>) -> Child {
     command.spawn().unwrap()
 }
 
+/// `keygate serve` that is expected to stop by itself (a refused start):
+/// its exit code and what it logged.
+fn serve_to_exit(config: &std::path::Path, rust_log: Option<&str>) -> (Option<i32>, String) {
+    let out = spawn_keygate(config, rust_log).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
+}
+
 async fn wait_ready(admin: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -481,20 +489,12 @@ fn invalid_configs_exit_64_naming_the_field() {
     for (text, field) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(KEYGATE)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{text}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (code, stderr) = serve_to_exit(&path, None);
+        assert_eq!(code, Some(64), "{text}");
         assert!(stderr.contains(field), "{field} not named in: {stderr}");
     }
-    let out = Command::new(KEYGATE)
-        .args(["serve", "--config", "/nonexistent/keygate.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    let (code, _) = serve_to_exit("/nonexistent/keygate.toml".as_ref(), None);
+    assert_eq!(code, Some(64));
 }
 
 /// What `serve` finds wrong with the files and URLs the configuration names
@@ -505,14 +505,11 @@ fn invalid_configs_exit_64_naming_the_field() {
 fn configuration_errors_found_while_starting_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     let pem = |name: &str| {
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (cert, key) = (
-            dir.path().join(format!("{name}.crt")),
-            dir.path().join(format!("{name}.key")),
-        );
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-        (cert.display().to_string(), key.display().to_string())
+        let cert = support::make_cert(dir.path(), name);
+        (
+            cert.cert_path.display().to_string(),
+            cert.key_path.display().to_string(),
+        )
     };
     let ((cert, key), (_, other_key)) = (pem("a"), pem("b"));
     let garbage = dir.path().join("garbage.pem");
@@ -521,13 +518,7 @@ fn configuration_errors_found_while_starting_exit_64() {
     let upstream = "127.0.0.1:9".parse().unwrap();
     let serve = |extra: &str| {
         let (config, _, _) = write_config(dir.path(), upstream, extra);
-        let out = Command::new(KEYGATE)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.code(), stderr)
+        serve_to_exit(&config, None)
     };
     for (extra, named) in [
         (
@@ -559,13 +550,8 @@ fn configuration_errors_found_while_starting_exit_64() {
          [store]\nurl = \"postgres://u:hunter2secret@h:notaport/db\"\n",
     )
     .unwrap();
-    let out = Command::new(KEYGATE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, stderr) = serve_to_exit(&path, None);
+    assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("store.url"), "{stderr}");
     assert!(!stderr.contains("hunter2secret"), "{stderr}");
 
@@ -576,13 +562,8 @@ fn configuration_errors_found_while_starting_exit_64() {
         &format!("tls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}"),
     );
     let _taken = std::net::TcpListener::bind(("127.0.0.1", proxy)).unwrap();
-    let out = Command::new(KEYGATE)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    let (code, stderr) = serve_to_exit(&config, None);
+    assert_eq!(code, Some(69), "{stderr}");
     assert!(stderr.contains("cannot listen"), "{stderr}");
 }
 
@@ -603,14 +584,8 @@ fn a_store_password_in_the_query_is_not_logged() {
         ),
     )
     .unwrap();
-    let out = Command::new(KEYGATE)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    let (code, stderr) = serve_to_exit(&path, Some("trace"));
+    assert_eq!(code, Some(69), "{stderr}");
     assert!(
         stderr.contains("cannot open the key store at postgres://postgres@127.0.0.1:1/db?password=***&application_name=kg"),
         "{stderr}"
@@ -653,14 +628,7 @@ async fn a_new_store_its_wal_and_a_backup_are_private() {
         .spawn()
         .unwrap();
     let _server = Server { child, proxy };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "keygate did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(admin).await;
     for file in ["keygate.db", "keygate.db-wal", "keygate.db-shm"] {
         assert_eq!(mode(&dir.path().join(file)), 0o600, "{file}");
     }

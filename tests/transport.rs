@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,28 +13,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{Gate, RecordingUpstream};
+use support::{make_cert, Gate, RecordingUpstream, TestCert};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A self-signed certificate for `localhost`, written as PEM files.
-struct TestCert {
-    der: CertificateDer<'static>,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-}
-
-fn make_cert(dir: &Path, name: &str) -> TestCert {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_path = dir.join(format!("{name}.crt"));
-    let key_path = dir.join(format!("{name}.key"));
-    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
-    TestCert {
-        der: certified.cert.der().clone(),
-        cert_path,
-        key_path,
-    }
-}
 
 fn client_config(trusted: &[&TestCert], alpn: &[&[u8]]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();

@@ -19,6 +19,26 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// A self-signed certificate for `localhost`, written as PEM files.
+pub struct TestCert {
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+pub fn make_cert(dir: &std::path::Path, name: &str) -> TestCert {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    TestCert {
+        der: certified.cert.der().clone(),
+        cert_path,
+        key_path,
+    }
+}
+
 /// Runs a keygate command to completion; its stdout, trimmed, once it has
 /// succeeded (its stderr in the failure otherwise).
 pub fn run_cli<I, S>(args: I) -> String
