@@ -84,3 +84,56 @@ async fn websocket_upgrade_passes_after_authentication() {
     }
     gate.stop().await;
 }
+
+/// An `Upgrade: h2c` is not tunnelled: past the upgrade, HTTP/2 requests
+/// would reach the upstream without keygate seeing them (no key, route or
+/// permission checked, identity headers as the client wrote them). The
+/// request is served as a plain one and the upstream never hears of the
+/// upgrade, on either HTTP/1.1 path.
+#[tokio::test]
+async fn an_h2c_upgrade_is_served_as_a_plain_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = support::RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream.addr, relay).await;
+        for (upgrade, connection) in [
+            ("h2c", "Upgrade, HTTP2-Settings"),
+            ("H2C", "upgrade"),
+            ("websocket, h2c", "Upgrade"),
+        ] {
+            let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+            let request = format!(
+                "GET /public HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Upgrade: {upgrade}\r\nConnection: {connection}\r\n\
+                 HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+                gate.admin_token
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                let mut chunk = [0u8; 4096];
+                while !String::from_utf8_lossy(&got).ends_with("ok") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            let got = String::from_utf8_lossy(&got);
+            assert!(
+                got.starts_with("HTTP/1.1 200 ") && got.ends_with("ok"),
+                "relay {relay}, {upgrade}: {got}"
+            );
+            let seen = upstream.last();
+            for hop in ["upgrade", "connection", "http2-settings"] {
+                assert!(
+                    !seen.headers.contains_key(hop),
+                    "relay {relay}, {upgrade}: the upstream got {hop}: {:?}",
+                    seen.headers
+                );
+            }
+        }
+        gate.stop().await;
+    }
+}

@@ -289,8 +289,28 @@ pub(super) fn is_grpc_content_type(value: &[u8]) -> bool {
     value.len() >= GRPC.len() && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
 }
 
+/// Whether the request asks for a protocol switch that keygate tunnels
+/// (WebSocket and the like) once it has authorized the handshake.
+///
+/// An `h2c` upgrade is never one: the tunnel would carry HTTP/2 requests
+/// that keygate never sees, each with its own path and headers, to an
+/// upstream that serves them as requests (h2c smuggling): no route,
+/// permission or key would be checked, and identity headers would arrive
+/// as the client wrote them. Such a request is forwarded as a plain
+/// request instead, its `Upgrade` dropped with the other hop-by-hop
+/// headers, as Envoy does; RFC 9113 section 3.1 deprecates the upgrade.
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() <= http::Version::HTTP_11 && req.headers().contains_key(UPGRADE)
+    req.version() <= http::Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && !req.headers().get_all(UPGRADE).iter().any(names_h2c)
+}
+
+/// Whether an `Upgrade` value offers `h2c` among its protocols.
+fn names_h2c(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .split(|&c| c == b',')
+        .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"h2c"))
 }
 
 /// Metrics and the access-log event of a refusal answered with its own

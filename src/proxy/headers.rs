@@ -37,6 +37,9 @@ static PATH_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 static CLIENT_DESCRIPTIONS: [&str; 2] = ["forwarded", "x-real-ip"];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The settings of an `h2c` upgrade, connection-specific by definition
+/// (RFC 7540 section 3.2.1), which keygate never performs.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// The identity header names under the configured prefix, built once.
 #[derive(Debug, Clone)]
@@ -78,8 +81,9 @@ pub struct RawHead<'h> {
 }
 
 /// Connection-level headers that never cross a proxy (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&HeaderName; 8] = [
+const HOP_BY_HOP: [&HeaderName; 9] = [
     &CONNECTION,
+    &HTTP2_SETTINGS,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &PROXY_AUTHENTICATE,
