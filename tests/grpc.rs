@@ -140,6 +140,58 @@ async fn calls_without_a_valid_key_get_unauthenticated() {
     gate.stop().await;
 }
 
+/// A gRPC-web client (a browser's) is refused in its own content type,
+/// the text variant in its own too: one that gets `application/grpc`
+/// takes the answer for a protocol it does not speak and loses the status.
+/// Over HTTP/1.1 (relay on and off) and HTTP/2.
+#[tokio::test]
+async fn grpc_web_refusals_carry_the_grpc_web_content_type() {
+    let upstream = grpc_upstream().await;
+    // An empty message, framed as gRPC-web frames it (flag, 4-byte length).
+    let frame: &[u8] = &[0, 0, 0, 0, 0];
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream, relay).await;
+        let http1 = reqwest::Client::new();
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        for (client, version) in [(&http1, "HTTP/1.1"), (&h2, "HTTP/2")] {
+            for (sent, expected, body) in [
+                (
+                    "application/grpc-web+proto",
+                    "application/grpc-web+proto",
+                    frame.to_vec(),
+                ),
+                (
+                    "application/grpc-web",
+                    "application/grpc-web+proto",
+                    frame.to_vec(),
+                ),
+                (
+                    "application/grpc-web-text",
+                    "application/grpc-web-text+proto",
+                    b"AAAAAAA=".to_vec(),
+                ),
+            ] {
+                let response = client
+                    .post(gate.proxy_url("/grpc.health.v1.Health/Check"))
+                    .header("content-type", sent)
+                    .header("x-grpc-web", "1")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let context = format!("relay {relay}, {version}, {sent}");
+                assert_eq!(response.status(), 200, "{context}");
+                assert_eq!(response.headers()["content-type"], expected, "{context}");
+                assert_eq!(response.headers()["grpc-status"], "16", "{context}");
+            }
+        }
+        gate.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn grpc_upstream_down_is_unavailable() {
     let dead = support::dead_address().await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, HOST, UPGRADE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
@@ -22,7 +22,7 @@ use crate::telemetry::counted::CountedBody;
 use super::forward_auth;
 use super::headers::{settle_request_id, strip_hop_by_hop, ConnectionInfo};
 use super::path;
-use super::reject::{Blame, ProxyError};
+use super::reject::{Blame, Dialect, ProxyError};
 use super::routes::{hosts_are_sound, request_host, Route};
 use super::timeouts::within_request_timeout;
 use super::{ProxyBody, ProxyState};
@@ -66,7 +66,7 @@ pub async fn handle(
     head_limit: Option<usize>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let grpc = is_grpc(req.headers());
+    let client = Dialect::of_content_type(req.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()));
     let method = req.method().clone();
     // Cheap clones (shared bytes), kept for the access log.
     let uri = req.uri().clone();
@@ -79,13 +79,13 @@ pub async fn handle(
         if oversized {
             return Err(ProxyError::RequestHeadTooLarge);
         }
-        pipeline(&state, &conn, req, grpc, &mut outcome).await
+        pipeline(&state, &conn, req, client, &mut outcome).await
     };
     let (response, refusal) = match within_request_timeout(state.request_timeout, exchange).await {
         Ok(response) => (response, None),
         Err(error) => {
             record_failure(&state, error, &outcome);
-            (error.respond(grpc), Some(error))
+            (error.respond(client), Some(error))
         }
     };
     let status = response.status().as_u16();
@@ -104,7 +104,7 @@ async fn pipeline<'s>(
     state: &'s ProxyState,
     conn: &ConnectionInfo,
     mut req: Request<Incoming>,
-    grpc: bool,
+    client: Dialect,
     outcome: &mut Outcome<'s>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // A request whose Host is missing, repeated or not a host is refused
@@ -193,7 +193,10 @@ async fn pipeline<'s>(
             .headers
             .strip_trailers(CountedBody::new(body, state.bytes_in.clone()))
     });
-    let mut response = state.upstream.forward(&route.upstream, req, grpc).await?;
+    let mut response = state
+        .upstream
+        .forward(&route.upstream, req, client.is_grpc())
+        .await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only a request that asked to upgrade may be answered so (RFC 9110
         // section 15.2.2); otherwise the upstream is broken, as the relay
@@ -276,17 +279,10 @@ fn authority_host(uri: &Uri) -> Option<HeaderValue> {
     HeaderValue::from_str(host).ok()
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| is_grpc_content_type(v.as_bytes()))
-}
-
 /// `application/grpc`, `application/grpc+proto`, `application/grpc-web`…,
 /// in any case (media types are case-insensitive, RFC 9110 section 8.3.1).
 pub(super) fn is_grpc_content_type(value: &[u8]) -> bool {
-    const GRPC: &[u8] = b"application/grpc";
-    value.len() >= GRPC.len() && value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+    Dialect::of_content_type(Some(value)).is_grpc()
 }
 
 /// Whether the request asks for a protocol switch that keygate tunnels

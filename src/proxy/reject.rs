@@ -70,6 +70,56 @@ pub enum ProxyError {
     UriTooLong,
 }
 
+/// What a client speaks, by its request's `content-type`, which decides
+/// the shape of a refusal: JSON with the HTTP status, or a trailers-only
+/// gRPC answer in the client's own variant of gRPC. A gRPC-web client (a
+/// browser's, through Envoy's or tonic-web's translation) reads a response
+/// only as `application/grpc-web…`, the text variant (base64) only as
+/// `application/grpc-web-text…`; `application/grpc` would be refused by it
+/// as a content type it does not speak, losing the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Http,
+    /// `application/grpc`, `application/grpc+proto`…
+    Grpc,
+    /// `application/grpc-web`, `application/grpc-web+proto`…
+    GrpcWeb,
+    /// `application/grpc-web-text`, `application/grpc-web-text+proto`…
+    GrpcWebText,
+}
+
+impl Dialect {
+    /// The dialect of a request with this `content-type` (media types are
+    /// case-insensitive, RFC 9110 section 8.3.1).
+    pub fn of_content_type(value: Option<&[u8]>) -> Dialect {
+        let starts = |value: &[u8], prefix: &[u8]| {
+            value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
+        match value {
+            Some(v) if starts(v, b"application/grpc-web-text") => Dialect::GrpcWebText,
+            Some(v) if starts(v, b"application/grpc-web") => Dialect::GrpcWeb,
+            Some(v) if starts(v, b"application/grpc") => Dialect::Grpc,
+            _ => Dialect::Http,
+        }
+    }
+
+    /// Any variant of gRPC.
+    pub fn is_grpc(self) -> bool {
+        self != Dialect::Http
+    }
+
+    /// The content type of a trailers-only answer, as Envoy's gRPC-web
+    /// filter writes it for gRPC-web clients; `None` for plain HTTP.
+    fn grpc_content_type(self) -> Option<&'static str> {
+        match self {
+            Dialect::Http => None,
+            Dialect::Grpc => Some("application/grpc"),
+            Dialect::GrpcWeb => Some("application/grpc-web+proto"),
+            Dialect::GrpcWebText => Some("application/grpc-web-text+proto"),
+        }
+    }
+}
+
 /// Every variant, in declaration order (the index of `json_body`).
 const ALL: [ProxyError; 21] = [
     ProxyError::MissingKey,
@@ -238,12 +288,13 @@ impl ProxyError {
         BODIES[self as usize].clone()
     }
 
-    /// Builds the response for an HTTP or a gRPC client.
-    pub fn respond(self, grpc: bool) -> Response<ProxyBody> {
-        let mut response = if grpc {
+    /// Builds the response for an HTTP, gRPC or gRPC-web client.
+    pub fn respond(self, client: Dialect) -> Response<ProxyBody> {
+        let grpc = client != Dialect::Http;
+        let mut response = if let Some(content_type) = client.grpc_content_type() {
             let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             headers.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
             headers.insert("grpc-message", HeaderValue::from_static(self.message()));
             response
@@ -296,7 +347,7 @@ impl ProxyError {
     /// The same HTTP response as [`Self::respond`], serialized as HTTP/1.1
     /// for the relay, which answers upstream failures itself.
     pub fn render_http1(self, out: &mut Vec<u8>, close: bool) {
-        let response = self.respond(false);
+        let response = self.respond(Dialect::Http);
         let body = self.json_body();
         let status = response.status();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -380,34 +431,65 @@ mod tests {
 
     #[test]
     fn grpc_rejections_are_trailers_only() {
-        let r = ProxyError::KeyExpired.respond(true);
+        let r = ProxyError::KeyExpired.respond(Dialect::Grpc);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["grpc-status"], "16");
         assert_eq!(
-            ProxyError::Forbidden.respond(true).headers()["grpc-status"],
+            ProxyError::Forbidden.respond(Dialect::Grpc).headers()["grpc-status"],
             "7"
         );
         assert_eq!(
-            ProxyError::UpstreamUnavailable.respond(true).headers()["grpc-status"],
+            ProxyError::UpstreamUnavailable
+                .respond(Dialect::Grpc)
+                .headers()["grpc-status"],
             "14"
         );
         assert_eq!(
-            ProxyError::UpstreamTimeout.respond(true).headers()["grpc-status"],
+            ProxyError::UpstreamTimeout.respond(Dialect::Grpc).headers()["grpc-status"],
             "14"
         );
         assert_eq!(
-            ProxyError::RequestTimeout.respond(true).headers()["grpc-status"],
+            ProxyError::RequestTimeout.respond(Dialect::Grpc).headers()["grpc-status"],
             "4"
         );
         // The message points at Retry-After: a gRPC client gets it too.
-        let limited = ProxyError::RateLimited.respond(true);
+        let limited = ProxyError::RateLimited.respond(Dialect::Grpc);
         assert_eq!(limited.headers()["grpc-status"], "8");
         assert_eq!(limited.headers()[RETRY_AFTER], "1");
     }
 
     #[test]
+    fn grpc_web_clients_get_their_own_content_type() {
+        for (sent, answered) in [
+            ("application/grpc", "application/grpc"),
+            ("application/grpc+proto", "application/grpc"),
+            ("application/grpc-web", "application/grpc-web+proto"),
+            ("Application/gRPC-Web+proto", "application/grpc-web+proto"),
+            (
+                "application/grpc-web-text",
+                "application/grpc-web-text+proto",
+            ),
+            (
+                "application/grpc-web-text+proto",
+                "application/grpc-web-text+proto",
+            ),
+        ] {
+            let client = Dialect::of_content_type(Some(sent.as_bytes()));
+            let r = ProxyError::MissingKey.respond(client);
+            assert_eq!(r.headers()[CONTENT_TYPE], answered, "{sent}");
+            assert_eq!(r.headers()["grpc-status"], "16", "{sent}");
+        }
+        for other in [None, Some("application/json"), Some("application/grp")] {
+            assert_eq!(
+                Dialect::of_content_type(other.map(str::as_bytes)),
+                Dialect::Http
+            );
+        }
+    }
+
+    #[test]
     fn a_request_timeout_is_a_408_blamed_on_the_client() {
-        let r = ProxyError::RequestTimeout.respond(false);
+        let r = ProxyError::RequestTimeout.respond(Dialect::Http);
         assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(ProxyError::RequestTimeout.blame(), Blame::Client);
         assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
@@ -415,11 +497,11 @@ mod tests {
 
     #[test]
     fn a_malformed_body_is_a_400_blamed_on_the_client() {
-        let r = ProxyError::MalformedBody.respond(false);
+        let r = ProxyError::MalformedBody.respond(Dialect::Http);
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert_eq!(ProxyError::MalformedBody.blame(), Blame::Client);
         assert!(!r.headers().contains_key(WWW_AUTHENTICATE));
-        let grpc = ProxyError::MalformedBody.respond(true);
+        let grpc = ProxyError::MalformedBody.respond(Dialect::Grpc);
         assert_eq!(grpc.headers()["grpc-status"], "13");
     }
 
@@ -439,21 +521,21 @@ mod tests {
 
     #[test]
     fn rate_limited_is_a_429_with_retry_after() {
-        let r = ProxyError::RateLimited.respond(false);
+        let r = ProxyError::RateLimited.respond(Dialect::Http);
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[RETRY_AFTER], "1");
         assert_eq!(ProxyError::RateLimited.blame(), Blame::Client);
-        let grpc = ProxyError::RateLimited.respond(true);
+        let grpc = ProxyError::RateLimited.respond(Dialect::Grpc);
         assert_eq!(grpc.headers()["grpc-status"], "8");
     }
 
     #[test]
     fn unauthorized_carries_www_authenticate() {
-        let r = ProxyError::InvalidKey.respond(false);
+        let r = ProxyError::InvalidKey.respond(Dialect::Http);
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert!(r.headers().contains_key(WWW_AUTHENTICATE));
         assert!(!ProxyError::Forbidden
-            .respond(false)
+            .respond(Dialect::Http)
             .headers()
             .contains_key(WWW_AUTHENTICATE));
     }
