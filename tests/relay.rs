@@ -428,3 +428,67 @@ async fn broken_upstream_framing_and_pipelined_refusals_answer_alike_on_both_pat
         gate.stop().await;
     }
 }
+
+/// A client that leaves while the upstream's body is stalled (a long poll,
+/// a stream with nothing to say) frees the upstream connection at once, on
+/// both paths: waiting for the upstream's next bytes would hold both
+/// connections for as long as the upstream stays quiet.
+#[tokio::test]
+async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
+    // Answers the head and 3 bytes of 100, then waits; reports when keygate
+    // closes the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc";
+                stream.write_all(partial).await.unwrap();
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(addr)
+            .proxy(&format!("http1_relay = {relay}"))
+            .start()
+            .await;
+        let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+        let request = format!(
+            "GET /poll HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            gate.admin_token
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"abc") {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("the partial response")
+                .unwrap();
+            assert!(n > 0, "relay {relay}: closed early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(3), closed_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("relay {relay}: the upstream connection is still open"));
+        gate.stop().await;
+    }
+}

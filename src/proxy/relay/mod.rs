@@ -621,7 +621,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 return Relayed::Complete;
             }
             self.ubuf.reserve(READ_CHUNK);
-            match upstream.read_buf(&mut self.ubuf).await {
+            // While the upstream is quiet (a long poll, a stalled stream),
+            // the client is watched too: one that is gone ends the exchange
+            // and frees the upstream connection, where waiting for the
+            // upstream's next bytes to fail on the client could hold both
+            // for as long as the upstream stays quiet. A closed write side
+            // counts as gone, as on hyper's path (no half-close). What a
+            // pipelining client sends meanwhile is kept for its next
+            // request, up to a head's worth; past that it waits unread.
+            let watch_client = self.buf.len() < self.limits.max_header_bytes;
+            if watch_client {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let read = tokio::select! {
+                read = upstream.read_buf(&mut self.ubuf) => read,
+                client = self.io.read_buf(&mut self.buf), if watch_client => match client {
+                    Ok(n) if n > 0 => continue,
+                    _ => return Relayed::Broken,
+                },
+            };
+            match read {
                 Ok(0) if matches!(framing, Framing::UntilClose) => return Relayed::Complete,
                 Ok(0) | Err(_) => return Relayed::Broken,
                 Ok(_) => {}
