@@ -492,3 +492,52 @@ async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
         gate.stop().await;
     }
 }
+
+/// A close-delimited response ends its connection: keygate closes its side
+/// once the body has ended, and does not keep it in the pool (where it
+/// would sit in CLOSE-WAIT until the next request found it closed).
+#[tokio::test]
+async fn a_close_delimited_response_is_not_pooled() {
+    // Writes a response without framing, closes its write side, and
+    // reports whether keygate then closed its own.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end";
+                stream.write_all(response).await.unwrap();
+                stream.shutdown().await.unwrap();
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    for relay in [true, false] {
+        let gate = Gate::with_relay(addr, relay).await;
+        let request = format!(
+            "GET /close HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            gate.admin_token
+        );
+        let got = exchange(gate.proxy, &request, "until the end").await;
+        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
+        tokio::time::timeout(Duration::from_secs(3), closed_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("relay {relay}: keygate kept the closed connection"));
+        gate.stop().await;
+    }
+}

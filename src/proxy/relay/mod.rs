@@ -563,7 +563,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             // an answer; a break later can only end the connection.
             ChunkedScanner::default().scan(&self.ubuf[head_len..])?;
         }
+        // A close-delimited body ends with the connection: it is never
+        // pooled (the pool would find it closed on its next take, but
+        // keep its descriptor, in CLOSE-WAIT, until then).
         let upstream_keep_alive = res.version == Some(1)
+            && !matches!(framing, Framing::UntilClose)
             && !connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close_client = plan.close || draining || matches!(framing, Framing::UntilClose);
         self.out.clear();
