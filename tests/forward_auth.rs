@@ -108,6 +108,99 @@ async fn traefik_and_envoy_shapes_get_decisions() {
     gate.stop().await;
 }
 
+/// The original request's description cannot be turned into a lesser one:
+/// in Envoy's shape (the decision request is the original), method and
+/// URI headers a client slipped through (an ext_authz `allowed_headers`
+/// that lets them pass) neither make a write a read nor move the decision
+/// to another route; and a method header that is repeated or not a method
+/// is taken as a write, not as the decision request's own GET.
+#[tokio::test]
+async fn described_requests_cannot_be_lesser_than_the_real_one() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = gate_with_routes(&upstream).await;
+    let client = reqwest::Client::new();
+    let reader = gate
+        .user(
+            "reader@example.com",
+            AccountRole::Developer,
+            &[("orders", Permission::Read)],
+        )
+        .await;
+    let (_, reader_token) = gate.key_for(&reader).await;
+    let decide = |method: reqwest::Method, path: &str, headers: &[(&str, &str)]| {
+        let mut request = client
+            .request(method, gate.proxy_url(path))
+            .bearer_auth(&reader_token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    // Envoy: a POST to /orders, described as a GET.
+    for spoof in ["x-forwarded-method", "x-original-method"] {
+        let r = decide(reqwest::Method::POST, "/verify/orders/1", &[(spoof, "GET")])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{spoof}");
+    }
+    // Envoy: a request for the default route, described as one for
+    // /orders: the description is not what was asked, whichever route the
+    // key may use.
+    let r = decide(
+        reqwest::Method::GET,
+        "/verify/elsewhere",
+        &[("x-forwarded-uri", "/orders/1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = decide(
+        reqwest::Method::POST,
+        "/verify/elsewhere",
+        &[
+            ("x-forwarded-uri", "/orders/1"),
+            ("x-forwarded-method", "GET"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    // Envoy, described consistently: decided as before.
+    let r = decide(
+        reqwest::Method::GET,
+        "/verify/orders/1",
+        &[
+            ("x-forwarded-uri", "/orders/1?x=1"),
+            ("x-forwarded-method", "GET"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    // Traefik: a method header that cannot be read, or two of them.
+    for methods in [&["G@T"][..], &["GET", "POST"], &["GET, POST"]] {
+        let mut headers = vec![("x-forwarded-uri", "/orders/1")];
+        headers.extend(methods.iter().map(|m| ("x-forwarded-method", *m)));
+        let r = decide(reqwest::Method::GET, "/verify", &headers)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{methods:?}");
+    }
+    let r = decide(
+        reqwest::Method::GET,
+        "/verify",
+        &[
+            ("x-forwarded-uri", "/orders/1"),
+            ("x-forwarded-method", "HEAD"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(upstream.count(), 0, "decisions never forward");
+    gate.stop().await;
+}
+
 /// With routes and no default upstream, a request no route covers is
 /// refused (404, as the proxy refuses it), not let through on the key
 /// alone, which skipped every route's namespace; a host route applies by

@@ -9,7 +9,11 @@
 //! decision path. 200 carries the identity headers; a refusal is the same
 //! response the proxy would give, a request no route covers included. The
 //! caller must pass the original host (`X-Forwarded-Host`, or the Host of
-//! the decision request) for host routes to apply.
+//! the decision request) for host routes to apply. A description never
+//! makes the decision easier than the request it describes: a method
+//! header cannot turn the decision request's own write into a read, one
+//! that cannot be read counts as a write, and in Envoy's shape headers
+//! that route elsewhere than the request itself are refused.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,7 +21,8 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{Either, Full};
 
-use crate::auth::VerifiedKey;
+use crate::auth::{required_permission, VerifiedKey};
+use crate::store::Permission;
 
 use super::handler::authenticate;
 use super::path;
@@ -58,10 +63,11 @@ pub async fn decide<'s, B>(
     key_seen: &mut Option<Arc<VerifiedKey>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let headers = req.headers();
-    let method = original_method(headers).unwrap_or_else(|| req.method().clone());
+    let method = decision_method(req.method(), headers);
+    let own_host = request_host(req);
     let host = header_str(headers, &X_FORWARDED_HOST)
         .map(strip_port)
-        .or_else(|| request_host(req));
+        .or(own_host);
     let own_path = req.uri().path();
     let envoy_path = &own_path[forward_auth.path.len().min(own_path.len())..];
     let path = header_str(headers, &X_FORWARDED_URI)
@@ -71,16 +77,18 @@ pub async fn decide<'s, B>(
         } else {
             envoy_path
         });
-    let path = path.split('?').next().unwrap_or("/");
-    let path = path::normalize(state.path_normalization, path)?;
-    // With routes configured, the decision is the proxy's: a request no
-    // route covers is refused as the proxy refuses it (404), never let
-    // through on the key alone, which would skip every route's namespace.
-    // Only a keygate that routes nothing (forward-auth alone) decides on
-    // the key alone.
-    let route = state.routes.select(host, &path);
-    if route.is_none() && !state.routes.is_empty() {
-        return Err(ProxyError::NoRoute);
+    let route = route_of(state, host, path)?;
+    // Envoy's shape: the decision request is the original request, its
+    // path after the endpoint's, its Host the original one. Headers that
+    // describe another request can then only have come from the client
+    // (an ext_authz `allowed_headers` that lets them through): they must
+    // not move the decision to a route the key may use. When they point
+    // elsewhere than the request itself, it is refused.
+    if !envoy_path.is_empty() {
+        let own_route = route_of(state, own_host, envoy_path)?;
+        if own_route.map(|r| r.index) != route.map(|r| r.index) {
+            return Err(ProxyError::Forbidden);
+        }
     }
     *route_seen = route;
 
@@ -96,11 +104,46 @@ pub async fn decide<'s, B>(
     Ok(response)
 }
 
-fn original_method(headers: &HeaderMap) -> Option<Method> {
-    let value = headers
-        .get(&X_FORWARDED_METHOD)
-        .or_else(|| headers.get(&X_ORIGINAL_METHOD))?;
-    Method::from_bytes(value.as_bytes()).ok()
+/// The route of the original request (`path` may carry a query). With
+/// routes configured, the decision is the proxy's: a request no route
+/// covers is refused as the proxy refuses it (404), never let through on
+/// the key alone, which would skip every route's namespace. Only a keygate
+/// that routes nothing (forward-auth alone) decides on the key alone.
+fn route_of<'s>(
+    state: &'s ProxyState,
+    host: Option<&str>,
+    path: &str,
+) -> Result<Option<&'s Route>, ProxyError> {
+    let path = path.split('?').next().unwrap_or("/");
+    let path = path::normalize(state.path_normalization, path)?;
+    let route = state.routes.select(host, &path);
+    if route.is_none() && !state.routes.is_empty() {
+        return Err(ProxyError::NoRoute);
+    }
+    Ok(route)
+}
+
+/// The method the decision is made for: the original's, as
+/// `X-Forwarded-Method` (Traefik) or `X-Original-Method` (nginx) names it,
+/// unless the decision request's own method needs more: Envoy sends the
+/// original method itself, and a header the client slipped through must
+/// not turn its write into a read. A method header that is repeated or
+/// not a method cannot say what was asked, and is taken as a write.
+fn decision_method(own: &Method, headers: &HeaderMap) -> Method {
+    if required_permission(own, None) == Permission::Write {
+        return own.clone();
+    }
+    let named = if headers.contains_key(&X_FORWARDED_METHOD) {
+        headers.get_all(&X_FORWARDED_METHOD)
+    } else {
+        headers.get_all(&X_ORIGINAL_METHOD)
+    };
+    let mut values = named.iter();
+    match (values.next(), values.next()) {
+        (None, _) => own.clone(),
+        (Some(value), None) => Method::from_bytes(value.as_bytes()).unwrap_or(Method::POST),
+        (Some(_), Some(_)) => Method::POST,
+    }
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
