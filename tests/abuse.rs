@@ -597,3 +597,49 @@ async fn pipelined_requests_are_each_authenticated() {
     all_authorized(&upstream.seen.lock().unwrap(), &admin_key_id(&gate));
     gate.stop().await;
 }
+
+/// CONNECT with a valid key is refused (403 `connect_not_supported`, as
+/// Envoy refuses a CONNECT it does not tunnel), over HTTP/1.1 on both paths
+/// and HTTP/2, and reaches no upstream: forwarded, it became a CONNECT to
+/// the upstream itself, and the client got an empty close (an HTTP/2 reset)
+/// while the request was counted as a 200.
+#[tokio::test]
+async fn connect_with_a_key_is_refused_and_reaches_no_upstream() {
+    use http_body_util::{BodyExt, Empty};
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream.addr, relay).await;
+        let token = &gate.admin_token;
+        let connect = format!(
+            "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        let (response, _) =
+            exchange(gate.proxy, connect.as_bytes(), Duration::from_millis(500)).await;
+        assert!(
+            response.starts_with("HTTP/1.1 403") && response.contains("connect_not_supported"),
+            "relay {relay}: {response:?}"
+        );
+
+        let tcp = TcpStream::connect(gate.proxy).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::connect("127.0.0.1:22")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.expect("an answer");
+        assert_eq!(response.status(), 403, "relay {relay}, HTTP/2");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("connect_not_supported"),
+            "{body:?}"
+        );
+        gate.stop().await;
+    }
+    assert_eq!(upstream.count(), 0, "a CONNECT reached the upstream");
+}

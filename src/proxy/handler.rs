@@ -113,6 +113,15 @@ async fn pipeline<'s>(
     if !hosts_are_sound(&req) {
         return Err(ProxyError::InvalidHost);
     }
+    // CONNECT asks for a tunnel to its authority. keygate forwards only to
+    // its routes, where the request would become a CONNECT to the upstream
+    // itself, and a 2xx to it turns the connection into a tunnel nobody
+    // serves: the client got an empty close (an HTTP/2 stream reset) while
+    // the request was counted as a 200. It is refused instead, with the
+    // 403 Envoy gives a CONNECT it is not configured to tunnel.
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectNotSupported);
+    }
 
     // Forward-auth: the same checks, answered as a decision.
     if let Some(forward_auth) = &state.forward_auth {

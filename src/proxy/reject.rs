@@ -59,6 +59,8 @@ pub enum ProxyError {
     MalformedPath,
     #[error("the request's Host header is missing, repeated or not a host")]
     InvalidHost,
+    #[error("CONNECT asks for a tunnel, which a reverse proxy does not open")]
+    ConnectNotSupported,
     // The next three are hyper's answers to a head it cannot parse, which
     // it writes itself, without a body; they are here for their code in
     // the metrics and the access log ([`ProxyError::from_unparsed_head`]).
@@ -121,7 +123,7 @@ impl Dialect {
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 21] = [
+const ALL: [ProxyError; 22] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -140,6 +142,7 @@ const ALL: [ProxyError; 21] = [
     ProxyError::AmbiguousPath,
     ProxyError::MalformedPath,
     ProxyError::InvalidHost,
+    ProxyError::ConnectNotSupported,
     ProxyError::MalformedRequest,
     ProxyError::RequestHeadTooLarge,
     ProxyError::UriTooLong,
@@ -175,6 +178,7 @@ impl ProxyError {
             ProxyError::AmbiguousPath => "ambiguous_path",
             ProxyError::MalformedPath => "malformed_path",
             ProxyError::InvalidHost => "invalid_host",
+            ProxyError::ConnectNotSupported => "connect_not_supported",
             ProxyError::MalformedRequest => "malformed_request",
             ProxyError::RequestHeadTooLarge => "request_head_too_large",
             ProxyError::UriTooLong => "uri_too_long",
@@ -190,7 +194,8 @@ impl ProxyError {
             | ProxyError::KeyExpired
             | ProxyError::OwnerDisabled
             | ProxyError::ApiKeysDisabled => StatusCode::UNAUTHORIZED,
-            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            // Envoy's answer to a CONNECT it is not configured to tunnel.
+            ProxyError::Forbidden | ProxyError::ConnectNotSupported => StatusCode::FORBIDDEN,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -265,6 +270,9 @@ impl ProxyError {
             }
             ProxyError::InvalidHost => {
                 "The request's Host header is missing (HTTP/1.1 requires one), repeated, or not a host with an optional port."
+            }
+            ProxyError::ConnectNotSupported => {
+                "keygate is a reverse proxy: it does not open CONNECT tunnels."
             }
             ProxyError::MalformedRequest => "The request head could not be parsed as HTTP/1.1.",
             ProxyError::RequestHeadTooLarge => {
