@@ -147,6 +147,50 @@ async fn a_second_key_beside_the_credential_is_stripped_too() {
     }
 }
 
+/// The key header spelled with `_` for `-` goes too (CGI-style servers read
+/// `x_api_key` as `HTTP_X_API_KEY`, the key header itself), on both
+/// HTTP/1.1 paths and over HTTP/2; a look-alike of another header stays.
+#[tokio::test]
+async fn a_key_in_the_key_headers_underscore_spelling_is_stripped() {
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream.addr, relay).await;
+        let other_key = gate.tokens.generate().1.expose().to_string();
+        let http1 = reqwest::Client::new();
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        for (client, version) in [(&http1, "HTTP/1.1"), (&h2, "HTTP/2")] {
+            let r = client
+                .get(gate.proxy_url("/underscored"))
+                .bearer_auth(&gate.admin_token)
+                .header("x_api_key", other_key.as_str())
+                .header("X_Api-Key", other_key.as_str())
+                .header("x_request_thing", "kept")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "relay {relay}, {version}");
+            let seen = upstream.last();
+            let leaked: Vec<_> = seen
+                .headers
+                .keys()
+                .filter(|n| n.as_str().replace('_', "-") == "x-api-key")
+                .collect();
+            assert!(
+                leaked.is_empty(),
+                "relay {relay}, {version}: {leaked:?} forwarded"
+            );
+            assert_eq!(
+                seen.headers["x_request_thing"], "kept",
+                "relay {relay}, {version}"
+            );
+        }
+        gate.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn every_bad_key_is_refused_with_its_code_and_never_forwarded() {
     let (gate, upstream) = setup().await;

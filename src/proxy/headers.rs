@@ -149,6 +149,7 @@ impl HeaderRules {
             // authenticated must not reach the upstream either. Another
             // scheme's `Authorization` is the upstream's and stays.
             headers.remove(&self.api_key_header);
+            self.strip_key_header_look_alikes(headers);
             if source == CredentialSource::Authorization {
                 headers.remove(AUTHORIZATION);
             }
@@ -240,7 +241,8 @@ impl HeaderRules {
             let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
             if is_identity_bytes(&self.prefix, name)
                 || (!self.keep_credential
-                    && (is(key_header) || (from_authorization && is(b"authorization"))))
+                    && (is_key_header_bytes(key_header, name)
+                        || (from_authorization && is(b"authorization"))))
                 || is_hop_by_hop_bytes(name, header.value)
                 || PATH_OVERRIDES.iter().any(|o| is(o.as_bytes()))
             {
@@ -328,6 +330,30 @@ impl HeaderRules {
                 .and_then(|r| r.namespace_header.as_ref())
                 .map(|ns| (&self.namespace, Identity::Built(ns))),
         )
+    }
+
+    /// Removes the key header spelled with `_` for `-` (`x_api_key`), which
+    /// servers that read headers through CGI-style names (`HTTP_X_API_KEY`)
+    /// take for the key header itself: a key sent so beside the credential
+    /// would reach them as a credential, as the identity prefix's
+    /// look-alikes would reach them as identity.
+    fn strip_key_header_look_alikes(&self, headers: &mut HeaderMap) {
+        let key_header = self.api_key_header.as_str().as_bytes();
+        let is_look_alike = |name: &HeaderName| {
+            name.as_str().contains('_') && is_key_header_bytes(key_header, name.as_str().as_bytes())
+        };
+        // As in `strip_spoofed`: the common request allocates nothing.
+        if !key_header.contains(&b'-') || !headers.keys().any(is_look_alike) {
+            return;
+        }
+        let look_alikes: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_look_alike(n))
+            .cloned()
+            .collect();
+        for name in look_alikes {
+            headers.remove(&name);
+        }
     }
 
     fn strip_spoofed(&self, headers: &mut HeaderMap) {
@@ -455,6 +481,16 @@ fn is_identity_bytes(prefix: &[u8], name: &[u8]) -> bool {
             .iter()
             .zip(prefix)
             .all(|(&n, &p)| n.to_ascii_lowercase() == p || (n == b'_' && p == b'-'))
+}
+
+/// Whether `name` is the (lowercase) key header `key`, in any case and with
+/// `_` for `-`.
+fn is_key_header_bytes(key: &[u8], name: &[u8]) -> bool {
+    name.len() == key.len()
+        && name
+            .iter()
+            .zip(key)
+            .all(|(&n, &k)| n.to_ascii_lowercase() == k || (n == b'_' && k == b'-'))
 }
 
 fn is_identity_name(prefix: &[u8], name: &HeaderName) -> bool {
