@@ -160,6 +160,10 @@ pub async fn run_with_reload(
             stopped(),
         ))
     });
+    let pool_sweeper = tokio::spawn(crate::proxy::relay::run_pool_sweeper(
+        live_state.clone(),
+        stopped(),
+    ));
     let proxy = tokio::spawn(server::serve(
         proxy_listener,
         live_state,
@@ -213,6 +217,7 @@ pub async fn run_with_reload(
     let _ = flusher.await;
     let _ = feed.await;
     let _ = sweeper.await;
+    let _ = pool_sweeper.await;
     if let Some(echo) = echo {
         let _ = echo.await;
     }

@@ -541,3 +541,51 @@ async fn a_close_delimited_response_is_not_pooled() {
         gate.stop().await;
     }
 }
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_let_go_without_traffic() {
+    // Answers one request with a framed response, then, as an upstream's
+    // keep-alive timeout would, closes the idle connection and reports
+    // whether keygate closed its side too (no CLOSE-WAIT left behind).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                stream.write_all(response).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                stream.shutdown().await.unwrap();
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    for relay in [true, false] {
+        let gate = Gate::with_relay(addr, relay).await;
+        let request = format!(
+            "GET /idle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            gate.admin_token
+        );
+        let got = exchange(gate.proxy, &request, "ok").await;
+        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
+        tokio::time::timeout(Duration::from_secs(8), closed_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("relay {relay}: keygate kept the closed idle connection"));
+        gate.stop().await;
+    }
+}

@@ -58,7 +58,7 @@ use super::ProxyState;
 use deadline::Deadline;
 use framing::{parse_length, BadFraming, ChunkedScanner, Framing};
 
-pub use pool::IdlePool;
+pub use pool::{run_sweeper as run_pool_sweeper, IdlePool};
 pub use rewind::Rewind;
 
 /// Headers parsed per head; a request with more goes to hyper, which applies

@@ -4,7 +4,10 @@
 //! A connection comes back only after a complete exchange with nothing left
 //! unread. Taking one skips connections idle too long and those the upstream
 //! has closed or written to meanwhile (seen as read readiness, which costs no
-//! system call: the runtime already learned it from epoll).
+//! system call: the runtime already learned it from epoll). A sweeper drops
+//! such connections every [`SWEEP_EVERY`] too, so that an upstream's
+//! keep-alive timeout does not leave them in CLOSE-WAIT, holding a file
+//! descriptor each, until traffic happens to reach them.
 
 // A plain Mutex: held for a push or a pop, never across an await.
 #![allow(clippy::disallowed_types)]
@@ -13,13 +16,20 @@ use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
+
+use crate::proxy::ProxyState;
 
 /// How long an idle upstream connection is kept (the old client pool's
 /// setting, below common upstream keep-alive timeouts of 60 s or more).
 const IDLE_FOR: Duration = Duration::from_secs(90);
 /// Most idle connections kept per route.
 const MAX_IDLE: usize = 1024;
+/// How often idle connections are checked without traffic. A sweep locks
+/// each route's pool once and asks readiness of each connection, which the
+/// runtime already holds: no system call.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 pub struct IdlePool {
@@ -48,10 +58,40 @@ impl IdlePool {
         }
     }
 
+    /// Drops the connections [`IdlePool::take`] would skip: idle too long,
+    /// closed by the upstream or written to.
+    pub fn sweep(&self, now: Instant) {
+        self.lock().retain(|(stream, since)| {
+            now.saturating_duration_since(*since) < IDLE_FOR && is_quiet(stream)
+        });
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<(TcpStream, Instant)>> {
         self.idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Sweeps the current proxy state's pools every [`SWEEP_EVERY`] until
+/// `stopped`. (A state a reload replaced drops its pools with it.)
+pub async fn run_sweeper(
+    states: std::sync::Arc<ArcSwap<ProxyState>>,
+    stopped: impl std::future::Future,
+) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = every.tick() => {
+                let now = Instant::now();
+                for pool in &states.load().relay_pools {
+                    pool.sweep(now);
+                }
+            }
+        }
     }
 }
 
