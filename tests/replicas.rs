@@ -693,6 +693,102 @@ async fn store_outage_serves_cached_keys_then_recovers_without_restart() {
     replica.stop().await;
 }
 
+/// A store that stops answering without refusing (a table lock, a
+/// partition that drops packets) is an outage, not a hang: a cache miss
+/// gets `503 store_unavailable` once the read has waited its 2 s, on the
+/// relay and on hyper's path alike, and a cached key past its `ttl` is
+/// served from the cache, paying that wait once, not on every request.
+/// Before, the relay's request waited for the store however long it took
+/// (39 s behind a 40 s lock, with `request_timeout = "10s"`), hyper's path
+/// until `request_timeout` (then 408), and every request of a stale key
+/// waited 2 s through an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
+    )
+    .await;
+    // A client that gives up, so that a hang fails the test instead of
+    // holding it (and the lock) for good.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let h2 = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (_, cached) = shared.key().await;
+    let (_, unseen) = shared.key().await;
+    let (_, unseen_h2) = shared.key().await;
+    assert_eq!(replica.call(&client, &cached).await.0, 200);
+    // Past the ttl: the next request of the cached key reads the store.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Every read of api_keys now waits, as long as this transaction lasts.
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let bound = Duration::from_secs(4);
+    let timed = |started: Instant| {
+        let took = started.elapsed();
+        assert!(took < bound, "took {took:?} behind a stalled store");
+        took
+    };
+    let started = Instant::now();
+    assert_eq!(
+        replica.call(&client, &unseen).await,
+        (503, "store_unavailable".to_string()),
+        "relay: a miss the store does not answer"
+    );
+    let relay_miss = timed(started);
+    let started = Instant::now();
+    let response = h2
+        .get(format!("http://{}/work", replica.proxy))
+        .bearer_auth(&unseen_h2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "hyper's path: a miss");
+    let hyper_miss = timed(started);
+    // The stale key pays the store's timeout once at most, then is served
+    // from the cache while the store keeps failing.
+    let started = Instant::now();
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    timed(started);
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "a stale key waited {took:?} for a failing store"
+        );
+    }
+    println!("behind a stalled store: relay miss {relay_miss:?}, h2 miss {hyper_miss:?}");
+
+    // The store answers again: misses are read again within a second.
+    lock.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while replica.call(&client, &unseen).await.0 != 200 {
+        assert!(Instant::now() < deadline, "no recovery after the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_listener_is_backed_up_by_the_poll_and_reconnects() {
     let Some(shared) = Shared::create().await else {
