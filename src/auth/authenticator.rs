@@ -260,6 +260,20 @@ impl Authenticator {
         token: &ParsedToken,
         now: SystemTime,
     ) -> Result<Arc<VerifiedKey>, AuthError> {
+        self.verify_noting(token, now, &mut None).await
+    }
+
+    /// [`Self::verify`], noting in `verified` the key whose secret was
+    /// presented as soon as it has verified, so that a refusal that may
+    /// say more than `invalid_api_key` (disabled, expired, owner disabled,
+    /// API keys off) can be logged and counted under its key. Nothing is
+    /// noted for an unknown id or a wrong secret.
+    pub async fn verify_noting(
+        &self,
+        token: &ParsedToken,
+        now: SystemTime,
+        verified: &mut Option<Arc<VerifiedKey>>,
+    ) -> Result<Arc<VerifiedKey>, AuthError> {
         let presented = token.digest;
         // An unknown id comes back as a stand-in key of its own, whose
         // digest no secret hashes to: from here on both take exactly the
@@ -280,6 +294,7 @@ impl Authenticator {
         if !bool::from(accepted) {
             return Err(AuthError::Invalid);
         }
+        let key = verified.insert(key).clone();
         if key.disabled {
             return Err(AuthError::Disabled);
         }
