@@ -729,6 +729,9 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
     let (_, cached) = shared.key().await;
     let (_, unseen) = shared.key().await;
     let (_, unseen_h2) = shared.key().await;
+    // Cached once the feed has made its first read (which empties the
+    // cache).
+    in_step(&replica, &client, &shared).await;
     assert_eq!(replica.call(&client, &cached).await.0, 200);
     // Past the ttl: the next request of the cached key reads the store.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -787,6 +790,47 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     replica.stop().await;
+}
+
+/// Shutdown does not wait on a store that has stopped answering: the final
+/// usage flush (which reads `api_keys`) is given a few seconds, then
+/// keygate exits. Before, a stop behind a lock on `api_keys` waited for the
+/// lock (46 s for a 45 s lock), and behind a partition would have waited
+/// for TCP to give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_does_not_wait_on_a_store_that_stopped_answering() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let mut replica = Replica::start(&shared.db.url, upstream, true, "").await;
+    let client = reqwest::Client::new();
+    let (_, token) = shared.key().await;
+    // Cached once the feed has made its first read (which empties the
+    // cache).
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &token).await.0, 200);
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // Served from the cache; their usage flush (every 100 ms) now waits on
+    // the lock.
+    for _ in 0..3 {
+        assert_eq!(replica.call(&client, &token).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    let _ = replica.stop.take().map(|stop| stop.send(()));
+    let task = replica.task.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), task).await;
+    let took = stopping.elapsed();
+    lock.rollback().await.unwrap();
+    assert!(stopped.is_ok(), "still stopping after {took:?}");
+    // drain_timeout (1 s) and STORE_WIND_DOWN (5 s) at most, with room.
+    assert!(took < Duration::from_secs(9), "stopping took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
