@@ -780,7 +780,38 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
             "a stale key waited {took:?} for a failing store"
         );
     }
-    println!("behind a stalled store: relay miss {relay_miss:?}, h2 miss {hyper_miss:?}");
+    // Past the quiet second after a failure, one request asks the store
+    // again; the others meanwhile are served from the cache, not queued
+    // behind it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let probe = {
+        let (client, proxy, token) = (client.clone(), replica.proxy, cached.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let status = client
+                .get(format!("http://{proxy}/work"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("proxy answers")
+                .status();
+            (status, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "a stale key waited {took:?} behind another request's store read"
+    );
+    let (status, probe_took) = probe.await.unwrap();
+    assert_eq!(status, 200);
+    println!(
+        "behind a stalled store: relay miss {relay_miss:?}, h2 miss {hyper_miss:?}, \
+         probe {probe_took:?}, served meanwhile in {took:?}"
+    );
 
     // The store answers again: misses are read again within a second.
     lock.rollback().await.unwrap();

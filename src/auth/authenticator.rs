@@ -13,11 +13,12 @@
 //! the store is down they keep working until `ttl + stale_if_error`. A store
 //! read is given [`STORE_READ_TIMEOUT`]: a store that stops answering (a
 //! table lock, a network partition that drops packets) is an unavailable
-//! store, not a request held until the client gives up. For
-//! [`STORE_RETRY_AFTER`] after a failed read, a key past `ttl` is served as
-//! it is without asking the store again, so that through an outage where
-//! every read waits out its timeout, cached keys do not each pay that wait
-//! on every request. Every
+//! store, not a request held until the client gives up. Once a read has
+//! failed, a key past `ttl` is served as it is without asking the store,
+//! for [`STORE_RETRY_AFTER`] and while a later read (the probe of whether
+//! the store is back) is in flight, so that through an outage where every
+//! read waits out its timeout, cached keys do not each pay that wait on
+//! every request. Every
 //! change invalidates the affected ids at once, and bumps an epoch so that a
 //! lookup that was in flight during the change never caches what it read
 //! before it.
@@ -222,8 +223,8 @@ pub struct Authenticator {
     /// The account-wide switch (`apiKeysEnabled`).
     api_keys_enabled: AtomicBool,
     /// Until when (milliseconds after `started`) a key past `ttl` is served
-    /// without a store read, because a read has just failed; 0 when the
-    /// last read succeeded.
+    /// without a store read, because a read has just failed or a read made
+    /// after a failure is still waiting; 0 when the last read succeeded.
     store_failing_until: AtomicU64,
     /// The template of the stand-ins verified when an id is unknown.
     dummy: VerifiedKey,
@@ -318,6 +319,7 @@ impl Authenticator {
     async fn lookup(&self, id: &KeyId) -> Result<Arc<VerifiedKey>, AuthError> {
         let now = self.millis_since_start();
         let grace = duration_millis(self.settings.stale_if_error);
+        let failing_until = self.store_failing_until.load(Ordering::Relaxed);
         let stale = match self.cache.get(id) {
             Some(cached) if now < cached.fresh_until => {
                 self.metrics.cache_hits.inc();
@@ -327,7 +329,7 @@ impl Authenticator {
             // rather than wait for it to fail again.
             Some(cached)
                 if cached.key.real
-                    && now < self.store_failing_until.load(Ordering::Relaxed)
+                    && now < failing_until
                     && now < cached.fresh_until.saturating_add(grace) =>
             {
                 self.metrics.cache_hits.inc();
@@ -336,6 +338,14 @@ impl Authenticator {
             stale => stale,
         };
         self.metrics.cache_misses.inc();
+        if failing_until != 0 {
+            // The store failed the last read: this one finds out whether it
+            // is back. Until it is answered (or times out), and a moment
+            // more, other keys past their ttl do not queue behind it.
+            let probing = duration_millis(STORE_READ_TIMEOUT + STORE_RETRY_AFTER);
+            self.store_failing_until
+                .store(now.saturating_add(probing), Ordering::Relaxed);
+        }
         let epoch = self.epoch.load(Ordering::Acquire);
         let read = tokio::time::timeout(STORE_READ_TIMEOUT, self.store.find_key(id)).await;
         let read = match read {
