@@ -213,15 +213,37 @@ pub async fn run_with_reload(
     if let Some(reloader) = reloader {
         let _ = reloader.await;
     }
-    let _ = admin.await;
-    let _ = flusher.await;
-    let _ = feed.await;
-    let _ = sweeper.await;
     let _ = pool_sweeper.await;
     if let Some(echo) = echo {
         let _ = echo.await;
     }
-    // Last: the flusher has written the final usage counts.
-    store.close().await;
+    // What is left waits on the store: admin requests in flight, the final
+    // usage flush, the feed's and the sweeper's reads, closing the pool
+    // (which waits for every connection lent out). A store that has stopped
+    // answering (a partition that drops packets, a lock on a table) would
+    // hold the exit for as long as it lasts, so it gets STORE_WIND_DOWN; the
+    // usage not flushed by then is lost, and said so.
+    let wind_down = async {
+        let _ = admin.await;
+        let _ = flusher.await;
+        let _ = feed.await;
+        let _ = sweeper.await;
+        // Last: the flusher has written the final usage counts.
+        store.close().await;
+    };
+    if tokio::time::timeout(STORE_WIND_DOWN, wind_down)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?STORE_WIND_DOWN,
+            "the key store did not answer at shutdown; exiting without it (usage counted since the last flush may be lost)"
+        );
+    }
     Ok(())
 }
+
+/// How long, once the proxy has drained, the admin API, the final usage
+/// flush and the store's connections may take to finish before keygate
+/// exits without them.
+pub const STORE_WIND_DOWN: Duration = Duration::from_secs(5);

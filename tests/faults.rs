@@ -710,3 +710,48 @@ async fn sigkill_during_key_creation_leaves_no_half_created_key() {
         assert_eq!(r.status(), 200, "confirmed key {id} no longer works");
     }
 }
+
+/// The SQLite file deleted under a running keygate (a clean-up script, a
+/// volume remounted): SQLite goes on with the file it has open, so every
+/// admin change was confirmed (201) and then lost at the next start, which
+/// creates a new, empty store at the path, and `/readyz` said ready. Now
+/// changes are refused with 503 and `/readyz` says not ready until a
+/// restart; keys already cached keep verifying meanwhile.
+#[tokio::test]
+async fn a_deleted_store_file_refuses_changes_instead_of_losing_them() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder().upstream(upstream.addr).start().await;
+    let client = reqwest::Client::new();
+    let create = || {
+        client
+            .post(gate.admin_url("/api/v1/api-keys"))
+            .bearer_auth(&gate.admin_token)
+            .json(&create_body())
+            .send()
+    };
+    assert_eq!(create().await.unwrap().status(), 201);
+    let proxied = || {
+        client
+            .get(gate.proxy_url("/"))
+            .bearer_auth(&gate.admin_token)
+            .send()
+    };
+    assert_eq!(proxied().await.unwrap().status(), 200);
+    let ready = || client.get(gate.admin_url("/readyz")).send();
+    assert_eq!(ready().await.unwrap().status(), 200);
+
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = gate.db_path.clone().into_os_string();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
+    }
+    let refused = create().await.unwrap();
+    assert_eq!(
+        refused.status(),
+        503,
+        "a change written into a deleted file"
+    );
+    assert_eq!(ready().await.unwrap().status(), 503);
+    assert_eq!(proxied().await.unwrap().status(), 200, "a cached key");
+    gate.stop().await;
+}

@@ -178,3 +178,55 @@ async fn imported_tokens_are_refused_without_accept_imported() {
     assert_eq!(body["error"]["code"], "malformed_api_key");
     strict.stop().await;
 }
+
+/// An imported token's id is known before the import: a client may present
+/// it first and be refused (the id cached as unknown). The import is
+/// announced like a create, so a running keygate accepts the token within
+/// its change feed's poll, not after `negative_ttl` (here a minute; 2 s by
+/// default). Before, the import wrote no change at all.
+#[tokio::test]
+async fn an_import_reaches_a_keygate_that_saw_the_token_as_unknown() {
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra(
+            "[keys]\naccept_imported = true\n\
+             [cache]\nnegative_ttl = \"60s\"\npoll_interval = \"200ms\"",
+        )
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let token = &legacy_tokens(1)[0];
+    let status = |token: String| {
+        let client = client.clone();
+        let url = gate.proxy_url("/");
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Refused, and remembered as unknown, once the feed has started (its
+    // first read drops the whole cache, the negative entry with it).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(status(token.clone()).await, 401, "not imported yet");
+    let out = import(&gate, &format!("{token}\tmigrated\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported = std::time::Instant::now();
+    while status(token.clone()).await != 200 {
+        assert!(
+            imported.elapsed() < std::time::Duration::from_secs(5),
+            "the imported token was still refused 5 s after the import"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    gate.stop().await;
+}

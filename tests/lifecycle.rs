@@ -841,6 +841,89 @@ async fn access_log_lines_in_compact_and_json_formats() {
     }
 }
 
+/// A key whose secret verified but whose state refuses it (here disabled)
+/// is named in its access-log line and counted under its id, on both
+/// paths: the operator can tell which key is being refused. A wrong secret
+/// for the same id names nothing (it proves nothing about the id). Before,
+/// every 401 was logged without a key id, so `api_key_disabled` lines could
+/// not be traced to a key.
+#[tokio::test]
+async fn refusals_of_a_verified_key_name_it_in_the_access_log() {
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = format!("http1_relay = {relay}\n[log]\nformat = \"json\"");
+        let (config, proxy, admin) = write_config(dir.path(), upstream.addr, &extra);
+        let admin_key = bootstrap(&config);
+        let mut server = serve(&config, proxy, admin).await;
+        let client = reqwest::Client::new();
+        let api = format!("http://127.0.0.1:{admin}/api/v1/api-keys");
+        let expiry = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        )
+        .to_string();
+        let created: serde_json::Value = client
+            .post(&api)
+            .bearer_auth(&admin_key)
+            .json(&serde_json::json!({"spec": {"displayName": "d", "expiryTime": expiry}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = created["token"].as_str().unwrap().to_string();
+        let id = created["apiKey"]["id"].as_str().unwrap().to_string();
+        let owner = created["apiKey"]["spec"]["ownerId"].as_str().unwrap();
+        let disabled = client
+            .post(format!("{api}/{id}/disable"))
+            .bearer_auth(&admin_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(disabled.status(), 200);
+        let url = format!("http://127.0.0.1:{proxy}/refused");
+        let refused = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(refused.status(), 401);
+        // The same id with another (well-formed) secret.
+        let other = keygate::key::TokenFormat::new("kg")
+            .issue_secret(&keygate::key::KeyId::parse(&id).unwrap())
+            .0;
+        let wrong = client
+            .get(&url)
+            .bearer_auth(other.expose())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401);
+        let metrics = client
+            .get(format!("http://127.0.0.1:{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        signal(&server.child, "TERM");
+        let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+        assert!(status.success());
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .filter(|l| l.contains("keygate::access"))
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{logs}");
+        assert_eq!(lines[0]["refusal"], "api_key_disabled", "relay {relay}");
+        assert_eq!(lines[0]["key_id"], id.as_str(), "relay {relay}: {logs}");
+        assert_eq!(lines[0]["owner_id"], owner, "relay {relay}");
+        assert_eq!(lines[1]["refusal"], "invalid_api_key", "relay {relay}");
+        assert!(lines[1].get("key_id").is_none(), "relay {relay}: {logs}");
+        assert!(lines[1].get("owner_id").is_none(), "relay {relay}");
+        let series = format!("keygate_requests_total{{key_id=\"{id}\",owner_id=\"{owner}\",route=\"default\",status_class=\"4xx\"}} 1");
+        assert!(metrics.contains(&series), "relay {relay}: {metrics}");
+    }
+}
+
 /// A failed upstream is logged once per request at warn with its cause, on
 /// both paths: hyper's client error alone said "client error (Connect)".
 #[tokio::test]

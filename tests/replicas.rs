@@ -693,6 +693,177 @@ async fn store_outage_serves_cached_keys_then_recovers_without_restart() {
     replica.stop().await;
 }
 
+/// A store that stops answering without refusing (a table lock, a
+/// partition that drops packets) is an outage, not a hang: a cache miss
+/// gets `503 store_unavailable` once the read has waited its 2 s, on the
+/// relay and on hyper's path alike, and a cached key past its `ttl` is
+/// served from the cache, paying that wait once, not on every request.
+/// Before, the relay's request waited for the store however long it took
+/// (39 s behind a 40 s lock, with `request_timeout = "10s"`), hyper's path
+/// until `request_timeout` (then 408), and every request of a stale key
+/// waited 2 s through an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
+    )
+    .await;
+    // A client that gives up, so that a hang fails the test instead of
+    // holding it (and the lock) for good.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let h2 = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (_, cached) = shared.key().await;
+    let (_, unseen) = shared.key().await;
+    let (_, unseen_h2) = shared.key().await;
+    // Cached once the feed has made its first read (which empties the
+    // cache).
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &cached).await.0, 200);
+    // Past the ttl: the next request of the cached key reads the store.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // Every read of api_keys now waits, as long as this transaction lasts.
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let bound = Duration::from_secs(4);
+    let timed = |started: Instant| {
+        let took = started.elapsed();
+        assert!(took < bound, "took {took:?} behind a stalled store");
+        took
+    };
+    let started = Instant::now();
+    assert_eq!(
+        replica.call(&client, &unseen).await,
+        (503, "store_unavailable".to_string()),
+        "relay: a miss the store does not answer"
+    );
+    let relay_miss = timed(started);
+    let started = Instant::now();
+    let response = h2
+        .get(format!("http://{}/work", replica.proxy))
+        .bearer_auth(&unseen_h2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "hyper's path: a miss");
+    let hyper_miss = timed(started);
+    // The stale key pays the store's timeout once at most, then is served
+    // from the cache while the store keeps failing.
+    let started = Instant::now();
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    timed(started);
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "a stale key waited {took:?} for a failing store"
+        );
+    }
+    // Past the quiet second after a failure, one request asks the store
+    // again; the others meanwhile are served from the cache, not queued
+    // behind it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let probe = {
+        let (client, proxy, token) = (client.clone(), replica.proxy, cached.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let status = client
+                .get(format!("http://{proxy}/work"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("proxy answers")
+                .status();
+            (status, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "a stale key waited {took:?} behind another request's store read"
+    );
+    let (status, probe_took) = probe.await.unwrap();
+    assert_eq!(status, 200);
+    println!(
+        "behind a stalled store: relay miss {relay_miss:?}, h2 miss {hyper_miss:?}, \
+         probe {probe_took:?}, served meanwhile in {took:?}"
+    );
+
+    // The store answers again: misses are read again within a second.
+    lock.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while replica.call(&client, &unseen).await.0 != 200 {
+        assert!(Instant::now() < deadline, "no recovery after the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica.stop().await;
+}
+
+/// Shutdown does not wait on a store that has stopped answering: the final
+/// usage flush (which reads `api_keys`) is given a few seconds, then
+/// keygate exits. Before, a stop behind a lock on `api_keys` waited for the
+/// lock (46 s for a 45 s lock), and behind a partition would have waited
+/// for TCP to give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_does_not_wait_on_a_store_that_stopped_answering() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let mut replica = Replica::start(&shared.db.url, upstream, true, "").await;
+    let client = reqwest::Client::new();
+    let (_, token) = shared.key().await;
+    // Cached once the feed has made its first read (which empties the
+    // cache).
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &token).await.0, 200);
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // Served from the cache; their usage flush (every 100 ms) now waits on
+    // the lock.
+    for _ in 0..3 {
+        assert_eq!(replica.call(&client, &token).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    let _ = replica.stop.take().map(|stop| stop.send(()));
+    let task = replica.task.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), task).await;
+    let took = stopping.elapsed();
+    lock.rollback().await.unwrap();
+    assert!(stopped.is_ok(), "still stopping after {took:?}");
+    // drain_timeout (1 s) and STORE_WIND_DOWN (5 s) at most, with room.
+    assert!(took < Duration::from_secs(9), "stopping took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_listener_is_backed_up_by_the_poll_and_reconnects() {
     let Some(shared) = Shared::create().await else {

@@ -10,7 +10,15 @@
 //! disabled or expired. `examples/timing.rs` checks this statistically.
 //!
 //! Freshness: entries are trusted for `ttl`; past it they are re-read, and if
-//! the store is down they keep working until `ttl + stale_if_error`. Every
+//! the store is down they keep working until `ttl + stale_if_error`. A store
+//! read is given [`STORE_READ_TIMEOUT`]: a store that stops answering (a
+//! table lock, a network partition that drops packets) is an unavailable
+//! store, not a request held until the client gives up. Once a read has
+//! failed, a key past `ttl` is served as it is without asking the store,
+//! for [`STORE_RETRY_AFTER`] and while a later read (the probe of whether
+//! the store is back) is in flight, so that through an outage where every
+//! read waits out its timeout, cached keys do not each pay that wait on
+//! every request. Every
 //! change invalidates the affected ids at once, and bumps an epoch so that a
 //! lookup that was in flight during the change never caches what it read
 //! before it.
@@ -42,6 +50,18 @@ use crate::key::{Digest, KeyId, ParsedToken};
 use crate::store::{Access, KeyRecord, KeyStore, OwnerType, StoreError};
 use crate::telemetry::metrics::{KeyCounts, Metrics};
 use crate::telemetry::usage::{UsageCell, UsageSource};
+
+/// Longest wait for the store on a cache miss; past it the read counts as
+/// failed (a stale entry is served, else `503 store_unavailable`). The
+/// same as the PostgreSQL pool's wait for a connection, so an outage is
+/// answered in the same time whichever of the two it hits.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// After a failed store read, how long keys past `ttl` are served from the
+/// cache (within `stale_if_error`) without asking the store first. Short,
+/// so that a store that is back is read again within a second; misses
+/// (unknown ids) still ask the store meanwhile.
+pub const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Why verification failed. `Invalid` covers both an unknown id and a wrong
 /// secret, so the answer never reveals which ids exist.
@@ -202,6 +222,10 @@ pub struct Authenticator {
     epoch: AtomicU64,
     /// The account-wide switch (`apiKeysEnabled`).
     api_keys_enabled: AtomicBool,
+    /// Until when (milliseconds after `started`) a key past `ttl` is served
+    /// without a store read, because a read has just failed or a read made
+    /// after a failure is still waiting; 0 when the last read succeeded.
+    store_failing_until: AtomicU64,
     /// The template of the stand-ins verified when an id is unknown.
     dummy: VerifiedKey,
     /// Cache hit/miss and store error counters.
@@ -225,6 +249,7 @@ impl Authenticator {
             settings,
             epoch: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
+            store_failing_until: AtomicU64::new(0),
             dummy: dummy_key(),
             metrics,
         }
@@ -235,6 +260,20 @@ impl Authenticator {
         &self,
         token: &ParsedToken,
         now: SystemTime,
+    ) -> Result<Arc<VerifiedKey>, AuthError> {
+        self.verify_noting(token, now, &mut None).await
+    }
+
+    /// [`Self::verify`], noting in `verified` the key whose secret was
+    /// presented as soon as it has verified, so that a refusal that may
+    /// say more than `invalid_api_key` (disabled, expired, owner disabled,
+    /// API keys off) can be logged and counted under its key. Nothing is
+    /// noted for an unknown id or a wrong secret.
+    pub async fn verify_noting(
+        &self,
+        token: &ParsedToken,
+        now: SystemTime,
+        verified: &mut Option<Arc<VerifiedKey>>,
     ) -> Result<Arc<VerifiedKey>, AuthError> {
         let presented = token.digest;
         // An unknown id comes back as a stand-in key of its own, whose
@@ -256,6 +295,7 @@ impl Authenticator {
         if !bool::from(accepted) {
             return Err(AuthError::Invalid);
         }
+        let key = verified.insert(key).clone();
         if key.disabled {
             return Err(AuthError::Disabled);
         }
@@ -278,17 +318,71 @@ impl Authenticator {
     /// The key for an id, or the dummy key if there is none.
     async fn lookup(&self, id: &KeyId) -> Result<Arc<VerifiedKey>, AuthError> {
         let now = self.millis_since_start();
+        let grace = duration_millis(self.settings.stale_if_error);
+        let failing_until = self.store_failing_until.load(Ordering::Relaxed);
         let stale = match self.cache.get(id) {
             Some(cached) if now < cached.fresh_until => {
+                self.metrics.cache_hits.inc();
+                return Ok(cached.key);
+            }
+            // The store has just failed a read: serve what is still usable
+            // rather than wait for it to fail again.
+            Some(cached)
+                if cached.key.real
+                    && now < failing_until
+                    && now < cached.fresh_until.saturating_add(grace) =>
+            {
                 self.metrics.cache_hits.inc();
                 return Ok(cached.key);
             }
             stale => stale,
         };
         self.metrics.cache_misses.inc();
+        if failing_until != 0 {
+            // The store failed the last read: this one finds out whether it
+            // is back. Until it is answered (or times out), and a moment
+            // more, other keys past their ttl do not queue behind it.
+            let probing = duration_millis(STORE_READ_TIMEOUT + STORE_RETRY_AFTER);
+            self.store_failing_until
+                .store(now.saturating_add(probing), Ordering::Relaxed);
+        }
         let epoch = self.epoch.load(Ordering::Acquire);
-        match self.store.find_key(id).await {
-            Ok(Some(record)) => {
+        let read = tokio::time::timeout(STORE_READ_TIMEOUT, self.store.find_key(id)).await;
+        let read = match read {
+            Ok(Ok(found)) => {
+                if self.store_failing_until.load(Ordering::Relaxed) != 0 {
+                    self.store_failing_until.store(0, Ordering::Relaxed);
+                }
+                found
+            }
+            failed => {
+                self.metrics.store_errors.inc();
+                match failed {
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, key_id = %id, "key store lookup failed");
+                    }
+                    _ => tracing::warn!(
+                        key_id = %id,
+                        timeout = ?STORE_READ_TIMEOUT,
+                        "key store lookup timed out"
+                    ),
+                }
+                let retry_at = self
+                    .millis_since_start()
+                    .saturating_add(duration_millis(STORE_RETRY_AFTER));
+                self.store_failing_until.store(retry_at, Ordering::Relaxed);
+                return match stale {
+                    Some(cached)
+                        if cached.key.real && now < cached.fresh_until.saturating_add(grace) =>
+                    {
+                        Ok(cached.key)
+                    }
+                    _ => Err(AuthError::StoreUnavailable),
+                };
+            }
+        };
+        match read {
+            Some(record) => {
                 let owner = self.shared_owner(&record);
                 let key = Arc::new(VerifiedKey::with_owner(record, owner));
                 let fresh_until = now.saturating_add(duration_millis(self.settings.ttl));
@@ -302,7 +396,7 @@ impl Authenticator {
                 );
                 Ok(key)
             }
-            Ok(None) => {
+            None => {
                 let fresh_until = now.saturating_add(duration_millis(self.settings.negative_ttl));
                 let stand_in = Arc::new(self.stand_in(id));
                 self.fill(
@@ -314,19 +408,6 @@ impl Authenticator {
                     epoch,
                 );
                 Ok(stand_in)
-            }
-            Err(error) => {
-                self.metrics.store_errors.inc();
-                tracing::warn!(%error, key_id = %id, "key store lookup failed");
-                let grace = duration_millis(self.settings.stale_if_error);
-                match stale {
-                    Some(cached)
-                        if cached.key.real && now < cached.fresh_until.saturating_add(grace) =>
-                    {
-                        Ok(cached.key)
-                    }
-                    _ => Err(AuthError::StoreUnavailable),
-                }
             }
         }
     }

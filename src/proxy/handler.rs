@@ -224,8 +224,9 @@ async fn pipeline<'s>(
 }
 
 /// Steps 3 and 4, shared with forward-auth and the relay: verifies the
-/// credential at `now` (noting the key in `key_seen` for the access log even
-/// when authorization then fails), checks the route's namespace and
+/// credential at `now` (noting the key in `key_seen` for the access log and
+/// the per-key metrics once its secret has verified, even when its state or
+/// authorization then refuses it), checks the route's namespace and
 /// permission (without a route, a valid key is enough), then counts the
 /// request against the key's rate limit when one is configured.
 pub(super) async fn authenticate(
@@ -236,8 +237,12 @@ pub(super) async fn authenticate(
     now: SystemTime,
     key_seen: &mut Option<Arc<VerifiedKey>>,
 ) -> Result<Arc<VerifiedKey>, ProxyError> {
-    let key = state.authenticator.verify(&credential.token, now).await?;
-    *key_seen = Some(key.clone());
+    // The key is noted once its secret has verified, so a refusal for its
+    // state (disabled, expired, ...) is logged and counted under it too.
+    let key = state
+        .authenticator
+        .verify_noting(&credential.token, now, key_seen)
+        .await?;
     let required = required_permission(method, route.and_then(|r| r.permission));
     authorize(&key, route.and_then(|r| r.namespace.as_deref()), required)?;
     if let Some(limiter) = &state.rate_limiter {

@@ -14,6 +14,8 @@
 //! provides:
 //!
 //! - `fn begin(&self) -> Result<Transaction<'static, DB>, StoreError>` (async)
+//! - `still_there(&self) -> Result<(), StoreError>`, checked by `ping`
+//!   (the SQLite file may have been deleted under the process)
 //! - `close_pools(&self)`, `keys_that_exist(&self, &[KeyId])`,
 //!   `add_usage(&self, &[UsageDelta])` and `change_subscription(&self)`
 //!   (async), the trait's `close`, `existing_keys`, `record_usage` and
@@ -29,6 +31,7 @@ macro_rules! sql_key_store {
             }
 
             async fn ping(&self) -> Result<(), StoreError> {
+                self.still_there()?;
                 sqlx::query("SELECT 1").execute(&self.$reads).await?;
                 Ok(())
             }

@@ -34,6 +34,40 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// The single writer connection: serialises every change.
     writer: SqlitePool,
+    /// The database file as opened, to notice it deleted or replaced under
+    /// the running process ([`SqliteStore::still_there`]).
+    file: OpenedFile,
+}
+
+/// A database file's path and identity (device and inode) when opened.
+/// SQLite goes on reading and writing the file it opened whatever happens
+/// to its name: after a `rm keygate.db` (a clean-up script, a volume
+/// remounted) or a backup copied over it, every change would be confirmed
+/// and then lost at the next start, which opens whatever the path names.
+struct OpenedFile {
+    path: std::path::PathBuf,
+    /// `None` where the identity cannot be read (not Unix): not checked.
+    identity: Option<(u64, u64)>,
+}
+
+impl OpenedFile {
+    fn of(path: &std::path::Path) -> OpenedFile {
+        OpenedFile {
+            path: path.to_path_buf(),
+            identity: file_identity(path),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(_: &std::path::Path) -> Option<(u64, u64)> {
+    None
 }
 
 impl SqliteStore {
@@ -87,11 +121,16 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StoreError::Corrupt(format!("migration failed: {e}")))?;
+        let file = OpenedFile::of(options.get_filename());
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(SqliteStore { reader, writer })
+        Ok(SqliteStore {
+            reader,
+            writer,
+            file,
+        })
     }
 
     /// The database file a `sqlite:` URL names; `None` when the URL cannot
@@ -148,7 +187,28 @@ impl SqliteStore {
         Ok(closed?)
     }
 
+    /// Fails when the database file this store opened is no longer the
+    /// one its path names (deleted, or replaced by another file): changes
+    /// written now would be lost at the next start, so writes are refused
+    /// and `/readyz` says not ready until keygate is restarted.
+    fn still_there(&self) -> Result<(), StoreError> {
+        let Some(opened) = self.file.identity else {
+            return Ok(());
+        };
+        if file_identity(&self.file.path) == Some(opened) {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(sqlx::Error::Io(
+            std::io::Error::other(format!(
+                "the database file {} was deleted or replaced while keygate ran; \
+             restart keygate to open what is there now",
+                self.file.path.display()
+            )),
+        )))
+    }
+
     async fn begin(&self) -> Result<Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.still_there()?;
         match self.writer.begin_with("BEGIN IMMEDIATE").await {
             // When SQLite rolls a transaction back by itself (SQLITE_FULL or
             // an I/O error during COMMIT), sqlx's own transaction depth stays

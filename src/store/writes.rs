@@ -414,6 +414,14 @@ where
             let kind = owner_type.as_str();
             Self::audit(&mut *tx, actor, "api-key.import", kind, owner_id, detail).await?;
         }
+        // Announced as a create is: an imported token's id is known before
+        // the import (its clients may already be presenting it), so a
+        // running keygate may remember it as unknown. One change per batch
+        // keeps each row's list of ids small.
+        for batch in keys.chunks(IMPORT_BATCH) {
+            let ids: Vec<KeyId> = batch.iter().map(|key| key.id).collect();
+            DB::record_change(&mut tx, &ids, false).await?;
+        }
         tx.commit().await?;
         Ok(keys.len() as u64)
     }

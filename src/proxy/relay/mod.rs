@@ -275,17 +275,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             route: Some(plan.route),
             ..Outcome::default()
         };
+        // request_timeout: from the head to the response head (timeouts.rs
+        // documents it for both paths); it covers a store read on a cache
+        // miss too, as on hyper's path.
+        let request_deadline = Instant::from_std(started) + state.request_timeout;
         let verified = match &plan.credential {
             Ok(credential) => {
-                authenticate(
+                let verifying = authenticate(
                     state,
                     credential,
                     &plan.method,
                     Some(plan.route),
                     now,
                     &mut outcome.key,
-                )
-                .await
+                );
+                self.timer
+                    .run(request_deadline, verifying)
+                    .await
+                    .unwrap_or(Err(ProxyError::RequestTimeout))
             }
             Err(error) => Err(ProxyError::from(*error)),
         };
@@ -296,9 +303,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     .write_identity(&mut self.out, &key, plan.route);
                 let upstream_started = std::time::Instant::now();
                 outcome.upstream_started = Some(upstream_started);
-                // request_timeout: from the head to the response head
-                // (timeouts.rs documents it for both paths).
-                let request_deadline = Instant::from_std(started) + state.request_timeout;
                 let clock = Clock {
                     wall: now,
                     upstream_started,
