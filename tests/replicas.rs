@@ -1003,3 +1003,58 @@ async fn postgresql_scheme_and_config_validation() {
         "postgres://keygate@db/keygate"
     );
 }
+
+/// The admin API's requests are bounded as the proxy's are. Behind a lock
+/// on api_keys, a listing waited as long as the lock lasted; now it answers
+/// `503 store_unavailable` within `ADMIN_REQUEST_TIMEOUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(&shared.db.url, upstream, true, "").await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let list = || {
+        client
+            .get(format!("http://{}/api/v1/api-keys", replica.admin))
+            .bearer_auth(&shared.admin_token)
+            .send()
+    };
+    // Once the feed has made its first read (which empties the cache), one
+    // listing caches the admin's key, so that what waits below is the
+    // listing itself, not the caller's authentication.
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(list().await.unwrap().status(), 200);
+
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = list().await;
+    let took = started.elapsed();
+    let ready = client
+        .get(format!("http://{}/readyz", replica.admin))
+        .send()
+        .await
+        .map(|r| r.status());
+    lock.rollback().await.unwrap();
+    let answer = answer.unwrap_or_else(|e| panic!("no answer after {took:?}: {e}"));
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(
+        took < keygate::admin::ADMIN_REQUEST_TIMEOUT + Duration::from_secs(2),
+        "took {took:?}"
+    );
+    // A lock on one table leaves the store able to answer a ping.
+    assert_eq!(ready.unwrap(), 200);
+    // The lock gone, the API answers again.
+    assert_eq!(list().await.unwrap().status(), 200);
+}

@@ -15,10 +15,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
@@ -37,7 +39,7 @@ pub mod service_accounts;
 pub mod settings;
 pub mod users;
 
-use crate::auth::{Authenticator, CredentialExtractor};
+use crate::auth::{Authenticator, CredentialExtractor, STORE_READ_TIMEOUT};
 use crate::key::TokenFormat;
 use crate::store::KeyStore;
 use crate::telemetry::metrics::Metrics;
@@ -63,7 +65,8 @@ pub fn router(state: AdminState) -> Router {
         .fold(Router::new(), |r, (path, methods)| r.route(path, methods))
         .route("/api/v1/openapi.json", get(openapi_json))
         // Past the limit a body is refused with 413 before it is read whole.
-        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(within_request_timeout));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -100,6 +103,26 @@ async fn not_found() -> error::AdminError {
     error::AdminError::NotFound("no such endpoint; see /api/v1/openapi.json".into())
 }
 
+/// Longest an admin API request may take to answer. Nearly all of it is the
+/// store's: behind a lock on a table or a partition that drops packets, a
+/// request would otherwise be held as long as the outage lasts. Past it the
+/// answer is `503 store_unavailable`, as the proxy answers a key it cannot
+/// read. Dropping the handler rolls back a PostgreSQL transaction in
+/// progress; a write SQLite's writer thread has already begun still
+/// commits, so, as after any timeout, the caller re-reads before retrying.
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn within_request_timeout(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    match tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(%method, %path, timeout = ?ADMIN_REQUEST_TIMEOUT, "admin API: no answer from the key store in time");
+            error::AdminError::Unavailable.into_response()
+        }
+    }
+}
+
 /// Serves the admin listener until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -119,16 +142,17 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(error) => {
-            tracing::warn!(%error, "not ready: key store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: key store unreachable\n",
-            )
-        }
-    }
+    // A store that does not answer is as unready as one that refuses.
+    let reason = match tokio::time::timeout(STORE_READ_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => return (StatusCode::OK, "ready\n"),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {STORE_READ_TIMEOUT:?}"),
+    };
+    tracing::warn!(%reason, "not ready: key store unreachable");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready: key store unreachable\n",
+    )
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
