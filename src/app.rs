@@ -176,7 +176,10 @@ pub async fn run_with_reload(
         store.clone(),
         queue,
         config.usage.flush_interval,
-        metrics.usage_dropped.clone(),
+        usage::FlushCounters {
+            failures: metrics.usage_flush_failures.clone(),
+            dropped: metrics.usage_dropped.clone(),
+        },
         stopped(),
     ));
     // Drops keys changed by other replicas from this one's cache.

@@ -74,8 +74,10 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Request and response body bytes, by direction.
     bytes: IntCounterVec,
-    /// Usage records dropped because the store refused the flush.
+    /// Requests whose usage count was dropped (see `usage::run_flusher`).
     pub usage_dropped: IntCounter,
+    /// Usage flushes the store refused (their counts are retried).
+    pub usage_flush_failures: IntCounter,
     /// Time from a key change to its cache invalidation here.
     pub invalidation_delay: Histogram,
 }
@@ -305,7 +307,12 @@ impl Metrics {
         .expect("valid metric");
         let usage_dropped = IntCounter::new(
             "keygate_usage_dropped_total",
-            "Per-key usage counts dropped because the store refused the flush.",
+            "Requests whose usage count was dropped because the store refused its flushes.",
+        )
+        .expect("valid metric");
+        let usage_flush_failures = IntCounter::new(
+            "keygate_usage_flush_failures_total",
+            "Usage flushes the store refused; their counts are tried again with the next flush.",
         )
         .expect("valid metric");
         let invalidation_delay = Histogram::with_opts(
@@ -329,6 +336,7 @@ impl Metrics {
             Box::new(store_errors.clone()),
             Box::new(bytes.clone()),
             Box::new(usage_dropped.clone()),
+            Box::new(usage_flush_failures.clone()),
             Box::new(invalidation_delay.clone()),
         ] {
             registry
@@ -348,6 +356,7 @@ impl Metrics {
             store_errors,
             bytes,
             usage_dropped,
+            usage_flush_failures,
             invalidation_delay,
         }
     }

@@ -66,9 +66,11 @@ impl UsageRecorder {
 }
 
 impl UsageQueue {
-    /// Takes everything counted since the last call, one delta per key.
-    pub fn drain(&mut self) -> Vec<UsageDelta> {
-        let mut batch: HashMap<KeyId, UsageDelta> = HashMap::new();
+    /// Takes everything counted since the last call, one delta per key,
+    /// added to `carried` (what a failed flush left to try again).
+    pub fn drain(&mut self, carried: Vec<UsageDelta>) -> Vec<UsageDelta> {
+        let mut batch: HashMap<KeyId, UsageDelta> =
+            carried.into_iter().map(|delta| (delta.id, delta)).collect();
         while let Ok(source) = self.0.try_recv() {
             take(&mut batch, source.usage_id(), source.usage_cell());
         }
@@ -94,34 +96,67 @@ fn take(batch: &mut HashMap<KeyId, UsageDelta>, id: KeyId, cell: &UsageCell) {
     delta.last_used = delta.last_used.max(last_used);
 }
 
+/// Most keys whose counts a failed flush keeps for the next one. An outage
+/// longer than a few flushes with this many keys in use drops the counts
+/// rather than let them grow without bound.
+const MAX_CARRIED_KEYS: usize = 100_000;
+
+/// What the flusher counts about itself.
+#[derive(Clone)]
+pub struct FlushCounters {
+    /// Flushes the store refused.
+    pub failures: IntCounter,
+    /// Requests whose counts were given up.
+    pub dropped: IntCounter,
+}
+
 /// Flushes usage every `interval` until `shutdown` resolves, then once more.
-/// A failed flush is logged and its counts dropped: usage is best-effort and
-/// must never hold traffic up.
+/// A failed flush is logged, counted, and its counts are tried again with
+/// the next one (a store write lock held by another process, a short
+/// outage), up to [`MAX_CARRIED_KEYS`] keys; past that, and at the last
+/// flush, they are dropped and counted. Usage is best-effort and never
+/// holds traffic up.
 pub async fn run_flusher(
     store: Arc<dyn KeyStore>,
     mut queue: UsageQueue,
     interval: Duration,
-    dropped: IntCounter,
+    counters: FlushCounters,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     let mut stopping = false;
+    let mut carried = Vec::new();
     while !stopping {
         tokio::select! {
             _ = &mut shutdown => stopping = true,
             _ = tokio::time::sleep(interval) => {}
         }
-        let batch = queue.drain();
-        flush(&*store, &batch, &dropped).await;
+        let batch = queue.drain(carried);
+        let failed = flush(&*store, &batch).await;
+        if failed.is_some() {
+            counters.failures.inc();
+        }
+        carried = match failed {
+            None => Vec::new(),
+            Some(error) if !stopping && batch.len() <= MAX_CARRIED_KEYS => {
+                tracing::warn!(%error, keys = batch.len(), "usage flush failed; its counts are kept for the next flush");
+                batch
+            }
+            Some(error) => {
+                let requests: u64 = batch.iter().map(|delta| delta.requests).sum();
+                tracing::warn!(%error, keys = batch.len(), requests, "usage flush failed; these counts are dropped");
+                counters.dropped.inc_by(requests);
+                Vec::new()
+            }
+        };
     }
 }
 
-async fn flush(store: &dyn KeyStore, batch: &[UsageDelta], dropped: &IntCounter) {
+/// Writes one batch; the store's error if it failed (the batch is one
+/// transaction, so nothing of it was written).
+async fn flush(store: &dyn KeyStore, batch: &[UsageDelta]) -> Option<crate::store::StoreError> {
     if batch.is_empty() {
-        return;
+        return None;
     }
-    if let Err(error) = store.record_usage(batch).await {
-        tracing::warn!(%error, keys = batch.len(), "usage flush failed; these counts are dropped");
-        dropped.inc_by(batch.len() as u64);
-    }
+    store.record_usage(batch).await.err()
 }
