@@ -669,3 +669,35 @@ async fn a_client_stream_longer_than_request_timeout_gets_deadline_exceeded() {
     );
     gate.stop().await;
 }
+
+/// gRPC-web carries its trailers in the body so that it works over
+/// HTTP/1.1: with `upstream_protocol = "auto"` it goes to the upstream over
+/// HTTP/1.1, and gRPC over h2c. (gRPC-web went over h2c too, which an
+/// upstream serving gRPC-web over HTTP/1.1 only cannot answer.)
+#[tokio::test]
+async fn grpc_web_goes_upstream_over_http1_and_grpc_over_h2c() {
+    let upstream = support::RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream.addr, relay).await;
+        let client = reqwest::Client::new();
+        for (content_type, version) in [
+            ("application/grpc-web+proto", http::Version::HTTP_11),
+            ("application/grpc-web-text", http::Version::HTTP_11),
+            ("application/grpc", http::Version::HTTP_2),
+        ] {
+            let response = client
+                .post(gate.proxy_url("/pkg.Service/Call"))
+                .bearer_auth(&gate.admin_token)
+                .header("content-type", content_type)
+                .body(vec![0u8, 0, 0, 0, 0])
+                .send()
+                .await
+                .unwrap();
+            let context = format!("relay {relay}, {content_type}");
+            assert_eq!(response.status(), 200, "{context}");
+            let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(seen.version, version, "{context}");
+        }
+        gate.stop().await;
+    }
+}

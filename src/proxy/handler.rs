@@ -204,7 +204,9 @@ async fn pipeline<'s>(
     });
     let mut response = state
         .upstream
-        .forward(&route.upstream, req, client.is_grpc())
+        // gRPC needs HTTP/2 for its trailers; gRPC-web carries them in the
+        // body so that it works over HTTP/1.1, and goes to the upstream so.
+        .forward(&route.upstream, req, client == Dialect::Grpc)
         .await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only a request that asked to upgrade may be answered so (RFC 9110
