@@ -292,22 +292,33 @@ pub fn check_url(url: &str) -> Result<(), String> {
             }
         }
         Some("postgres" | "postgresql") => {
-            // sqlx takes `password` but not libpq's `sslpassword` (an
-            // encrypted client key): it would be ignored, and logged with
-            // its value as an unrecognized parameter.
+            // sqlx ignores a parameter it does not know, and logs it with its
+            // value, which may be a secret (libpq's `sslpassword`, a
+            // misspelt `password`); libpq's others (`connect_timeout`,
+            // `target_session_attrs`) would silently not apply. So only
+            // what sqlx takes passes, and the refusal names the parameter,
+            // never its value.
             let query = url.split_once('?').map_or("", |(_, query)| query);
-            for pair in query.split('&') {
+            for pair in query.split('&').filter(|pair| !pair.is_empty()) {
                 let name = form_urlencoded::parse(pair.as_bytes())
                     .next()
                     .map(|(name, _)| name.into_owned())
                     .unwrap_or_default();
-                if names_a_password(pair) && name != "password" {
+                if is_postgres_parameter(&name) {
+                    continue;
+                }
+                if names_a_password(pair) {
                     return Err(format!(
                         "the {name:?} parameter is not supported: use an unencrypted \
                          client key (sslkey), or the password in the URL's userinfo or \
                          the `password` parameter"
                     ));
                 }
+                return Err(format!(
+                    "the {name:?} parameter is not supported; the PostgreSQL driver takes \
+                     {}",
+                    POSTGRES_PARAMETERS.join(", ")
+                ));
             }
             // After that check: sqlx logs what it ignores, values included.
             sqlx::postgres::PgConnectOptions::from_str(url).map_err(refused)?;
@@ -315,6 +326,33 @@ pub fn check_url(url: &str) -> Result<(), String> {
         _ => return Err("the scheme must be sqlite:, postgres: or postgresql:".into()),
     }
     Ok(())
+}
+
+/// The query parameters sqlx's PostgreSQL driver reads from a URL (its
+/// `options/parse.rs`), besides `options[NAME]`.
+const POSTGRES_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+fn is_postgres_parameter(name: &str) -> bool {
+    POSTGRES_PARAMETERS.contains(&name) || (name.starts_with("options[") && name.ends_with(']'))
 }
 
 /// The store URL as it may be logged: any password replaced by `***`, the
@@ -423,5 +461,33 @@ mod tests {
             "{rule}"
         );
         check_url("postgres://u@h/db?password=hunter2secret&sslmode=prefer").expect("password");
+    }
+
+    #[test]
+    fn parameters_the_driver_would_ignore_are_refused_by_name() {
+        for (url, name) in [
+            // Misspelt: sqlx would log it, value included.
+            ("postgres://u@h/db?pasword=hunter2secret", "pasword"),
+            ("postgres://u@h/db?PASSWORD=hunter2secret", "PASSWORD"),
+            // libpq's, which sqlx would silently not apply.
+            ("postgres://u@h/db?connect_timeout=5", "connect_timeout"),
+            (
+                "postgres://u@h/db?sslmode=require&target_session_attrs=read-write",
+                "target_session_attrs",
+            ),
+        ] {
+            let rule = check_url(url).unwrap_err();
+            assert!(
+                rule.contains(&format!("{name:?}")) && !rule.contains("hunter2secret"),
+                "{url}: {rule}"
+            );
+        }
+        for url in [
+            "postgres://u@h/db?sslmode=require&application_name=kg&statement-cache-capacity=10",
+            "postgresql://h/db?user=u&options[search_path]=keygate&host=10.0.0.1&port=5433",
+            "postgres://u@h/db?",
+        ] {
+            check_url(url).unwrap_or_else(|rule| panic!("{url}: {rule}"));
+        }
     }
 }
