@@ -493,99 +493,93 @@ async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
     }
 }
 
+/// An upstream that answers each connection's first request with
+/// `response`, closes its write side `after` that, and reports on the
+/// returned channel once keygate has closed its own side too.
+async fn closing_upstream(
+    response: &'static [u8],
+    after: Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                stream.write_all(response).await.unwrap();
+                tokio::time::sleep(after).await;
+                stream.shutdown().await.unwrap();
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+/// Sends one GET for `path` through a gate on `upstream`, relay on and off,
+/// and waits up to `within` for the upstream to see keygate close the
+/// connection: `until` ends the response.
+async fn keygate_lets_go(
+    upstream: SocketAddr,
+    closed: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    path: &str,
+    until: &str,
+    within: Duration,
+) {
+    for relay in [true, false] {
+        let gate = Gate::with_relay(upstream, relay).await;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            gate.admin_token
+        );
+        let got = exchange(gate.proxy, &request, until).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
+        tokio::time::timeout(within, closed.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("relay {relay}: keygate kept the connection the upstream closed")
+            });
+        gate.stop().await;
+    }
+}
+
 /// A close-delimited response ends its connection: keygate closes its side
 /// once the body has ended, and does not keep it in the pool (where it
 /// would sit in CLOSE-WAIT until the next request found it closed).
 #[tokio::test]
 async fn a_close_delimited_response_is_not_pooled() {
-    // Writes a response without framing, closes its write side, and
-    // reports whether keygate then closed its own.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while find(&head, b"\r\n\r\n").is_none() {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end";
-                stream.write_all(response).await.unwrap();
-                stream.shutdown().await.unwrap();
-                while let Ok(n) = stream.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let _ = closed_tx.send(());
-            });
-        }
-    });
-    for relay in [true, false] {
-        let gate = Gate::with_relay(addr, relay).await;
-        let request = format!(
-            "GET /close HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-            gate.admin_token
-        );
-        let got = exchange(gate.proxy, &request, "until the end").await;
-        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
-        tokio::time::timeout(Duration::from_secs(3), closed_rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("relay {relay}: keygate kept the closed connection"));
-        gate.stop().await;
-    }
+    let response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end";
+    let (upstream, mut closed) = closing_upstream(response, Duration::ZERO).await;
+    keygate_lets_go(
+        upstream,
+        &mut closed,
+        "/close",
+        "until the end",
+        Duration::from_secs(3),
+    )
+    .await;
 }
 
+/// An idle pooled connection the upstream closes (its keep-alive timeout)
+/// is let go by the pool's sweeper, without waiting for traffic to find it
+/// closed: no CLOSE-WAIT socket is left behind.
 #[tokio::test]
 async fn idle_connections_the_upstream_closed_are_let_go_without_traffic() {
-    // Answers one request with a framed response, then, as an upstream's
-    // keep-alive timeout would, closes the idle connection and reports
-    // whether keygate closed its side too (no CLOSE-WAIT left behind).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while find(&head, b"\r\n\r\n").is_none() {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                stream.write_all(response).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                stream.shutdown().await.unwrap();
-                while let Ok(n) = stream.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let _ = closed_tx.send(());
-            });
-        }
-    });
-    for relay in [true, false] {
-        let gate = Gate::with_relay(addr, relay).await;
-        let request = format!(
-            "GET /idle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-            gate.admin_token
-        );
-        let got = exchange(gate.proxy, &request, "ok").await;
-        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
-        tokio::time::timeout(Duration::from_secs(8), closed_rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("relay {relay}: keygate kept the closed idle connection"));
-        gate.stop().await;
-    }
+    let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (upstream, mut closed) = closing_upstream(response, Duration::from_millis(200)).await;
+    keygate_lets_go(upstream, &mut closed, "/idle", "ok", Duration::from_secs(8)).await;
 }
