@@ -829,3 +829,43 @@ fn every_subcommand_has_its_own_description() {
     // 10 commands, and 28 subcommands of the six groups.
     assert!(seen >= 38, "only {seen} subcommands walked");
 }
+
+/// A local command that cannot open a PostgreSQL store given by `--store`
+/// names the store without its password, as the server's log does: the
+/// error goes to a terminal or a CI log.
+#[test]
+fn local_commands_do_not_echo_a_store_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("keys.tsv");
+    std::fs::write(&tsv, "kg_legacyZx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe\tone\n").unwrap();
+    let tsv = tsv.to_str().unwrap();
+    // Port 1 on loopback refuses at once; the pool gives up after its timeout.
+    for url in [
+        "postgres://user:hunter2secret@127.0.0.1:1/keygate",
+        "postgres://user@127.0.0.1:1/keygate?password=hunter2secret",
+    ] {
+        for args in [
+            vec!["bootstrap", "--email", "a@example.com", "--store", url],
+            vec![
+                "apikey",
+                "import",
+                "--tsv",
+                tsv,
+                "--owner-email",
+                "a@example.com",
+                "--store",
+                url,
+            ],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+                .args(&args)
+                .output()
+                .expect("run keygate");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(69), "{args:?}: {stderr}");
+            assert!(stderr.contains("cannot open the key store"), "{stderr}");
+            assert!(stderr.contains("***"), "{stderr}");
+            assert!(!stderr.contains("hunter2secret"), "{args:?}: {stderr}");
+        }
+    }
+}

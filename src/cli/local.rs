@@ -6,10 +6,15 @@ use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, Boo
 use crate::key::TokenFormat;
 use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore};
 
+/// The URL is shown as the server logs it: a `--store` URL may carry a
+/// PostgreSQL password, which must not reach a terminal or a CI log.
 fn cannot_open(url: &str, error: store::StoreError) -> Failure {
     Failure {
         code: EX_UNAVAILABLE,
-        message: format!("cannot open the key store at {url}: {error}"),
+        message: format!(
+            "cannot open the key store at {}: {error}",
+            store::display_url(url)
+        ),
     }
 }
 
