@@ -230,3 +230,37 @@ async fn an_import_reaches_a_keygate_that_saw_the_token_as_unknown() {
     }
     gate.stop().await;
 }
+
+/// A token listed twice in one file (a merged export) is refused by the
+/// numbers of both lines, never echoed, and nothing is imported; the store
+/// alone could only say "imported twice?" without saying where.
+#[tokio::test]
+async fn a_token_listed_twice_is_named_by_both_lines() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let tokens = legacy_tokens(3);
+    let tsv = format!(
+        "{}\ta\n{}\tb\n{}\tc\n{}\tagain\n",
+        tokens[0], tokens[1], tokens[2], tokens[1]
+    );
+    let out = import(&gate, &tsv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("line 4") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&tokens[1]), "{stderr}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(
+            &sqlx::SqlitePool::connect(&format!("sqlite://{}", gate.db_path.display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "only the bootstrap key");
+    gate.stop().await;
+}

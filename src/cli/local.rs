@@ -227,13 +227,15 @@ struct ImportLine<'a> {
 }
 
 /// Reads `token<TAB>name[<TAB>owner-email]` lines. A line that does not hold
-/// a token is refused by its number, never by its content.
+/// a token, or holds one an earlier line holds, is refused by its number,
+/// never by its content (the store would only say "imported twice?").
 fn parse_import<'a>(
     text: &'a str,
     tokens: &TokenFormat,
     default_owner: &'a str,
 ) -> Result<Vec<ImportLine<'a>>, Failure> {
     let mut lines = Vec::new();
+    let mut first_seen = std::collections::BTreeMap::new();
     for (number, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -246,6 +248,12 @@ fn parse_import<'a>(
                 number + 1
             ))
         })?;
+        if let Some(first) = first_seen.insert(token.id, number + 1) {
+            return Err(Failure::usage(format!(
+                "line {}: the same token as line {first}",
+                number + 1
+            )));
+        }
         let name = fields.next().map(str::trim).unwrap_or_default();
         let owner_email = fields.next().map(str::trim).filter(|o| !o.is_empty());
         lines.push(ImportLine {
