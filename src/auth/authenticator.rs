@@ -320,6 +320,9 @@ impl Authenticator {
         let now = self.millis_since_start();
         let grace = duration_millis(self.settings.stale_if_error);
         let failing_until = self.store_failing_until.load(Ordering::Relaxed);
+        // A real key past its ttl may still serve within stale_if_error.
+        let servable_stale =
+            |cached: &Cached| cached.key.real && now < cached.fresh_until.saturating_add(grace);
         let stale = match self.cache.get(id) {
             Some(cached) if now < cached.fresh_until => {
                 self.metrics.cache_hits.inc();
@@ -327,11 +330,7 @@ impl Authenticator {
             }
             // The store has just failed a read: serve what is still usable
             // rather than wait for it to fail again.
-            Some(cached)
-                if cached.key.real
-                    && now < failing_until
-                    && now < cached.fresh_until.saturating_add(grace) =>
-            {
+            Some(cached) if now < failing_until && servable_stale(&cached) => {
                 self.metrics.cache_hits.inc();
                 return Ok(cached.key);
             }
@@ -372,11 +371,7 @@ impl Authenticator {
                     .saturating_add(duration_millis(STORE_RETRY_AFTER));
                 self.store_failing_until.store(retry_at, Ordering::Relaxed);
                 return match stale {
-                    Some(cached)
-                        if cached.key.real && now < cached.fresh_until.saturating_add(grace) =>
-                    {
-                        Ok(cached.key)
-                    }
+                    Some(cached) if servable_stale(&cached) => Ok(cached.key),
                     _ => Err(AuthError::StoreUnavailable),
                 };
             }
