@@ -328,7 +328,7 @@ async fn credential_refusals_are_the_same_on_both_paths() {
         (get("/", "kg_nope", ""), "malformed_api_key"),
         (
             "GET / HTTP/1.1\r\nhost: svc.local\r\nauthorization: Digest abc\r\n\r\n".to_string(),
-            "malformed_api_key",
+            "missing_api_key",
         ),
         (
             "GET / HTTP/1.1\r\nhost: svc.local\r\nauthorization: Basic !!!\r\n\r\n".to_string(),

@@ -120,10 +120,12 @@ impl AdminError {
 impl From<CredentialError> for AdminError {
     fn from(e: CredentialError) -> Self {
         match e {
-            CredentialError::Missing => AdminError::Unauthenticated {
-                code: "missing_api_key",
-                message: "no API key was presented",
-            },
+            CredentialError::Missing | CredentialError::UnsupportedScheme => {
+                AdminError::Unauthenticated {
+                    code: "missing_api_key",
+                    message: "no API key was presented",
+                }
+            }
             _ => AdminError::Unauthenticated {
                 code: "malformed_api_key",
                 message: "the API key is malformed",
@@ -234,9 +236,15 @@ impl IntoResponse for AdminError {
         let body = Json(json!({ "error": { "code": code, "message": message } }));
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3.1: no error code when no credential was presented.
+            let challenge = if code == "missing_api_key" {
+                r#"Bearer realm="keygate""#
+            } else {
+                r#"Bearer realm="keygate", error="invalid_token""#
+            };
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
+                HeaderValue::from_static(challenge),
             );
         }
         response

@@ -316,10 +316,14 @@ impl ProxyError {
         };
         let headers = response.headers_mut();
         if !grpc && self.status() == StatusCode::UNAUTHORIZED {
-            headers.insert(
-                WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Bearer realm="keygate", error="invalid_token""#),
-            );
+            // RFC 6750 §3.1: a request that presented no credential gets
+            // the challenge without an error code.
+            let challenge = if self == ProxyError::MissingKey {
+                r#"Bearer realm="keygate""#
+            } else {
+                r#"Bearer realm="keygate", error="invalid_token""#
+            };
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         // Both clear within a second: the store is retried at once, and
         // a rate of at least one request per second frees a slot within
@@ -399,7 +403,9 @@ fn http_date() -> [u8; 29] {
 impl From<CredentialError> for ProxyError {
     fn from(e: CredentialError) -> Self {
         match e {
-            CredentialError::Missing => ProxyError::MissingKey,
+            // Another scheme (Digest, Negotiate) may be the upstream's own
+            // credential: it is not an API key, so none was presented.
+            CredentialError::Missing | CredentialError::UnsupportedScheme => ProxyError::MissingKey,
             _ => ProxyError::MalformedKey,
         }
     }
