@@ -152,8 +152,7 @@ fn rewriting(c: &mut Criterion) {
                 rules.rewrite_request(
                     &mut h,
                     &conn,
-                    &key,
-                    CredentialSource::Authorization,
+                    Some((&key, CredentialSource::Authorization)),
                     &route,
                     false,
                 );

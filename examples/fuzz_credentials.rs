@@ -317,7 +317,7 @@ fn check_one(
         proto: HeaderValue::from_static("http"),
         trusted_proxy: false,
     };
-    rules.rewrite_request(&mut headers, &connection, key, source, route, false);
+    rules.rewrite_request(&mut headers, &connection, Some((key, source)), route, false);
     let expected: BTreeMap<&str, &[u8]> = [
         ("x-keygate-key-id", key.id.as_str().as_bytes()),
         ("x-keygate-owner-id", key.owner.headers.owner_id.as_bytes()),

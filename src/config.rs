@@ -181,6 +181,12 @@ pub struct ProxyConfig {
     /// CA bundle (PEM) trusted for `https://` upstreams instead of the
     /// system's roots.
     pub upstream_ca_file: Option<PathBuf>,
+    /// Forward CORS preflights that carry no API key (an `OPTIONS` with
+    /// `Origin` and `Access-Control-Request-Method`) to the upstream
+    /// without authenticating them, so that it answers them: browsers
+    /// never send credentials on a preflight. The default for every route;
+    /// a route's own `cors_allow_preflight` overrides it.
+    pub cors_allow_preflight: bool,
 }
 
 /// The proxy listener's certificate, reloaded on SIGHUP or when the files change.
@@ -217,6 +223,7 @@ impl Default for ProxyConfig {
             tls: None,
             trusted_proxies: Vec::new(),
             upstream_ca_file: None,
+            cors_allow_preflight: false,
         }
     }
 }
@@ -264,6 +271,10 @@ pub struct RouteConfig {
     /// `/admin` (IIS), so that every spelling is authorized here.
     #[serde(default = "case_sensitive_by_default")]
     pub case_sensitive: bool,
+    /// Forward CORS preflights without an API key to this route's upstream
+    /// (see `[proxy] cors_allow_preflight`, the default).
+    #[serde(default)]
+    pub cors_allow_preflight: Option<bool>,
 }
 
 fn case_sensitive_by_default() -> bool {

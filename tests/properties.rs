@@ -262,7 +262,7 @@ proptest! {
         let key = verified_key();
         let table = routes();
         let route = table.select(None, "/orders/1").expect("route");
-        rules().rewrite_request(&mut h, &connection(), &key, source, route, false);
+        rules().rewrite_request(&mut h, &connection(), Some((&key, source)), route, false);
         let expected: BTreeMap<&str, &str> = [
             ("x-keygate-key-id", key.id.as_str()),
             ("x-keygate-owner-id", "owner-1"),

@@ -21,9 +21,10 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{Either, Full};
 
-use crate::auth::{required_permission, VerifiedKey};
+use crate::auth::{required_permission, CredentialError, VerifiedKey};
 use crate::store::Permission;
 
+use super::cors;
 use super::handler::authenticate;
 use super::path;
 use super::reject::ProxyError;
@@ -40,6 +41,9 @@ static X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 #[derive(Debug, Clone)]
 pub struct ForwardAuth {
     pub path: String,
+    /// `[proxy] cors_allow_preflight`, for a request no route covers
+    /// (forward-auth alone).
+    pub cors_allow_preflight: bool,
 }
 
 impl ForwardAuth {
@@ -92,7 +96,19 @@ pub async fn decide<'s, B>(
     }
     *route_seen = route;
 
-    let credential = state.credentials.extract(headers)?;
+    let preflight_may_pass = route.map_or(forward_auth.cors_allow_preflight, |r| {
+        r.cors_allow_preflight
+    });
+    let credential = match state.credentials.extract(headers) {
+        Ok(credential) => credential,
+        // Allowed without identity, as the proxy forwards it (cors.rs).
+        Err(CredentialError::Missing)
+            if preflight_may_pass && cors::is_preflight(&method, headers) =>
+        {
+            return Ok(Response::new(Either::Right(Full::default())));
+        }
+        Err(error) => return Err(error.into()),
+    };
     let now = SystemTime::now();
     let key = authenticate(state, &credential, &method, route, now, key_seen).await?;
 

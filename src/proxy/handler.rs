@@ -15,10 +15,11 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::copy_bidirectional;
 
-use crate::auth::{authorize, required_permission, Credential, VerifiedKey};
+use crate::auth::{authorize, required_permission, Credential, CredentialError, VerifiedKey};
 use crate::telemetry::access::{self, AccessEntry};
 use crate::telemetry::counted::CountedBody;
 
+use super::cors;
 use super::forward_auth;
 use super::headers::{settle_request_id, strip_hop_by_hop, ConnectionInfo};
 use super::path;
@@ -158,21 +159,32 @@ async fn pipeline<'s>(
         *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::MalformedPath)?;
     }
 
-    // 2. Extract the credential (no I/O).
-    let credential = state.credentials.extract(req.headers())?;
-
-    // 3. Verify it: cache, then store; state and expiry checked every time.
-    // 4. Authorize on the route's namespace.
+    // 2. Extract the credential (no I/O). A CORS preflight has none, and
+    //    goes on without identity where its route allows it (cors.rs).
     let now = SystemTime::now();
-    let key = authenticate(
-        state,
-        &credential,
-        req.method(),
-        Some(route),
-        now,
-        &mut outcome.key,
-    )
-    .await?;
+    let verified = match state.credentials.extract(req.headers()) {
+        Ok(credential) => {
+            // 3. Verify it: cache, then store; state and expiry checked
+            //    every time.
+            // 4. Authorize on the route's namespace.
+            let key = authenticate(
+                state,
+                &credential,
+                req.method(),
+                Some(route),
+                now,
+                &mut outcome.key,
+            )
+            .await?;
+            Some((key, credential.source))
+        }
+        Err(CredentialError::Missing)
+            if route.cors_allow_preflight && cors::is_preflight(req.method(), req.headers()) =>
+        {
+            None
+        }
+        Err(error) => return Err(error.into()),
+    };
 
     // 5. Rewrite headers: strip spoofed identity, credential, hop-by-hop;
     //    add forwarding headers and the identity. An HTTP/2 `:authority` or
@@ -188,8 +200,7 @@ async fn pipeline<'s>(
     state.headers.rewrite_request(
         req.headers_mut(),
         conn,
-        &key,
-        credential.source,
+        verified.as_ref().map(|(key, source)| (&**key, *source)),
         route,
         upgrade,
     );
@@ -221,7 +232,9 @@ async fn pipeline<'s>(
     }
 
     // 7. Count it against the key.
-    state.usage.record(&key, now);
+    if let Some((key, _)) = &verified {
+        state.usage.record(key, now);
+    }
     Ok(response.map(|body| Either::Left(CountedBody::new(body, state.bytes_out.clone()))))
 }
 

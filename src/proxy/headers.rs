@@ -137,8 +137,7 @@ impl HeaderRules {
         &self,
         headers: &mut HeaderMap,
         conn: &ConnectionInfo,
-        key: &VerifiedKey,
-        source: CredentialSource,
+        identity: Option<(&VerifiedKey, CredentialSource)>,
         route: &Route,
         upgrade: bool,
     ) {
@@ -150,7 +149,7 @@ impl HeaderRules {
             // scheme's `Authorization` is the upstream's and stays.
             headers.remove(&self.api_key_header);
             self.strip_key_header_look_alikes(headers);
-            if source == CredentialSource::Authorization {
+            if let Some((_, CredentialSource::Authorization)) = identity {
                 headers.remove(AUTHORIZATION);
             }
         }
@@ -201,8 +200,10 @@ impl HeaderRules {
             headers.insert(X_REQUEST_ID.clone(), new_request_id());
         }
 
-        for (name, value) in self.identity_pairs(key, Some(route)) {
-            headers.insert(name.clone(), value);
+        if let Some((key, _)) = identity {
+            for (name, value) in self.identity_pairs(key, Some(route)) {
+                headers.insert(name.clone(), value);
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The data plane: the listener, the request pipeline, header rewriting, the
 //! upstream clients, the timeouts and the one place errors become responses.
 
+pub mod cors;
 pub mod forward_auth;
 pub mod handler;
 pub mod headers;
@@ -154,6 +155,7 @@ impl ProxyState {
                 .enabled
                 .then(|| forward_auth::ForwardAuth {
                     path: config.forward_auth.path.clone(),
+                    cors_allow_preflight: proxy.cors_allow_preflight,
                 }),
             request_timeout: proxy.request_timeout,
             rate_limiter: RateLimiter::new(&config.rate_limit, buckets),

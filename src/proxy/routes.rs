@@ -55,6 +55,8 @@ pub struct Route {
     pub permission: Option<Permission>,
     /// Whether `path_prefix` is compared case-sensitively.
     case_sensitive: bool,
+    /// Whether a CORS preflight without a key is forwarded unauthenticated.
+    pub cors_allow_preflight: bool,
 }
 
 impl Route {
@@ -137,6 +139,9 @@ impl RouteTable {
                     namespace: r.namespace.clone(),
                     permission: r.permission,
                     case_sensitive: r.case_sensitive,
+                    cors_allow_preflight: r
+                        .cors_allow_preflight
+                        .unwrap_or(config.proxy.cors_allow_preflight),
                 }
             })
             .collect();
@@ -153,6 +158,7 @@ impl RouteTable {
                 namespace_header: None,
                 permission: None,
                 case_sensitive: true,
+                cors_allow_preflight: config.proxy.cors_allow_preflight,
             });
         }
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.path_prefix.len())));
