@@ -1058,3 +1058,110 @@ async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
     // The lock gone, the API answers again.
     assert_eq!(list().await.unwrap().status(), 200);
 }
+
+/// A partition that drops packets silently (a failed-over primary, a
+/// firewall change) leaves the reads then in flight waiting without an
+/// error, for as long as TCP takes to give up (about 15 minutes). keygate
+/// must not wait with them: the change feed still brings a revocation
+/// within seconds, over a new connection, and the reads the store stopped
+/// answering do not keep the pool's connections for themselves, so keys
+/// not cached are served again once new connections get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_partition_costs_seconds_not_the_pool() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let path = support::postgres::SilentPartition::start(&shared.db.url).await;
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &path.url(&shared.db.url),
+        upstream,
+        true,
+        "[cache]\nttl = \"300s\"\n",
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (id, token) = shared.key().await;
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &token).await.0, 200);
+
+    // Reads in flight when the partition comes, held there by locks: the
+    // feed's (it reads at least once a second), then those of more
+    // uncached keys than the pool has connections.
+    let mut unseen = Vec::new();
+    for _ in 0..20 {
+        unseen.push(shared.key().await.1);
+    }
+    let lock_table = |table: &'static str| {
+        let db = &shared.db;
+        async move {
+            let mut locker = db.connect().await;
+            sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut locker)
+                .await
+                .unwrap();
+            locker
+        }
+    };
+    let changes_lock = lock_table("changes").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let keys_lock = lock_table("api_keys").await;
+    let mut misses = Vec::new();
+    for token in unseen {
+        let (client, proxy) = (client.clone(), replica.proxy);
+        misses.push(tokio::spawn(async move {
+            let _ = client
+                .get(format!("http://{proxy}/"))
+                .bearer_auth(token)
+                .send()
+                .await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    path.partition();
+    drop((changes_lock, keys_lock));
+    for miss in misses {
+        miss.await.unwrap();
+    }
+
+    let started = Instant::now();
+    shared
+        .store
+        .update_key(
+            &Actor::system("test"),
+            &id,
+            KeyUpdate {
+                disabled: Some(true),
+                ..KeyUpdate::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (delay, refusal) = time_until_refused(&replica, &client, &token, started).await;
+    println!("silent partition: revocation seen after {delay:?}");
+    assert_eq!(refusal, (401, "api_key_disabled".to_string()));
+    assert!(delay < Duration::from_secs(15), "{delay:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (_, fresh) = shared.key().await;
+    loop {
+        let answer = replica.call(&client, &fresh).await;
+        if answer.0 == 200 {
+            println!(
+                "silent partition: a key not cached served after {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a key not cached is still refused well after the partition: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replica.stop().await;
+}

@@ -201,8 +201,8 @@ impl AdminError {
                     "policy_violation",
                     p.to_string(),
                 ),
-                StoreError::Unavailable(error) => {
-                    tracing::warn!(%error, "admin API: key store unavailable");
+                StoreError::Unavailable(_) | StoreError::NoAnswer(_) => {
+                    tracing::warn!(error = %e, "admin API: key store unavailable");
                     unavailable()
                 }
                 StoreError::Corrupt(detail) => {

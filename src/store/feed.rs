@@ -15,7 +15,10 @@
 //! not cached.
 //!
 //! It never writes to the store and never blocks the proxy: it runs in its
-//! own task, and a store outage only makes it retry on the next tick.
+//! own task, and a store outage only makes it retry on the next tick. A
+//! read gets [`FEED_READ_TIMEOUT`]: one that a silent partition left
+//! without an answer would otherwise hold the feed, and every revocation
+//! with it, for as long as TCP takes to give up (about 15 minutes).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,6 +77,12 @@ pub async fn run(
         listener.abort();
     }
 }
+
+/// How long one step of the feed (a read of the changes and, after a
+/// settings change, of the settings) may take before it is given up and
+/// tried again at the next tick. Generous next to a read's milliseconds: a
+/// batch of [`CHANGE_BATCH`] changes behind a busy store still fits.
+pub const FEED_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// First wait before re-subscribing after a failure; doubled up to
 /// [`MAX_RETRY`]. Independent of the poll interval, so that announcements
@@ -139,7 +148,11 @@ impl Feed {
     /// Reads and applies everything after the watermark.
     async fn catch_up(&mut self) {
         loop {
-            match self.step().await {
+            // A step given up half-way is safe to repeat: the watermark
+            // moves only once its changes are applied, and applying one
+            // twice only drops a key from the cache twice.
+            let step = tokio::time::timeout(FEED_READ_TIMEOUT, self.step()).await;
+            match step.unwrap_or(Err(StoreError::NoAnswer(FEED_READ_TIMEOUT))) {
                 Ok(more) => {
                     if self.failing {
                         tracing::info!("change feed: store reachable again; caught up");

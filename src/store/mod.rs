@@ -42,6 +42,9 @@ pub enum StoreError {
     Policy(#[from] PolicyViolation),
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A read the store did not answer in time (a lock, a silent partition).
+    #[error("store unavailable: no answer within {0:?}")]
+    NoAnswer(std::time::Duration),
     #[error("store holds an invalid record: {0}")]
     Corrupt(String),
 }

@@ -55,6 +55,21 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// flusher, the feed poll, and one held by the change listener.
 const MAX_CONNECTIONS: u32 = 16;
 
+/// Whether a connection given back to the pool still answers, within
+/// [`ACQUIRE_TIMEOUT`]; one that does not is closed instead of kept.
+///
+/// Why: sqlx pings every connection it takes back, without a time limit. A
+/// read given up on (the authenticator's or the feed's timeout) over a
+/// connection that a silent partition cut off would have that ping wait as
+/// long as TCP does (about 15 minutes), and the connection's place in the
+/// pool with it: after [`MAX_CONNECTIONS`] such reads, no query could get
+/// a connection even once the store was reachable again. The price is one
+/// more round trip per query given back (sqlx's own ping follows).
+async fn answers_in_time(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let ping = tokio::time::timeout(ACQUIRE_TIMEOUT, sqlx::Connection::ping(conn)).await;
+    Ok(matches!(ping, Ok(Ok(()))))
+}
+
 pub struct PostgresStore {
     /// Every query and transaction; also lends the listener its connection.
     pool: PgPool,
@@ -69,6 +84,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_release(|conn, _| Box::pin(answers_in_time(conn)))
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres")

@@ -193,3 +193,67 @@ fn with_database(url: &str, name: &str) -> String {
         None => format!("{base}/{name}"),
     }
 }
+
+/// A TCP path to the database server that can fail silently, as a network
+/// partition or a failed-over primary does: after [`Self::partition`] the
+/// connections open through it stay open and carry nothing more (no reset,
+/// no close, so the client learns nothing until TCP gives up, minutes
+/// later or, on an idle connection, never), while new connections get
+/// through.
+pub struct SilentPartition {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl SilentPartition {
+    /// Starts a path to the server that `url` names.
+    pub async fn start(url: &str) -> SilentPartition {
+        let parsed = reqwest::Url::parse(url).expect("database URL");
+        let server = format!(
+            "{}:{}",
+            parsed.host_str().expect("host"),
+            parsed.port().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, watch) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut cut = watch.clone();
+                cut.borrow_and_update();
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(server).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        _ = cut.changed() => {}
+                    }
+                    // Partitioned: both ends held open, nothing carried.
+                    std::future::pending::<()>().await;
+                    drop((client, server));
+                });
+            }
+        });
+        SilentPartition { addr, cut }
+    }
+
+    /// `url` with its server replaced by this path.
+    pub fn url(&self, url: &str) -> String {
+        let mut parsed = reqwest::Url::parse(url).expect("database URL");
+        parsed.set_ip_host(self.addr.ip()).expect("ip host");
+        parsed.set_port(Some(self.addr.port())).expect("port");
+        parsed.into()
+    }
+
+    /// Every connection open through this path goes silent, for good.
+    pub fn partition(&self) {
+        self.cut.send_modify(|generation| *generation += 1);
+    }
+}
