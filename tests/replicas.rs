@@ -1088,28 +1088,28 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
     in_step(&replica, &client, &shared).await;
     assert_eq!(replica.call(&client, &token).await.0, 200);
 
-    // Reads in flight when the partition comes, held there by locks: the
-    // feed's (it reads at least once a second), then those of more
-    // uncached keys than the pool has connections.
+    // Reads and writes in flight when the partition comes, held there by
+    // locks: the feed's read (at least once a second), a usage flush, then
+    // the reads of more uncached keys than the pool has connections.
     let mut unseen = Vec::new();
     for _ in 0..20 {
         unseen.push(shared.key().await.1);
     }
-    let lock_table = |table: &'static str| {
-        let db = &shared.db;
-        async move {
-            let mut locker = db.connect().await;
-            sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
-                .execute(&mut locker)
-                .await
-                .unwrap();
-            locker
-        }
-    };
-    let changes_lock = lock_table("changes").await;
+    let (_, counted_before) = shared.key().await;
+    // Their creations applied, so that none evicts a key cached after.
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &counted_before).await.0, 200);
+    // All in one statement, so that no flush or read holds one of them
+    // while it waits for another.
+    let mut lock = shared.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE key_usage, changes, api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    // Cached: served, and its count waits in a flush (every 100 ms here).
+    assert_eq!(replica.call(&client, &counted_before).await.0, 200);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let keys_lock = lock_table("api_keys").await;
     let mut misses = Vec::new();
     for token in unseen {
         let (client, proxy) = (client.clone(), replica.proxy);
@@ -1123,7 +1123,7 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     path.partition();
-    drop((changes_lock, keys_lock));
+    drop(lock);
     for miss in misses {
         miss.await.unwrap();
     }
@@ -1160,6 +1160,28 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
         assert!(
             Instant::now() < deadline,
             "a key not cached is still refused well after the partition: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Usage is written again: the flush the partition caught is given up.
+    let (counted_id, counted) = shared.key().await;
+    for _ in 0..3 {
+        assert_eq!(replica.call(&client, &counted).await.0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let key = shared.store.get_key(&counted_id).await.unwrap().unwrap();
+        if key.request_count == 3 {
+            println!(
+                "silent partition: usage written after {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage not written 20 s after the partition: {} of 3",
+            key.request_count
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
