@@ -869,3 +869,136 @@ fn local_commands_do_not_echo_a_store_password() {
         }
     }
 }
+
+/// Runs `keygate ARGS` with no server, key or config in the environment.
+fn keygate_local(args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .env_remove("KEYGATE_API_KEY")
+        .env_remove("KEYGATE_CONFIG")
+        .output()
+        .expect("run keygate");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// The files in `dir`, by name.
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A local command that only adds to a store (`apikey import`, `apikey
+/// create --local`) refuses a SQLite path with no file behind it, naming
+/// the path, and creates nothing: opening had created a new, empty store
+/// there (then written into it or failed, and left the file behind).
+#[test]
+fn local_commands_refuse_a_sqlite_store_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("keys.tsv");
+    std::fs::write(&tsv, "kg_legacyZx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe\tone\n").unwrap();
+    let tsv = tsv.to_str().unwrap();
+    let misspelt = dir.path().join("keygat.db");
+    let url = format!("sqlite://{}", misspelt.display());
+    for args in [
+        vec![
+            "apikey",
+            "import",
+            "--tsv",
+            tsv,
+            "--owner-email",
+            "a@example.com",
+            "--store",
+            &url,
+        ],
+        vec![
+            "apikey",
+            "create",
+            "--local",
+            "--name",
+            "x",
+            "--duration",
+            "1h",
+            "--owner-email",
+            "a@example.com",
+            "--store",
+            &url,
+        ],
+    ] {
+        let run = keygate_local(&args);
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&*misspelt.to_string_lossy()),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert_eq!(
+            files_in(dir.path()),
+            ["keys.tsv"],
+            "{args:?} created a file"
+        );
+    }
+}
+
+/// `bootstrap` sets a store up, so it creates a missing SQLite file (and
+/// says so, which shows a misspelt path); but when it fails after creating
+/// it, the new file goes with its `-wal` and `-shm`: a store holding no
+/// admin, or an admin without a key, is not what was asked for.
+#[test]
+fn a_failed_bootstrap_leaves_no_store_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let url = format!("sqlite://{}", db.display());
+    // Refused after the store was opened (and so created): not an email;
+    // a lifetime over the account's 90-day maximum, refused once the admin
+    // was written.
+    for args in [
+        vec!["bootstrap", "--email", "not-an-email", "--store", &url],
+        vec![
+            "bootstrap",
+            "--email",
+            "a@example.com",
+            "--duration",
+            "365d",
+            "--store",
+            &url,
+        ],
+    ] {
+        let run = keygate_local(&args);
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(
+            files_in(dir.path()).is_empty(),
+            "{args:?} left {:?}",
+            files_in(dir.path())
+        );
+    }
+    let run = keygate_local(&["bootstrap", "--email", "a@example.com", "--store", &url]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("Created a new key store at {}", db.display())),
+        "{}",
+        run.stderr
+    );
+    // A second bootstrap finds the store and refuses, and keeps it.
+    let run = keygate_local(&["bootstrap", "--email", "b@example.com", "--store", &url]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("already exist"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("Created a new key store"),
+        "{}",
+        run.stderr
+    );
+    assert!(db.is_file());
+}
