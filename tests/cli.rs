@@ -1002,3 +1002,69 @@ fn a_failed_bootstrap_leaves_no_store_file_behind() {
     );
     assert!(db.is_file());
 }
+
+/// A PEM file that cannot be used is named and its fault said in words:
+/// a half-written certificate had been reported as `missing section end
+/// marker: [67, 69, ...]` (the label's bytes), and a key file with no
+/// private key in it as `no items found`.
+#[test]
+fn bad_pem_files_are_named_and_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = support::make_cert(dir.path(), "good");
+    let pem = std::fs::read_to_string(&good.cert_path).unwrap();
+    let half_cert = dir.path().join("half.crt");
+    std::fs::write(&half_cert, &pem[..pem.len() / 2]).unwrap();
+    // The certificate where the key should be: a common slip.
+    let no_key = dir.path().join("not-a-key.key");
+    std::fs::write(&no_key, &pem).unwrap();
+    let key_pem = std::fs::read_to_string(&good.key_path).unwrap();
+    let half_key = dir.path().join("half.key");
+    std::fs::write(&half_key, &key_pem[..key_pem.len() / 2]).unwrap();
+    for (cert, key, named, said) in [
+        (
+            &half_cert,
+            &good.key_path,
+            &half_cert,
+            "ends inside its CERTIFICATE section",
+        ),
+        (&good.cert_path, &no_key, &no_key, "holds no private key"),
+        (
+            &good.cert_path,
+            &half_key,
+            &half_key,
+            "ends inside its PRIVATE KEY section",
+        ),
+    ] {
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nupstream = \"http://127.0.0.1:9\"\n\
+                 [proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let run = keygate_local(&["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(run.code, 64, "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&*named.to_string_lossy()) && run.stderr.contains(said),
+            "{said}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("[") && !run.stderr.contains("no items found"),
+            "{}",
+            run.stderr
+        );
+        // Nothing of the key's base64 is repeated.
+        let key_body: Vec<&str> = key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        for line in key_body {
+            assert!(!run.stderr.contains(line), "{}", run.stderr);
+        }
+    }
+}
