@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
-use crate::key::TokenFormat;
+use crate::key::{imported_character, TokenError, TokenFormat};
 use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore, StoreError};
 
 /// The URL is shown as the server logs it: a `--store` URL may carry a
@@ -306,10 +306,12 @@ fn parse_import<'a>(
         }
         let mut fields = line.split('\t');
         let token = fields.next().unwrap_or_default();
-        let token = tokens.parse(token.trim().as_bytes()).map_err(|e| {
+        let token = token.trim();
+        let token = tokens.parse(token.as_bytes()).map_err(|e| {
             Failure::usage(format!(
-                "line {}: not an importable token ({e})",
-                number + 1
+                "line {}: not an importable token: {}",
+                number + 1,
+                not_importable(token, tokens, e)
             ))
         })?;
         if let Some(first) = first_seen.insert(token.id, number + 1) {
@@ -331,4 +333,34 @@ fn parse_import<'a>(
         });
     }
     Ok(lines)
+}
+
+/// Why `token` is not importable, found by the rules of the imported shape
+/// (a line that is not a native token is read as an imported one, and
+/// `parse` reports the native format's reason: "wrong length" for a token
+/// that holds a bad character). Says where and what, never the token: a
+/// bad character is no character of a secret, but its neighbours are.
+fn not_importable(token: &str, tokens: &TokenFormat, native: TokenError) -> String {
+    let mut chars = token.chars().enumerate();
+    if let Some((at, c)) = chars.find(|&(_, c)| !u8::try_from(c).is_ok_and(imported_character)) {
+        return format!(
+            "character {} ({c:?}) is not allowed: a token is made of letters, digits, \
+             '_', '-' and '.'",
+            at + 1
+        );
+    }
+    let prefix = tokens.prefix();
+    if !token.starts_with(prefix) || token.as_bytes().get(prefix.len()) != Some(&b'_') {
+        return format!("it does not start with {prefix}_ (the configured [keys] prefix)");
+    }
+    let lengths = tokens.imported_lengths();
+    if !lengths.contains(&token.len()) {
+        return format!(
+            "it is {} characters long; an imported token has {} to {}",
+            token.len(),
+            lengths.start(),
+            lengths.end()
+        );
+    }
+    native.to_string()
 }
