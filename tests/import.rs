@@ -310,3 +310,59 @@ async fn a_bad_character_is_named_by_line_and_place() {
     assert!(!stderr.contains("Zx9Yw8"), "{stderr}");
     gate.stop().await;
 }
+
+/// A token the store already holds (a file imported twice, or partly
+/// before) is refused by its line and key id, never the token, and
+/// nothing of the file is imported; the store alone could only say
+/// "imported twice?" without saying where.
+#[tokio::test]
+async fn a_token_already_in_the_store_is_named_by_its_line() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let tokens = legacy_tokens(6);
+    let first: String = tokens[..2]
+        .iter()
+        .map(|t| format!("{t}\tbefore\n"))
+        .collect();
+    let out = import(&gate, &first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tsv = format!(
+        "{}\tnew\n\n{}\tagain\n{}\tnew\n{}\tagain\n",
+        tokens[2], tokens[1], tokens[3], tokens[0]
+    );
+    let out = import(&gate, &tsv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let id = |token: &str| {
+        keygate::key::TokenFormat::new("kg")
+            .accepting_imported(true)
+            .parse(token.as_bytes())
+            .unwrap()
+            .id
+            .to_string()
+    };
+    assert!(
+        stderr.contains(&format!("line 3 (key {})", id(&tokens[1])))
+            && stderr.contains(&format!("line 5 (key {})", id(&tokens[0]))),
+        "{stderr}"
+    );
+    for token in &tokens {
+        assert!(!stderr.contains(&token[16..]), "{stderr}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(
+            &sqlx::SqlitePool::connect(&format!("sqlite://{}", gate.db_path.display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 3, "the bootstrap key and the first two imported");
+    gate.stop().await;
+}

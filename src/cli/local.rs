@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
-use crate::key::{imported_character, TokenError, TokenFormat};
+use crate::key::{imported_character, KeyId, TokenError, TokenFormat};
 use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore, StoreError};
 
 /// The URL is shown as the server logs it: a `--store` URL may carry a
@@ -251,6 +251,7 @@ async fn import(
             owners.insert(line.owner_email, find_user(store, line.owner_email).await?);
         }
     }
+    refuse_tokens_in_store(store, &lines).await?;
     let keys: Vec<NewKey> = lines
         .into_iter()
         .map(|line| {
@@ -275,6 +276,46 @@ async fn import(
     Ok((imported, owners.into_values().map(|o| o.name).collect()))
 }
 
+/// Refuses the import when the store already holds some of its tokens (a
+/// file imported twice, or partly before), naming their lines and key ids:
+/// the store's own refusal, at the insert, cannot say which line. Nothing
+/// is written either way; a token added between this check and the import
+/// is still refused by the store, as the whole import.
+async fn refuse_tokens_in_store(
+    store: &dyn KeyStore,
+    lines: &[ImportLine<'_>],
+) -> Result<(), Failure> {
+    /// Lines named in full; a file imported twice would list them all.
+    const NAMED: usize = 5;
+    let ids: Vec<KeyId> = lines.iter().map(|line| line.token.id).collect();
+    let existing: std::collections::BTreeSet<KeyId> = store
+        .existing_keys(&ids)
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))?
+        .into_iter()
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let found: Vec<&ImportLine<'_>> = lines
+        .iter()
+        .filter(|line| existing.contains(&line.token.id))
+        .collect();
+    let mut named: Vec<String> = found
+        .iter()
+        .take(NAMED)
+        .map(|line| format!("line {} (key {})", line.number, line.token.id))
+        .collect();
+    if found.len() > NAMED {
+        named.push(format!("and {} more lines", found.len() - NAMED));
+    }
+    let tokens = if found.len() == 1 { "token" } else { "tokens" };
+    Err(Failure::usage(format!(
+        "the store already holds the {tokens} of {} (imported before?); nothing was imported",
+        named.join(", ")
+    )))
+}
+
 async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failure> {
     store
         .find_principal_by_name(OwnerType::User, email)
@@ -285,6 +326,8 @@ async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failu
 
 /// One line of an import file.
 struct ImportLine<'a> {
+    /// Its number in the file, counted from 1, to name it by.
+    number: usize,
     token: crate::key::ParsedToken,
     name: String,
     owner_email: &'a str,
@@ -323,6 +366,7 @@ fn parse_import<'a>(
         let name = fields.next().map(str::trim).unwrap_or_default();
         let owner_email = fields.next().map(str::trim).filter(|o| !o.is_empty());
         lines.push(ImportLine {
+            number: number + 1,
             name: if name.is_empty() {
                 format!("imported {}", token.id)
             } else {
