@@ -960,9 +960,8 @@ fn a_failed_bootstrap_leaves_no_store_file_behind() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("k.db");
     let url = format!("sqlite://{}", db.display());
-    // Refused after the store was opened (and so created): not an email;
-    // a lifetime over the account's 90-day maximum, refused once the admin
-    // was written.
+    // Refused after the store was opened (and so created and migrated):
+    // not an email; a lifetime over the account's 90-day maximum.
     for args in [
         vec!["bootstrap", "--email", "not-an-email", "--store", &url],
         vec![
@@ -1067,4 +1066,39 @@ fn bad_pem_files_are_named_and_explained() {
             assert!(!run.stderr.contains(line), "{}", run.stderr);
         }
     }
+}
+
+/// A bootstrap whose key the account's policy refuses (a lifetime over the
+/// 90-day maximum) writes nothing, on a store that is there already (`serve`
+/// made it, as the quickstart goes): it had created the admin and then
+/// failed on the key, and every later bootstrap refused, a user existing.
+#[tokio::test]
+async fn a_bootstrap_refused_by_policy_can_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    keygate::store::open(&url).await.unwrap().close().await;
+    let run = keygate(
+        "",
+        None,
+        &[
+            "bootstrap",
+            "--email",
+            "a@example.com",
+            "--duration",
+            "365d",
+            "--store",
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("maxKeyLifetime"), "{}", run.stderr);
+    let run = keygate(
+        "",
+        None,
+        &["bootstrap", "--email", "a@example.com", "--store", &url],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.trim().starts_with("kg_"));
 }
