@@ -1066,6 +1066,24 @@ fn bad_pem_files_are_named_and_explained() {
             assert!(!run.stderr.contains(line), "{}", run.stderr);
         }
     }
+    // The upstream CA bundle is read the same way.
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nupstream = \"https://127.0.0.1:9\"\nupstream_ca_file = \"{}\"\n",
+            half_cert.display()
+        ),
+    )
+    .unwrap();
+    let run = keygate_local(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&*half_cert.to_string_lossy())
+            && run.stderr.contains("ends inside its CERTIFICATE section"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// A bootstrap whose key the account's policy refuses (a lifetime over the
