@@ -869,3 +869,254 @@ fn local_commands_do_not_echo_a_store_password() {
         }
     }
 }
+
+/// Runs `keygate ARGS` with no server, key or config in the environment.
+fn keygate_local(args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .env_remove("KEYGATE_API_KEY")
+        .env_remove("KEYGATE_CONFIG")
+        .output()
+        .expect("run keygate");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// The files in `dir`, by name.
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A local command that only adds to a store (`apikey import`, `apikey
+/// create --local`) refuses a SQLite path with no file behind it, naming
+/// the path, and creates nothing: opening had created a new, empty store
+/// there (then written into it or failed, and left the file behind).
+#[test]
+fn local_commands_refuse_a_sqlite_store_that_is_not_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("keys.tsv");
+    std::fs::write(&tsv, "kg_legacyZx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe\tone\n").unwrap();
+    let tsv = tsv.to_str().unwrap();
+    let misspelt = dir.path().join("keygat.db");
+    let url = format!("sqlite://{}", misspelt.display());
+    for args in [
+        vec![
+            "apikey",
+            "import",
+            "--tsv",
+            tsv,
+            "--owner-email",
+            "a@example.com",
+            "--store",
+            &url,
+        ],
+        vec![
+            "apikey",
+            "create",
+            "--local",
+            "--name",
+            "x",
+            "--duration",
+            "1h",
+            "--owner-email",
+            "a@example.com",
+            "--store",
+            &url,
+        ],
+    ] {
+        let run = keygate_local(&args);
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&*misspelt.to_string_lossy()),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert_eq!(
+            files_in(dir.path()),
+            ["keys.tsv"],
+            "{args:?} created a file"
+        );
+    }
+}
+
+/// `bootstrap` sets a store up, so it creates a missing SQLite file (and
+/// says so, which shows a misspelt path); but when it fails after creating
+/// it, the new file goes with its `-wal` and `-shm`: a store holding no
+/// admin, or an admin without a key, is not what was asked for.
+#[test]
+fn a_failed_bootstrap_leaves_no_store_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("k.db");
+    let url = format!("sqlite://{}", db.display());
+    // Refused after the store was opened (and so created and migrated):
+    // not an email; a lifetime over the account's 90-day maximum.
+    for args in [
+        vec!["bootstrap", "--email", "not-an-email", "--store", &url],
+        vec![
+            "bootstrap",
+            "--email",
+            "a@example.com",
+            "--duration",
+            "365d",
+            "--store",
+            &url,
+        ],
+    ] {
+        let run = keygate_local(&args);
+        assert_eq!(run.code, 64, "{args:?}: {}", run.stderr);
+        assert!(
+            files_in(dir.path()).is_empty(),
+            "{args:?} left {:?}",
+            files_in(dir.path())
+        );
+    }
+    let run = keygate_local(&["bootstrap", "--email", "a@example.com", "--store", &url]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("Created a new key store at {}", db.display())),
+        "{}",
+        run.stderr
+    );
+    // A second bootstrap finds the store and refuses, and keeps it.
+    let run = keygate_local(&["bootstrap", "--email", "b@example.com", "--store", &url]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("already exist"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("Created a new key store"),
+        "{}",
+        run.stderr
+    );
+    assert!(db.is_file());
+}
+
+/// A PEM file that cannot be used is named and its fault said in words:
+/// a half-written certificate had been reported as `missing section end
+/// marker: [67, 69, ...]` (the label's bytes), and a key file with no
+/// private key in it as `no items found`.
+#[test]
+fn bad_pem_files_are_named_and_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = support::make_cert(dir.path(), "good");
+    let pem = std::fs::read_to_string(&good.cert_path).unwrap();
+    let half_cert = dir.path().join("half.crt");
+    std::fs::write(&half_cert, &pem[..pem.len() / 2]).unwrap();
+    // The certificate where the key should be: a common slip.
+    let no_key = dir.path().join("not-a-key.key");
+    std::fs::write(&no_key, &pem).unwrap();
+    let key_pem = std::fs::read_to_string(&good.key_path).unwrap();
+    let half_key = dir.path().join("half.key");
+    std::fs::write(&half_key, &key_pem[..key_pem.len() / 2]).unwrap();
+    for (cert, key, named, said) in [
+        (
+            &half_cert,
+            &good.key_path,
+            &half_cert,
+            "ends inside its CERTIFICATE section",
+        ),
+        (&good.cert_path, &no_key, &no_key, "holds no private key"),
+        (
+            &good.cert_path,
+            &half_key,
+            &half_key,
+            "ends inside its PRIVATE KEY section",
+        ),
+    ] {
+        let config = dir.path().join("keygate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\nupstream = \"http://127.0.0.1:9\"\n\
+                 [proxy.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let run = keygate_local(&["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(run.code, 64, "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&*named.to_string_lossy()) && run.stderr.contains(said),
+            "{said}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("[") && !run.stderr.contains("no items found"),
+            "{}",
+            run.stderr
+        );
+        // Nothing of the key's base64 is repeated.
+        let key_body: Vec<&str> = key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        for line in key_body {
+            assert!(!run.stderr.contains(line), "{}", run.stderr);
+        }
+    }
+    // The upstream CA bundle is read the same way.
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nupstream = \"https://127.0.0.1:9\"\nupstream_ca_file = \"{}\"\n",
+            half_cert.display()
+        ),
+    )
+    .unwrap();
+    let run = keygate_local(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&*half_cert.to_string_lossy())
+            && run.stderr.contains("ends inside its CERTIFICATE section"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A bootstrap whose key the account's policy refuses (a lifetime over the
+/// 90-day maximum) writes nothing, on a store that is there already (`serve`
+/// made it, as the quickstart goes): it had created the admin and then
+/// failed on the key, and every later bootstrap refused, a user existing.
+#[tokio::test]
+async fn a_bootstrap_refused_by_policy_can_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    keygate::store::open(&url).await.unwrap().close().await;
+    let run = keygate(
+        "",
+        None,
+        &[
+            "bootstrap",
+            "--email",
+            "a@example.com",
+            "--duration",
+            "365d",
+            "--store",
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("maxKeyLifetime"), "{}", run.stderr);
+    let run = keygate(
+        "",
+        None,
+        &["bootstrap", "--email", "a@example.com", "--store", &url],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.trim().starts_with("kg_"));
+}

@@ -264,3 +264,105 @@ async fn a_token_listed_twice_is_named_by_both_lines() {
     assert_eq!(count, 1, "only the bootstrap key");
     gate.stop().await;
 }
+
+/// A token with a character no token has is refused by its line and the
+/// character's place, not with the native format's "wrong length" (the
+/// line is not a native token at all); the token is never echoed.
+#[tokio::test]
+async fn a_bad_character_is_named_by_line_and_place() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let tokens = legacy_tokens(2);
+    for bad in ['!', ' ', 'é'] {
+        // The 21st character: `kg_` and 12 hex digits, `_`, then the secret's fifth.
+        let mut broken: Vec<char> = tokens[1].chars().collect();
+        broken[20] = bad;
+        let broken: String = broken.into_iter().collect();
+        let out = import(&gate, &format!("{}\tfine\n{broken}\tbroken\n", tokens[0]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("line 2") && stderr.contains(&format!("character 21 ({bad:?})")),
+            "{bad:?}: {stderr}"
+        );
+        assert!(!stderr.contains("length"), "{stderr}");
+        // Nothing of the token before or after the bad character.
+        let before: String = broken.chars().skip(3).take(17).collect();
+        let after: String = broken.chars().skip(21).collect();
+        assert!(!stderr.contains(&before), "{stderr}");
+        assert!(!stderr.contains(&after), "{stderr}");
+    }
+    // Too short for either shape, and another system's prefix: said so.
+    let out = import(&gate, "kg_short\tx\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("8 characters"),
+        "{stderr}"
+    );
+    let out = import(&gate, "sk_live_Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe\tx\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 1") && stderr.contains("does not start with kg_"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Zx9Yw8"), "{stderr}");
+    gate.stop().await;
+}
+
+/// A token the store already holds (a file imported twice, or partly
+/// before) is refused by its line and key id, never the token, and
+/// nothing of the file is imported; the store alone could only say
+/// "imported twice?" without saying where.
+#[tokio::test]
+async fn a_token_already_in_the_store_is_named_by_its_line() {
+    let gate = Gate::builder()
+        .extra("[keys]\naccept_imported = true")
+        .start()
+        .await;
+    let tokens = legacy_tokens(6);
+    let first: String = tokens[..2]
+        .iter()
+        .map(|t| format!("{t}\tbefore\n"))
+        .collect();
+    let out = import(&gate, &first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tsv = format!(
+        "{}\tnew\n\n{}\tagain\n{}\tnew\n{}\tagain\n",
+        tokens[2], tokens[1], tokens[3], tokens[0]
+    );
+    let out = import(&gate, &tsv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let id = |token: &str| {
+        keygate::key::TokenFormat::new("kg")
+            .accepting_imported(true)
+            .parse(token.as_bytes())
+            .unwrap()
+            .id
+            .to_string()
+    };
+    assert!(
+        stderr.contains(&format!("line 3 (key {})", id(&tokens[1])))
+            && stderr.contains(&format!("line 5 (key {})", id(&tokens[0]))),
+        "{stderr}"
+    );
+    for token in &tokens {
+        assert!(!stderr.contains(&token[16..]), "{stderr}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+        .fetch_one(
+            &sqlx::SqlitePool::connect(&format!("sqlite://{}", gate.db_path.display()))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(count, 3, "the bootstrap key and the first two imported");
+    gate.stop().await;
+}

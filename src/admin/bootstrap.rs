@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::key::{IssuedToken, TokenFormat};
 use crate::store::{
-    Access, AccountRole, Actor, ApiKey, KeyStore, NewKey, OwnerType, Principal, PrincipalSpec,
-    StoreError,
+    check_lifetime, Access, AccountRole, Actor, ApiKey, KeyStore, NewKey, OwnerType, Principal,
+    PrincipalSpec, StoreError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,14 @@ pub async fn bootstrap(
     if users > 0 {
         return Err(BootstrapError::UsersExist(users));
     }
+    // The admin and its key are two writes: a key the policy refuses after
+    // the admin was written would leave an admin nobody holds a key of, and
+    // every later bootstrap refused (a user exists). So the policy is
+    // checked first.
+    let expiry = lifetime_or_account_max(store, lifetime)
+        .await?
+        .map(|l| SystemTime::now() + l);
+    check_lifetime(&store.settings().await?, expiry).map_err(StoreError::Policy)?;
     let actor = Actor::system("bootstrap");
     let spec = PrincipalSpec {
         name: email.into(),

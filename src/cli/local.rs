@@ -1,10 +1,16 @@
 //! Commands that open the store directly: `bootstrap`, `backup`,
 //! `apikey create --local` and `apikey import`.
+//!
+//! Only `bootstrap` may create a SQLite store, and keeps it only when it
+//! succeeded; the others refuse a path with no file, which opening would
+//! have made into a new, empty store.
+
+use std::path::{Path, PathBuf};
 
 use super::{store_settings, ApikeyCommand, Command, Failure, EX_UNAVAILABLE};
 use crate::admin::bootstrap::{bootstrap, issue_key, lifetime_or_account_max, BootstrapError};
-use crate::key::TokenFormat;
-use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore};
+use crate::key::{imported_character, KeyId, TokenError, TokenFormat};
+use crate::store::{self, Actor, KeyStore, NewKey, OwnerType, Principal, SqliteStore, StoreError};
 
 /// The URL is shown as the server logs it: a `--store` URL may carry a
 /// PostgreSQL password, which must not reach a terminal or a CI log.
@@ -31,6 +37,57 @@ async fn with_store<T>(
     outcome
 }
 
+/// The database file of a `sqlite:` URL; `None` for PostgreSQL.
+fn sqlite_file(url: &str) -> Result<Option<PathBuf>, Failure> {
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    SqliteStore::file_of(url)
+        .map(Some)
+        .ok_or_else(|| Failure::usage(format!("bad store URL {}", store::display_url(url))))
+}
+
+/// For the commands that read or add to a store: a SQLite URL must name a
+/// file that is there. Opening would create a new, empty store at a
+/// misspelt path, and the command would then write into it, or fail and
+/// leave it behind. Returns the file (`None` for PostgreSQL).
+fn existing_store(url: &str) -> Result<Option<PathBuf>, Failure> {
+    let file = sqlite_file(url)?;
+    if let Some(file) = &file {
+        if !file.is_file() {
+            return Err(Failure::usage(format!(
+                "no SQLite store at {}: this command works on an existing store \
+                 (`keygate serve` or `keygate bootstrap` creates one); check --store \
+                 or [store] url",
+                file.display()
+            )));
+        }
+    }
+    Ok(file)
+}
+
+/// Removes the SQLite store a failed bootstrap created, its `-wal`, `-shm`
+/// and `-journal` files with it: a store without its first admin (or with
+/// an admin but no key, which no second bootstrap could mend) is not a set
+/// up store, and a misspelt path would leave a stray file. Returns
+/// `failure`, with the file named if it could not be removed.
+fn remove_new_store(file: &Path, mut failure: Failure) -> Failure {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                failure.message.push_str(&format!(
+                    "; could not remove {}, which this bootstrap created: {e}",
+                    Path::new(&path).display()
+                ));
+            }
+            _ => {}
+        }
+    }
+    failure
+}
+
 pub async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Bootstrap {
@@ -40,17 +97,30 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         } => {
             let (url, prefix) = store_settings(&store)?;
             let tokens = TokenFormat::new(&prefix);
-            let (admin, key, token) = with_store(&url, async |store| {
+            // Bootstrap is how a store is set up, so it may create one; but
+            // only a store it made whole is kept (see `remove_new_store`).
+            let new_file = sqlite_file(&url)?.filter(|file| !file.exists());
+            let made = with_store(&url, async |store| {
                 bootstrap(store, &tokens, &email, duration)
                     .await
                     .map_err(|e| match e {
-                        BootstrapError::UsersExist(_) | BootstrapError::BadEmail(_) => {
+                        BootstrapError::UsersExist(_)
+                        | BootstrapError::BadEmail(_)
+                        | BootstrapError::Store(StoreError::Policy(_)) => {
                             Failure::usage(e.to_string())
                         }
                         BootstrapError::Store(e) => Failure::runtime(e.to_string()),
                     })
             })
-            .await?;
+            .await;
+            let (admin, key, token) = match (made, &new_file) {
+                (Err(failure), Some(file)) => return Err(remove_new_store(file, failure)),
+                (made, _) => made?,
+            };
+            if let Some(file) = &new_file {
+                // Said, so that a misspelt path is seen at once.
+                eprintln!("Created a new key store at {}.", file.display());
+            }
             eprintln!(
                 "Created account admin {} ({}) and API key {}.",
                 admin.name, admin.id, key.id
@@ -66,16 +136,8 @@ pub async fn run(command: Command) -> Result<(), Failure> {
                     "backup copies a SQLite store; back up PostgreSQL with pg_dump",
                 ));
             }
-            // Opening would create a missing store: a mistyped path would
-            // back up a new, empty one.
-            let from = SqliteStore::file_of(&url)
-                .ok_or_else(|| Failure::usage(format!("bad store URL {url}")))?;
-            if !from.is_file() {
-                return Err(Failure::usage(format!(
-                    "no SQLite store at {}",
-                    from.display()
-                )));
-            }
+            // A `sqlite:` URL, so always a file.
+            let from = existing_store(&url)?.unwrap_or_default();
             // Refused here with the path named; SQLite would also refuse to
             // write into a file that is not empty.
             if to.exists() {
@@ -110,6 +172,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             let (url, prefix) = store_settings(&store)?;
             let owner_email =
                 owner_email.ok_or_else(|| Failure::usage("--local needs --owner-email"))?;
+            existing_store(&url)?;
             let tokens = TokenFormat::new(&prefix);
             let actor = Actor::system("local-cli");
             let (owner, key, token) = with_store(&url, async |store| {
@@ -146,6 +209,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             ..
         } => {
             let (url, prefix) = store_settings(&store)?;
+            existing_store(&url)?;
             let text = if tsv.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
             } else {
@@ -187,6 +251,7 @@ async fn import(
             owners.insert(line.owner_email, find_user(store, line.owner_email).await?);
         }
     }
+    refuse_tokens_in_store(store, &lines).await?;
     let keys: Vec<NewKey> = lines
         .into_iter()
         .map(|line| {
@@ -211,6 +276,46 @@ async fn import(
     Ok((imported, owners.into_values().map(|o| o.name).collect()))
 }
 
+/// Refuses the import when the store already holds some of its tokens (a
+/// file imported twice, or partly before), naming their lines and key ids:
+/// the store's own refusal, at the insert, cannot say which line. Nothing
+/// is written either way; a token added between this check and the import
+/// is still refused by the store, as the whole import.
+async fn refuse_tokens_in_store(
+    store: &dyn KeyStore,
+    lines: &[ImportLine<'_>],
+) -> Result<(), Failure> {
+    /// Lines named in full; a file imported twice would list them all.
+    const NAMED: usize = 5;
+    let ids: Vec<KeyId> = lines.iter().map(|line| line.token.id).collect();
+    let existing: std::collections::BTreeSet<KeyId> = store
+        .existing_keys(&ids)
+        .await
+        .map_err(|e| Failure::runtime(e.to_string()))?
+        .into_iter()
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let found: Vec<&ImportLine<'_>> = lines
+        .iter()
+        .filter(|line| existing.contains(&line.token.id))
+        .collect();
+    let mut named: Vec<String> = found
+        .iter()
+        .take(NAMED)
+        .map(|line| format!("line {} (key {})", line.number, line.token.id))
+        .collect();
+    if found.len() > NAMED {
+        named.push(format!("and {} more lines", found.len() - NAMED));
+    }
+    let tokens = if found.len() == 1 { "token" } else { "tokens" };
+    Err(Failure::usage(format!(
+        "the store already holds the {tokens} of {} (imported before?); nothing was imported",
+        named.join(", ")
+    )))
+}
+
 async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failure> {
     store
         .find_principal_by_name(OwnerType::User, email)
@@ -221,6 +326,8 @@ async fn find_user(store: &dyn KeyStore, email: &str) -> Result<Principal, Failu
 
 /// One line of an import file.
 struct ImportLine<'a> {
+    /// Its number in the file, counted from 1, to name it by.
+    number: usize,
     token: crate::key::ParsedToken,
     name: String,
     owner_email: &'a str,
@@ -242,10 +349,12 @@ fn parse_import<'a>(
         }
         let mut fields = line.split('\t');
         let token = fields.next().unwrap_or_default();
-        let token = tokens.parse(token.trim().as_bytes()).map_err(|e| {
+        let token = token.trim();
+        let token = tokens.parse(token.as_bytes()).map_err(|e| {
             Failure::usage(format!(
-                "line {}: not an importable token ({e})",
-                number + 1
+                "line {}: not an importable token: {}",
+                number + 1,
+                not_importable(token, tokens, e)
             ))
         })?;
         if let Some(first) = first_seen.insert(token.id, number + 1) {
@@ -257,6 +366,7 @@ fn parse_import<'a>(
         let name = fields.next().map(str::trim).unwrap_or_default();
         let owner_email = fields.next().map(str::trim).filter(|o| !o.is_empty());
         lines.push(ImportLine {
+            number: number + 1,
             name: if name.is_empty() {
                 format!("imported {}", token.id)
             } else {
@@ -267,4 +377,34 @@ fn parse_import<'a>(
         });
     }
     Ok(lines)
+}
+
+/// Why `token` is not importable, found by the rules of the imported shape
+/// (a line that is not a native token is read as an imported one, and
+/// `parse` reports the native format's reason: "wrong length" for a token
+/// that holds a bad character). Says where and what, never the token: a
+/// bad character is no character of a secret, but its neighbours are.
+fn not_importable(token: &str, tokens: &TokenFormat, native: TokenError) -> String {
+    let mut chars = token.chars().enumerate();
+    if let Some((at, c)) = chars.find(|&(_, c)| !u8::try_from(c).is_ok_and(imported_character)) {
+        return format!(
+            "character {} ({c:?}) is not allowed: a token is made of letters, digits, \
+             '_', '-' and '.'",
+            at + 1
+        );
+    }
+    let prefix = tokens.prefix();
+    if !token.starts_with(prefix) || token.as_bytes().get(prefix.len()) != Some(&b'_') {
+        return format!("it does not start with {prefix}_ (the configured [keys] prefix)");
+    }
+    let lengths = tokens.imported_lengths();
+    if !lengths.contains(&token.len()) {
+        return format!(
+            "it is {} characters long; an imported token has {} to {}",
+            token.len(),
+            lengths.start(),
+            lengths.end()
+        );
+    }
+    native.to_string()
 }

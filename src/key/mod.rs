@@ -10,6 +10,6 @@ mod token;
 
 pub use digest::Digest;
 pub use token::{
-    random_id, IssuedToken, KeyId, ParsedToken, TokenError, TokenFormat, CHECK_LEN, ID_LEN,
-    SECRET_LEN,
+    imported_character, random_id, IssuedToken, KeyId, ParsedToken, TokenError, TokenFormat,
+    CHECK_LEN, ID_LEN, SECRET_LEN,
 };

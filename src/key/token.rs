@@ -194,6 +194,12 @@ pub struct ParsedToken {
 const IMPORTED_MIN: usize = 16;
 const IMPORTED_MAX: usize = 256;
 
+/// Whether an imported token may hold `c`: URL-safe characters only (every
+/// native token's are among them).
+pub fn imported_character(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.')
+}
+
 /// The token format with its configured prefix.
 #[derive(Debug, Clone)]
 pub struct TokenFormat {
@@ -221,14 +227,13 @@ impl TokenFormat {
     /// digest covers the whole token; its id comes from the digest.
     pub fn parse_imported(&self, token: &[u8]) -> Result<ParsedToken, TokenError> {
         let p = self.prefix.len();
-        if token.len() < p + 1 + IMPORTED_MIN || token.len() > IMPORTED_MAX {
+        if !self.imported_lengths().contains(&token.len()) {
             return Err(TokenError::Length);
         }
         if &token[..p] != self.prefix.as_bytes() || token[p] != b'_' {
             return Err(TokenError::Prefix);
         }
-        let allowed = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
-        if !token.iter().all(allowed) {
+        if !token.iter().copied().all(imported_character) {
             return Err(TokenError::SecretCharacters);
         }
         let digest = Digest::of(token);
@@ -236,6 +241,12 @@ impl TokenFormat {
             id: KeyId::from_digest(&digest),
             digest,
         })
+    }
+
+    /// How long an imported token may be, in bytes (its prefix and `_`
+    /// included).
+    pub fn imported_lengths(&self) -> std::ops::RangeInclusive<usize> {
+        self.prefix.len() + 1 + IMPORTED_MIN..=IMPORTED_MAX
     }
 
     pub fn prefix(&self) -> &str {

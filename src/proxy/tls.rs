@@ -15,7 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::InconsistentKeys;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A certificate, key or CA file that cannot be used.
@@ -53,17 +53,17 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
         reason: e.to_string(),
     };
     let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| file_error("certificate file", cert, &e))?
+        .map_err(|e| file_error("certificate file", cert, &pem_problem(&e, "certificate")))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error("certificate file", cert, &e))?;
+        .map_err(|e| file_error("certificate file", cert, &pem_problem(&e, "certificate")))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
             path: cert.to_owned(),
         });
     }
     // Never echo the key file's content in an error: only its path.
-    let private =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("private key file", key, &e))?;
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| file_error("private key file", key, &pem_problem(&e, "private key")))?;
     let signing = provider()
         .key_provider
         .load_private_key(private)
@@ -88,6 +88,33 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
             path: cert.to_owned(),
             reason: e.to_string(),
         }),
+    }
+}
+
+/// What is wrong with a PEM file, in words: the crate's own messages show a
+/// section's label as bytes (`missing section end marker: [67, 69, ...]`)
+/// or say `no items found`. `wanted` is what the file should hold. Nothing
+/// of the file's content is repeated (a key file's is a secret).
+fn pem_problem(error: &pem::Error, wanted: &str) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(end_marker);
+            format!(
+                "the file ends inside its {label} section, before the `-----END {label}-----` \
+                 line: cut short, or still being written"
+            )
+        }
+        pem::Error::IllegalSectionStart { .. } => {
+            "a `-----BEGIN ` line does not end with `-----`".into()
+        }
+        pem::Error::Base64Decode(_) => {
+            "the base64 text between a section's BEGIN and END lines is damaged".into()
+        }
+        pem::Error::NoItemsFound => {
+            format!("it holds no {wanted}: no `-----BEGIN ...-----` section of one")
+        }
+        pem::Error::Io(e) => e.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -139,12 +166,12 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
             for cert in CertificateDer::pem_file_iter(path).map_err(|e| TlsError::File {
                 what: "CA file",
                 path: path.to_owned(),
-                reason: e.to_string(),
+                reason: pem_problem(&e, "certificate"),
             })? {
                 let cert = cert.map_err(|e| TlsError::File {
                     what: "CA file",
                     path: path.to_owned(),
-                    reason: e.to_string(),
+                    reason: pem_problem(&e, "certificate"),
                 })?;
                 roots.add(cert)?;
             }

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+pub use writes::check_lifetime;
 
 use crate::key::{Digest, KeyId};
 

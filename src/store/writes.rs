@@ -809,8 +809,9 @@ fn max_days(d: Duration) -> u64 {
 }
 
 /// The lifetime policy: an expiry is required (unless the limit is zero), in
-/// the future, and within the limit.
-fn check_lifetime(
+/// the future, and within the limit. Public for `bootstrap`, which checks
+/// it before writing its admin (the key is written after, on its own).
+pub fn check_lifetime(
     settings: &AccountSettings,
     expiry: Option<SystemTime>,
 ) -> Result<(), PolicyViolation> {
