@@ -547,6 +547,34 @@ mod tests {
     }
 
     #[test]
+    fn the_certificate_expiry_has_one_series_for_the_served_file() {
+        let metrics = Metrics::new(10);
+        let series = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("keygate_tls_certificate_expiry_timestamp_seconds{"))
+                .map(str::to_owned)
+                .collect()
+        };
+        // No TLS: no series.
+        assert!(series(&metrics.render()).is_empty());
+        let path = std::path::Path::new("/etc/keygate/a.crt");
+        metrics.set_tls_certificate_expiry(path, Some(1_700_000_000));
+        assert_eq!(
+            series(&metrics.render()),
+            ["keygate_tls_certificate_expiry_timestamp_seconds{cert_file=\"/etc/keygate/a.crt\"} 1700000000"]
+        );
+        // A reload to another file replaces it; an unreadable period drops it.
+        let other = std::path::Path::new("/etc/keygate/b.crt");
+        metrics.set_tls_certificate_expiry(other, Some(1_800_000_000));
+        assert_eq!(
+            series(&metrics.render()),
+            ["keygate_tls_certificate_expiry_timestamp_seconds{cert_file=\"/etc/keygate/b.crt\"} 1800000000"]
+        );
+        metrics.set_tls_certificate_expiry(other, None);
+        assert!(series(&metrics.render()).is_empty());
+    }
+
+    #[test]
     fn route_names_are_escaped_and_the_family_is_declared_once() {
         let metrics = Metrics::new(10);
         let id = KeyId::generate();
