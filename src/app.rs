@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -18,6 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::{Authenticator, CacheSettings};
 use crate::config::Config;
 use crate::key::TokenFormat;
+use crate::proxy::cert_validity;
 use crate::proxy::server::{self, ServerLimits};
 use crate::proxy::tls::{load_certified_key, server_config, CertResolver, TlsError};
 use crate::proxy::{ProxyState, SharedParts};
@@ -82,10 +83,18 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     // TLS first: a bad certificate must stop the start before anything runs.
+    // An expired or not yet valid one starts, with a warning
+    // (proxy::cert_validity says why).
+    let mut served_validity = None;
     let certs = match &config.proxy.tls {
-        Some(tls) => Some(CertResolver::new(
-            load_certified_key(&tls.cert_file, &tls.key_file).map_err(StartError::Tls)?,
-        )),
+        Some(tls) => {
+            let certified =
+                load_certified_key(&tls.cert_file, &tls.key_file).map_err(StartError::Tls)?;
+            served_validity = certified.cert.first().and_then(|leaf| {
+                cert_validity::warn_if_due(&tls.cert_file, leaf, SystemTime::now())
+            });
+            Some(CertResolver::new(certified))
+        }
         None => None,
     };
     let acceptor = match &certs {
@@ -101,6 +110,12 @@ pub async fn run_with_reload(
             source,
         })?;
     let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
+    if let Some(tls) = &config.proxy.tls {
+        metrics.set_tls_certificate_expiry(
+            &tls.cert_file,
+            served_validity.map(|v| v.not_after_unix()),
+        );
+    }
     let cache = CacheSettings {
         capacity: config.cache.capacity,
         ttl: config.cache.ttl,

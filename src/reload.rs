@@ -4,6 +4,10 @@
 //! A reload builds everything new first (config parsed and validated,
 //! certificate loaded, proxy state built) and only then swaps it in, so a
 //! bad file is refused with a logged reason and the old one keeps serving.
+//! A new certificate that is expired or not yet valid is such a bad file
+//! (the one already served is not new: see [`check_replacement`]); the one
+//! swapped in is warned about near its expiry and sets
+//! `keygate_tls_certificate_expiry_timestamp_seconds`.
 //! Open connections are never dropped: they pick up the new state on their
 //! next request. The log level applies at once; what a running process
 //! cannot change ([`keep_restart_only`]) keeps its value until a restart,
@@ -17,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
+use crate::proxy::cert_validity::{check_replacement, warn_if_due, ValidityError};
 use crate::proxy::tls::{load_certified_key, CertResolver, TlsError};
 use crate::proxy::{ProxyState, SharedParts};
 
@@ -26,6 +31,9 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A new certificate that is expired or not yet valid.
+    #[error(transparent)]
+    Validity(#[from] ValidityError),
     #[error("TLS was {0} in the new config; turning TLS on or off needs a restart")]
     TlsToggled(&'static str),
 }
@@ -91,8 +99,16 @@ impl Reloader {
         // files change again.
         self.stamps = self.current_stamps();
         let mut config = Config::load(&self.path)?;
+        let now = SystemTime::now();
         let certificate = match (&config.proxy.tls, &self.certs) {
-            (Some(tls), Some(_)) => Some(load_certified_key(&tls.cert_file, &tls.key_file)?),
+            (Some(tls), Some(served)) => {
+                let new = load_certified_key(&tls.cert_file, &tls.key_file)?;
+                if let Some(leaf) = new.cert.first() {
+                    let served = served.current();
+                    check_replacement(&tls.cert_file, leaf, served.cert.first(), now)?;
+                }
+                Some(new)
+            }
             (None, None) => None,
             (Some(_), None) => return Err(ReloadError::TlsToggled("turned on")),
             (None, Some(_)) => return Err(ReloadError::TlsToggled("turned off")),
@@ -108,8 +124,17 @@ impl Reloader {
         if config.log.level != self.active.log.level {
             crate::telemetry::reload_log_level(&config.log.level);
         }
-        if let (Some(resolver), Some(certificate)) = (&self.certs, certificate) {
+        if let (Some(resolver), Some(certificate), Some(tls)) =
+            (&self.certs, certificate, &config.proxy.tls)
+        {
+            let validity = certificate
+                .cert
+                .first()
+                .and_then(|leaf| warn_if_due(&tls.cert_file, leaf, now));
             resolver.replace(certificate);
+            self.shared
+                .metrics
+                .set_tls_certificate_expiry(&tls.cert_file, validity.map(|v| v.not_after_unix()));
         }
         self.proxy.store(Arc::new(state));
         self.active = config;

@@ -733,6 +733,78 @@ fn check_validates_a_config_file_without_starting() {
     assert!(stderr.contains("store.url"), "{stderr}");
 }
 
+/// A certificate out of its validity period, or due within 14 days, is a
+/// warning of `check` naming the file and the time, not a failure: `serve`
+/// starts with it too.
+#[test]
+fn check_warns_of_an_expired_or_expiring_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (long_ago, _) = support::days_from_now(-60);
+    let (yesterday, _) = support::days_from_now(-1);
+    let (soon, _) = support::days_from_now(5);
+    let (tomorrow, _) = support::days_from_now(1);
+    let (later, _) = support::days_from_now(90);
+    let cases = [
+        (
+            long_ago,
+            yesterday,
+            format!(
+                "expired at {}",
+                humantime::format_rfc3339_seconds(yesterday)
+            ),
+        ),
+        (
+            tomorrow,
+            later,
+            format!(
+                "is not valid before {}",
+                humantime::format_rfc3339_seconds(tomorrow)
+            ),
+        ),
+        (
+            yesterday,
+            soon,
+            format!(
+                "expires in 4 days, at {}",
+                humantime::format_rfc3339_seconds(soon)
+            ),
+        ),
+        (yesterday, later, String::new()),
+    ];
+    for (i, (not_before, not_after, warned)) in cases.into_iter().enumerate() {
+        let cert = support::make_cert_valid(dir.path(), &format!("c{i}"), not_before, not_after);
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[proxy]\nupstream = \"http://127.0.0.1:9\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n\
+                 [store]\nurl = \"sqlite://{}/k.db\"\n",
+                cert.cert_path.display(),
+                cert.key_path.display(),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+        if warned.is_empty() {
+            assert!(stderr.is_empty(), "{stderr}");
+        } else {
+            let expected = format!(
+                "warning: proxy.tls: the certificate in {} {warned}",
+                cert.cert_path.display()
+            );
+            assert!(stderr.contains(&expected), "{expected}: {stderr}");
+        }
+    }
+}
+
 /// Every command and subcommand has a description of its own in `--help`.
 /// A subcommand without one had shown the doc comment of the argument
 /// struct it flattens (`user create` as "Access flags of user and

@@ -467,6 +467,96 @@ async fn sighup_reloads_the_config_file() {
     );
 }
 
+/// An expired certificate does not stop `serve` (refusing would turn the
+/// expiry into an outage): it serves it, with a warning naming the file
+/// and the notAfter. A reload then takes a valid one, and refuses an expired
+/// one again, naming it: the valid one keeps serving.
+#[tokio::test]
+async fn an_expired_certificate_starts_with_a_warning_and_a_reload_refuses_one() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (long_ago, _) = support::days_from_now(-60);
+    let (yesterday, _) = support::days_from_now(-1);
+    let expired = support::make_cert_valid(dir.path(), "expired", long_ago, yesterday);
+    let renewed = support::make_cert_valid(
+        dir.path(),
+        "renewed",
+        yesterday,
+        support::days_from_now(90).0,
+    );
+    let expired_again = support::make_cert_valid(dir.path(), "again", long_ago, long_ago);
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let install = |cert: &support::TestCert| {
+        std::fs::copy(&cert.cert_path, &cert_file).unwrap();
+        std::fs::copy(&cert.key_path, &key_file).unwrap();
+    };
+    install(&expired);
+    let (config, proxy, admin) = write_config(
+        dir.path(),
+        upstream.addr,
+        &format!(
+            "tls = {{ cert_file = \"{}\", key_file = \"{}\" }}",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let proxy_addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy));
+    assert_eq!(support::presented_leaf(proxy_addr).await, expired.der);
+
+    let presents = |expected: rustls::pki_types::CertificateDer<'static>| async move {
+        for _ in 0..100 {
+            if support::presented_leaf(proxy_addr).await == expected {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    install(&renewed);
+    signal(&server.child, "HUP");
+    assert!(
+        presents(renewed.der.clone()).await,
+        "the renewal was not taken"
+    );
+    install(&expired_again);
+    signal(&server.child, "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(support::presented_leaf(proxy_addr).await, renewed.der);
+
+    signal(&server.child, "TERM");
+    let mut logs = String::new();
+    let mut stderr = server.child.stderr.take().unwrap();
+    stderr.read_to_string(&mut logs).unwrap();
+    let expired_at = humantime::format_rfc3339_seconds(yesterday).to_string();
+    let cert_file = cert_file.display().to_string();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains(&format!(
+                "the certificate in {cert_file} expired at {expired_at}"
+            ))
+            && l.contains("serving it anyway")),
+        "no start warning naming {cert_file} and {expired_at}: {logs}"
+    );
+    let refused_at = humantime::format_rfc3339_seconds(long_ago).to_string();
+    assert!(
+        logs.lines().any(|l| l.contains("ERROR")
+            && l.contains("reload refused")
+            && l.contains(&format!(
+                "the certificate in {cert_file} expired at {refused_at}"
+            ))),
+        "no refused reload naming {cert_file} and {refused_at}: {logs}"
+    );
+    // The key files' content and the admin key are never logged.
+    for secret in [&expired, &renewed, &expired_again] {
+        let pem = std::fs::read_to_string(&secret.key_path).unwrap();
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!logs.contains(body), "a private key was logged: {logs}");
+    }
+    assert!(!logs.contains(&key), "{logs}");
+}
+
 #[test]
 fn invalid_configs_exit_64_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{make_cert, Gate, RecordingUpstream, TestCert};
+use support::{make_cert, make_cert_valid, Gate, RecordingUpstream, TestCert};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client_config(trusted: &[&TestCert], alpn: &[&[u8]]) -> rustls::ClientConfig {
@@ -149,6 +149,148 @@ async fn a_key_not_matching_the_certificate_on_reload_is_refused() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, leaf) = handshake(gate.proxy.port(), client_config(&[&cert], &[b"h2"])).await;
     assert_eq!(leaf, cert.der);
+    gate.stop().await;
+}
+
+/// The value of `keygate_tls_certificate_expiry_timestamp_seconds` for
+/// `cert_file`, and how many series the family has.
+async fn expiry_gauge(gate: &Gate, cert_file: &std::path::Path) -> (Option<i64>, usize) {
+    let text = reqwest::get(gate.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keygate_tls_certificate_expiry_timestamp_seconds{"))
+        .collect();
+    let labels = format!(
+        "keygate_tls_certificate_expiry_timestamp_seconds{{cert_file=\"{}\"}} ",
+        cert_file.display()
+    );
+    let value = series
+        .iter()
+        .find_map(|l| l.strip_prefix(&labels))
+        .map(|v| v.parse::<f64>().unwrap() as i64);
+    (value, series.len())
+}
+
+/// Waits until the listener presents `expected`; false if it never does.
+async fn presents(gate: &Gate, expected: &TestCert) -> bool {
+    for _ in 0..50 {
+        if support::presented_leaf(gate.proxy).await == expected.der {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A reload does not swap in a certificate out of its validity period
+/// (expired, or not valid yet): the served one keeps serving, and the
+/// expiry gauge keeps its notAfter. A good one later is taken, and the
+/// gauge follows it.
+#[tokio::test]
+async fn a_reload_refuses_an_expired_or_not_yet_valid_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (yesterday, _) = support::days_from_now(-1);
+    let (in_30_days, served_until) = support::days_from_now(30);
+    let (in_90_days, renewed_until) = support::days_from_now(90);
+    let served = make_cert_valid(dir.path(), "served", yesterday, in_30_days);
+    let expired = make_cert_valid(
+        dir.path(),
+        "expired",
+        support::days_from_now(-60).0,
+        yesterday,
+    );
+    let early = make_cert_valid(dir.path(), "early", support::days_from_now(1).0, in_90_days);
+    let renewed = make_cert_valid(dir.path(), "renewed", yesterday, in_90_days);
+    let gate = Gate::builder().proxy(&tls_lines(&served)).start().await;
+    assert_eq!(support::presented_leaf(gate.proxy).await, served.der);
+    assert_eq!(
+        expiry_gauge(&gate, &served.cert_path).await,
+        (Some(served_until), 1)
+    );
+
+    for refused in [&expired, &early] {
+        std::fs::copy(&refused.cert_path, &served.cert_path).unwrap();
+        std::fs::copy(&refused.key_path, &served.key_path).unwrap();
+        gate.reload_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            support::presented_leaf(gate.proxy).await,
+            served.der,
+            "a certificate out of its period was swapped in"
+        );
+        assert_eq!(
+            expiry_gauge(&gate, &served.cert_path).await,
+            (Some(served_until), 1)
+        );
+    }
+
+    std::fs::copy(&renewed.cert_path, &served.cert_path).unwrap();
+    std::fs::copy(&renewed.key_path, &served.key_path).unwrap();
+    gate.reload_tx.send(()).unwrap();
+    assert!(presents(&gate, &renewed).await, "the renewal was not taken");
+    assert_eq!(
+        expiry_gauge(&gate, &served.cert_path).await,
+        (Some(renewed_until), 1)
+    );
+    gate.stop().await;
+}
+
+/// A certificate served since the start and expired (or expired while
+/// running) is not a new one: a reload of the config is not refused for
+/// it, and a valid replacement is taken.
+#[tokio::test]
+async fn an_expired_certificate_already_served_does_not_block_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (long_ago, _) = support::days_from_now(-60);
+    let (yesterday, expired_at) = support::days_from_now(-1);
+    let cert = make_cert_valid(dir.path(), "expired", long_ago, yesterday);
+    let upstream = RecordingUpstream::start().await;
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .proxy(&tls_lines(&cert))
+        .start()
+        .await;
+    // Started, and serving it: clients that do not verify still get through.
+    assert_eq!(support::presented_leaf(gate.proxy).await, cert.der);
+    assert_eq!(
+        expiry_gauge(&gate, &cert.cert_path).await,
+        (Some(expired_at), 1)
+    );
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(support::any_certificate_client())
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let send = || {
+        let request = http::Request::get(format!("https://localhost:{}/", gate.proxy.port()))
+            .header("authorization", format!("Bearer {}", gate.admin_token))
+            .body(Empty::new())
+            .unwrap();
+        client.request(request)
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert!(!upstream.last().headers.contains_key("authorization"));
+
+    gate.rewrite_config(|text| text.replacen("[proxy]\n", "[proxy]\nkeep_credential = true\n", 1));
+    let mut applied = false;
+    for _ in 0..50 {
+        assert_eq!(send().await.unwrap().status(), 200);
+        if upstream.last().headers.contains_key("authorization") {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        applied,
+        "the config reload was refused for the served certificate"
+    );
     gate.stop().await;
 }
 

@@ -3,20 +3,29 @@
 //! SIGINT. `keygate check`: the same checks of the config, then stop.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 
 use super::{Failure, EX_UNAVAILABLE, EX_USAGE};
 use crate::config::Config;
+use crate::proxy::cert_validity;
 
 /// What `serve` checks before it binds or opens anything: the config's
 /// fields, then the files it names (certificate and key, CA bundle).
+/// A certificate that is expired, not yet valid or due within 14 days is a
+/// warning on stderr, not a failure: `serve` starts with it too.
 pub fn check(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
     if let Some(tls) = &config.proxy.tls {
-        crate::proxy::tls::load_certified_key(&tls.cert_file, &tls.key_file)
+        let certified = crate::proxy::tls::load_certified_key(&tls.cert_file, &tls.key_file)
             .map_err(|e| Failure::usage(format!("proxy.tls: {e}")))?;
+        if let Some(leaf) = certified.cert.first() {
+            let (_, notice) = cert_validity::inspect(&tls.cert_file, leaf, SystemTime::now());
+            if let Some(notice) = notice {
+                eprintln!("warning: proxy.tls: {notice}");
+            }
+        }
     }
     crate::proxy::tls::client_config(config.proxy.upstream_ca_file.as_deref())
         .map_err(|e| Failure::usage(format!("proxy.upstream_ca_file: {e}")))?;

@@ -1,6 +1,7 @@
 //! The data plane: the listener, the request pipeline, header rewriting, the
 //! upstream clients, the timeouts and the one place errors become responses.
 
+pub mod cert_validity;
 pub mod cors;
 pub mod forward_auth;
 pub mod handler;

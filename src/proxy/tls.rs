@@ -133,6 +133,11 @@ impl CertResolver {
     pub fn replace(&self, key: CertifiedKey) {
         self.current.store(Arc::new(key));
     }
+
+    /// The certificate new handshakes get now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
 }
 
 impl fmt::Debug for CertResolver {

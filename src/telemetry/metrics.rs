@@ -3,7 +3,8 @@
 //! written beside it.
 //!
 //! Labels are bounded: the route's name (from config), the status class,
-//! the failure reason, and the key *id* (never a secret), capped at
+//! the failure reason, the listener's certificate file (one at a time), and
+//! the key *id* (never a secret), capped at
 //! `[metrics] max_key_series` distinct keys; further keys count under
 //! `key_id="_other"` (a deleted key's slot is freed by the cache sweeper).
 //! A key's counters are resolved once and kept with the cached key, so
@@ -33,8 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use futures_util::Stream;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::key::KeyId;
@@ -80,6 +81,10 @@ pub struct Metrics {
     pub usage_flush_failures: IntCounter,
     /// Time from a key change to its cache invalidation here.
     pub invalidation_delay: Histogram,
+    /// notAfter of the listener's served certificate, by certificate file:
+    /// one series while TLS serves, none without TLS or when the period
+    /// cannot be read.
+    tls_certificate_expiry: IntGaugeVec,
 }
 
 /// A key's request counts on one route, one per status class. Aligned to a
@@ -323,6 +328,14 @@ impl Metrics {
             .buckets(buckets),
         )
         .expect("valid metric");
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "keygate_tls_certificate_expiry_timestamp_seconds",
+                "notAfter of the certificate the TLS listener serves, in seconds since the Unix epoch.",
+            ),
+            &["cert_file"],
+        )
+        .expect("valid metric");
         // `requests` is not registered: a scrape writes it after the
         // registry's metrics (see `render_chunks`).
         for collector in [
@@ -338,6 +351,7 @@ impl Metrics {
             Box::new(usage_dropped.clone()),
             Box::new(usage_flush_failures.clone()),
             Box::new(invalidation_delay.clone()),
+            Box::new(tls_certificate_expiry.clone()),
         ] {
             registry
                 .register(collector)
@@ -358,6 +372,7 @@ impl Metrics {
             usage_dropped,
             usage_flush_failures,
             invalidation_delay,
+            tls_certificate_expiry,
         }
     }
 
@@ -407,6 +422,18 @@ impl Metrics {
 
     pub fn bytes(&self, direction: &'static str) -> IntCounter {
         self.bytes.with_label_values(&[direction])
+    }
+
+    /// The served certificate is now the one in `cert_file`, valid until
+    /// `not_after` (Unix seconds; `None`: unknown, no series). Replaces the
+    /// series of the certificate served before, whatever its file.
+    pub fn set_tls_certificate_expiry(&self, cert_file: &std::path::Path, not_after: Option<i64>) {
+        self.tls_certificate_expiry.reset();
+        if let Some(not_after) = not_after {
+            self.tls_certificate_expiry
+                .with_label_values(&[&*cert_file.to_string_lossy()])
+                .set(not_after);
+        }
     }
 
     /// The registry's metrics and the head of the per-key family: the
@@ -517,6 +544,34 @@ mod tests {
             "a key over the cap has no series"
         );
         assert!(text.contains("# TYPE keygate_requests_total counter"));
+    }
+
+    #[test]
+    fn the_certificate_expiry_has_one_series_for_the_served_file() {
+        let metrics = Metrics::new(10);
+        let series = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("keygate_tls_certificate_expiry_timestamp_seconds{"))
+                .map(str::to_owned)
+                .collect()
+        };
+        // No TLS: no series.
+        assert!(series(&metrics.render()).is_empty());
+        let path = std::path::Path::new("/etc/keygate/a.crt");
+        metrics.set_tls_certificate_expiry(path, Some(1_700_000_000));
+        assert_eq!(
+            series(&metrics.render()),
+            ["keygate_tls_certificate_expiry_timestamp_seconds{cert_file=\"/etc/keygate/a.crt\"} 1700000000"]
+        );
+        // A reload to another file replaces it; an unreadable period drops it.
+        let other = std::path::Path::new("/etc/keygate/b.crt");
+        metrics.set_tls_certificate_expiry(other, Some(1_800_000_000));
+        assert_eq!(
+            series(&metrics.render()),
+            ["keygate_tls_certificate_expiry_timestamp_seconds{cert_file=\"/etc/keygate/b.crt\"} 1800000000"]
+        );
+        metrics.set_tls_certificate_expiry(other, None);
+        assert!(series(&metrics.render()).is_empty());
     }
 
     #[test]

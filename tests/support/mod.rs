@@ -39,6 +39,119 @@ pub fn make_cert(dir: &std::path::Path, name: &str) -> TestCert {
     }
 }
 
+/// [`make_cert`], valid from `not_before` to `not_after` (rcgen's default
+/// is 1975 to 4096).
+pub fn make_cert_valid(
+    dir: &std::path::Path,
+    name: &str,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> TestCert {
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let cert = params.self_signed(&key_pair).unwrap();
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key_pair.serialize_pem()).unwrap();
+    TestCert {
+        der: cert.der().clone(),
+        cert_path,
+        key_path,
+    }
+}
+
+/// `now` moved by `days` (back when negative), in whole seconds as a
+/// certificate holds it: (the time, its Unix seconds).
+pub fn days_from_now(days: i64) -> (std::time::SystemTime, i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let secs = i64::try_from(now).unwrap() + days * 86_400;
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap());
+    (time, secs)
+}
+
+/// Accepts any server certificate (signatures still checked), so that a
+/// test can see which one an expired or untrusted listener presents.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client that takes whatever certificate the server presents.
+pub fn any_certificate_client() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth()
+}
+
+/// The leaf certificate the TLS listener at `addr` presents now.
+pub async fn presented_leaf(addr: SocketAddr) -> rustls::pki_types::CertificateDer<'static> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(any_certificate_client()));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
 /// Runs a keygate command to completion; its stdout, trimmed, once it has
 /// succeeded (its stderr in the failure otherwise).
 pub fn run_cli<I, S>(args: I) -> String
