@@ -1187,3 +1187,64 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
     }
     replica.stop().await;
 }
+
+/// A silent partition that catches a replica between a write and its
+/// commit leaves its transaction open on the server, holding its locks (the
+/// key's row, the lock that orders `changes`), until the server notices the
+/// client is gone: hours, with the default keepalives. Every other
+/// replica's writes would wait that long. keygate's sessions set
+/// `idle_in_transaction_session_timeout`, so the server ends such a
+/// transaction, and its locks, within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_cut_off_by_a_partition_does_not_hold_its_locks() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let path = support::postgres::SilentPartition::start(&shared.db.url).await;
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(&path.url(&shared.db.url), upstream, true, "").await;
+    let (id, _) = shared.key().await;
+
+    // The replica's disable reaches its last statement, an append to
+    // `changes`, and waits there for this lock; then the partition.
+    let mut lock = shared.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE changes IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let disable = {
+        let url = format!("http://{}/api/v1/api-keys/{id}/disable", replica.admin);
+        let token = shared.admin_token.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    path.partition();
+    drop(lock);
+    // The server now holds the replica's transaction open, with its locks,
+    // waiting for a commit that cannot come.
+    assert_eq!(
+        disable.await.unwrap().ok(),
+        Some(503),
+        "the admin API answers its stalled store"
+    );
+
+    let started = Instant::now();
+    let other_write = tokio::time::timeout(Duration::from_secs(40), shared.key()).await;
+    println!("a write by another replica waited {:?}", started.elapsed());
+    assert!(
+        other_write.is_ok(),
+        "another replica's write still waited on the cut-off transaction after 40 s"
+    );
+    // The cut-off change was never committed: the key is still enabled.
+    let key = shared.store.get_key(&id).await.unwrap().unwrap();
+    assert!(!key.disabled);
+    replica.stop().await;
+}

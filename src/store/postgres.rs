@@ -55,6 +55,30 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// flusher, the feed poll, and one held by the change listener.
 const MAX_CONNECTIONS: u32 = 16;
 
+/// How long the server lets one of keygate's sessions sit in a
+/// transaction without a statement before it ends the session. keygate
+/// never waits between the statements of a transaction (milliseconds), so
+/// only a session cut off from keygate reaches it.
+const ABANDONED_TRANSACTION_TIMEOUT: &str = "15s";
+
+/// Has the server end a transaction whose client went silent.
+///
+/// Why: a partition that catches keygate between a transaction's last
+/// statement and its commit leaves the transaction open on the server, with
+/// its locks (a key's row, [`CHANGE_LOCK`], which every change of every
+/// replica takes), until the server's TCP notices the client is gone:
+/// hours with the default keepalives. Every replica's writes would wait
+/// that long. A `SET` after connecting, not a startup option, because
+/// poolers such as PgBouncer refuse startup options they do not know.
+async fn end_abandoned_transactions(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "SET idle_in_transaction_session_timeout = '{ABANDONED_TRANSACTION_TIMEOUT}'"
+    ))
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 /// Whether a connection given back to the pool still answers, within
 /// [`ACQUIRE_TIMEOUT`]; one that does not is closed instead of kept.
 ///
@@ -84,6 +108,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| Box::pin(end_abandoned_transactions(conn)))
             .after_release(|conn, _| Box::pin(answers_in_time(conn)))
             .connect_with(options)
             .await?;
