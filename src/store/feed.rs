@@ -181,7 +181,7 @@ impl Feed {
             // never replay, so start from an empty cache.
             let (head, _) = self.store.changes_since(i64::MAX).await?;
             self.reset().await?;
-            self.watermark = Some(head);
+            self.advance(head);
             return Ok(false);
         };
         let (next, changes) = self.store.changes_since(watermark).await?;
@@ -198,7 +198,7 @@ impl Feed {
                     "change feed: the store's change log restarted; dropping the whole cache"
                 );
                 self.reset().await?;
-                self.watermark = Some(next);
+                self.advance(next);
             }
             return Ok(false);
         };
@@ -213,8 +213,14 @@ impl Feed {
             self.reset().await?;
         }
         self.apply(&changes).await?;
-        self.watermark = Some(next);
+        self.advance(next);
         Ok(i64::try_from(changes.len()).unwrap_or(i64::MAX) >= CHANGE_BATCH)
+    }
+
+    /// Moves the watermark, and the metric that shows it.
+    fn advance(&mut self, watermark: i64) {
+        self.watermark = Some(watermark);
+        self.metrics.change_feed_seq.set(watermark);
     }
 
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {

@@ -262,29 +262,73 @@ impl PostgresStore {
     }
 
     async fn change_subscription(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {
-        let listener = listen(&self.pool).await?;
-        Ok(Some(Box::new(PgSubscription {
-            pool: self.pool.clone(),
-            listener: Some(listener),
-        })))
+        let channel = heartbeat_channel();
+        let listener = listen(&self.pool, &channel).await?;
+        Ok(Some(Box::new(PgSubscription::new(
+            self.pool.clone(),
+            listener,
+            channel,
+        ))))
     }
 }
 
 // === impl ChangeSubscription for PgSubscription ===
 
+/// How long the listening connection may hear nothing before the
+/// subscription checks that it still can: it announces to itself, on a
+/// channel of its own, and waits [`HEARTBEAT_WAIT`] to hear that.
+///
+/// Why: a silent partition (a failed-over primary, a firewall change)
+/// leaves an idle connection open with nothing to tell it apart from a
+/// quiet one, and TCP never gives up on a connection that sends nothing.
+/// Announcements would stop for good, leaving only the poll. The cost is
+/// one `NOTIFY`, heard by this replica alone, per quiet interval.
+const LISTENER_QUIET: Duration = Duration::from_secs(10);
+
+/// How long a self-announcement may take to come back.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(3);
+
 /// `LISTEN keygate_changes` on a connection of its own, re-established
-/// after it drops.
+/// after it drops or stops hearing its own heartbeat.
 struct PgSubscription {
-    /// Where a new listening connection comes from after a failure.
+    /// Where a new listening connection comes from after a failure, and
+    /// what heartbeats are sent through.
     pool: PgPool,
     /// The listening connection; `None` after an error, until reconnected.
     listener: Option<PgListener>,
+    /// This subscription's own channel, for its heartbeats.
+    heartbeat_channel: String,
 }
 
-async fn listen(pool: &PgPool) -> Result<PgListener, StoreError> {
+impl PgSubscription {
+    fn new(pool: PgPool, listener: PgListener, heartbeat_channel: String) -> PgSubscription {
+        PgSubscription {
+            pool,
+            listener: Some(listener),
+            heartbeat_channel,
+        }
+    }
+}
+
+/// Announces on a subscription's own channel, through the pool.
+async fn send_heartbeat(pool: &PgPool, channel: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+async fn listen(pool: &PgPool, heartbeat_channel: &str) -> Result<PgListener, StoreError> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([CHANNEL, heartbeat_channel]).await?;
     Ok(listener)
+}
+
+/// A channel name no other subscription uses (lower-case letters and
+/// digits, so it needs no quoting).
+fn heartbeat_channel() -> String {
+    format!("keygate_heartbeat_{}", KeyId::generate())
 }
 
 #[async_trait]
@@ -295,20 +339,47 @@ impl ChangeSubscription for PgSubscription {
             None => {
                 // A fresh listener rather than PgListener's own reconnect, so
                 // that the caller learns the moment it is back and polls.
-                self.listener = Some(listen(&self.pool).await?);
+                self.listener = Some(listen(&self.pool, &self.heartbeat_channel).await?);
                 return Ok(Announcement::Reconnected);
             }
         };
-        match listener.try_recv().await {
-            Ok(Some(notification)) => {
-                Ok(Announcement::Changed(notification.payload().parse().ok()))
-            }
-            // Lost and already reconnected (try_recv reconnects eagerly).
-            Ok(None) => Ok(Announcement::Reconnected),
-            Err(error) => {
-                self.listener = None;
-                Err(error.into())
-            }
+        let mut wait = LISTENER_QUIET;
+        loop {
+            let received = match tokio::time::timeout(wait, listener.try_recv()).await {
+                Ok(received) => received,
+                Err(_) if wait == LISTENER_QUIET => {
+                    // Quiet for a while: check that this connection hears.
+                    let heartbeat = send_heartbeat(&self.pool, &self.heartbeat_channel);
+                    let sent = tokio::time::timeout(ACQUIRE_TIMEOUT, heartbeat).await;
+                    if let Ok(Err(error)) = sent {
+                        tracing::debug!(%error, "change feed: heartbeat not sent");
+                    }
+                    wait = HEARTBEAT_WAIT;
+                    continue;
+                }
+                Err(_) => {
+                    // Its own announcement did not come back: the connection
+                    // is cut off, or the store is down. Either way, a new one.
+                    self.listener = None;
+                    return Err(StoreError::NoAnswer(HEARTBEAT_WAIT));
+                }
+            };
+            return match received {
+                Ok(Some(notification)) if notification.channel() == CHANNEL => {
+                    Ok(Announcement::Changed(notification.payload().parse().ok()))
+                }
+                // A heartbeat: the connection hears. Wait on.
+                Ok(Some(_)) => {
+                    wait = LISTENER_QUIET;
+                    continue;
+                }
+                // Lost and already reconnected (try_recv reconnects eagerly).
+                Ok(None) => Ok(Announcement::Reconnected),
+                Err(error) => {
+                    self.listener = None;
+                    Err(error.into())
+                }
+            };
         }
     }
 }

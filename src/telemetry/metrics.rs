@@ -81,6 +81,8 @@ pub struct Metrics {
     pub usage_flush_failures: IntCounter,
     /// Time from a key change to its cache invalidation here.
     pub invalidation_delay: Histogram,
+    /// The change log's sequence number this replica has applied up to.
+    pub change_feed_seq: IntGauge,
     /// notAfter of the listener's served certificate, by certificate file:
     /// one series while TLS serves, none without TLS or when the period
     /// cannot be read.
@@ -328,6 +330,11 @@ impl Metrics {
             .buckets(buckets),
         )
         .expect("valid metric");
+        let change_feed_seq = IntGauge::new(
+            "keygate_change_feed_seq",
+            "The sequence number of the last store change this replica's cache has applied; replicas at the same value have seen the same changes.",
+        )
+        .expect("valid metric");
         let tls_certificate_expiry = IntGaugeVec::new(
             Opts::new(
                 "keygate_tls_certificate_expiry_timestamp_seconds",
@@ -351,6 +358,7 @@ impl Metrics {
             Box::new(usage_dropped.clone()),
             Box::new(usage_flush_failures.clone()),
             Box::new(invalidation_delay.clone()),
+            Box::new(change_feed_seq.clone()),
             Box::new(tls_certificate_expiry.clone()),
         ] {
             registry
@@ -372,6 +380,7 @@ impl Metrics {
             usage_dropped,
             usage_flush_failures,
             invalidation_delay,
+            change_feed_seq,
             tls_certificate_expiry,
         }
     }
