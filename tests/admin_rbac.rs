@@ -658,3 +658,69 @@ async fn deleting_a_namespace_revokes_its_grants_on_the_proxy_at_once() {
     assert_eq!(sa["spec"]["access"]["namespaceAccesses"], json!({}), "{sa}");
     gate.stop().await;
 }
+
+/// A scoped key changes only keys within its own scope: rotating its
+/// owner's unscoped key would hand it that key's new secret (a broader key
+/// than it may mint), and enabling, disabling or deleting one reaches past
+/// its scope as well. Reading them stays allowed.
+#[tokio::test]
+async fn a_scoped_key_cannot_rotate_or_change_its_owners_broader_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    admin.create_namespace("orders").await;
+    admin.create_namespace("billing").await;
+    let dev = admin
+        .create_user(
+            "dev@example.com",
+            "developer",
+            &[("orders", "write"), ("billing", "read")],
+        )
+        .await;
+    let (unscoped, _) = admin.create_key(json!({ "ownerId": dev })).await;
+    let (wider, _) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["orders", "billing"] }))
+        .await;
+    let (_, scoped) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["orders"] }))
+        .await;
+    let api = admin.as_key(&scoped);
+    for target in [&unscoped, &wider] {
+        let refusals = [
+            api.post(&format!("/api/v1/api-keys/{target}/rotate"), json!({}))
+                .await,
+            api.post(&format!("/api/v1/api-keys/{target}/disable"), json!({}))
+                .await,
+            api.post(&format!("/api/v1/api-keys/{target}/enable"), json!({}))
+                .await,
+            api.put(
+                &format!("/api/v1/api-keys/{target}"),
+                json!({ "resourceVersion": "1", "spec": { "description": "x" } }),
+            )
+            .await,
+            api.delete(&format!("/api/v1/api-keys/{target}")).await,
+        ];
+        for (i, (status, body)) in refusals.iter().enumerate() {
+            assert_eq!(*status, 403, "refusal #{i} on {target}: {body}");
+            assert_eq!(code(body), "forbidden", "refusal #{i}");
+            assert!(body.get("token").is_none(), "{body}");
+        }
+        assert_eq!(api.get(&format!("/api/v1/api-keys/{target}")).await.0, 200);
+        let (_, key) = admin.get(&format!("/api/v1/api-keys/{target}")).await;
+        assert_eq!(key["resourceVersion"], "1", "unchanged: {key}");
+    }
+    // Its own scope's keys, itself included, it still manages.
+    let (own, _) = api.create_key(json!({ "namespaces": ["orders"] })).await;
+    let (status, body) = api
+        .post(&format!("/api/v1/api-keys/{own}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api.delete(&format!("/api/v1/api-keys/{own}")).await.0, 200);
+    // An unscoped key of the same owner changes them all.
+    let (_, full) = admin.create_key(json!({ "ownerId": dev })).await;
+    let (status, body) = admin
+        .as_key(&full)
+        .post(&format!("/api/v1/api-keys/{unscoped}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gate.stop().await;
+}

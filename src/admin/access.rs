@@ -20,7 +20,9 @@
 //!   admin owner may also create (re-create) and delete those namespaces;
 //! - only keys of its own owner may be read or managed, and a new key must
 //!   be scoped within the calling key's scope: a scoped key cannot mint a
-//!   broader (or unscoped) one.
+//!   broader (or unscoped) one; nor may it edit, enable, disable, rotate or
+//!   delete a key broader than itself (rotating would hand it that key's
+//!   new secret).
 //!
 //! The rules:
 //! - account admins (`accountAccess.role = admin`) with an unscoped key may
@@ -226,8 +228,8 @@ impl Caller {
         }
     }
 
-    /// Reading, editing, enabling, disabling, rotating or deleting a key:
-    /// admins, or the key's owner.
+    /// Reading a key or its usage: admins, or the key's owner (changing one
+    /// is [`Caller::may_change_key`]).
     pub fn may_manage_key(&self, key: &ApiKey) -> Result<(), AdminError> {
         if self.is_admin() || self.owns(key) {
             Ok(())
@@ -235,6 +237,32 @@ impl Caller {
             Err(AdminError::forbidden(format!(
                 "API key {} belongs to someone else; only its owner and account admins may use it here",
                 key.id
+            )))
+        }
+    }
+
+    /// Editing, enabling, disabling, rotating or deleting a key: as
+    /// [`Caller::may_manage_key`], and a scoped calling key may change only
+    /// keys scoped within its own scope. Rotating answers with the key's new
+    /// secret, so a scoped key that could rotate a broader key of its owner
+    /// would mint itself that broader key; enabling one (disabled because it
+    /// leaked, say), or disabling and deleting the keys its owner relies on,
+    /// reaches past the scope as well.
+    pub fn may_change_key(&self, key: &ApiKey) -> Result<(), AdminError> {
+        self.may_manage_key(key)?;
+        if !self.is_scoped() {
+            return Ok(());
+        }
+        let within = !key.namespaces.is_empty()
+            && key.namespaces.iter().all(|ns| !self.key.out_of_scope(ns));
+        if within {
+            Ok(())
+        } else {
+            Err(AdminError::forbidden(format!(
+                "API key {} reaches beyond namespaces {:?}, to which the calling API key is \
+                 limited; change it with a key that is not limited to them",
+                key.id,
+                self.scope()
             )))
         }
     }

@@ -264,7 +264,7 @@ async fn update(
     JsonBody(body): JsonBody<UpdateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let expected = resource::parse_version(&body.resource_version)?;
     let spec = body.spec;
     unchanged(&current, &spec)?;
@@ -313,7 +313,7 @@ async fn set_disabled(
     disabled: bool,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let expected = body
         .resource_version
         .as_deref()
@@ -338,7 +338,7 @@ async fn rotate(
     OptionalJsonBody(body): OptionalJsonBody<RotateRequest>,
 ) -> Result<Json<IssuedResponse>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let grace = match body.grace_period.as_deref() {
         Some(text) => parse_duration("gracePeriod", text)?,
         None => DEFAULT_ROTATION_GRACE,
@@ -383,7 +383,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     state.store.delete_key(&caller.actor(), &current.id).await?;
     state.authenticator.invalidate(&[current.id]);
     Ok(Json(json!({})))
