@@ -1262,3 +1262,31 @@ async fn user_emails_are_unique_and_found_ignoring_case() {
     assert_eq!(status, 200, "the key is the admin's");
     gate.stop().await;
 }
+
+/// A method a path does not accept gets 405 with the error body every
+/// other refusal has, naming the method, and the `Allow` header.
+#[tokio::test]
+async fn a_method_not_allowed_is_named_in_a_json_error() {
+    let gate = Gate::builder().start().await;
+    let client = reqwest::Client::new();
+    for (method, path, allowed) in [
+        (Method::PATCH, "/api/v1/api-keys", "GET,HEAD,POST"),
+        (Method::GET, "/api/v1/api-keys/abc/rotate", "POST"),
+        (Method::POST, "/api/v1/account/settings", "GET,HEAD,PUT"),
+        (Method::DELETE, "/api/v1/audit-events", "GET,HEAD"),
+    ] {
+        let r = client
+            .request(method.clone(), gate.admin_url(path))
+            .bearer_auth(&gate.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allowed, "{method} {path}");
+        let body: Value = r.json().await.expect("a JSON error body");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(method.as_str()), "{message}");
+    }
+    gate.stop().await;
+}
