@@ -724,3 +724,68 @@ async fn a_scoped_key_cannot_rotate_or_change_its_owners_broader_keys() {
     assert_eq!(status, 200, "{body}");
     gate.stop().await;
 }
+
+/// The secret a rotation replaced keeps working through the grace period
+/// so that clients can switch over, but it mints no secret: with it, a
+/// leaked secret's holder could rotate the key again (cutting the new
+/// secret off at once) or rotate or create another key of the owner, and
+/// so outlive the grace meant to retire it.
+#[tokio::test]
+async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    let sa = gate
+        .principal(
+            keygate::store::OwnerType::ServiceAccount,
+            "bot",
+            AccountRole::Developer,
+            &[],
+        )
+        .await;
+    let dev = gate
+        .user("dev@example.com", AccountRole::Developer, &[])
+        .await;
+    for owner in [&sa, &dev] {
+        let (id, old) = gate.key_for(owner).await;
+        let (other, _) = gate.key_for(owner).await;
+        let (status, rotated) = admin
+            .post(
+                &format!("/api/v1/api-keys/{id}/rotate"),
+                json!({ "gracePeriod": "1h" }),
+            )
+            .await;
+        assert_eq!(status, 200, "{rotated}");
+        let new = rotated["token"].as_str().unwrap().to_string();
+        let api = admin.as_key(&old);
+        // Still good for reads within the grace period.
+        assert_eq!(api.get(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+        let refusals = [
+            api.post(
+                &format!("/api/v1/api-keys/{id}/rotate"),
+                json!({ "gracePeriod": "0s" }),
+            )
+            .await,
+            api.post(&format!("/api/v1/api-keys/{other}/rotate"), json!({}))
+                .await,
+            api.try_create_key(&mut json!({})).await,
+        ];
+        for (i, (status, body)) in refusals.iter().enumerate() {
+            assert_eq!(*status, 403, "refusal #{i}: {body}");
+            assert_eq!(code(body), "forbidden", "refusal #{i}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("rotated out"),
+                "{body}"
+            );
+        }
+        // The new secret is untouched and may rotate.
+        let (status, body) = admin
+            .as_key(&new)
+            .post(&format!("/api/v1/api-keys/{id}/rotate"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    gate.stop().await;
+}

@@ -40,6 +40,10 @@
 //!   scoped account admin key may create and delete the namespaces of its
 //!   scope.
 //!
+//! A key presented with the secret its last rotation replaced (within the
+//! grace period) may do all of the above but create or rotate keys: it
+//! mints no secret that would outlive its grace.
+//!
 //! While the account-wide `apiKeysEnabled` switch is off, keys fail on the
 //! proxy; on this API an account admin's unscoped key still works, so that
 //! an admin can turn the switch back on without touching the store by hand
@@ -55,6 +59,7 @@ use axum::http::request::Parts;
 use super::error::AdminError;
 use super::AdminState;
 use crate::auth::{AuthError, VerifiedKey};
+use crate::key::Digest;
 use crate::store::{AccountRole, Actor, ApiKey, OwnerType, Permission};
 
 /// The authenticated caller of an admin request.
@@ -62,6 +67,9 @@ pub struct Caller {
     /// The verified key, as the proxy's cache holds it: owner and access
     /// included.
     key: Arc<VerifiedKey>,
+    /// Whether the key was presented with the secret its last rotation
+    /// replaced (still valid through the grace period).
+    rotated_out: bool,
 }
 
 impl FromRequestParts<AdminState> for Caller {
@@ -77,7 +85,7 @@ impl FromRequestParts<AdminState> for Caller {
             .verify(&credential.token, SystemTime::now())
             .await
         {
-            Ok(key) => Ok(Caller { key }),
+            Ok(key) => Ok(Caller::new(key, &credential.token.digest)),
             // `verify` says this only after the secret verified and the key
             // passed every other check, so reading the record is safe.
             Err(AuthError::ApiKeysDisabled) => {
@@ -91,9 +99,10 @@ impl FromRequestParts<AdminState> for Caller {
                 {
                     return Err(AuthError::ApiKeysDisabled.into());
                 }
-                Ok(Caller {
-                    key: Arc::new(VerifiedKey::new(record)),
-                })
+                Ok(Caller::new(
+                    Arc::new(VerifiedKey::new(record)),
+                    &credential.token.digest,
+                ))
             }
             Err(e) => Err(e.into()),
         }
@@ -101,6 +110,26 @@ impl FromRequestParts<AdminState> for Caller {
 }
 
 impl Caller {
+    fn new(key: Arc<VerifiedKey>, presented: &Digest) -> Caller {
+        let rotated_out = !key.is_current_secret(presented);
+        Caller { key, rotated_out }
+    }
+
+    /// Creating or rotating a key, which hands out a new secret: refused
+    /// to a secret that a rotation replaced. Its grace period lets clients
+    /// switch over; if it could mint a secret (rotate its key again, or
+    /// rotate or create another key of its owner) whoever holds it, a leak
+    /// being the usual reason to rotate, would outlive the grace.
+    pub fn may_mint_secret(&self, what: &str) -> Result<(), AdminError> {
+        if self.rotated_out {
+            return Err(AdminError::forbidden(format!(
+                "the calling API key was presented with a secret that was rotated out: it \
+                 works until its grace period ends, but may not {what}; use the key's new secret"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the caller acts as an account admin: its owner has the admin
     /// role and the calling key is not limited to namespaces.
     pub fn is_admin(&self) -> bool {
