@@ -1290,3 +1290,29 @@ async fn a_method_not_allowed_is_named_in_a_json_error() {
     }
     gate.stop().await;
 }
+
+/// A path id that is not UTF-8 once decoded is refused with the JSON error
+/// every other bad request gets, not the router's plain text.
+#[tokio::test]
+async fn a_path_id_that_is_not_utf8_gets_a_json_error() {
+    let gate = Gate::builder().start().await;
+    let api = Api::new(&gate, &gate.admin_token);
+    for (method, path) in [
+        (Method::GET, "/api/v1/users/%FF"),
+        (Method::DELETE, "/api/v1/service-accounts/%C0%AF"),
+        (Method::GET, "/api/v1/namespaces/%FF"),
+        (Method::GET, "/api/v1/api-keys/%FF"),
+        (Method::POST, "/api/v1/api-keys/%FF/rotate"),
+        (Method::GET, "/api/v1/api-keys/%FF/usage"),
+    ] {
+        let (status, body) = api.send(method.clone(), path, None).await;
+        assert_eq!(status, 400, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"]["code"], "invalid_path",
+            "{method} {path}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("UTF-8"), "{message}");
+    }
+    gate.stop().await;
+}

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::Json;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::access::Caller;
 use super::error::AdminError;
-use super::extract::{JsonBody, OptionalJsonBody, QueryParams};
+use super::extract::{JsonBody, OptionalJsonBody, PathId, QueryParams};
 use super::resource::{
     self, page_request, parse_duration, parse_time, validate_description, validate_name,
     validate_namespace_name,
@@ -185,7 +185,7 @@ async fn list(
 async fn get_one(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let key = find(&state, &id).await?;
     caller.may_manage_key(&key)?;
@@ -261,7 +261,7 @@ async fn create(
 async fn update(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(body): JsonBody<UpdateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
@@ -291,7 +291,7 @@ async fn update(
 async fn enable(
     state: State<AdminState>,
     caller: Caller,
-    id: Path<String>,
+    id: PathId,
     body: OptionalJsonBody<StateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     set_disabled(state, caller, id, body, false).await
@@ -300,7 +300,7 @@ async fn enable(
 async fn disable(
     state: State<AdminState>,
     caller: Caller,
-    id: Path<String>,
+    id: PathId,
     body: OptionalJsonBody<StateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     set_disabled(state, caller, id, body, true).await
@@ -309,7 +309,7 @@ async fn disable(
 async fn set_disabled(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     OptionalJsonBody(body): OptionalJsonBody<StateRequest>,
     disabled: bool,
 ) -> Result<Json<Value>, AdminError> {
@@ -335,7 +335,7 @@ async fn set_disabled(
 async fn rotate(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     OptionalJsonBody(body): OptionalJsonBody<RotateRequest>,
 ) -> Result<Json<IssuedResponse>, AdminError> {
     caller.may_mint_secret("rotate API keys")?;
@@ -368,7 +368,7 @@ async fn rotate(
 async fn usage(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let key = find(&state, &id).await?;
     caller.may_manage_key(&key)?;
@@ -382,7 +382,7 @@ async fn usage(
 async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
     caller.may_change_key(&current)?;
