@@ -1262,3 +1262,57 @@ async fn user_emails_are_unique_and_found_ignoring_case() {
     assert_eq!(status, 200, "the key is the admin's");
     gate.stop().await;
 }
+
+/// A method a path does not accept gets 405 with the error body every
+/// other refusal has, naming the method, and the `Allow` header.
+#[tokio::test]
+async fn a_method_not_allowed_is_named_in_a_json_error() {
+    let gate = Gate::builder().start().await;
+    let client = reqwest::Client::new();
+    for (method, path, allowed) in [
+        (Method::PATCH, "/api/v1/api-keys", "GET,HEAD,POST"),
+        (Method::GET, "/api/v1/api-keys/abc/rotate", "POST"),
+        (Method::POST, "/api/v1/account/settings", "GET,HEAD,PUT"),
+        (Method::DELETE, "/api/v1/audit-events", "GET,HEAD"),
+    ] {
+        let r = client
+            .request(method.clone(), gate.admin_url(path))
+            .bearer_auth(&gate.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allowed, "{method} {path}");
+        let body: Value = r.json().await.expect("a JSON error body");
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(method.as_str()), "{message}");
+    }
+    gate.stop().await;
+}
+
+/// A path id that is not UTF-8 once decoded is refused with the JSON error
+/// every other bad request gets, not the router's plain text.
+#[tokio::test]
+async fn a_path_id_that_is_not_utf8_gets_a_json_error() {
+    let gate = Gate::builder().start().await;
+    let api = Api::new(&gate, &gate.admin_token);
+    for (method, path) in [
+        (Method::GET, "/api/v1/users/%FF"),
+        (Method::DELETE, "/api/v1/service-accounts/%C0%AF"),
+        (Method::GET, "/api/v1/namespaces/%FF"),
+        (Method::GET, "/api/v1/api-keys/%FF"),
+        (Method::POST, "/api/v1/api-keys/%FF/rotate"),
+        (Method::GET, "/api/v1/api-keys/%FF/usage"),
+    ] {
+        let (status, body) = api.send(method.clone(), path, None).await;
+        assert_eq!(status, 400, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"]["code"], "invalid_path",
+            "{method} {path}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("UTF-8"), "{message}");
+    }
+    gate.stop().await;
+}

@@ -658,3 +658,134 @@ async fn deleting_a_namespace_revokes_its_grants_on_the_proxy_at_once() {
     assert_eq!(sa["spec"]["access"]["namespaceAccesses"], json!({}), "{sa}");
     gate.stop().await;
 }
+
+/// A scoped key changes only keys within its own scope: rotating its
+/// owner's unscoped key would hand it that key's new secret (a broader key
+/// than it may mint), and enabling, disabling or deleting one reaches past
+/// its scope as well. Reading them stays allowed.
+#[tokio::test]
+async fn a_scoped_key_cannot_rotate_or_change_its_owners_broader_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    admin.create_namespace("orders").await;
+    admin.create_namespace("billing").await;
+    let dev = admin
+        .create_user(
+            "dev@example.com",
+            "developer",
+            &[("orders", "write"), ("billing", "read")],
+        )
+        .await;
+    let (unscoped, _) = admin.create_key(json!({ "ownerId": dev })).await;
+    let (wider, _) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["orders", "billing"] }))
+        .await;
+    let (_, scoped) = admin
+        .create_key(json!({ "ownerId": dev, "namespaces": ["orders"] }))
+        .await;
+    let api = admin.as_key(&scoped);
+    for target in [&unscoped, &wider] {
+        let refusals = [
+            api.post(&format!("/api/v1/api-keys/{target}/rotate"), json!({}))
+                .await,
+            api.post(&format!("/api/v1/api-keys/{target}/disable"), json!({}))
+                .await,
+            api.post(&format!("/api/v1/api-keys/{target}/enable"), json!({}))
+                .await,
+            api.put(
+                &format!("/api/v1/api-keys/{target}"),
+                json!({ "resourceVersion": "1", "spec": { "description": "x" } }),
+            )
+            .await,
+            api.delete(&format!("/api/v1/api-keys/{target}")).await,
+        ];
+        for (i, (status, body)) in refusals.iter().enumerate() {
+            assert_eq!(*status, 403, "refusal #{i} on {target}: {body}");
+            assert_eq!(code(body), "forbidden", "refusal #{i}");
+            assert!(body.get("token").is_none(), "{body}");
+        }
+        assert_eq!(api.get(&format!("/api/v1/api-keys/{target}")).await.0, 200);
+        let (_, key) = admin.get(&format!("/api/v1/api-keys/{target}")).await;
+        assert_eq!(key["resourceVersion"], "1", "unchanged: {key}");
+    }
+    // Its own scope's keys, itself included, it still manages.
+    let (own, _) = api.create_key(json!({ "namespaces": ["orders"] })).await;
+    let (status, body) = api
+        .post(&format!("/api/v1/api-keys/{own}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api.delete(&format!("/api/v1/api-keys/{own}")).await.0, 200);
+    // An unscoped key of the same owner changes them all.
+    let (_, full) = admin.create_key(json!({ "ownerId": dev })).await;
+    let (status, body) = admin
+        .as_key(&full)
+        .post(&format!("/api/v1/api-keys/{unscoped}/rotate"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gate.stop().await;
+}
+
+/// The secret a rotation replaced keeps working through the grace period
+/// so that clients can switch over, but it mints no secret: with it, a
+/// leaked secret's holder could rotate the key again (cutting the new
+/// secret off at once) or rotate or create another key of the owner, and
+/// so outlive the grace meant to retire it.
+#[tokio::test]
+async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    let sa = gate
+        .principal(
+            keygate::store::OwnerType::ServiceAccount,
+            "bot",
+            AccountRole::Developer,
+            &[],
+        )
+        .await;
+    let dev = gate
+        .user("dev@example.com", AccountRole::Developer, &[])
+        .await;
+    for owner in [&sa, &dev] {
+        let (id, old) = gate.key_for(owner).await;
+        let (other, _) = gate.key_for(owner).await;
+        let (status, rotated) = admin
+            .post(
+                &format!("/api/v1/api-keys/{id}/rotate"),
+                json!({ "gracePeriod": "1h" }),
+            )
+            .await;
+        assert_eq!(status, 200, "{rotated}");
+        let new = rotated["token"].as_str().unwrap().to_string();
+        let api = admin.as_key(&old);
+        // Still good for reads within the grace period.
+        assert_eq!(api.get(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+        let refusals = [
+            api.post(
+                &format!("/api/v1/api-keys/{id}/rotate"),
+                json!({ "gracePeriod": "0s" }),
+            )
+            .await,
+            api.post(&format!("/api/v1/api-keys/{other}/rotate"), json!({}))
+                .await,
+            api.try_create_key(&mut json!({})).await,
+        ];
+        for (i, (status, body)) in refusals.iter().enumerate() {
+            assert_eq!(*status, 403, "refusal #{i}: {body}");
+            assert_eq!(code(body), "forbidden", "refusal #{i}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("rotated out"),
+                "{body}"
+            );
+        }
+        // The new secret is untouched and may rotate.
+        let (status, body) = admin
+            .as_key(&new)
+            .post(&format!("/api/v1/api-keys/{id}/rotate"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    gate.stop().await;
+}

@@ -20,7 +20,9 @@
 //!   admin owner may also create (re-create) and delete those namespaces;
 //! - only keys of its own owner may be read or managed, and a new key must
 //!   be scoped within the calling key's scope: a scoped key cannot mint a
-//!   broader (or unscoped) one.
+//!   broader (or unscoped) one; nor may it edit, enable, disable, rotate or
+//!   delete a key broader than itself (rotating would hand it that key's
+//!   new secret).
 //!
 //! The rules:
 //! - account admins (`accountAccess.role = admin`) with an unscoped key may
@@ -38,6 +40,10 @@
 //!   scoped account admin key may create and delete the namespaces of its
 //!   scope.
 //!
+//! A key presented with the secret its last rotation replaced (within the
+//! grace period) may do all of the above but create or rotate keys: it
+//! mints no secret that would outlive its grace.
+//!
 //! While the account-wide `apiKeysEnabled` switch is off, keys fail on the
 //! proxy; on this API an account admin's unscoped key still works, so that
 //! an admin can turn the switch back on without touching the store by hand
@@ -53,6 +59,7 @@ use axum::http::request::Parts;
 use super::error::AdminError;
 use super::AdminState;
 use crate::auth::{AuthError, VerifiedKey};
+use crate::key::Digest;
 use crate::store::{AccountRole, Actor, ApiKey, OwnerType, Permission};
 
 /// The authenticated caller of an admin request.
@@ -60,6 +67,9 @@ pub struct Caller {
     /// The verified key, as the proxy's cache holds it: owner and access
     /// included.
     key: Arc<VerifiedKey>,
+    /// Whether the key was presented with the secret its last rotation
+    /// replaced (still valid through the grace period).
+    rotated_out: bool,
 }
 
 impl FromRequestParts<AdminState> for Caller {
@@ -75,7 +85,7 @@ impl FromRequestParts<AdminState> for Caller {
             .verify(&credential.token, SystemTime::now())
             .await
         {
-            Ok(key) => Ok(Caller { key }),
+            Ok(key) => Ok(Caller::new(key, &credential.token.digest)),
             // `verify` says this only after the secret verified and the key
             // passed every other check, so reading the record is safe.
             Err(AuthError::ApiKeysDisabled) => {
@@ -89,9 +99,10 @@ impl FromRequestParts<AdminState> for Caller {
                 {
                     return Err(AuthError::ApiKeysDisabled.into());
                 }
-                Ok(Caller {
-                    key: Arc::new(VerifiedKey::new(record)),
-                })
+                Ok(Caller::new(
+                    Arc::new(VerifiedKey::new(record)),
+                    &credential.token.digest,
+                ))
             }
             Err(e) => Err(e.into()),
         }
@@ -99,6 +110,26 @@ impl FromRequestParts<AdminState> for Caller {
 }
 
 impl Caller {
+    fn new(key: Arc<VerifiedKey>, presented: &Digest) -> Caller {
+        let rotated_out = !key.is_current_secret(presented);
+        Caller { key, rotated_out }
+    }
+
+    /// Creating or rotating a key, which hands out a new secret: refused
+    /// to a secret that a rotation replaced. Its grace period lets clients
+    /// switch over; if it could mint a secret (rotate its key again, or
+    /// rotate or create another key of its owner) whoever holds it, a leak
+    /// being the usual reason to rotate, would outlive the grace.
+    pub fn may_mint_secret(&self, what: &str) -> Result<(), AdminError> {
+        if self.rotated_out {
+            return Err(AdminError::forbidden(format!(
+                "the calling API key was presented with a secret that was rotated out: it \
+                 works until its grace period ends, but may not {what}; use the key's new secret"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the caller acts as an account admin: its owner has the admin
     /// role and the calling key is not limited to namespaces.
     pub fn is_admin(&self) -> bool {
@@ -226,8 +257,8 @@ impl Caller {
         }
     }
 
-    /// Reading, editing, enabling, disabling, rotating or deleting a key:
-    /// admins, or the key's owner.
+    /// Reading a key or its usage: admins, or the key's owner (changing one
+    /// is [`Caller::may_change_key`]).
     pub fn may_manage_key(&self, key: &ApiKey) -> Result<(), AdminError> {
         if self.is_admin() || self.owns(key) {
             Ok(())
@@ -235,6 +266,32 @@ impl Caller {
             Err(AdminError::forbidden(format!(
                 "API key {} belongs to someone else; only its owner and account admins may use it here",
                 key.id
+            )))
+        }
+    }
+
+    /// Editing, enabling, disabling, rotating or deleting a key: as
+    /// [`Caller::may_manage_key`], and a scoped calling key may change only
+    /// keys scoped within its own scope. Rotating answers with the key's new
+    /// secret, so a scoped key that could rotate a broader key of its owner
+    /// would mint itself that broader key; enabling one (disabled because it
+    /// leaked, say), or disabling and deleting the keys its owner relies on,
+    /// reaches past the scope as well.
+    pub fn may_change_key(&self, key: &ApiKey) -> Result<(), AdminError> {
+        self.may_manage_key(key)?;
+        if !self.is_scoped() {
+            return Ok(());
+        }
+        let within = !key.namespaces.is_empty()
+            && key.namespaces.iter().all(|ns| !self.key.out_of_scope(ns));
+        if within {
+            Ok(())
+        } else {
+            Err(AdminError::forbidden(format!(
+                "API key {} reaches beyond namespaces {:?}, to which the calling API key is \
+                 limited; change it with a key that is not limited to them",
+                key.id,
+                self.scope()
             )))
         }
     }

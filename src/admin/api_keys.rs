@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::Json;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::access::Caller;
 use super::error::AdminError;
-use super::extract::{JsonBody, OptionalJsonBody, QueryParams};
+use super::extract::{JsonBody, OptionalJsonBody, PathId, QueryParams};
 use super::resource::{
     self, page_request, parse_duration, parse_time, validate_description, validate_name,
     validate_namespace_name,
@@ -185,7 +185,7 @@ async fn list(
 async fn get_one(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let key = find(&state, &id).await?;
     caller.may_manage_key(&key)?;
@@ -197,6 +197,7 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<CreateRequest>,
 ) -> Result<(StatusCode, Json<IssuedResponse>), AdminError> {
+    caller.may_mint_secret("create API keys")?;
     let spec = body.spec;
     let display_name = spec
         .display_name
@@ -260,11 +261,11 @@ async fn create(
 async fn update(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(body): JsonBody<UpdateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let expected = resource::parse_version(&body.resource_version)?;
     let spec = body.spec;
     unchanged(&current, &spec)?;
@@ -290,7 +291,7 @@ async fn update(
 async fn enable(
     state: State<AdminState>,
     caller: Caller,
-    id: Path<String>,
+    id: PathId,
     body: OptionalJsonBody<StateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     set_disabled(state, caller, id, body, false).await
@@ -299,7 +300,7 @@ async fn enable(
 async fn disable(
     state: State<AdminState>,
     caller: Caller,
-    id: Path<String>,
+    id: PathId,
     body: OptionalJsonBody<StateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     set_disabled(state, caller, id, body, true).await
@@ -308,12 +309,12 @@ async fn disable(
 async fn set_disabled(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     OptionalJsonBody(body): OptionalJsonBody<StateRequest>,
     disabled: bool,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let expected = body
         .resource_version
         .as_deref()
@@ -334,11 +335,12 @@ async fn set_disabled(
 async fn rotate(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     OptionalJsonBody(body): OptionalJsonBody<RotateRequest>,
 ) -> Result<Json<IssuedResponse>, AdminError> {
+    caller.may_mint_secret("rotate API keys")?;
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     let grace = match body.grace_period.as_deref() {
         Some(text) => parse_duration("gracePeriod", text)?,
         None => DEFAULT_ROTATION_GRACE,
@@ -366,7 +368,7 @@ async fn rotate(
 async fn usage(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let key = find(&state, &id).await?;
     caller.may_manage_key(&key)?;
@@ -380,10 +382,10 @@ async fn usage(
 async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
-    caller.may_manage_key(&current)?;
+    caller.may_change_key(&current)?;
     state.store.delete_key(&caller.actor(), &current.id).await?;
     state.authenticator.invalidate(&[current.id]);
     Ok(Json(json!({})))

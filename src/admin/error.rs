@@ -39,6 +39,12 @@ pub enum AdminError {
     /// of range.
     #[error("{0}")]
     Invalid(String),
+    /// The path exists, the method does not (the `Allow` header, set by
+    /// the router, lists those that do).
+    #[error(
+        "method {0} is not allowed on this path; the Allow header lists the methods it accepts"
+    )]
+    MethodNotAllowed(axum::http::Method),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
     #[error("request body must be JSON (content-type: application/json)")]
@@ -167,6 +173,11 @@ impl AdminError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_argument",
                 m.clone(),
+            ),
+            AdminError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                self.to_string(),
             ),
             AdminError::PayloadTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,5 +1,5 @@
-//! Request extractors of the admin API: JSON bodies and query strings whose
-//! rejections are `AdminError`s, so a bad request gets the same error shape
+//! Request extractors of the admin API: JSON bodies, query strings and
+//! path ids whose rejections are `AdminError`s, so a bad request gets the same error shape
 //! as every other failure.
 //!
 //! Bodies: not JSON → 415; larger than `max_body_bytes` → 413 (the limit is
@@ -7,7 +7,7 @@
 //! field, missing field or wrong type → 422. Nothing is read past the limit.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
@@ -69,6 +69,27 @@ where
             .map(|Query(t)| QueryParams(t))
             .map_err(|e| AdminError::BadRequest {
                 code: "invalid_query",
+                message: e.body_text(),
+            })
+    }
+}
+
+/// The `{id}` of a resource path. An id that is not UTF-8 once decoded
+/// (`%FF`) names nothing: 400 `invalid_path`.
+pub struct PathId(pub String);
+
+impl<S> FromRequestParts<S> for PathId
+where
+    S: Send + Sync,
+{
+    type Rejection = AdminError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AdminError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| PathId(id))
+            .map_err(|e| AdminError::BadRequest {
+                code: "invalid_path",
                 message: e.body_text(),
             })
     }

@@ -73,6 +73,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(not_found)
+        // After every route: it is set on the routes registered before it.
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -101,6 +103,10 @@ async fn openapi_json() -> Json<serde_json::Value> {
 
 async fn not_found() -> error::AdminError {
     error::AdminError::NotFound("no such endpoint; see /api/v1/openapi.json".into())
+}
+
+async fn method_not_allowed(method: axum::http::Method) -> error::AdminError {
+    error::AdminError::MethodNotAllowed(method)
 }
 
 /// Longest an admin API request may take to answer. Nearly all of it is the

@@ -5,7 +5,7 @@
 //! characters), and a lookup prefers the namespace whose id matches (a name
 //! of that shape made before the rule cannot shadow another's id).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::Json;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::access::Caller;
 use super::error::AdminError;
-use super::extract::{JsonBody, QueryParams};
+use super::extract::{JsonBody, PathId, QueryParams};
 use super::resource::{self, validate_description, validate_namespace_name, ListParams};
 use super::AdminState;
 use crate::key::KeyId;
@@ -76,7 +76,7 @@ async fn list(
 async fn get_one(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let n = find(&state, &id).await?;
     caller.may_read_namespace(&n.name)?;
@@ -112,7 +112,7 @@ async fn create(
 async fn update(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(body): JsonBody<UpdateRequest>,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
@@ -135,7 +135,7 @@ async fn update(
 async fn delete(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     let current = find(&state, &id).await?;
     caller.may_create_or_delete_namespace("delete namespaces", &current.name)?;

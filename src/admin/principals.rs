@@ -6,7 +6,7 @@
 //! `disabled`), so both invalidate those keys in the proxy's cache before
 //! answering.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::access::{kind_name, Caller};
 use super::error::AdminError;
-use super::extract::{JsonBody, QueryParams};
+use super::extract::{JsonBody, PathId, QueryParams};
 use super::resource::{self, ListParams};
 use super::AdminState;
 use crate::store::{OwnerType, Principal, PrincipalSpec};
@@ -82,7 +82,7 @@ pub async fn list<K: Kind>(
 pub async fn get<K: Kind>(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Value>, AdminError> {
     caller.may_read_principal(K::KIND, &id)?;
     let p = find::<K>(&state, &id).await?;
@@ -107,7 +107,7 @@ pub async fn create<K: Kind>(
 pub async fn update<K: Kind>(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     JsonBody(body): JsonBody<UpdateRequest<K>>,
 ) -> Result<Json<Value>, AdminError> {
     caller.require_admin(&format!("change {}s", kind_name(K::KIND)))?;
@@ -134,7 +134,7 @@ pub struct DeleteResponse {
 pub async fn delete<K: Kind>(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<DeleteResponse>, AdminError> {
     caller.require_admin(&format!("delete {}s", kind_name(K::KIND)))?;
     let keys = state

@@ -158,6 +158,12 @@ impl VerifiedKey {
         }
     }
 
+    /// Whether `presented` is the key's current secret (and not the one
+    /// its last rotation replaced, which works through the grace period).
+    pub fn is_current_secret(&self, presented: &Digest) -> bool {
+        self.digest.ct_eq(presented).into()
+    }
+
     /// The `x-keygate-key-id` value. Built per request from the 16-byte id
     /// (an allocation of about 30 ns) instead of kept: a kept `HeaderValue`
     /// costs about 100 bytes per cached key.
