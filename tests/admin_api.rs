@@ -1316,3 +1316,47 @@ async fn a_path_id_that_is_not_utf8_gets_a_json_error() {
     }
     gate.stop().await;
 }
+
+/// A name with an invisible character looks like another name (`bot` and
+/// `bot` + U+200B were two service accounts), or displays reordered
+/// (U+202E): refused, naming the character, and nothing is created.
+#[tokio::test]
+async fn names_with_invisible_characters_are_refused() {
+    let (gate, api) = gate().await;
+    for name in ["bot\u{200B}", "\u{202E}tob", "b\u{FEFF}ot", "bo\u{2066}t"] {
+        let (status, body) = api
+            .post(
+                "/api/v1/service-accounts",
+                json!({ "spec": { "name": name } }),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (422, Some("invalid_argument")),
+            "{name:?}: {body}"
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("spec.name") && message.contains("U+"),
+            "{message}"
+        );
+        let (status, body) = api
+            .post(
+                "/api/v1/api-keys",
+                json!({ "spec": { "displayName": name, "expiryTime": in_hours(24) } }),
+            )
+            .await;
+        assert_eq!(status, 422, "{name:?}: {body}");
+    }
+    let (_, list) = api.get("/api/v1/service-accounts").await;
+    assert_eq!(list["serviceAccounts"], json!([]), "{list}");
+    // A visible name in any script is still a name.
+    let (status, body) = api
+        .post(
+            "/api/v1/service-accounts",
+            json!({ "spec": { "name": "ботик-ü" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    gate.stop().await;
+}

@@ -326,16 +326,21 @@ fn create_request(spec: &str, required: &[&str]) -> Value {
 /// Control characters, which names never hold (`resource::validate_name`).
 const CONTROL: &str = "\\x00-\\x1f\\x7f-\\x9f";
 
+/// Invisible format characters, which names never hold either
+/// (`resource::is_invisible_format`, the same ranges).
+const INVISIBLE: &str = "\\u00ad\\u061c\\u180e\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff\\ufff9-\\ufffb";
+
 /// A name as `resource::validate_name` accepts it: 1 to `MAX_NAME_CHARS`
-/// characters, no control characters, no surrounding whitespace. (It also
+/// characters, no control or invisible format characters, no surrounding
+/// whitespace. (It also
 /// refuses text shaped like an API key, which a schema cannot say.)
 fn name(description: &str) -> Value {
-    let edge = format!("[^\\s{CONTROL}]");
+    let edge = format!("[^\\s{CONTROL}{INVISIBLE}]");
     json!({
         "type": "string",
         "minLength": 1,
         "maxLength": MAX_NAME_CHARS,
-        "pattern": format!("^{edge}([^{CONTROL}]*{edge})?$"),
+        "pattern": format!("^{edge}([^{CONTROL}{INVISIBLE}]*{edge})?$"),
         "description": description,
     })
 }

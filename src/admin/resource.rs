@@ -261,7 +261,35 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), AdminError> {
             "{field} must not contain control characters"
         )));
     }
+    if let Some(c) = value.chars().find(|&c| is_invisible_format(c)) {
+        return Err(AdminError::invalid(format!(
+            "{field} must not contain invisible formatting characters (U+{:04X})",
+            u32::from(c)
+        )));
+    }
     Ok(())
+}
+
+/// Unicode's invisible format characters: zero-width spaces and joiners,
+/// bidirectional overrides and isolates, the byte order mark, the soft
+/// hyphen. A name holding one looks like another name (`bot` and
+/// `bot\u{200B}` are two service accounts) or displays reordered (U+202E).
+/// Listed by hand because std has no Unicode general category and these
+/// few ranges are the whole of what names must refuse; the same ranges are
+/// in the OpenAPI document's name pattern (`openapi::INVISIBLE`).
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// At most `MAX_DESCRIPTION_CHARS`; line breaks and tabs allowed, other
