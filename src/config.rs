@@ -495,6 +495,25 @@ impl Config {
                 "must start with '/', not end with '/', and not be '/' alone",
             ));
         }
+        // Caught here rather than at bind, where it reads as a port another
+        // process holds (exit 69, "may pass"), and `check` would not see it.
+        let mut listeners = vec![
+            ("proxy.listen", self.proxy.listen),
+            ("admin.listen", self.admin.listen),
+        ];
+        listeners.extend(self.echo.listen.map(|addr| ("echo.listen", addr)));
+        for (i, (field, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| same_socket(*a, *addr)) {
+                return Err(invalid(
+                    *field,
+                    addr,
+                    format!(
+                        "is the same address as {other}: two listeners cannot share a port; \
+                         give each its own"
+                    ),
+                ));
+            }
+        }
         validate_header_name("proxy.api_key_header", &self.proxy.api_key_header)?;
         let prefix = &self.proxy.identity_header_prefix;
         validate_header_name("proxy.identity_header_prefix", prefix)?;
@@ -669,6 +688,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether binding both would collide: the same port on the same address,
+/// or on any address where one of them is a wildcard (`0.0.0.0`, `[::]`).
+/// Port 0 (any free port) never collides.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn validate_header_name(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -965,6 +993,47 @@ mod tests {
             route("", "/api", "") + &route("", "/api/", ""),
             route("", "/api", "") + &route("", "/API", "case_sensitive = false\n"),
         ] {
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    /// Two listeners on one address passed `check`, then `serve` stopped
+    /// with "Address already in use" and exit 69, as if another process
+    /// held the port and a restart could help.
+    #[test]
+    fn listeners_on_the_same_address_are_refused() {
+        let base = "[proxy]\nupstream = \"http://a\"\n";
+        for (listens, named) in [
+            (
+                "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+                "admin.listen",
+            ),
+            (
+                "listen = \"0.0.0.0:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+                "admin.listen",
+            ),
+            (
+                "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"[::]:9000\"",
+                "admin.listen",
+            ),
+            ("[echo]\nlisten = \"127.0.0.1:8080\"", "echo.listen"),
+            ("[echo]\nlisten = \"127.0.0.1:8081\"", "echo.listen"),
+        ] {
+            let text = format!("{base}{listens}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains(named) && err.contains("same address"),
+                "{err:?} should name {named}"
+            );
+        }
+        for listens in [
+            "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.2:9000\"",
+            "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"[::1]:9000\"",
+            "[echo]\nlisten = \"127.0.0.1:9000\"",
+        ] {
+            let text = format!("{base}{listens}\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{text}: {e}"));
         }

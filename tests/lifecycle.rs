@@ -575,6 +575,13 @@ fn invalid_configs_exit_64_naming_the_field() {
             "listen",
         ),
         ("[proxi]\nupstream = \"http://127.0.0.1:1\"\n", "proxi"),
+        // Had exited 69 "Address already in use", as if another process
+        // held the port.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:32530\"\n\
+             [admin]\nlisten = \"127.0.0.1:32530\"\n",
+            "admin.listen",
+        ),
     ];
     for (text, field) in cases {
         let path = dir.path().join("bad.toml");
