@@ -714,8 +714,21 @@ pub fn parse_upstream(value: &str) -> Result<Uri, &'static str> {
         Some("http") | Some("https") => {}
         _ => return Err("scheme must be http or https"),
     }
-    if uri.authority().is_none() {
+    let Some(authority) = uri.authority() else {
         return Err("must name a host");
+    };
+    if authority.host().is_empty() {
+        return Err("must name a host");
+    }
+    // The URI grammar takes any digits (or none) after the colon; a port
+    // that is not 1-65535 would only show as a 502 on every request.
+    let host_and_port = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, rest)| rest);
+    let has_port = host_and_port.len() > authority.host().len();
+    if has_port && !matches!(authority.port_u16(), Some(port) if port != 0) {
+        return Err("must have a port from 1 to 65535, or none for the scheme's default");
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err("must not have a path or query");
@@ -1036,6 +1049,39 @@ mod tests {
             let text = format!("{base}{listens}\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    /// `http://127.0.0.1:99999` and `http://:80` passed `check` and
+    /// `serve`, then every request got 502.
+    #[test]
+    fn upstreams_without_a_usable_host_and_port_are_refused() {
+        for (upstream, rule) in [
+            ("http://127.0.0.1:99999", "port"),
+            ("http://127.0.0.1:80x", "port"),
+            ("http://127.0.0.1:", "port"),
+            ("http://:80", "host"),
+            ("https://[::1]:70000", "port"),
+        ] {
+            let text = format!("[proxy]\nupstream = \"{upstream}\"\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("upstream") && err.contains(rule),
+                "{err:?} should name the {rule}"
+            );
+            let text = format!("[[routes]]\nupstream = \"{upstream}\"\n");
+            text.parse::<Config>().expect_err(&text);
+        }
+        for upstream in [
+            "http://127.0.0.1:65535",
+            "http://a",
+            "https://[::1]:8443/",
+            "http://svc.internal:8080",
+            "http://[::1]",
+        ] {
+            let text = format!("[proxy]\nupstream = \"{upstream}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{upstream}: {e}"));
         }
     }
 
