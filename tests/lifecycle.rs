@@ -148,6 +148,60 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A response that was in flight at SIGTERM says `Connection: close`, and
+/// the connection takes no further request. The relay (the default for
+/// plain HTTP/1.1) read the drain once, when the request arrived: the
+/// response said nothing, the client took the connection as reusable and
+/// its next request met a closed connection (or, sent at once, was served
+/// during the drain). hyper's path said `close`.
+#[tokio::test]
+async fn a_response_in_flight_at_sigterm_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .unwrap();
+    let request =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\nx-api-key: {key}\r\n\r\n");
+    conn.write_all(request("/slow").as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&server.child, "TERM");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).ends_with("slow") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("the in-flight response")
+            .unwrap();
+        assert!(n > 0, "closed before the response: {seen:?}");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let response = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+    // The client's next request on it is not served.
+    let _ = conn.write_all(request("/again").as_bytes()).await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await;
+    assert!(
+        matches!(rest, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection served on: {rest:?}"
+    );
+    assert_eq!(
+        upstream.count(),
+        1,
+        "a request reached the upstream while draining"
+    );
+    let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// A second stop signal during the drain stops keygate at once (exit 1),
 /// not after the in-flight request or `drain_timeout`.
 #[tokio::test]
