@@ -20,6 +20,9 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://keygate.db";
 pub const DEFAULT_KEY_PREFIX: &str = "kg";
 pub const DEFAULT_IDENTITY_PREFIX: &str = "x-keygate-";
 pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+/// The largest `proxy.max_headers`: room for this many is made on every
+/// request head hyper parses.
+pub const MAX_HEADERS_LIMIT: usize = 10_000;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -553,9 +556,18 @@ impl Config {
                 "must be at least 1024",
             ));
         }
-        if self.proxy.max_headers == 0 || self.proxy.max_connections == 0 {
+        // hyper makes room for `max_headers` headers on every request head
+        // it parses (an overflow panics): bounded well above any client's.
+        if !(1..=MAX_HEADERS_LIMIT).contains(&self.proxy.max_headers) {
             return Err(invalid(
-                "proxy.max_headers/max_connections",
+                "proxy.max_headers",
+                self.proxy.max_headers,
+                format!("must be from 1 to {MAX_HEADERS_LIMIT}"),
+            ));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(invalid(
+                "proxy.max_connections",
                 0,
                 "must be greater than zero",
             ));
@@ -1082,6 +1094,27 @@ mod tests {
             let text = format!("[proxy]\nupstream = \"{upstream}\"\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        }
+    }
+
+    /// hyper makes room for `max_headers` headers on every request head
+    /// it parses: 9223372036854775807 passed `check` and every request on
+    /// hyper's path panicked ("capacity overflow"); a million cost tens of
+    /// megabytes per request.
+    #[test]
+    fn max_headers_is_bounded() {
+        for n in ["10001", "1000000", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_headers = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.max_headers") && err.contains("10000"),
+                "{err}"
+            );
+        }
+        for n in ["1", "100", "10000"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_headers = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
         }
     }
 
