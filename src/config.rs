@@ -23,6 +23,8 @@ pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
 /// The largest `proxy.max_headers`: room for this many is made on every
 /// request head hyper parses.
 pub const MAX_HEADERS_LIMIT: usize = 10_000;
+/// The largest `proxy.worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -563,6 +565,15 @@ impl Config {
                 "proxy.max_headers",
                 self.proxy.max_headers,
                 format!("must be from 1 to {MAX_HEADERS_LIMIT}"),
+            ));
+        }
+        // The runtime makes room for every worker up front (an overflow
+        // panics); a thousand is far past any machine's use.
+        if self.proxy.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "proxy.worker_threads",
+                self.proxy.worker_threads,
+                format!("must be from 0 (one per CPU) to {MAX_WORKER_THREADS}"),
             ));
         }
         if self.proxy.max_connections == 0 {
@@ -1113,6 +1124,25 @@ mod tests {
         }
         for n in ["1", "100", "10000"] {
             let text = format!("[proxy]\nupstream = \"http://a\"\nmax_headers = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+    }
+
+    /// worker_threads = 9223372036854775807 passed `check`, then `serve`
+    /// panicked building the runtime ("capacity overflow", exit 101).
+    #[test]
+    fn worker_threads_is_bounded() {
+        for n in ["1025", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nworker_threads = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.worker_threads") && err.contains("1024"),
+                "{err}"
+            );
+        }
+        for n in ["0", "1", "1024"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nworker_threads = {n}\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{n}: {e}"));
         }
