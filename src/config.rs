@@ -25,6 +25,8 @@ pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
 pub const MAX_HEADERS_LIMIT: usize = 10_000;
 /// The largest `proxy.worker_threads`.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// The largest `proxy.max_connections`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -576,11 +578,13 @@ impl Config {
                 format!("must be from 0 (one per CPU) to {MAX_WORKER_THREADS}"),
             ));
         }
-        if self.proxy.max_connections == 0 {
+        // Bounded by the semaphore that holds them (more panics), and well
+        // below that by any process's file descriptors.
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.proxy.max_connections) {
             return Err(invalid(
                 "proxy.max_connections",
-                0,
-                "must be greater than zero",
+                self.proxy.max_connections,
+                format!("must be from 1 to {MAX_CONNECTIONS_LIMIT}"),
             ));
         }
         if let Some(upstream) = &self.proxy.upstream {
@@ -1143,6 +1147,27 @@ mod tests {
         }
         for n in ["0", "1", "1024"] {
             let text = format!("[proxy]\nupstream = \"http://a\"\nworker_threads = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+    }
+
+    /// max_connections = 9223372036854775807 passed `check` and `serve`
+    /// started, but the proxy's task panicked making its semaphore: the
+    /// admin listener answered (and /readyz said ready) while the proxy
+    /// port refused every connection.
+    #[test]
+    fn max_connections_is_bounded() {
+        for n in ["10000001", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_connections = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.max_connections") && err.contains("10000000"),
+                "{err}"
+            );
+        }
+        for n in ["1", "10000", "10000000"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_connections = {n}\n");
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{n}: {e}"));
         }
