@@ -202,6 +202,48 @@ async fn a_response_in_flight_at_sigterm_closes_its_connection() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A client that leaves before the response head still gets its access
+/// line (status 499, as nginx logs a client that closed its request), with
+/// the key that was verified. On hyper's path (here HTTP/1 without the
+/// relay) the request's future was dropped with the connection and nothing
+/// was logged: a request that reached the upstream left no trace.
+#[tokio::test]
+async fn a_request_whose_client_left_is_logged() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "http1_relay = false");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /slow HTTP/1.1\r\nhost: a\r\nx-api-key: {key}\r\nx-request-id: client-left\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&server.child, "TERM");
+    let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("keygate::access") && l.contains("client-left"))
+        .unwrap_or_else(|| panic!("no access line for the request: {logs}"));
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("path=\"/slow\""), "{line}");
+    assert!(
+        line.contains(&format!("key_id=\"{}\"", &key[3..19])),
+        "{line}"
+    );
+    assert!(!line.contains(&key), "{line}");
+}
+
 /// A second stop signal during the drain stops keygate at once (exit 1),
 /// not after the in-flight request or `drain_timeout`.
 #[tokio::test]
