@@ -48,8 +48,8 @@ pub struct Reloader {
     /// The listener's certificate, when it serves TLS.
     certs: Option<Arc<CertResolver>>,
     shared: SharedParts,
-    /// Modification times of the watched files at the last (re)load.
-    stamps: Vec<Option<SystemTime>>,
+    /// What the watched files were at the last (re)load.
+    stamps: Vec<Option<Stamp>>,
 }
 
 impl Reloader {
@@ -81,11 +81,8 @@ impl Reloader {
         files
     }
 
-    fn current_stamps(&self) -> Vec<Option<SystemTime>> {
-        self.watched()
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    fn current_stamps(&self) -> Vec<Option<Stamp>> {
+        self.watched().iter().map(|p| Stamp::of(p)).collect()
     }
 
     /// Whether a watched file changed since the last load.
@@ -140,6 +137,35 @@ impl Reloader {
         self.active = config;
         self.stamps = self.current_stamps();
         Ok(())
+    }
+}
+
+/// What tells one version of a watched file from another: its inode as
+/// well as its modification time, for a file replaced by one of the same
+/// mtime (a symlink swapped to a new NixOS store path, where every file's
+/// mtime is 1; a copy that keeps its source's), and its size and change
+/// time, for two writes within one tick of the file system's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    /// The file `path` names, through symlinks; `None` when it cannot be read.
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            device: meta.dev(),
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
     }
 }
 

@@ -244,6 +244,61 @@ async fn a_request_whose_client_left_is_logged() {
     assert!(!line.contains(&key), "{line}");
 }
 
+/// A config file swapped for another by its symlink (NixOS points
+/// /etc at a new store path, whose files all have mtime 1; a ConfigMap's
+/// `..data` swap) is a change even when both files have the same mtime:
+/// only the mtime was compared, so the swap was never noticed.
+#[tokio::test]
+async fn a_symlink_swap_to_a_file_of_the_same_mtime_is_reloaded() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (written, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&written);
+    let text = std::fs::read_to_string(&written).unwrap();
+    let dead = support::dead_address().await;
+    let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    std::fs::write(&old, &text).unwrap();
+    std::fs::write(
+        &new,
+        text.replace(&upstream.addr.to_string(), &dead.to_string()),
+    )
+    .unwrap();
+    let nix_epoch = std::time::UNIX_EPOCH + Duration::from_secs(1);
+    for file in [&old, &new] {
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(nix_epoch)
+            .unwrap();
+    }
+    let link = dir.path().join("keygate-link.toml");
+    std::os::unix::fs::symlink(&old, &link).unwrap();
+    let server = serve(&link, proxy, admin).await;
+    let get = || async {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/", server.proxy))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+    let swapping = dir.path().join("swapping");
+    std::os::unix::fs::symlink(&new, &swapping).unwrap();
+    std::fs::rename(&swapping, &link).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while get().await == 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the swapped config was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get().await, 502);
+}
+
 /// A second stop signal during the drain stops keygate at once (exit 1),
 /// not after the in-flight request or `drain_timeout`.
 #[tokio::test]
