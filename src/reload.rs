@@ -72,17 +72,8 @@ impl Reloader {
         reloader
     }
 
-    fn watched(&self) -> Vec<&Path> {
-        let mut files = vec![self.path.as_path()];
-        if let Some(tls) = &self.active.proxy.tls {
-            files.push(&tls.cert_file);
-            files.push(&tls.key_file);
-        }
-        files
-    }
-
     fn current_stamps(&self) -> Vec<Option<Stamp>> {
-        self.watched().iter().map(|p| Stamp::of(p)).collect()
+        stamps(&self.path, &self.active)
     }
 
     /// Whether a watched file changed since the last load.
@@ -95,7 +86,15 @@ impl Reloader {
         // Remember the stamps first: a failed reload is not retried until the
         // files change again.
         self.stamps = self.current_stamps();
+        let config_stamp = self.stamps[0].clone();
         let mut config = Config::load(&self.path)?;
+        // What is loaded is what the files were when stamped, never later:
+        // an edit made while this reload runs (building the state reads
+        // the CA bundle or the system's roots) is a change the next check
+        // finds. The config file as it was before it was read, the new
+        // config's certificate and key before they are read.
+        let mut loaded = stamps(&self.path, &config);
+        loaded[0] = config_stamp;
         let now = SystemTime::now();
         let certificate = match (&config.proxy.tls, &self.certs) {
             (Some(tls), Some(served)) => {
@@ -135,9 +134,20 @@ impl Reloader {
         }
         self.proxy.store(Arc::new(state));
         self.active = config;
-        self.stamps = self.current_stamps();
+        self.stamps = loaded;
         Ok(())
     }
+}
+
+/// The files a reload watches, `config`'s certificate and key after the
+/// config file (`path`), as they are now.
+fn stamps(path: &Path, config: &Config) -> Vec<Option<Stamp>> {
+    let mut files = vec![path];
+    if let Some(tls) = &config.proxy.tls {
+        files.push(&tls.cert_file);
+        files.push(&tls.key_file);
+    }
+    files.into_iter().map(Stamp::of).collect()
 }
 
 /// What tells one version of a watched file from another: its inode as

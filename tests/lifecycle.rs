@@ -299,6 +299,70 @@ async fn a_symlink_swap_to_a_file_of_the_same_mtime_is_reloaded() {
     assert_eq!(get().await, 502);
 }
 
+/// An edit made while a reload runs is loaded after it. The reload
+/// stamped the files again once it had swapped its config in, so an edit
+/// made after the file was read but before that (while the proxy state was
+/// built: the CA bundle, or the system's roots, read on every reload) was
+/// taken as loaded, and never was. The CA bundle here is a FIFO, so the
+/// test holds the reload at that point.
+#[tokio::test]
+async fn an_edit_made_during_a_reload_is_loaded_after_it() {
+    use std::io::Write;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = std::fs::read(support::make_cert(dir.path(), "ca").cert_path).unwrap();
+    let fifo = dir.path().join("ca-fifo.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let (config, proxy, admin) = write_config(
+        dir.path(),
+        upstream.addr,
+        &format!("upstream_ca_file = \"{}\"", fifo.display()),
+    );
+    let key = bootstrap(&config);
+    // Each read of the bundle waits for a writer; opening it for writing
+    // waits for keygate to read.
+    let feed = |pem: Vec<u8>, fifo: std::path::PathBuf| {
+        std::thread::spawn(move || std::fs::write(fifo, pem).unwrap())
+    };
+    let start = feed(pem.clone(), fifo.clone());
+    let server = serve(&config, proxy, admin).await;
+    start.join().unwrap();
+    let get = || async {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/", server.proxy))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}# edit 1\n")).unwrap();
+    // The reload of edit 1 has read the file and waits on the bundle.
+    let mut held = std::fs::File::options().write(true).open(&fifo).unwrap();
+    let dead = support::dead_address().await;
+    std::fs::write(
+        &config,
+        text.replace(&upstream.addr.to_string(), &dead.to_string()),
+    )
+    .unwrap();
+    held.write_all(&pem).unwrap();
+    drop(held);
+    // A writer that opened before keygate saw the end of this one would
+    // feed the same read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _next = feed(pem, fifo);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while get().await == 200 {
+        assert!(Instant::now() < deadline, "edit 2 was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get().await, 502);
+}
+
 /// A second stop signal during the drain stops keygate at once (exit 1),
 /// not after the in-flight request or `drain_timeout`.
 #[tokio::test]
