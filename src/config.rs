@@ -20,6 +20,13 @@ pub const DEFAULT_STORE_URL: &str = "sqlite://keygate.db";
 pub const DEFAULT_KEY_PREFIX: &str = "kg";
 pub const DEFAULT_IDENTITY_PREFIX: &str = "x-keygate-";
 pub const DEFAULT_API_KEY_HEADER: &str = "x-api-key";
+/// The largest `proxy.max_headers`: room for this many is made on every
+/// request head hyper parses.
+pub const MAX_HEADERS_LIMIT: usize = 10_000;
+/// The largest `proxy.worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 1024;
+/// The largest `proxy.max_connections`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -495,6 +502,25 @@ impl Config {
                 "must start with '/', not end with '/', and not be '/' alone",
             ));
         }
+        // Caught here rather than at bind, where it reads as a port another
+        // process holds (exit 69, "may pass"), and `check` would not see it.
+        let mut listeners = vec![
+            ("proxy.listen", self.proxy.listen),
+            ("admin.listen", self.admin.listen),
+        ];
+        listeners.extend(self.echo.listen.map(|addr| ("echo.listen", addr)));
+        for (i, (field, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| same_socket(*a, *addr)) {
+                return Err(invalid(
+                    *field,
+                    addr,
+                    format!(
+                        "is the same address as {other}: two listeners cannot share a port; \
+                         give each its own"
+                    ),
+                ));
+            }
+        }
         validate_header_name("proxy.api_key_header", &self.proxy.api_key_header)?;
         let prefix = &self.proxy.identity_header_prefix;
         validate_header_name("proxy.identity_header_prefix", prefix)?;
@@ -534,11 +560,31 @@ impl Config {
                 "must be at least 1024",
             ));
         }
-        if self.proxy.max_headers == 0 || self.proxy.max_connections == 0 {
+        // hyper makes room for `max_headers` headers on every request head
+        // it parses (an overflow panics): bounded well above any client's.
+        if !(1..=MAX_HEADERS_LIMIT).contains(&self.proxy.max_headers) {
             return Err(invalid(
-                "proxy.max_headers/max_connections",
-                0,
-                "must be greater than zero",
+                "proxy.max_headers",
+                self.proxy.max_headers,
+                format!("must be from 1 to {MAX_HEADERS_LIMIT}"),
+            ));
+        }
+        // The runtime makes room for every worker up front (an overflow
+        // panics); a thousand is far past any machine's use.
+        if self.proxy.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "proxy.worker_threads",
+                self.proxy.worker_threads,
+                format!("must be from 0 (one per CPU) to {MAX_WORKER_THREADS}"),
+            ));
+        }
+        // Bounded by the semaphore that holds them (more panics), and well
+        // below that by any process's file descriptors.
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.proxy.max_connections) {
+            return Err(invalid(
+                "proxy.max_connections",
+                self.proxy.max_connections,
+                format!("must be from 1 to {MAX_CONNECTIONS_LIMIT}"),
             ));
         }
         if let Some(upstream) = &self.proxy.upstream {
@@ -671,6 +717,15 @@ impl Config {
     }
 }
 
+/// Whether binding both would collide: the same port on the same address,
+/// or on any address where one of them is a wildcard (`0.0.0.0`, `[::]`).
+/// Port 0 (any free port) never collides.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn validate_header_name(field: &str, value: &str) -> Result<(), ConfigError> {
     http::HeaderName::from_bytes(value.as_bytes())
         .map(drop)
@@ -686,8 +741,21 @@ pub fn parse_upstream(value: &str) -> Result<Uri, &'static str> {
         Some("http") | Some("https") => {}
         _ => return Err("scheme must be http or https"),
     }
-    if uri.authority().is_none() {
+    let Some(authority) = uri.authority() else {
         return Err("must name a host");
+    };
+    if authority.host().is_empty() {
+        return Err("must name a host");
+    }
+    // The URI grammar takes any digits (or none) after the colon; a port
+    // that is not 1-65535 would only show as a 502 on every request.
+    let host_and_port = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, rest)| rest);
+    let has_port = host_and_port.len() > authority.host().len();
+    if has_port && !matches!(authority.port_u16(), Some(port) if port != 0) {
+        return Err("must have a port from 1 to 65535, or none for the scheme's default");
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err("must not have a path or query");
@@ -967,6 +1035,141 @@ mod tests {
         ] {
             text.parse::<Config>()
                 .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    /// Two listeners on one address passed `check`, then `serve` stopped
+    /// with "Address already in use" and exit 69, as if another process
+    /// held the port and a restart could help.
+    #[test]
+    fn listeners_on_the_same_address_are_refused() {
+        let base = "[proxy]\nupstream = \"http://a\"\n";
+        for (listens, named) in [
+            (
+                "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+                "admin.listen",
+            ),
+            (
+                "listen = \"0.0.0.0:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"",
+                "admin.listen",
+            ),
+            (
+                "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"[::]:9000\"",
+                "admin.listen",
+            ),
+            ("[echo]\nlisten = \"127.0.0.1:8080\"", "echo.listen"),
+            ("[echo]\nlisten = \"127.0.0.1:8081\"", "echo.listen"),
+        ] {
+            let text = format!("{base}{listens}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains(named) && err.contains("same address"),
+                "{err:?} should name {named}"
+            );
+        }
+        for listens in [
+            "listen = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.2:9000\"",
+            "listen = \"127.0.0.1:9000\"\n[admin]\nlisten = \"[::1]:9000\"",
+            "[echo]\nlisten = \"127.0.0.1:9000\"",
+        ] {
+            let text = format!("{base}{listens}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    /// `http://127.0.0.1:99999` and `http://:80` passed `check` and
+    /// `serve`, then every request got 502.
+    #[test]
+    fn upstreams_without_a_usable_host_and_port_are_refused() {
+        for (upstream, rule) in [
+            ("http://127.0.0.1:99999", "port"),
+            ("http://127.0.0.1:80x", "port"),
+            ("http://127.0.0.1:", "port"),
+            ("http://:80", "host"),
+            ("https://[::1]:70000", "port"),
+        ] {
+            let text = format!("[proxy]\nupstream = \"{upstream}\"\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("upstream") && err.contains(rule),
+                "{err:?} should name the {rule}"
+            );
+            let text = format!("[[routes]]\nupstream = \"{upstream}\"\n");
+            text.parse::<Config>().expect_err(&text);
+        }
+        for upstream in [
+            "http://127.0.0.1:65535",
+            "http://a",
+            "https://[::1]:8443/",
+            "http://svc.internal:8080",
+            "http://[::1]",
+        ] {
+            let text = format!("[proxy]\nupstream = \"{upstream}\"\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        }
+    }
+
+    /// hyper makes room for `max_headers` headers on every request head
+    /// it parses: 9223372036854775807 passed `check` and every request on
+    /// hyper's path panicked ("capacity overflow"); a million cost tens of
+    /// megabytes per request.
+    #[test]
+    fn max_headers_is_bounded() {
+        for n in ["10001", "1000000", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_headers = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.max_headers") && err.contains("10000"),
+                "{err}"
+            );
+        }
+        for n in ["1", "100", "10000"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_headers = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+    }
+
+    /// worker_threads = 9223372036854775807 passed `check`, then `serve`
+    /// panicked building the runtime ("capacity overflow", exit 101).
+    #[test]
+    fn worker_threads_is_bounded() {
+        for n in ["1025", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nworker_threads = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.worker_threads") && err.contains("1024"),
+                "{err}"
+            );
+        }
+        for n in ["0", "1", "1024"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nworker_threads = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+    }
+
+    /// max_connections = 9223372036854775807 passed `check` and `serve`
+    /// started, but the proxy's task panicked making its semaphore: the
+    /// admin listener answered (and /readyz said ready) while the proxy
+    /// port refused every connection.
+    #[test]
+    fn max_connections_is_bounded() {
+        for n in ["10000001", "9223372036854775807"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_connections = {n}\n");
+            let err = text.parse::<Config>().expect_err(&text).to_string();
+            assert!(
+                err.contains("proxy.max_connections") && err.contains("10000000"),
+                "{err}"
+            );
+        }
+        for n in ["1", "10000", "10000000"] {
+            let text = format!("[proxy]\nupstream = \"http://a\"\nmax_connections = {n}\n");
+            text.parse::<Config>()
+                .unwrap_or_else(|e| panic!("{n}: {e}"));
         }
     }
 

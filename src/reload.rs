@@ -48,8 +48,8 @@ pub struct Reloader {
     /// The listener's certificate, when it serves TLS.
     certs: Option<Arc<CertResolver>>,
     shared: SharedParts,
-    /// Modification times of the watched files at the last (re)load.
-    stamps: Vec<Option<SystemTime>>,
+    /// What the watched files were at the last (re)load.
+    stamps: Vec<Option<Stamp>>,
 }
 
 impl Reloader {
@@ -72,20 +72,8 @@ impl Reloader {
         reloader
     }
 
-    fn watched(&self) -> Vec<&Path> {
-        let mut files = vec![self.path.as_path()];
-        if let Some(tls) = &self.active.proxy.tls {
-            files.push(&tls.cert_file);
-            files.push(&tls.key_file);
-        }
-        files
-    }
-
-    fn current_stamps(&self) -> Vec<Option<SystemTime>> {
-        self.watched()
-            .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .collect()
+    fn current_stamps(&self) -> Vec<Option<Stamp>> {
+        stamps(&self.path, &self.active)
     }
 
     /// Whether a watched file changed since the last load.
@@ -98,7 +86,15 @@ impl Reloader {
         // Remember the stamps first: a failed reload is not retried until the
         // files change again.
         self.stamps = self.current_stamps();
+        let config_stamp = self.stamps[0].clone();
         let mut config = Config::load(&self.path)?;
+        // What is loaded is what the files were when stamped, never later:
+        // an edit made while this reload runs (building the state reads
+        // the CA bundle or the system's roots) is a change the next check
+        // finds. The config file as it was before it was read, the new
+        // config's certificate and key before they are read.
+        let mut loaded = stamps(&self.path, &config);
+        loaded[0] = config_stamp;
         let now = SystemTime::now();
         let certificate = match (&config.proxy.tls, &self.certs) {
             (Some(tls), Some(served)) => {
@@ -138,8 +134,48 @@ impl Reloader {
         }
         self.proxy.store(Arc::new(state));
         self.active = config;
-        self.stamps = self.current_stamps();
+        self.stamps = loaded;
         Ok(())
+    }
+}
+
+/// The files a reload watches, `config`'s certificate and key after the
+/// config file (`path`), as they are now.
+fn stamps(path: &Path, config: &Config) -> Vec<Option<Stamp>> {
+    let mut files = vec![path];
+    if let Some(tls) = &config.proxy.tls {
+        files.push(&tls.cert_file);
+        files.push(&tls.key_file);
+    }
+    files.into_iter().map(Stamp::of).collect()
+}
+
+/// What tells one version of a watched file from another: its inode as
+/// well as its modification time, for a file replaced by one of the same
+/// mtime (a symlink swapped to a new NixOS store path, where every file's
+/// mtime is 1; a copy that keeps its source's), and its size and change
+/// time, for two writes within one tick of the file system's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    /// The file `path` names, through symlinks; `None` when it cannot be read.
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            device: meta.dev(),
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
     }
 }
 

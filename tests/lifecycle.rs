@@ -148,6 +148,221 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A response that was in flight at SIGTERM says `Connection: close`, and
+/// the connection takes no further request. The relay (the default for
+/// plain HTTP/1.1) read the drain once, when the request arrived: the
+/// response said nothing, the client took the connection as reusable and
+/// its next request met a closed connection (or, sent at once, was served
+/// during the drain). hyper's path said `close`.
+#[tokio::test]
+async fn a_response_in_flight_at_sigterm_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .unwrap();
+    let request =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: a\r\nx-api-key: {key}\r\n\r\n");
+    conn.write_all(request("/slow").as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&server.child, "TERM");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).ends_with("slow") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("the in-flight response")
+            .unwrap();
+        assert!(n > 0, "closed before the response: {seen:?}");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let response = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+    // The client's next request on it is not served.
+    let _ = conn.write_all(request("/again").as_bytes()).await;
+    let rest = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk)).await;
+    assert!(
+        matches!(rest, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection served on: {rest:?}"
+    );
+    assert_eq!(
+        upstream.count(),
+        1,
+        "a request reached the upstream while draining"
+    );
+    let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// A client that leaves before the response head still gets its access
+/// line (status 499, as nginx logs a client that closed its request), with
+/// the key that was verified. On hyper's path (here HTTP/1 without the
+/// relay) the request's future was dropped with the connection and nothing
+/// was logged: a request that reached the upstream left no trace.
+#[tokio::test]
+async fn a_request_whose_client_left_is_logged() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "http1_relay = false");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /slow HTTP/1.1\r\nhost: a\r\nx-api-key: {key}\r\nx-request-id: client-left\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&server.child, "TERM");
+    let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("keygate::access") && l.contains("client-left"))
+        .unwrap_or_else(|| panic!("no access line for the request: {logs}"));
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("path=\"/slow\""), "{line}");
+    assert!(
+        line.contains(&format!("key_id=\"{}\"", &key[3..19])),
+        "{line}"
+    );
+    assert!(!line.contains(&key), "{line}");
+}
+
+/// A config file swapped for another by its symlink (NixOS points
+/// /etc at a new store path, whose files all have mtime 1; a ConfigMap's
+/// `..data` swap) is a change even when both files have the same mtime:
+/// only the mtime was compared, so the swap was never noticed.
+#[tokio::test]
+async fn a_symlink_swap_to_a_file_of_the_same_mtime_is_reloaded() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (written, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&written);
+    let text = std::fs::read_to_string(&written).unwrap();
+    let dead = support::dead_address().await;
+    let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    std::fs::write(&old, &text).unwrap();
+    std::fs::write(
+        &new,
+        text.replace(&upstream.addr.to_string(), &dead.to_string()),
+    )
+    .unwrap();
+    let nix_epoch = std::time::UNIX_EPOCH + Duration::from_secs(1);
+    for file in [&old, &new] {
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(nix_epoch)
+            .unwrap();
+    }
+    let link = dir.path().join("keygate-link.toml");
+    std::os::unix::fs::symlink(&old, &link).unwrap();
+    let server = serve(&link, proxy, admin).await;
+    let get = || async {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/", server.proxy))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+    let swapping = dir.path().join("swapping");
+    std::os::unix::fs::symlink(&new, &swapping).unwrap();
+    std::fs::rename(&swapping, &link).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while get().await == 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the swapped config was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get().await, 502);
+}
+
+/// An edit made while a reload runs is loaded after it. The reload
+/// stamped the files again once it had swapped its config in, so an edit
+/// made after the file was read but before that (while the proxy state was
+/// built: the CA bundle, or the system's roots, read on every reload) was
+/// taken as loaded, and never was. The CA bundle here is a FIFO, so the
+/// test holds the reload at that point.
+#[tokio::test]
+async fn an_edit_made_during_a_reload_is_loaded_after_it() {
+    use std::io::Write;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = std::fs::read(support::make_cert(dir.path(), "ca").cert_path).unwrap();
+    let fifo = dir.path().join("ca-fifo.pem");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let (config, proxy, admin) = write_config(
+        dir.path(),
+        upstream.addr,
+        &format!("upstream_ca_file = \"{}\"", fifo.display()),
+    );
+    let key = bootstrap(&config);
+    // Each read of the bundle waits for a writer; opening it for writing
+    // waits for keygate to read.
+    let feed = |pem: Vec<u8>, fifo: std::path::PathBuf| {
+        std::thread::spawn(move || std::fs::write(fifo, pem).unwrap())
+    };
+    let start = feed(pem.clone(), fifo.clone());
+    let server = serve(&config, proxy, admin).await;
+    start.join().unwrap();
+    let get = || async {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/", server.proxy))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get().await, 200);
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}# edit 1\n")).unwrap();
+    // The reload of edit 1 has read the file and waits on the bundle.
+    let mut held = std::fs::File::options().write(true).open(&fifo).unwrap();
+    let dead = support::dead_address().await;
+    std::fs::write(
+        &config,
+        text.replace(&upstream.addr.to_string(), &dead.to_string()),
+    )
+    .unwrap();
+    held.write_all(&pem).unwrap();
+    drop(held);
+    // A writer that opened before keygate saw the end of this one would
+    // feed the same read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _next = feed(pem, fifo);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while get().await == 200 {
+        assert!(Instant::now() < deadline, "edit 2 was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get().await, 502);
+}
+
 /// A second stop signal during the drain stops keygate at once (exit 1),
 /// not after the in-flight request or `drain_timeout`.
 #[tokio::test]
@@ -575,6 +790,13 @@ fn invalid_configs_exit_64_naming_the_field() {
             "listen",
         ),
         ("[proxi]\nupstream = \"http://127.0.0.1:1\"\n", "proxi"),
+        // Had exited 69 "Address already in use", as if another process
+        // held the port.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:32530\"\n\
+             [admin]\nlisten = \"127.0.0.1:32530\"\n",
+            "admin.listen",
+        ),
     ];
     for (text, field) in cases {
         let path = dir.path().join("bad.toml");

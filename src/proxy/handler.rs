@@ -72,7 +72,19 @@ pub async fn handle(
     // Cheap clones (shared bytes), kept for the access log.
     let uri = req.uri().clone();
     let request_id = settle_request_id(req.headers_mut());
-    let mut outcome = Outcome::default();
+    let request_id = String::from_utf8_lossy(request_id.as_bytes());
+    let mut pending = Unanswered {
+        state: &state,
+        request: LoggedRequest {
+            client: LoggedRequest::client_of(&conn),
+            method: method.as_str(),
+            path: Some(uri.path()),
+            request_id: Some(&request_id),
+        },
+        outcome: Outcome::default(),
+        started,
+        answered: false,
+    };
     let oversized =
         req.version() < Version::HTTP_2 && head_limit.is_some_and(|l| http1_head_len(&req) > l);
     // Up to the response head only: a response that has started is never cut.
@@ -80,25 +92,58 @@ pub async fn handle(
         if oversized {
             return Err(ProxyError::RequestHeadTooLarge);
         }
-        pipeline(&state, &conn, req, client, &mut outcome).await
+        pipeline(&state, &conn, req, client, &mut pending.outcome).await
     };
     let (response, refusal) = match within_request_timeout(state.request_timeout, exchange).await {
         Ok(response) => (response, None),
         Err(error) => {
-            record_failure(&state, error, &outcome);
+            record_failure(&state, error, &pending.outcome);
             (error.respond(client), Some(error))
         }
     };
     let status = response.status().as_u16();
-    let request_id = String::from_utf8_lossy(request_id.as_bytes());
-    let request = LoggedRequest {
-        client: LoggedRequest::client_of(&conn),
-        method: method.as_str(),
-        path: Some(uri.path()),
-        request_id: Some(&request_id),
-    };
-    record(&state, &request, status, refusal, &outcome, started);
+    pending.answered = true;
+    record(
+        &state,
+        &pending.request,
+        status,
+        refusal,
+        &pending.outcome,
+        started,
+    );
     Ok(response)
+}
+
+/// The status logged for a request whose client left before its response
+/// head, as nginx logs it ("client closed request"); never sent.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A request [`handle`] has not answered yet. hyper drops the request's
+/// future when its client goes away (a closed connection, an HTTP/2 stream
+/// reset): dropped unanswered, it is recorded then, with status 499, so
+/// that a request that may have reached the upstream still has its one
+/// access line and is counted against its key.
+struct Unanswered<'s, 'r> {
+    state: &'s ProxyState,
+    request: LoggedRequest<'r>,
+    outcome: Outcome<'s>,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_, '_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            record(
+                self.state,
+                &self.request,
+                CLIENT_CLOSED_REQUEST,
+                None,
+                &self.outcome,
+                self.started,
+            );
+        }
+    }
 }
 
 async fn pipeline<'s>(

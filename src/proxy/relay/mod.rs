@@ -116,14 +116,21 @@ where
         }
         let started = std::time::Instant::now();
         let state = states.load_full();
-        // Err: the listener is gone, which also means draining.
-        let draining = drain.has_changed().unwrap_or(true);
-        match relay.exchange(&state, started, draining, &mut noted).await {
-            Next::KeepAlive if !draining => {}
+        match relay.exchange(&state, started, drain, &mut noted).await {
+            Next::KeepAlive if !draining(drain) => {}
             Next::KeepAlive | Next::Close => return Ended::Closed,
             Next::Handoff => return Ended::Handoff(relay.buf),
         }
     }
+}
+
+/// Whether the proxy is draining, asked when a response head is written
+/// and after each exchange rather than once per request: a SIGTERM while
+/// the upstream answers must still close the connection after the answer,
+/// and say so (`Connection: close`). Err: the listener is gone, which also
+/// means draining.
+fn draining(drain: &watch::Receiver<()>) -> bool {
+    drain.has_changed().unwrap_or(true)
 }
 
 struct Relay<'a, S> {
@@ -247,7 +254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         &mut self,
         state: &ProxyState,
         started: std::time::Instant,
-        draining: bool,
+        drain: &watch::Receiver<()>,
         noted: &mut Noted,
     ) -> Next {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -308,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     upstream_started,
                     request_deadline,
                 };
-                self.forward(state, &plan, &key, clock, draining).await
+                self.forward(state, &plan, &key, clock, drain).await
             }
             // A refused request's body is not waited for: the connection
             // closes after the answer unless the whole body has arrived
@@ -339,7 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 body_consumed,
             }) => {
                 record_refusal(state, &request, error, &outcome, started);
-                let close = plan.close || draining || !body_consumed;
+                let close = plan.close || draining(drain) || !body_consumed;
                 self.out.clear();
                 error.render_http1(&mut self.out, close);
                 if self.write_out().await && !close {
@@ -385,7 +392,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         plan: &Plan<'_>,
         key: &Arc<VerifiedKey>,
         clock: Clock,
-        draining: bool,
+        drain: &watch::Receiver<()>,
     ) -> Result<(ResponseHead, TcpStream), Failure> {
         let request_deadline = clock.request_deadline;
         // Whatever of the body is already buffered goes out with the head.
@@ -463,7 +470,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         };
 
         let head = loop {
-            match self.parse_response_head(plan, draining) {
+            match self.parse_response_head(plan, drain) {
                 Ok(Some(head)) => break head,
                 // An informational response (100, 103): skipped, like
                 // hyper's client does; the final one follows.
@@ -542,7 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
     fn parse_response_head(
         &mut self,
         plan: &Plan<'_>,
-        draining: bool,
+        drain: &watch::Receiver<()>,
     ) -> Result<Option<ResponseHead>, BadFraming> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut res = httparse::Response::new(&mut headers);
@@ -573,7 +580,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         let upstream_keep_alive = res.version == Some(1)
             && !matches!(framing, Framing::UntilClose)
             && !connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
-        let close_client = plan.close || draining || matches!(framing, Framing::UntilClose);
+        let close_client = plan.close || draining(drain) || matches!(framing, Framing::UntilClose);
         self.out.clear();
         write_response_head(
             &mut self.out,
