@@ -213,6 +213,18 @@ impl Shared {
         (key.id, token.expose().to_string())
     }
 
+    /// Disables a key straight in the store, as another replica would.
+    async fn disable(&self, id: &KeyId) {
+        let off = KeyUpdate {
+            disabled: Some(true),
+            ..KeyUpdate::default()
+        };
+        self.store
+            .update_key(&Actor::system("test"), id, off, None)
+            .await
+            .unwrap();
+    }
+
     async fn head(&self) -> i64 {
         self.store
             .changes_since(i64::MAX)
@@ -1041,6 +1053,43 @@ async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
     assert_eq!(list().await.unwrap().status(), 200);
 }
 
+/// A replica that reaches the store through a path that can go silent
+/// (`SilentPartition`), with a key it has cached.
+struct Partitioned {
+    shared: Shared,
+    path: support::postgres::SilentPartition,
+    replica: Replica,
+    client: reqwest::Client,
+    id: KeyId,
+    token: String,
+}
+
+impl Partitioned {
+    /// `extra` is more of the replica's TOML. `None` without PostgreSQL.
+    async fn start(extra: &str) -> Option<Partitioned> {
+        let shared = Shared::create().await?;
+        let path = support::postgres::SilentPartition::start(&shared.db.url).await;
+        let upstream = support::echo_upstream().await;
+        let replica = Replica::start(&path.url(&shared.db.url), upstream, true, extra).await;
+        // A client that gives up, so that a hang fails the test.
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let (id, token) = shared.key().await;
+        in_step(&replica, &client, &shared).await;
+        assert_eq!(replica.call(&client, &token).await.0, 200);
+        Some(Partitioned {
+            shared,
+            path,
+            replica,
+            client,
+            id,
+            token,
+        })
+    }
+}
+
 /// A partition that drops packets silently (a failed-over primary, a
 /// firewall change) leaves the reads then in flight waiting without an
 /// error, for as long as TCP takes to give up (about 15 minutes). keygate
@@ -1050,25 +1099,17 @@ async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
 /// not cached are served again once new connections get through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_partition_costs_seconds_not_the_pool() {
-    let Some(shared) = Shared::create().await else {
+    let Some(Partitioned {
+        shared,
+        path,
+        replica,
+        client,
+        id,
+        token,
+    }) = Partitioned::start("[cache]\nttl = \"300s\"\n").await
+    else {
         return;
     };
-    let path = support::postgres::SilentPartition::start(&shared.db.url).await;
-    let upstream = support::echo_upstream().await;
-    let replica = Replica::start(
-        &path.url(&shared.db.url),
-        upstream,
-        true,
-        "[cache]\nttl = \"300s\"\n",
-    )
-    .await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let (id, token) = shared.key().await;
-    in_step(&replica, &client, &shared).await;
-    assert_eq!(replica.call(&client, &token).await.0, 200);
 
     // Reads and writes in flight when the partition comes, held there by
     // locks: the feed's read (at least once a second), a usage flush, then
@@ -1111,19 +1152,7 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
     }
 
     let started = Instant::now();
-    shared
-        .store
-        .update_key(
-            &Actor::system("test"),
-            &id,
-            KeyUpdate {
-                disabled: Some(true),
-                ..KeyUpdate::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    shared.disable(&id).await;
     let (delay, refusal) = time_until_refused(&replica, &client, &token, started).await;
     println!("silent partition: revocation seen after {delay:?}");
     assert_eq!(refusal, (401, "api_key_disabled".to_string()));
@@ -1238,41 +1267,21 @@ async fn a_transaction_cut_off_by_a_partition_does_not_hold_its_locks() {
 /// minute apart, so only an announcement can bring the revocation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_listener_cut_off_silently_is_replaced() {
-    let Some(shared) = Shared::create().await else {
+    let Some(Partitioned {
+        shared,
+        path,
+        replica,
+        client,
+        id,
+        token,
+    }) = Partitioned::start("[cache]\npoll_interval = \"60s\"\nttl = \"300s\"\n").await
+    else {
         return;
     };
-    let path = support::postgres::SilentPartition::start(&shared.db.url).await;
-    let upstream = support::echo_upstream().await;
-    let replica = Replica::start(
-        &path.url(&shared.db.url),
-        upstream,
-        true,
-        "[cache]\npoll_interval = \"60s\"\nttl = \"300s\"\n",
-    )
-    .await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let (id, token) = shared.key().await;
-    in_step(&replica, &client, &shared).await;
-    assert_eq!(replica.call(&client, &token).await.0, 200);
 
     path.partition();
     let started = Instant::now();
-    shared
-        .store
-        .update_key(
-            &Actor::system("test"),
-            &id,
-            KeyUpdate {
-                disabled: Some(true),
-                ..KeyUpdate::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+    shared.disable(&id).await;
     let (delay, refusal) = time_until_refused(&replica, &client, &token, started).await;
     println!("listener cut off: revocation seen after {delay:?}");
     assert_eq!(refusal, (401, "api_key_disabled".to_string()));
