@@ -82,17 +82,15 @@ pub async fn run_with_reload(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
     // TLS first: a bad certificate must stop the start before anything runs.
     // An expired or not yet valid one starts, with a warning
     // (proxy::cert_validity says why).
-    let mut served_validity = None;
     let certs = match &config.proxy.tls {
         Some(tls) => {
             let certified =
                 load_certified_key(&tls.cert_file, &tls.key_file).map_err(StartError::Tls)?;
-            served_validity = certified.cert.first().and_then(|leaf| {
-                cert_validity::warn_if_due(&tls.cert_file, leaf, SystemTime::now())
-            });
+            cert_validity::now_serving(&tls.cert_file, &certified, SystemTime::now(), &metrics);
             Some(CertResolver::new(certified))
         }
         None => None,
@@ -109,13 +107,6 @@ pub async fn run_with_reload(
             url: store::display_url(&config.store.url),
             source,
         })?;
-    let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
-    if let Some(tls) = &config.proxy.tls {
-        metrics.set_tls_certificate_expiry(
-            &tls.cert_file,
-            served_validity.map(|v| v.not_after_unix()),
-        );
-    }
     let cache = CacheSettings {
         capacity: config.cache.capacity,
         ttl: config.cache.ttl,

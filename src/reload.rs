@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
-use crate::proxy::cert_validity::{check_replacement, warn_if_due, ValidityError};
+use crate::proxy::cert_validity::{check_replacement, now_serving, ValidityError};
 use crate::proxy::tls::{load_certified_key, CertResolver, TlsError};
 use crate::proxy::{ProxyState, SharedParts};
 
@@ -123,14 +123,8 @@ impl Reloader {
         if let (Some(resolver), Some(certificate), Some(tls)) =
             (&self.certs, certificate, &config.proxy.tls)
         {
-            let validity = certificate
-                .cert
-                .first()
-                .and_then(|leaf| warn_if_due(&tls.cert_file, leaf, now));
+            now_serving(&tls.cert_file, &certificate, now, &self.shared.metrics);
             resolver.replace(certificate);
-            self.shared
-                .metrics
-                .set_tls_certificate_expiry(&tls.cert_file, validity.map(|v| v.not_after_unix()));
         }
         self.proxy.store(Arc::new(state));
         self.active = config;

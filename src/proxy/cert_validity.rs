@@ -10,8 +10,9 @@
 //!   as any bad file: the one serving keeps serving. The certificate already
 //!   served is not new (it may have expired while running): refusing it
 //!   would refuse every later config change too.
-//! - The served leaf's notAfter is exported by the caller as
-//!   `keygate_tls_certificate_expiry_timestamp_seconds`, for alerts.
+//! - The served leaf's notAfter is exported as
+//!   `keygate_tls_certificate_expiry_timestamp_seconds`, for alerts
+//!   ([`now_serving`]).
 //!
 //! Times are shown in RFC 3339 (UTC), as `der`'s `DateTime` writes them.
 
@@ -19,9 +20,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use x509_cert::der::{DateTime, Decode};
 use x509_cert::Certificate;
+
+use crate::telemetry::metrics::Metrics;
 
 /// How long before its notAfter a certificate is warned about.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
@@ -192,6 +196,18 @@ pub fn warn_if_due(path: &Path, leaf: &CertificateDer<'_>, now: SystemTime) -> O
         None => {}
     }
     validity
+}
+
+/// For the certificate that serves from now on (at start, after an
+/// accepted reload): [`warn_if_due`] on its leaf, and its notAfter shown
+/// as `keygate_tls_certificate_expiry_timestamp_seconds` (no series when
+/// the period cannot be read).
+pub fn now_serving(path: &Path, certified: &CertifiedKey, now: SystemTime, metrics: &Metrics) {
+    let validity = certified
+        .cert
+        .first()
+        .and_then(|leaf| warn_if_due(path, leaf, now));
+    metrics.set_tls_certificate_expiry(path, validity.map(|v| v.not_after_unix()));
 }
 
 /// On reload: refuses `new` when it is not the leaf being served and is
