@@ -343,7 +343,7 @@ fn parse_import<'a>(
 ) -> Result<Vec<ImportLine<'a>>, Failure> {
     let mut lines = Vec::new();
     let mut first_seen = std::collections::BTreeMap::new();
-    for (number, line) in text.lines().enumerate() {
+    for (number, line) in (1..).zip(text.lines()) {
         if line.trim().is_empty() {
             continue;
         }
@@ -352,21 +352,19 @@ fn parse_import<'a>(
         let token = token.trim();
         let token = tokens.parse(token.as_bytes()).map_err(|e| {
             Failure::usage(format!(
-                "line {}: not an importable token: {}",
-                number + 1,
+                "line {number}: not an importable token: {}",
                 not_importable(token, tokens, e)
             ))
         })?;
-        if let Some(first) = first_seen.insert(token.id, number + 1) {
+        if let Some(first) = first_seen.insert(token.id, number) {
             return Err(Failure::usage(format!(
-                "line {}: the same token as line {first}",
-                number + 1
+                "line {number}: the same token as line {first}"
             )));
         }
         let name = fields.next().map(str::trim).unwrap_or_default();
         let owner_email = fields.next().map(str::trim).filter(|o| !o.is_empty());
         lines.push(ImportLine {
-            number: number + 1,
+            number,
             name: if name.is_empty() {
                 format!("imported {}", token.id)
             } else {

@@ -476,6 +476,8 @@ fn is_hop_by_hop_bytes(name: &[u8], value: &[u8]) -> bool {
         .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
 }
 
+/// Whether `name` begins with the (lowercase) `prefix`, in any case and
+/// with `_` for `-`.
 fn is_identity_bytes(prefix: &[u8], name: &[u8]) -> bool {
     name.len() >= prefix.len()
         && name
@@ -485,13 +487,9 @@ fn is_identity_bytes(prefix: &[u8], name: &[u8]) -> bool {
 }
 
 /// Whether `name` is the (lowercase) key header `key`, in any case and with
-/// `_` for `-`.
+/// `_` for `-`: the whole of it spelled as an identity prefix may be.
 fn is_key_header_bytes(key: &[u8], name: &[u8]) -> bool {
-    name.len() == key.len()
-        && name
-            .iter()
-            .zip(key)
-            .all(|(&n, &k)| n.to_ascii_lowercase() == k || (n == b'_' && k == b'-'))
+    name.len() == key.len() && is_identity_bytes(key, name)
 }
 
 fn is_identity_name(prefix: &[u8], name: &HeaderName) -> bool {

@@ -298,7 +298,7 @@ impl ProxyError {
 
     /// Builds the response for an HTTP, gRPC or gRPC-web client.
     pub fn respond(self, client: Dialect) -> Response<ProxyBody> {
-        let grpc = client != Dialect::Http;
+        let grpc = client.is_grpc();
         let mut response = if let Some(content_type) = client.grpc_content_type() {
             let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = response.headers_mut();
