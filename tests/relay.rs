@@ -437,32 +437,8 @@ async fn broken_upstream_framing_and_pipelined_refusals_answer_alike_on_both_pat
 async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
     // Answers the head and 3 bytes of 100, then waits; reports when keygate
     // closes the connection.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while find(&head, b"\r\n\r\n").is_none() {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc";
-                stream.write_all(partial).await.unwrap();
-                while let Ok(n) = stream.read(&mut chunk).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-                let _ = closed_tx.send(());
-            });
-        }
-    });
+    let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc";
+    let (addr, mut closed_rx) = upstream_reporting_close(partial, None).await;
     for relay in [true, false] {
         let gate = Gate::builder()
             .upstream(addr)
@@ -494,11 +470,12 @@ async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
 }
 
 /// An upstream that answers each connection's first request with
-/// `response`, closes its write side `after` that, and reports on the
-/// returned channel once keygate has closed its own side too.
-async fn closing_upstream(
+/// `response`, closes its write side `close_after` that (if given; else it
+/// stays quiet), and reports on the returned channel once keygate has
+/// closed its own side.
+async fn upstream_reporting_close(
     response: &'static [u8],
-    after: Duration,
+    close_after: Option<Duration>,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -516,8 +493,10 @@ async fn closing_upstream(
                     }
                 }
                 stream.write_all(response).await.unwrap();
-                tokio::time::sleep(after).await;
-                stream.shutdown().await.unwrap();
+                if let Some(after) = close_after {
+                    tokio::time::sleep(after).await;
+                    stream.shutdown().await.unwrap();
+                }
                 while let Ok(n) = stream.read(&mut chunk).await {
                     if n == 0 {
                         break;
@@ -563,7 +542,7 @@ async fn keygate_lets_go(
 #[tokio::test]
 async fn a_close_delimited_response_is_not_pooled() {
     let response = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end";
-    let (upstream, mut closed) = closing_upstream(response, Duration::ZERO).await;
+    let (upstream, mut closed) = upstream_reporting_close(response, Some(Duration::ZERO)).await;
     keygate_lets_go(
         upstream,
         &mut closed,
@@ -580,6 +559,7 @@ async fn a_close_delimited_response_is_not_pooled() {
 #[tokio::test]
 async fn idle_connections_the_upstream_closed_are_let_go_without_traffic() {
     let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-    let (upstream, mut closed) = closing_upstream(response, Duration::from_millis(200)).await;
+    let (upstream, mut closed) =
+        upstream_reporting_close(response, Some(Duration::from_millis(200))).await;
     keygate_lets_go(upstream, &mut closed, "/idle", "ok", Duration::from_secs(8)).await;
 }
