@@ -726,13 +726,17 @@ async fn a_scoped_key_cannot_rotate_or_change_its_owners_broader_keys() {
 }
 
 /// The secret a rotation replaced keeps working through the grace period
-/// so that clients can switch over, but it mints no secret: with it, a
-/// leaked secret's holder could rotate the key again (cutting the new
-/// secret off at once) or rotate or create another key of the owner, and
-/// so outlive the grace meant to retire it.
+/// so that clients can switch over, but on the admin API it only reads:
+/// with it, a leaked secret's holder could rotate the key again (cutting
+/// the new secret off at once), mint another key of the owner and so
+/// outlive the grace meant to retire it, disable or delete the key, or
+/// act as the admin its owner is.
 #[tokio::test]
-async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
-    let gate = Gate::builder().start().await;
+async fn a_rotated_out_secret_may_only_read() {
+    let gate = Gate::builder()
+        .upstream(echo_upstream().await)
+        .start()
+        .await;
     let admin = Api::new(&gate, &gate.admin_token);
     let sa = gate
         .principal(
@@ -745,7 +749,8 @@ async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
     let dev = gate
         .user("dev@example.com", AccountRole::Developer, &[])
         .await;
-    for owner in [&sa, &dev] {
+    let boss = gate.user("boss@example.com", AccountRole::Admin, &[]).await;
+    for owner in [&sa, &dev, &boss] {
         let (id, old) = gate.key_for(owner).await;
         let (other, _) = gate.key_for(owner).await;
         let (status, rotated) = admin
@@ -756,9 +761,11 @@ async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
             .await;
         assert_eq!(status, 200, "{rotated}");
         let new = rotated["token"].as_str().unwrap().to_string();
+        let version = rotated["apiKey"]["resourceVersion"].clone();
         let api = admin.as_key(&old);
-        // Still good for reads within the grace period.
+        // Still good for reads within the grace period, and on the proxy.
         assert_eq!(api.get(&format!("/api/v1/api-keys/{id}")).await.0, 200);
+        assert_eq!(proxy_get(&gate, "/", &old).await.0, 200);
         let refusals = [
             api.post(
                 &format!("/api/v1/api-keys/{id}/rotate"),
@@ -768,6 +775,22 @@ async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
             api.post(&format!("/api/v1/api-keys/{other}/rotate"), json!({}))
                 .await,
             api.try_create_key(&mut json!({})).await,
+            // Cutting off the new secret, or taking the key away.
+            api.post(&format!("/api/v1/api-keys/{id}/disable"), json!({}))
+                .await,
+            api.put(
+                &format!("/api/v1/api-keys/{id}"),
+                json!({ "resourceVersion": version, "spec": { "displayName": "mine now" } }),
+            )
+            .await,
+            api.delete(&format!("/api/v1/api-keys/{id}")).await,
+            api.delete(&format!("/api/v1/api-keys/{other}")).await,
+            // An admin's old secret administers nothing.
+            api.post(
+                "/api/v1/users",
+                json!({ "spec": { "email": "new@example.com", "access": { "accountAccess": { "role": "admin" } } } }),
+            )
+            .await,
         ];
         for (i, (status, body)) in refusals.iter().enumerate() {
             assert_eq!(*status, 403, "refusal #{i}: {body}");
@@ -780,6 +803,13 @@ async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
                 "{body}"
             );
         }
+        // Nothing changed: the key is enabled, named as before, and both
+        // secrets still work until the grace ends.
+        let (status, key) = admin.get(&format!("/api/v1/api-keys/{id}")).await;
+        assert_eq!(status, 200, "{key}");
+        assert_eq!(key["resourceVersion"], version, "{key}");
+        assert_eq!(proxy_get(&gate, "/", &new).await.0, 200);
+        assert_eq!(admin.get(&format!("/api/v1/api-keys/{other}")).await.0, 200);
         // The new secret is untouched and may rotate.
         let (status, body) = admin
             .as_key(&new)
@@ -787,5 +817,8 @@ async fn a_rotated_out_secret_cannot_rotate_or_create_keys() {
             .await;
         assert_eq!(status, 200, "{body}");
     }
+    let (status, users) = admin.get("/api/v1/users").await;
+    assert_eq!(status, 200);
+    assert!(!users.to_string().contains("new@example.com"), "{users}");
     gate.stop().await;
 }

@@ -41,8 +41,12 @@
 //!   scope.
 //!
 //! A key presented with the secret its last rotation replaced (within the
-//! grace period) may do all of the above but create or rotate keys: it
-//! mints no secret that would outlive its grace.
+//! grace period) may only read here: the grace lets running clients switch
+//! over on the proxy, and a leak is the usual reason to rotate, so the old
+//! secret may change nothing. Minting a secret (creating or rotating a
+//! key) would outlive the grace; disabling, editing or deleting the key,
+//! or anything an admin may do, would let whoever holds the leaked secret
+//! act against the rotation itself.
 //!
 //! While the account-wide `apiKeysEnabled` switch is off, keys fail on the
 //! proxy; on this API an account admin's unscoped key still works, so that
@@ -80,12 +84,12 @@ impl FromRequestParts<AdminState> for Caller {
         state: &AdminState,
     ) -> Result<Caller, AdminError> {
         let credential = state.credentials.extract(&parts.headers)?;
-        match state
+        let caller = match state
             .authenticator
             .verify(&credential.token, SystemTime::now())
             .await
         {
-            Ok(key) => Ok(Caller::new(key, &credential.token.digest)),
+            Ok(key) => Caller::new(key, &credential.token.digest),
             // `verify` says this only after the secret verified and the key
             // passed every other check, so reading the record is safe.
             Err(AuthError::ApiKeysDisabled) => {
@@ -99,13 +103,18 @@ impl FromRequestParts<AdminState> for Caller {
                 {
                     return Err(AuthError::ApiKeysDisabled.into());
                 }
-                Ok(Caller::new(
-                    Arc::new(VerifiedKey::new(record)),
-                    &credential.token.digest,
-                ))
+                Caller::new(Arc::new(VerifiedKey::new(record)), &credential.token.digest)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        if caller.rotated_out && !parts.method.is_safe() {
+            return Err(AdminError::forbidden(
+                "the calling API key was presented with a secret that was rotated out: it \
+                 works until its grace period ends, but only to read here; use the key's new \
+                 secret to change anything",
+            ));
         }
+        Ok(caller)
     }
 }
 
@@ -113,21 +122,6 @@ impl Caller {
     fn new(key: Arc<VerifiedKey>, presented: &Digest) -> Caller {
         let rotated_out = !key.is_current_secret(presented);
         Caller { key, rotated_out }
-    }
-
-    /// Creating or rotating a key, which hands out a new secret: refused
-    /// to a secret that a rotation replaced. Its grace period lets clients
-    /// switch over; if it could mint a secret (rotate its key again, or
-    /// rotate or create another key of its owner) whoever holds it, a leak
-    /// being the usual reason to rotate, would outlive the grace.
-    pub fn may_mint_secret(&self, what: &str) -> Result<(), AdminError> {
-        if self.rotated_out {
-            return Err(AdminError::forbidden(format!(
-                "the calling API key was presented with a secret that was rotated out: it \
-                 works until its grace period ends, but may not {what}; use the key's new secret"
-            )));
-        }
-        Ok(())
     }
 
     /// Whether the caller acts as an account admin: its owner has the admin

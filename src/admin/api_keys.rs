@@ -197,7 +197,6 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<CreateRequest>,
 ) -> Result<(StatusCode, Json<IssuedResponse>), AdminError> {
-    caller.may_mint_secret("create API keys")?;
     let spec = body.spec;
     let display_name = spec
         .display_name
@@ -338,7 +337,6 @@ async fn rotate(
     PathId(id): PathId,
     OptionalJsonBody(body): OptionalJsonBody<RotateRequest>,
 ) -> Result<Json<IssuedResponse>, AdminError> {
-    caller.may_mint_secret("rotate API keys")?;
     let current = find(&state, &id).await?;
     caller.may_change_key(&current)?;
     let grace = match body.grace_period.as_deref() {
