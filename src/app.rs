@@ -202,6 +202,11 @@ pub async fn run_with_reload(
     // Drops cached ids nothing can use any more, so the cache follows the
     // ids in use rather than every id ever presented.
     let sweeper = tokio::spawn(crate::auth::run_sweeper(authenticator.clone(), stopped()));
+    // Asks a failing store whether it is back, so that requests need not.
+    let store_probe = tokio::spawn(crate::auth::run_store_probe(
+        authenticator.clone(),
+        stopped(),
+    ));
     let echo = match config.echo.listen {
         Some(addr) => match TcpListener::bind(addr).await {
             Ok(listener) => {
@@ -237,6 +242,7 @@ pub async fn run_with_reload(
         let _ = flusher.await;
         let _ = feed.await;
         let _ = sweeper.await;
+        let _ = store_probe.await;
         // Last: the flusher has written the final usage counts.
         store.close().await;
     };

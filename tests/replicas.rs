@@ -817,6 +817,85 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
     replica.stop().await;
 }
 
+/// Light traffic through an outage: requests far apart never wait on the
+/// failing store for a key they may serve stale, because the store probe
+/// asks it in their place. Before it, the first request after each quiet
+/// second made that read itself, and waited out the read's timeout: at one
+/// request every few seconds, every request of the outage waited 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn light_traffic_through_an_outage_does_not_wait_on_the_store() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (_, cached) = shared.key().await;
+    in_step(&replica, &client, &shared).await;
+    assert_eq!(replica.call(&client, &cached).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    // The first request past the ttl finds the store failing: it pays the
+    // read's timeout once.
+    assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        // Quiet for longer than STORE_RETRY_AFTER and STORE_READ_TIMEOUT.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let started = Instant::now();
+        assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
+        waits.push(started.elapsed());
+    }
+    println!("light traffic behind a stalled store: {waits:?}");
+    for took in &waits {
+        assert!(
+            *took < Duration::from_millis(500),
+            "a stale key waited {took:?} for a failing store: {waits:?}"
+        );
+    }
+
+    // The store answers again: the probe finds it back, and keys past
+    // their ttl are read from it again (a cache miss each), not served
+    // stale for good.
+    lock.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let misses = metric(
+            &replica.metrics(&client).await,
+            "keygate_cache_misses_total",
+        );
+        assert_eq!(replica.call(&client, &cached).await.0, 200);
+        let after = metric(
+            &replica.metrics(&client).await,
+            "keygate_cache_misses_total",
+        );
+        if after > misses {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keys past their ttl still served without a read after the store came back"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    replica.stop().await;
+}
+
 /// Shutdown does not wait on a store that has stopped answering: the final
 /// usage flush (which reads `api_keys`) is given a few seconds, then
 /// keygate exits. Before, a stop behind a lock on `api_keys` waited for the

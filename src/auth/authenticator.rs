@@ -15,10 +15,11 @@
 //! table lock, a network partition that drops packets) is an unavailable
 //! store, not a request held until the client gives up. Once a read has
 //! failed, a key past `ttl` is served as it is without asking the store,
-//! for [`STORE_RETRY_AFTER`] and while a later read (the probe of whether
-//! the store is back) is in flight, so that through an outage where every
-//! read waits out its timeout, cached keys do not each pay that wait on
-//! every request. Every
+//! while [`run_store_probe`] asks the store, every [`STORE_RETRY_AFTER`],
+//! whether it is back, so that through an outage where every read waits
+//! out its timeout, cached keys do not pay that wait, however light the
+//! traffic (before the probe, the first request after each quiet second
+//! asked, and waited). Every
 //! change invalidates the affected ids at once, and bumps an epoch so that a
 //! lookup that was in flight during the change never caches what it read
 //! before it.
@@ -45,6 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::HeaderValue;
 use quick_cache::sync::Cache;
 use subtle::Choice;
+use tokio::sync::Notify;
 
 use crate::key::{Digest, KeyId, ParsedToken};
 use crate::store::{Access, KeyRecord, KeyStore, OwnerType, StoreError};
@@ -58,9 +60,10 @@ use crate::telemetry::usage::{UsageCell, UsageSource};
 pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After a failed store read, how long keys past `ttl` are served from the
-/// cache (within `stale_if_error`) without asking the store first. Short,
-/// so that a store that is back is read again within a second; misses
-/// (unknown ids) still ask the store meanwhile.
+/// cache (within `stale_if_error`) without asking the store first, and how
+/// often [`run_store_probe`] asks it meanwhile. Short, so that a store
+/// that is back is read again within a second; misses (unknown ids) still
+/// ask the store meanwhile.
 pub const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Why verification failed. `Invalid` covers both an unknown id and a wrong
@@ -230,8 +233,11 @@ pub struct Authenticator {
     api_keys_enabled: AtomicBool,
     /// Until when (milliseconds after `started`) a key past `ttl` is served
     /// without a store read, because a read has just failed or a read made
-    /// after a failure is still waiting; 0 when the last read succeeded.
+    /// after a failure (the probe's, or a request's) is still waiting; 0
+    /// when the last read succeeded.
     store_failing_until: AtomicU64,
+    /// Wakes [`run_store_probe`] when a read fails.
+    store_failed: Notify,
     /// The template of the stand-ins verified when an id is unknown.
     dummy: VerifiedKey,
     /// Cache hit/miss and store error counters.
@@ -256,6 +262,7 @@ impl Authenticator {
             epoch: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
             store_failing_until: AtomicU64::new(0),
+            store_failed: Notify::new(),
             dummy: dummy_key(),
             metrics,
         }
@@ -349,7 +356,7 @@ impl Authenticator {
             // more, other keys past their ttl do not queue behind it.
             let probing = duration_millis(STORE_READ_TIMEOUT + STORE_RETRY_AFTER);
             self.store_failing_until
-                .store(now.saturating_add(probing), Ordering::Relaxed);
+                .fetch_max(now.saturating_add(probing), Ordering::Relaxed);
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let read = tokio::time::timeout(STORE_READ_TIMEOUT, self.store.find_key(id)).await;
@@ -375,7 +382,11 @@ impl Authenticator {
                 let retry_at = self
                     .millis_since_start()
                     .saturating_add(duration_millis(STORE_RETRY_AFTER));
-                self.store_failing_until.store(retry_at, Ordering::Relaxed);
+                // The most of this and the probe's hold: shortening the
+                // hold would send keys back to waiting on the store.
+                self.store_failing_until
+                    .fetch_max(retry_at, Ordering::Relaxed);
+                self.store_failed.notify_one();
                 return match stale {
                     Some(cached) if servable_stale(&cached) => Ok(cached.key),
                     _ => Err(AuthError::StoreUnavailable),
@@ -577,6 +588,60 @@ pub async fn run_sweeper(
         // With deleted keys gone from the cache, their series are idle.
         authenticator.forget_deleted_key_series().await;
         pause = took.saturating_mul(200).clamp(every, longest);
+    }
+}
+
+/// While the store is failing, asks it every [`STORE_RETRY_AFTER`] whether
+/// it is back, and until it is, keeps keys past `ttl` (within
+/// `stale_if_error`) served from the cache without a read. Without it, the
+/// first request after each quiet [`STORE_RETRY_AFTER`] made that read
+/// itself and, the store answering nothing, waited [`STORE_READ_TIMEOUT`]
+/// for it: under light traffic, every request of an outage.
+///
+/// The probe reads a key that does not exist, through the same query as a
+/// request's miss, so that what makes those reads fail (a lock on the keys'
+/// table, a partition) makes it fail too, where a bare ping would pass.
+pub async fn run_store_probe(
+    authenticator: Arc<Authenticator>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let probe = KeyId::generate();
+    // The retry period, the probe's read and a retry period of margin: the
+    // next round extends the hold before this one lapses.
+    let hold = duration_millis(STORE_READ_TIMEOUT + STORE_RETRY_AFTER * 2);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = authenticator.store_failed.notified() => {}
+        }
+        loop {
+            let now = authenticator.millis_since_start();
+            // Only while failing: a request's read may have found the store
+            // back meanwhile, and cleared it.
+            let held = authenticator.store_failing_until.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |until| (until != 0).then(|| until.max(now.saturating_add(hold))),
+            );
+            if held.is_err() {
+                break;
+            }
+            let answered = tokio::select! {
+                _ = &mut shutdown => return,
+                answered = async {
+                    tokio::time::sleep(STORE_RETRY_AFTER).await;
+                    tokio::time::timeout(STORE_READ_TIMEOUT, authenticator.store.find_key(&probe)).await
+                } => answered,
+            };
+            if let Ok(Ok(_)) = answered {
+                authenticator
+                    .store_failing_until
+                    .store(0, Ordering::Relaxed);
+                tracing::info!("key store answering again");
+                break;
+            }
+        }
     }
 }
 

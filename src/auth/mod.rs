@@ -10,8 +10,8 @@ mod authorize;
 mod credential;
 
 pub use authenticator::{
-    run_sweeper, AuthError, Authenticator, CacheSettings, Owner, OwnerHeaders, VerifiedKey,
-    STORE_READ_TIMEOUT,
+    run_store_probe, run_sweeper, AuthError, Authenticator, CacheSettings, Owner, OwnerHeaders,
+    VerifiedKey, STORE_READ_TIMEOUT,
 };
 pub use authorize::{authorize, required_permission, Forbidden};
 pub use credential::{Credential, CredentialError, CredentialExtractor, CredentialSource};
