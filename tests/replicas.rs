@@ -225,6 +225,19 @@ impl Shared {
             .unwrap();
     }
 
+    /// Locks `api_keys` against every read, as a long migration or a
+    /// stuck transaction would, until [`TableLock::release`].
+    async fn lock_api_keys(&self) -> TableLock {
+        let mut connection = self.db.connect().await;
+        for statement in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
+            sqlx::query(statement)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+        TableLock(connection)
+    }
+
     async fn head(&self) -> i64 {
         self.store
             .changes_since(i64::MAX)
@@ -232,6 +245,36 @@ impl Shared {
             .expect("change head")
             .0
     }
+}
+
+/// A lock taken by [`Shared::lock_api_keys`].
+struct TableLock(sqlx::PgConnection);
+
+impl TableLock {
+    async fn release(mut self) {
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.unwrap();
+    }
+}
+
+/// A replica trusting keys for 1 s and serving them stale for a minute
+/// while the store fails, and a key it cached whose ttl has just passed:
+/// its next request reads the store.
+async fn replica_with_a_stale_key(shared: &Shared, client: &reqwest::Client) -> (Replica, String) {
+    let upstream = support::echo_upstream().await;
+    let replica = Replica::start(
+        &shared.db.url,
+        upstream,
+        true,
+        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
+    )
+    .await;
+    let (_, cached) = shared.key().await;
+    // Cached once the feed has made its first read (which empties the
+    // cache).
+    in_step(&replica, client, shared).await;
+    assert_eq!(replica.call(client, &cached).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    (replica, cached)
 }
 
 /// The value of an unlabelled metric in a scrape; 0 when absent.
@@ -701,14 +744,6 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
     let Some(shared) = Shared::create().await else {
         return;
     };
-    let upstream = support::echo_upstream().await;
-    let replica = Replica::start(
-        &shared.db.url,
-        upstream,
-        true,
-        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
-    )
-    .await;
     // A client that gives up, so that a hang fails the test instead of
     // holding it (and the lock) for good.
     let client = reqwest::Client::builder()
@@ -720,23 +755,12 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    let (_, cached) = shared.key().await;
+    let (replica, cached) = replica_with_a_stale_key(&shared, &client).await;
     let (_, unseen) = shared.key().await;
     let (_, unseen_h2) = shared.key().await;
-    // Cached once the feed has made its first read (which empties the
-    // cache).
-    in_step(&replica, &client, &shared).await;
-    assert_eq!(replica.call(&client, &cached).await.0, 200);
-    // Past the ttl: the next request of the cached key reads the store.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
 
     // Every read of api_keys now waits, as long as this transaction lasts.
-    let mut locker = shared.db.connect().await;
-    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = shared.lock_api_keys().await;
 
     let bound = Duration::from_secs(4);
     let timed = |started: Instant| {
@@ -808,7 +832,7 @@ async fn a_store_that_stops_answering_is_an_outage_not_a_hang() {
     );
 
     // The store answers again: misses are read again within a second.
-    lock.rollback().await.unwrap();
+    lock.release().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while replica.call(&client, &unseen).await.0 != 200 {
         assert!(Instant::now() < deadline, "no recovery after the lock");
@@ -827,29 +851,12 @@ async fn light_traffic_through_an_outage_does_not_wait_on_the_store() {
     let Some(shared) = Shared::create().await else {
         return;
     };
-    let upstream = support::echo_upstream().await;
-    let replica = Replica::start(
-        &shared.db.url,
-        upstream,
-        true,
-        "[cache]\nttl = \"1s\"\nstale_if_error = \"60s\"\n",
-    )
-    .await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let (_, cached) = shared.key().await;
-    in_step(&replica, &client, &shared).await;
-    assert_eq!(replica.call(&client, &cached).await.0, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-
-    let mut locker = shared.db.connect().await;
-    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let (replica, cached) = replica_with_a_stale_key(&shared, &client).await;
+    let lock = shared.lock_api_keys().await;
     // The first request past the ttl finds the store failing: it pays the
     // read's timeout once.
     assert_eq!(replica.call(&client, &cached).await, (200, String::new()));
@@ -872,7 +879,7 @@ async fn light_traffic_through_an_outage_does_not_wait_on_the_store() {
     // The store answers again: the probe finds it back, and keys past
     // their ttl are read from it again (a cache miss each), not served
     // stale for good.
-    lock.rollback().await.unwrap();
+    lock.release().await;
     let deadline = Instant::now() + Duration::from_secs(8);
     loop {
         let misses = metric(
@@ -914,12 +921,7 @@ async fn shutdown_does_not_wait_on_a_store_that_stopped_answering() {
     // cache).
     in_step(&replica, &client, &shared).await;
     assert_eq!(replica.call(&client, &token).await.0, 200);
-    let mut locker = shared.db.connect().await;
-    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = shared.lock_api_keys().await;
     // Served from the cache; their usage flush (every 100 ms) now waits on
     // the lock.
     for _ in 0..3 {
@@ -931,7 +933,7 @@ async fn shutdown_does_not_wait_on_a_store_that_stopped_answering() {
     let task = replica.task.take().unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(20), task).await;
     let took = stopping.elapsed();
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert!(stopped.is_ok(), "still stopping after {took:?}");
     // drain_timeout (1 s) and STORE_WIND_DOWN (5 s) at most, with room.
     assert!(took < Duration::from_secs(9), "stopping took {took:?}");
@@ -1103,12 +1105,7 @@ async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
     in_step(&replica, &client, &shared).await;
     assert_eq!(list().await.unwrap().status(), 200);
 
-    let mut locker = shared.db.connect().await;
-    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = shared.lock_api_keys().await;
     let started = Instant::now();
     let answer = list().await;
     let took = started.elapsed();
@@ -1117,7 +1114,7 @@ async fn the_admin_api_answers_a_stalled_store_instead_of_hanging() {
         .send()
         .await
         .map(|r| r.status());
-    lock.rollback().await.unwrap();
+    lock.release().await;
     let answer = answer.unwrap_or_else(|e| panic!("no answer after {took:?}: {e}"));
     assert_eq!(answer.status(), 503);
     let body: serde_json::Value = answer.json().await.unwrap();
