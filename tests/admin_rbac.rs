@@ -198,6 +198,10 @@ async fn a_developer_manages_only_their_own_keys() {
         api.try_create_key(&mut json!({ "ownerId": sa })).await,
         api.try_create_key(&mut json!({ "ownerId": sa, "ownerType": "service-account" }))
             .await,
+        // An owner that does not exist gets the same answer, so that the
+        // refusal does not tell which ids exist.
+        api.try_create_key(&mut json!({ "ownerId": "nosuchprincipal0" }))
+            .await,
         // Outside their own access.
         api.try_create_key(&mut json!({ "namespaces": ["billing"] })).await,
     ];

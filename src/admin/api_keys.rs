@@ -223,7 +223,12 @@ async fn create(
         }
         (Some(t), Some(id)) => (t, id),
         (None, Some(id)) if id == caller.principal_id() => (caller.principal_type(), id),
-        (None, Some(id)) => (owner_type_of(&state, &id).await?, id),
+        (None, Some(id)) => {
+            // Who may ask first: a caller who may not create keys for
+            // others must not learn from the answer which ids exist.
+            caller.require_admin("create API keys for other principals")?;
+            (owner_type_of(&state, &id).await?, id)
+        }
     };
     caller.may_create_key(owner_type, &owner_id, &namespaces)?;
     let owner = state.store.get_principal(owner_type, &owner_id).await?;
