@@ -79,6 +79,12 @@ async fn serve_raw(mut stream: TcpStream) {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
                 return;
             }
+            "/http10" => {
+                // An HTTP/1.0 answer without a length: its body ends at
+                // the close.
+                let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nfrom an old server").await;
+                return;
+            }
             "/bye" => {
                 // Answers, then closes shortly after: a pooled connection
                 // the upstream gave up on.
@@ -227,6 +233,50 @@ async fn chunked_close_delimited_and_informational_responses_are_framed() {
     assert!(hinted.starts_with("HTTP/1.1 200 OK"), "{hinted}");
     assert!(!hinted.contains("103"), "{hinted}");
     gate.stop().await;
+}
+
+/// A proxy answers in its own HTTP version (RFC 9110 section 6.2), not the
+/// upstream's: an HTTP/1.1 client whose upstream answers `HTTP/1.0` gets
+/// `HTTP/1.1` on both paths, the close-delimited body framed for it
+/// (chunked by hyper, close-delimited by the relay), and hyper's path keeps
+/// the connection for the next request. hyper's path answered `HTTP/1.0`.
+#[tokio::test]
+async fn an_http10_upstreams_answer_is_sent_as_http11() {
+    for relay in [true, false] {
+        let upstream = raw_upstream().await;
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        let request = format!(
+            "{}{}",
+            get("/http10", &token, ""),
+            get("/again", &token, "")
+        );
+        let until = if relay {
+            "from an old server"
+        } else {
+            "GET /again"
+        };
+        let answer = exchange(gate.proxy, &request, until).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "relay {relay}: {answer}"
+        );
+        assert!(!answer.contains("HTTP/1.0"), "relay {relay}: {answer}");
+        if relay {
+            assert!(answer.contains("connection: close"), "{answer}");
+            assert!(answer.ends_with("\r\n\r\nfrom an old server"), "{answer}");
+        } else {
+            let lower = answer.to_ascii_lowercase();
+            assert!(lower.contains("transfer-encoding: chunked"), "{answer}");
+            assert!(
+                answer.contains("\r\n\r\n12\r\nfrom an old server\r\n0\r\n\r\n"),
+                "{answer}"
+            );
+            // The next request on the same connection is answered.
+            assert!(answer.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{answer}");
+        }
+        gate.stop().await;
+    }
 }
 
 #[tokio::test]
