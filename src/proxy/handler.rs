@@ -116,7 +116,7 @@ pub async fn handle(
 
 /// The status logged for a request whose client left before its response
 /// head, as nginx logs it ("client closed request"); never sent.
-const CLIENT_CLOSED_REQUEST: u16 = 499;
+pub(super) const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// A request [`handle`] has not answered yet. hyper drops the request's
 /// future when its client goes away (a closed connection, an HTTP/2 stream
