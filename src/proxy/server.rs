@@ -32,7 +32,7 @@ use super::handler::{handle, record_refusal, LoggedRequest, Outcome};
 use super::headers::ConnectionInfo;
 use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
-use super::timeouts::{self, Connections, OpenConnection};
+use super::timeouts::{self, Connections, CountReads, OpenConnection};
 use super::ProxyState;
 use crate::config::ProxyConfig;
 
@@ -224,6 +224,7 @@ async fn serve_hyper<S>(
     let client = conn_info.clone();
     let states = shared.states.clone();
     let activity = open.activity();
+    let reads = activity.clone();
     let max_header_bytes = shared.limits.max_header_bytes;
     let head_limit = (max_header_bytes < HYPER_MIN_READ_BUFFER).then_some(max_header_bytes);
     let service = service_fn(move |req| {
@@ -232,17 +233,32 @@ async fn serve_hyper<S>(
             handle(states.load_full(), conn_info.clone(), req, head_limit),
         )
     });
-    let connection = shared
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let connection = shared.builder.serve_connection_with_upgrades(
+        TokioIo::new(CountReads::new(stream, reads.clone())),
+        service,
+    );
     if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
-        let unparsed = error
-            .downcast_ref::<hyper::Error>()
-            .and_then(ProxyError::from_unparsed_head);
-        match unparsed {
-            // hyper has answered it; it is counted and logged like every
-            // other refusal, with no method, path, route, key or request id
-            // to name (and a latency of nothing: it never became a request).
+        let hyper_error = error.downcast_ref::<hyper::Error>();
+        let unparsed = hyper_error.and_then(ProxyError::from_unparsed_head);
+        // hyper's server times out nothing but a request head (HTTP/1
+        // `header_read_timeout`; it builds no other timeout error). It
+        // closes the connection without an answer, as nginx does; a head
+        // that had started is logged with 408, as nginx logs it, and an
+        // idle keep-alive connection, or one that never sent a byte, is
+        // not.
+        let stalled_head =
+            hyper_error.is_some_and(hyper::Error::is_timeout) && reads.head_started();
+        let refusal = if stalled_head {
+            Some(ProxyError::HeaderReadTimeout)
+        } else {
+            unparsed
+        };
+        match refusal {
+            // hyper has answered it (or closed the connection on it); it
+            // is counted and logged like every other refusal, with no
+            // method, path, route, key or request id to name (nothing of a
+            // partial head is logged, where a secret may be) and a latency
+            // of nothing: it never became a request.
             Some(refusal) => {
                 let state = shared.states.load();
                 let request = LoggedRequest {

@@ -12,7 +12,10 @@
 //!   request has been sent, so a client's slow upload is not blamed on the
 //!   upstream;
 //! - that a request body whose exchange was abandoned (deadline, timeout)
-//!   never reaches the upstream as if it were complete.
+//!   never reaches the upstream as if it were complete;
+//! - whether a connection hyper's `header_read_timeout` closed had started
+//!   a request head ([`CountReads`]), which is logged, or was idle between
+//!   requests, which is not.
 //!
 //! It must never cut a response that has started: gRPC streams, SSE,
 //! WebSocket tunnels and long downloads run for as long as both ends keep
@@ -30,6 +33,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -160,6 +164,10 @@ pub struct Activity {
     /// When the last request ended, in milliseconds since `opened`.
     idle_since_ms: AtomicU64,
     opened: Instant,
+    /// Bytes read from the client since its last request ended (or the
+    /// connection opened): the start of a next head, when hyper's header
+    /// read timeout closes the connection.
+    read_since_request: AtomicU64,
 }
 
 impl Activity {
@@ -168,7 +176,19 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            read_since_request: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the client has sent anything since its last request ended:
+    /// asked when hyper's `header_read_timeout` closed the connection, it
+    /// tells a head that stalled (logged, as nginx logs it, with 408) from
+    /// an idle keep-alive connection or one that never sent a byte (not
+    /// logged). A head that was read together with the request before it
+    /// (pipelined) is not seen; late bytes of a body hyper reads after its
+    /// request's answer (an upstream that answered early) are taken for one.
+    pub fn head_started(&self) -> bool {
+        self.read_since_request.load(Ordering::Acquire) > 0
     }
 
     /// When the connection will have been idle for `idle_timeout`; `None`
@@ -198,6 +218,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // What was read during the request was its own; a next head starts
+        // from here.
+        self.0.read_since_request.store(0, Ordering::Release);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             // fetch_max: two requests ending at once must not move it back.
@@ -250,6 +273,71 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A client connection's I/O as hyper's server reads it, counting what is
+/// read into its [`Activity`] (see [`Activity::head_started`]): hyper's
+/// header read timeout ends the connection with an error that does not say
+/// whether any of a head had arrived, and its read buffer is its own. One
+/// atomic add per read; the relay's own reads do not come through here.
+#[derive(Debug)]
+pub struct CountReads<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> CountReads<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> CountReads<S> {
+        CountReads { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.activity
+                .read_since_request
+                .fetch_add(read as u64, Ordering::AcqRel);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
