@@ -261,10 +261,14 @@ async fn serve_hyper<S>(
             // of nothing: it never became a request.
             Some(refusal) => {
                 let state = shared.states.load();
+                let named = match refusal {
+                    ProxyError::HeaderReadTimeout => request_line(reads.last_head()),
+                    _ => None,
+                };
                 let request = LoggedRequest {
                     client: LoggedRequest::client_of(&client),
-                    method: "-",
-                    path: None,
+                    method: named.map_or("-", |(method, _)| method),
+                    path: named.map(|(_, path)| path),
                     request_id: None,
                 };
                 let (outcome, now) = (Outcome::default(), Instant::now());
@@ -273,6 +277,22 @@ async fn serve_hyper<S>(
             None => tracing::debug!(%error, %peer, "connection ended with an error"),
         }
     }
+}
+
+/// The method and path (without the query) of a head that stalled, if its
+/// request line had arrived whole: nothing else of it is logged, as a
+/// partial head may hold a secret. Only an origin-form target names a path
+/// (an absolute one may carry user info).
+fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let mut req = httparse::Request::new(&mut []);
+    // With no room for headers, a whole request line parses as partial.
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) if head.ends_with(b"\n") && req.version.is_some() => {}
+        _ => return None,
+    }
+    let target = req.path.filter(|t| t.starts_with('/'))?;
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    Some((req.method?, path))
 }
 
 /// The smallest read buffer hyper's HTTP/1 server takes, which is what
@@ -292,5 +312,27 @@ fn connection_info(shared: &Shared, peer: SocketAddr, proto: &'static str) -> Co
             .trusted_proxies
             .iter()
             .any(|net| net.contains(&ip)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_line;
+
+    #[test]
+    fn a_stalled_head_is_named_by_a_whole_request_line_only() {
+        let named = request_line(b"GET /orders?token=s HTTP/1.1\r\n");
+        assert_eq!(named, Some(("GET", "/orders")));
+        assert_eq!(request_line(b"POST /a HTTP/1.1\n"), Some(("POST", "/a")));
+        for unnamed in [
+            &b""[..],
+            b"GET /orders?token=s HTTP/1.",
+            b"GET /orders HTTP/1.1",
+            b"GET http://user:pw@host/ HTTP/1.1\r\n",
+            b"GET * HTTP/1.1\r\n",
+            b"G\x01T / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(request_line(unnamed), None, "{unnamed:?}");
+        }
     }
 }

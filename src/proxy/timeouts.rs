@@ -27,7 +27,7 @@
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -168,6 +168,9 @@ pub struct Activity {
     /// connection opened): the start of a next head, when hyper's header
     /// read timeout closes the connection.
     read_since_request: AtomicU64,
+    /// The start of the last head read, up to the end of its request line,
+    /// left here by [`CountReads`] when the connection ends.
+    last_head: OnceLock<Vec<u8>>,
 }
 
 impl Activity {
@@ -177,6 +180,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
             read_since_request: AtomicU64::new(0),
+            last_head: OnceLock::new(),
         }
     }
 
@@ -189,6 +193,14 @@ impl Activity {
     /// request's answer (an upstream that answered early) are taken for one.
     pub fn head_started(&self) -> bool {
         self.read_since_request.load(Ordering::Acquire) > 0
+    }
+
+    /// The start of the head the client was sending when its connection
+    /// ended: its request line and line end when whole (at most
+    /// [`REQUEST_LINE_MAX`] bytes), else what there was of it. Set once
+    /// the connection's [`CountReads`] is dropped.
+    pub fn last_head(&self) -> &[u8] {
+        self.last_head.get().map_or(&[], Vec::as_slice)
     }
 
     /// When the connection will have been idle for `idle_timeout`; `None`
@@ -281,15 +293,53 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 /// header read timeout ends the connection with an error that does not say
 /// whether any of a head had arrived, and its read buffer is its own. One
 /// atomic add per read; the relay's own reads do not come through here.
+///
+/// It also keeps each head's request line (a copy of a hundred bytes or
+/// so per request), for the access log to name what a stalled head asked
+/// for; the headers after it are never kept.
 #[derive(Debug)]
 pub struct CountReads<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The start of the head being read, up to the end of its request line.
+    line: Vec<u8>,
 }
+
+/// The longest request line [`CountReads`] keeps; the access log names
+/// nothing of a longer one.
+pub const REQUEST_LINE_MAX: usize = 8 * 1024;
 
 impl<S> CountReads<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> CountReads<S> {
-        CountReads { inner, activity }
+        CountReads {
+            inner,
+            activity,
+            line: Vec::new(),
+        }
+    }
+
+    /// Notes `fresh`, just read: a first read since the last request ended
+    /// starts a head, whose request line is kept.
+    fn note(&mut self, fresh: &[u8]) {
+        let before = self
+            .activity
+            .read_since_request
+            .fetch_add(fresh.len() as u64, Ordering::AcqRel);
+        if before == 0 {
+            self.line.clear();
+        }
+        let open = self.line.last() != Some(&b'\n') && self.line.len() < REQUEST_LINE_MAX;
+        if open {
+            let end = memchr::memchr(b'\n', fresh).map_or(fresh.len(), |i| i + 1);
+            let room = REQUEST_LINE_MAX - self.line.len();
+            self.line.extend_from_slice(&fresh[..end.min(room)]);
+        }
+    }
+}
+
+impl<S> Drop for CountReads<S> {
+    fn drop(&mut self) {
+        let _ = self.activity.last_head.set(std::mem::take(&mut self.line));
     }
 }
 
@@ -301,11 +351,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 {
-            self.activity
-                .read_since_request
-                .fetch_add(read as u64, Ordering::AcqRel);
+        if buf.filled().len() > before {
+            self.note(&buf.filled()[before..]);
         }
         polled
     }
