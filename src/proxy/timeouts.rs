@@ -303,6 +303,9 @@ pub struct CountReads<S> {
     activity: Arc<Activity>,
     /// The start of the head being read, up to the end of its request line.
     line: Vec<u8>,
+    /// False once the connection is seen to speak HTTP/2, whose frames
+    /// have no request line (and no header read timeout) to keep.
+    keep_lines: bool,
 }
 
 /// The longest request line [`CountReads`] keeps; the access log names
@@ -315,6 +318,7 @@ impl<S> CountReads<S> {
             inner,
             activity,
             line: Vec::new(),
+            keep_lines: true,
         }
     }
 
@@ -325,6 +329,9 @@ impl<S> CountReads<S> {
             .activity
             .read_since_request
             .fetch_add(fresh.len() as u64, Ordering::AcqRel);
+        if !self.keep_lines {
+            return;
+        }
         if before == 0 {
             self.line.clear();
         }
@@ -333,6 +340,10 @@ impl<S> CountReads<S> {
             let end = memchr::memchr(b'\n', fresh).map_or(fresh.len(), |i| i + 1);
             let room = REQUEST_LINE_MAX - self.line.len();
             self.line.extend_from_slice(&fresh[..end.min(room)]);
+            // The HTTP/2 preface's first line (h2c or ALPN h2).
+            if self.line == b"PRI * HTTP/2.0\r\n" {
+                self.keep_lines = false;
+            }
         }
     }
 }
@@ -580,6 +591,48 @@ mod tests {
         let idle_since = activity.idle_deadline(timeout).expect("idle") - timeout;
         assert!(idle_since >= activity.opened + Duration::from_millis(50));
         assert!(idle_since <= Instant::now());
+    }
+
+    #[tokio::test]
+    async fn the_request_line_of_the_head_after_the_last_request_is_kept() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        let activity = Arc::new(Activity::new());
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = CountReads::new(server, activity.clone());
+        assert!(!activity.head_started());
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(activity.head_started());
+        // A request ends: what follows is a new head.
+        drop(InFlight::new(activity.clone()));
+        assert!(!activity.head_started());
+        client
+            .write_all(b"POST /b?q HTTP/1.1\r\nHost")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(activity.head_started());
+        drop(io);
+        assert_eq!(activity.last_head(), b"POST /b?q HTTP/1.1\r\n");
+
+        // HTTP/2 frames are not copied: nothing after the preface is kept.
+        let activity = Arc::new(Activity::new());
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = CountReads::new(server, activity.clone());
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        drop(InFlight::new(activity.clone()));
+        client.write_all(b"\x00\x00\x04\x01frame\n").await.unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        drop(io);
+        assert_eq!(activity.last_head(), b"PRI * HTTP/2.0\r\n");
     }
 
     #[tokio::test]
