@@ -12,10 +12,10 @@
 //! its own pool of upstream connections. While it waits on the upstream it
 //! also listens to the client (the readiness tokio already has, no system
 //! call): the upstream's answer may come before the body has all arrived,
-//! and the client may leave (logged as 499, as on hyper's path). Every other request is handed to hyper
-//! with the bytes read so far ([`Ended::Handoff`]), and hyper serves the
-//! rest of that connection through `handler`, so each limit and odd case
-//! keeps one implementation.
+//! and the client may leave (logged as 499, as on hyper's path). Every
+//! other request is handed to hyper with the bytes read so far
+//! ([`Ended::Handoff`]), and hyper serves the rest of that connection
+//! through `handler`, so each limit and odd case keeps one implementation.
 //!
 //! Why by hand: on one core, hyper's server and client with the pooled
 //! legacy client cost about twice nginx's CPU per proxied request (README,
