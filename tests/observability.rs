@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 
 use keygate::store::AccountRole;
-use support::{Gate, RecordingUpstream};
+use support::{AccessLog, Gate, RecordingUpstream};
 
 /// Parses `name{labels} value` lines of one metric family.
 fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
@@ -301,6 +301,113 @@ async fn unparsable_heads_are_counted_by_reason() {
             "relay {relay}: {text}"
         );
         assert_eq!(upstream.count(), 0);
+        gate.stop().await;
+    }
+}
+
+/// A connection that `header_read_timeout` closes with part of a head
+/// leaves one access line, 408 `header_read_timeout` (as nginx logs it),
+/// and a count, on both paths, naming the method and path (without the
+/// query) only when the request line had arrived whole, and nothing of the
+/// headers (they may hold a secret); an idle keep-alive connection and one
+/// that never sent a byte are closed without a trace. Both left none before.
+#[tokio::test]
+async fn a_head_cut_by_header_read_timeout_is_logged_and_counted() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let log = AccessLog::capture();
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!(
+                "http1_relay = {relay}\nheader_read_timeout = \"300ms\"\nidle_timeout = \"1s\""
+            ))
+            .start()
+            .await;
+        let before = log.lines_with("header_read_timeout").len();
+        let token = gate.admin_token.clone();
+        let whole = format!("GET /whole HTTP/1.1\r\nHost: a\r\nx-api-key: {token}\r\n\r\n");
+        // A whole request line and part of the headers, then nothing.
+        let mut stalled = TcpStream::connect(gate.proxy).await.unwrap();
+        let partial =
+            format!("GET /stalled?sekrit=1 HTTP/1.1\r\nHost: a\r\nx-api-key: {token}\r\n");
+        stalled.write_all(partial.as_bytes()).await.unwrap();
+        // Part of a request line.
+        let mut cut = TcpStream::connect(gate.proxy).await.unwrap();
+        cut.write_all(b"GET /cut-short?sekrit=1 HTT").await.unwrap();
+        // A whole request, then an idle keep-alive connection.
+        let mut idle = TcpStream::connect(gate.proxy).await.unwrap();
+        idle.write_all(whole.as_bytes()).await.unwrap();
+        // A whole request answered, then part of a second head.
+        let mut second = TcpStream::connect(gate.proxy).await.unwrap();
+        second.write_all(whole.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 4096];
+        let n = second.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "relay {relay}");
+        let next = format!("POST /second?sekrit=1 HTTP/1.1\r\nx-api-key: {token}\r\n");
+        second.write_all(next.as_bytes()).await.unwrap();
+        // Nothing at all (hyper's path closes it at idle_timeout: hyper
+        // has not chosen HTTP/1 or HTTP/2 for it yet).
+        let mut silent = TcpStream::connect(gate.proxy).await.unwrap();
+        for (name, conn) in [
+            ("stalled", &mut stalled),
+            ("cut", &mut cut),
+            ("idle", &mut idle),
+            ("second", &mut second),
+            ("silent", &mut silent),
+        ] {
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("relay {relay}: {name} still open"))
+                .ok();
+            let got = String::from_utf8_lossy(&got);
+            if name == "idle" {
+                assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
+            } else {
+                assert!(got.is_empty(), "relay {relay}: {name}: {got}");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while log.lines_with("header_read_timeout").len() < before + 3
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lines = log.lines_with("header_read_timeout");
+        assert_eq!(lines.len(), before + 3, "relay {relay}: {lines:?}");
+        let lines = &lines[before..];
+        for line in lines {
+            assert!(line.contains(" status=408 "), "relay {relay}: {line}");
+            for secret in ["sekrit", "cut-short", &token[..12], "key_id"] {
+                assert!(!line.contains(secret), "relay {relay}: {secret} in {line}");
+            }
+        }
+        let named = |method: &str, path: &str| {
+            let (method, path) = (
+                format!(" method=\"{method}\" "),
+                format!(" path=\"{path}\" "),
+            );
+            lines
+                .iter()
+                .any(|l| l.contains(&method) && l.contains(&path))
+        };
+        assert!(named("GET", "/stalled"), "relay {relay}: {lines:?}");
+        assert!(named("POST", "/second"), "relay {relay}: {lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(" method=\"-\" ") && !l.contains(" path=")),
+            "relay {relay}: {lines:?}"
+        );
+        let text = scrape(&gate).await;
+        let timeouts = samples(&text, "keygate_auth_failures_total")
+            .into_iter()
+            .find(|(labels, _)| labels["reason"] == "header_read_timeout")
+            .map(|(_, value)| value);
+        assert_eq!(timeouts, Some(3.0), "relay {relay}: {text}");
         gate.stop().await;
     }
 }

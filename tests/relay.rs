@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::Gate;
+use support::{AccessLog, Gate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -79,6 +79,17 @@ async fn serve_raw(mut stream: TcpStream) {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end").await;
                 return;
             }
+            "/http10" => {
+                // An HTTP/1.0 answer without a length: its body ends at
+                // the close.
+                let _ = stream.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nfrom an old server").await;
+                return;
+            }
+            "/slow" => {
+                // Answers late, and keeps the connection.
+                tokio::time::sleep(SLOW).await;
+                "HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow".to_string()
+            }
             "/bye" => {
                 // Answers, then closes shortly after: a pooled connection
                 // the upstream gave up on.
@@ -96,6 +107,9 @@ async fn serve_raw(mut stream: TcpStream) {
         }
     }
 }
+
+/// How long `/slow` takes to answer.
+const SLOW: Duration = Duration::from_millis(1500);
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -227,6 +241,50 @@ async fn chunked_close_delimited_and_informational_responses_are_framed() {
     assert!(hinted.starts_with("HTTP/1.1 200 OK"), "{hinted}");
     assert!(!hinted.contains("103"), "{hinted}");
     gate.stop().await;
+}
+
+/// A proxy answers in its own HTTP version (RFC 9110 section 6.2), not the
+/// upstream's: an HTTP/1.1 client whose upstream answers `HTTP/1.0` gets
+/// `HTTP/1.1` on both paths, the close-delimited body framed for it
+/// (chunked by hyper, close-delimited by the relay), and hyper's path keeps
+/// the connection for the next request. hyper's path answered `HTTP/1.0`.
+#[tokio::test]
+async fn an_http10_upstreams_answer_is_sent_as_http11() {
+    for relay in [true, false] {
+        let upstream = raw_upstream().await;
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        let request = format!(
+            "{}{}",
+            get("/http10", &token, ""),
+            get("/again", &token, "")
+        );
+        let until = if relay {
+            "from an old server"
+        } else {
+            "GET /again"
+        };
+        let answer = exchange(gate.proxy, &request, until).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "relay {relay}: {answer}"
+        );
+        assert!(!answer.contains("HTTP/1.0"), "relay {relay}: {answer}");
+        if relay {
+            assert!(answer.contains("connection: close"), "{answer}");
+            assert!(answer.ends_with("\r\n\r\nfrom an old server"), "{answer}");
+        } else {
+            let lower = answer.to_ascii_lowercase();
+            assert!(lower.contains("transfer-encoding: chunked"), "{answer}");
+            assert!(
+                answer.contains("\r\n\r\n12\r\nfrom an old server\r\n0\r\n\r\n"),
+                "{answer}"
+            );
+            // The next request on the same connection is answered.
+            assert!(answer.contains("\r\n\r\nHTTP/1.1 200 OK\r\n"), "{answer}");
+        }
+        gate.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -562,4 +620,214 @@ async fn idle_connections_the_upstream_closed_are_let_go_without_traffic() {
     let (upstream, mut closed) =
         upstream_reporting_close(response, Some(Duration::from_millis(200))).await;
     keygate_lets_go(upstream, &mut closed, "/idle", "ok", Duration::from_secs(8)).await;
+}
+
+/// A client that leaves while the upstream has yet to answer is logged at
+/// once with status 499 (nginx's "client closed request"), on both paths,
+/// and the upstream connection, whose answer is unread, is not reused. The
+/// relay did not watch the client then: it logged the answer it wrote to
+/// nobody when the upstream answered, and pooled the connection.
+#[tokio::test]
+async fn a_client_gone_while_the_upstream_answers_is_logged_as_499() {
+    let log = AccessLog::capture();
+    for relay in [true, false] {
+        let upstream = raw_upstream().await;
+        let gate = gate_for(&upstream, relay).await;
+        let token = gate.admin_token.clone();
+        let id = format!("gone-{relay}");
+        let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+        let request = get("/slow", &token, &format!("x-request-id: {id}\r\n"));
+        client.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(client);
+        let line = log
+            .line_with(&format!("request_id=\"{id}\""), SLOW / 2)
+            .await
+            .unwrap_or_else(|| panic!("relay {relay}: no access line within {:?}", SLOW / 2));
+        assert!(line.contains("status=499"), "relay {relay}: {line}");
+        assert!(line.contains("path=\"/slow\""), "relay {relay}: {line}");
+        assert!(line.contains(&token[3..19]), "relay {relay}: {line}");
+        // Once the upstream has answered the request nobody reads, the
+        // next one goes to a new connection.
+        tokio::time::sleep(SLOW).await;
+        let next = exchange(gate.proxy, &get("/next", &token, ""), "GET /next").await;
+        assert!(next.starts_with("HTTP/1.1 200"), "relay {relay}: {next}");
+        assert_eq!(
+            upstream.connections.load(Ordering::SeqCst),
+            2,
+            "relay {relay}: the unread answer's connection was reused"
+        );
+        assert_eq!(log.lines_with(&id).len(), 1, "relay {relay}");
+        gate.stop().await;
+    }
+}
+
+/// What a client sends while its request waits for the upstream is its
+/// next request, not a departure: both are answered, in order.
+#[tokio::test]
+async fn a_request_pipelined_while_the_upstream_answers_is_served_after() {
+    let log = AccessLog::capture();
+    let upstream = raw_upstream().await;
+    let gate = gate_for(&upstream, true).await;
+    let token = gate.admin_token.clone();
+    let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+    let first = get("/slow", &token, "x-request-id: pipelined-first\r\n");
+    client.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = get("/then", &token, "connection: close\r\n");
+    client.write_all(second.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(SLOW * 3, client.read_to_string(&mut got))
+        .await
+        .expect("both answers")
+        .unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("\r\n\r\nslowHTTP/1.1 200"), "{got}");
+    assert!(got.contains("GET /then"), "{got}");
+    let line = log.lines_with("pipelined-first").pop().unwrap();
+    assert!(line.contains("status=200"), "{line}");
+    gate.stop().await;
+}
+
+/// An upstream that answers before the request body has all arrived (a 413
+/// for a body it will not take) has its answer passed on at once, on both
+/// paths, while the client's upload stalls. The relay kept waiting for the
+/// body and answered 408 at `request_timeout` instead. The relay then
+/// closes the connection, the rest of the body unread; hyper's path goes on
+/// reading it (a bidirectional stream keeps uploading, see timeouts.rs).
+#[tokio::test]
+async fn an_early_answer_to_a_stalled_upload_is_passed_on() {
+    let log = AccessLog::capture();
+    let early = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
+    let (addr, mut closed) = upstream_reporting_close(early, None).await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(addr)
+            .proxy(&format!("http1_relay = {relay}\nrequest_timeout = \"30s\""))
+            .start()
+            .await;
+        let id = format!("early-{relay}");
+        let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             x-request-id: {id}\r\ncontent-length: 100000\r\n\r\nfirst part",
+            gate.admin_token
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        // The upload stalls here; the answer comes anyway.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"too big!") {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "relay {relay}: no answer: {:?}",
+                        String::from_utf8_lossy(&got)
+                    )
+                })
+                .unwrap();
+            assert!(
+                n > 0,
+                "relay {relay}: closed: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("HTTP/1.1 413"), "relay {relay}: {got}");
+        let line = log
+            .line_with(&format!("request_id=\"{id}\""), Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|| panic!("relay {relay}: no access line"));
+        assert!(line.contains("status=413"), "relay {relay}: {line}");
+        if relay {
+            // Said and done: the connection closes after the answer, and
+            // the upstream connection, with a body left unsent, is not kept.
+            assert!(got.contains("connection: close\r\n"), "{got}");
+            let n = tokio::time::timeout(Duration::from_secs(3), client.read(&mut chunk))
+                .await
+                .expect("closed after the answer")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+            tokio::time::timeout(Duration::from_secs(3), closed.recv())
+                .await
+                .expect("the upstream connection is let go");
+        }
+        drop(client);
+        gate.stop().await;
+    }
+}
+
+/// An upstream that starts its answer as soon as it has the request head,
+/// and ends it once it has read the whole body (an echo that streams),
+/// still gets the body on both paths: an early answer does not stop the
+/// upload while the client goes on sending.
+#[tokio::test]
+async fn an_upload_goes_on_after_an_early_response_head() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while find(&got, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                stream.write_all(head).await.unwrap();
+                let body_at = find(&got, b"\r\n\r\n").unwrap() + 4;
+                while got.len() < body_at + 10 {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let echoed = format!(
+                    "a\r\n{}\r\n0\r\n\r\n",
+                    String::from_utf8_lossy(&got[body_at..])
+                );
+                stream.write_all(echoed.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    for relay in [true, false] {
+        let gate = Gate::with_relay(addr, relay).await;
+        let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+        let head = format!(
+            "POST /stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\ncontent-length: 10\r\n\r\n",
+            gate.admin_token
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while find(&got, b"\r\n\r\n").is_none() {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("the early head")
+                .unwrap();
+            assert!(n > 0, "relay {relay}");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        client.write_all(b"0123456789").await.unwrap();
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("relay {relay}: no end: {:?}", String::from_utf8_lossy(&got))
+                })
+                .unwrap();
+            assert!(n > 0, "relay {relay}: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
+        assert!(got.contains("\r\n0123456789\r\n"), "relay {relay}: {got}");
+        drop(client);
+        gate.stop().await;
+    }
 }

@@ -116,7 +116,7 @@ pub async fn handle(
 
 /// The status logged for a request whose client left before its response
 /// head, as nginx logs it ("client closed request"); never sent.
-const CLIENT_CLOSED_REQUEST: u16 = 499;
+pub(super) const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// A request [`handle`] has not answered yet. hyper drops the request's
 /// future when its client goes away (a closed connection, an HTTP/2 stream
@@ -275,6 +275,13 @@ async fn pipeline<'s>(
     } else {
         strip_hop_by_hop(response.headers_mut());
     }
+    // A response is sent in keygate's own version, not the upstream's (RFC
+    // 9110 section 6.2): hyper's server writes the version the response
+    // carries, so an HTTP/1.0 upstream's answer reached an HTTP/1.1 client
+    // as `HTTP/1.0`, framed for 1.0. The default is what keygate's own
+    // answers carry: hyper writes `HTTP/1.1` (and frames a body of unknown
+    // length for the client it serves), and its HTTP/2 server ignores it.
+    *response.version_mut() = Version::default();
 
     // 7. Count it against the key.
     if let Some((key, _)) = &verified {

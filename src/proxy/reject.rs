@@ -70,6 +70,10 @@ pub enum ProxyError {
     RequestHeadTooLarge,
     #[error("the request target is too long")]
     UriTooLong,
+    // hyper closes, without an answer, a connection whose head did not
+    // arrive within header_read_timeout (as nginx does); here for its code.
+    #[error("the request head did not arrive within header_read_timeout")]
+    HeaderReadTimeout,
 }
 
 /// What a client speaks, by its request's `content-type`, which decides
@@ -123,7 +127,7 @@ impl Dialect {
 }
 
 /// Every variant, in declaration order (the index of `json_body`).
-const ALL: [ProxyError; 22] = [
+const ALL: [ProxyError; 23] = [
     ProxyError::MissingKey,
     ProxyError::MalformedKey,
     ProxyError::InvalidKey,
@@ -146,6 +150,7 @@ const ALL: [ProxyError; 22] = [
     ProxyError::MalformedRequest,
     ProxyError::RequestHeadTooLarge,
     ProxyError::UriTooLong,
+    ProxyError::HeaderReadTimeout,
 ];
 
 /// Who is to blame, for logs: client errors are routine, the rest are not.
@@ -182,6 +187,7 @@ impl ProxyError {
             ProxyError::MalformedRequest => "malformed_request",
             ProxyError::RequestHeadTooLarge => "request_head_too_large",
             ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::HeaderReadTimeout => "header_read_timeout",
         }
     }
 
@@ -201,7 +207,9 @@ impl ProxyError {
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RequestTimeout | ProxyError::HeaderReadTimeout => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::MalformedBody
             | ProxyError::AmbiguousPath
             | ProxyError::MalformedPath
@@ -279,6 +287,9 @@ impl ProxyError {
                 "The request head is larger than max_header_bytes or has more than max_headers headers."
             }
             ProxyError::UriTooLong => "The request target is too long.",
+            ProxyError::HeaderReadTimeout => {
+                "The request head did not arrive within header_read_timeout."
+            }
         }
     }
 

@@ -32,7 +32,7 @@ use super::handler::{handle, record_refusal, LoggedRequest, Outcome};
 use super::headers::ConnectionInfo;
 use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
-use super::timeouts::{self, Connections, OpenConnection};
+use super::timeouts::{self, Connections, CountReads, OpenConnection};
 use super::ProxyState;
 use crate::config::ProxyConfig;
 
@@ -224,6 +224,7 @@ async fn serve_hyper<S>(
     let client = conn_info.clone();
     let states = shared.states.clone();
     let activity = open.activity();
+    let reads = activity.clone();
     let max_header_bytes = shared.limits.max_header_bytes;
     let head_limit = (max_header_bytes < HYPER_MIN_READ_BUFFER).then_some(max_header_bytes);
     let service = service_fn(move |req| {
@@ -232,23 +233,42 @@ async fn serve_hyper<S>(
             handle(states.load_full(), conn_info.clone(), req, head_limit),
         )
     });
-    let connection = shared
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let connection = shared.builder.serve_connection_with_upgrades(
+        TokioIo::new(CountReads::new(stream, reads.clone())),
+        service,
+    );
     if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
-        let unparsed = error
-            .downcast_ref::<hyper::Error>()
-            .and_then(ProxyError::from_unparsed_head);
-        match unparsed {
-            // hyper has answered it; it is counted and logged like every
-            // other refusal, with no method, path, route, key or request id
-            // to name (and a latency of nothing: it never became a request).
+        let hyper_error = error.downcast_ref::<hyper::Error>();
+        let unparsed = hyper_error.and_then(ProxyError::from_unparsed_head);
+        // hyper's server times out nothing but a request head (HTTP/1
+        // `header_read_timeout`; it builds no other timeout error). It
+        // closes the connection without an answer, as nginx does; a head
+        // that had started is logged with 408, as nginx logs it, and an
+        // idle keep-alive connection, or one that never sent a byte, is
+        // not.
+        let stalled_head =
+            hyper_error.is_some_and(hyper::Error::is_timeout) && reads.head_started();
+        let refusal = if stalled_head {
+            Some(ProxyError::HeaderReadTimeout)
+        } else {
+            unparsed
+        };
+        match refusal {
+            // hyper has answered it (or closed the connection on it); it
+            // is counted and logged like every other refusal, with no
+            // method, path, route, key or request id to name (nothing of a
+            // partial head is logged, where a secret may be) and a latency
+            // of nothing: it never became a request.
             Some(refusal) => {
                 let state = shared.states.load();
+                let named = match refusal {
+                    ProxyError::HeaderReadTimeout => request_line(reads.last_head()),
+                    _ => None,
+                };
                 let request = LoggedRequest {
                     client: LoggedRequest::client_of(&client),
-                    method: "-",
-                    path: None,
+                    method: named.map_or("-", |(method, _)| method),
+                    path: named.map(|(_, path)| path),
                     request_id: None,
                 };
                 let (outcome, now) = (Outcome::default(), Instant::now());
@@ -257,6 +277,22 @@ async fn serve_hyper<S>(
             None => tracing::debug!(%error, %peer, "connection ended with an error"),
         }
     }
+}
+
+/// The method and path (without the query) of a head that stalled, if its
+/// request line had arrived whole: nothing else of it is logged, as a
+/// partial head may hold a secret. Only an origin-form target names a path
+/// (an absolute one may carry user info).
+fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let mut req = httparse::Request::new(&mut []);
+    // With no room for headers, a whole request line parses as partial.
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) if head.ends_with(b"\n") && req.version.is_some() => {}
+        _ => return None,
+    }
+    let target = req.path.filter(|t| t.starts_with('/'))?;
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    Some((req.method?, path))
 }
 
 /// The smallest read buffer hyper's HTTP/1 server takes, which is what
@@ -276,5 +312,27 @@ fn connection_info(shared: &Shared, peer: SocketAddr, proto: &'static str) -> Co
             .trusted_proxies
             .iter()
             .any(|net| net.contains(&ip)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_line;
+
+    #[test]
+    fn a_stalled_head_is_named_by_a_whole_request_line_only() {
+        let named = request_line(b"GET /orders?token=s HTTP/1.1\r\n");
+        assert_eq!(named, Some(("GET", "/orders")));
+        assert_eq!(request_line(b"POST /a HTTP/1.1\n"), Some(("POST", "/a")));
+        for unnamed in [
+            &b""[..],
+            b"GET /orders?token=s HTTP/1.",
+            b"GET /orders HTTP/1.1",
+            b"GET http://user:pw@host/ HTTP/1.1\r\n",
+            b"GET * HTTP/1.1\r\n",
+            b"G\x01T / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(request_line(unnamed), None, "{unnamed:?}");
+        }
     }
 }

@@ -12,7 +12,10 @@
 //!   request has been sent, so a client's slow upload is not blamed on the
 //!   upstream;
 //! - that a request body whose exchange was abandoned (deadline, timeout)
-//!   never reaches the upstream as if it were complete.
+//!   never reaches the upstream as if it were complete;
+//! - whether a connection hyper's `header_read_timeout` closed had started
+//!   a request head ([`CountReads`]), which is logged, or was idle between
+//!   requests, which is not.
 //!
 //! It must never cut a response that has started: gRPC streams, SSE,
 //! WebSocket tunnels and long downloads run for as long as both ends keep
@@ -24,12 +27,13 @@
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -160,6 +164,13 @@ pub struct Activity {
     /// When the last request ended, in milliseconds since `opened`.
     idle_since_ms: AtomicU64,
     opened: Instant,
+    /// Bytes read from the client since its last request ended (or the
+    /// connection opened): the start of a next head, when hyper's header
+    /// read timeout closes the connection.
+    read_since_request: AtomicU64,
+    /// The start of the last head read, up to the end of its request line,
+    /// left here by [`CountReads`] when the connection ends.
+    last_head: OnceLock<Vec<u8>>,
 }
 
 impl Activity {
@@ -168,7 +179,28 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            read_since_request: AtomicU64::new(0),
+            last_head: OnceLock::new(),
         }
+    }
+
+    /// Whether the client has sent anything since its last request ended:
+    /// asked when hyper's `header_read_timeout` closed the connection, it
+    /// tells a head that stalled (logged, as nginx logs it, with 408) from
+    /// an idle keep-alive connection or one that never sent a byte (not
+    /// logged). A head that was read together with the request before it
+    /// (pipelined) is not seen; late bytes of a body hyper reads after its
+    /// request's answer (an upstream that answered early) are taken for one.
+    pub fn head_started(&self) -> bool {
+        self.read_since_request.load(Ordering::Acquire) > 0
+    }
+
+    /// The start of the head the client was sending when its connection
+    /// ended: its request line and line end when whole (at most
+    /// [`REQUEST_LINE_MAX`] bytes), else what there was of it. Set once
+    /// the connection's [`CountReads`] is dropped.
+    pub fn last_head(&self) -> &[u8] {
+        self.last_head.get().map_or(&[], Vec::as_slice)
     }
 
     /// When the connection will have been idle for `idle_timeout`; `None`
@@ -198,6 +230,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // What was read during the request was its own; a next head starts
+        // from here.
+        self.0.read_since_request.store(0, Ordering::Release);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
             // fetch_max: two requests ending at once must not move it back.
@@ -250,6 +285,117 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A client connection's I/O as hyper's server reads it, counting what is
+/// read into its [`Activity`] (see [`Activity::head_started`]): hyper's
+/// header read timeout ends the connection with an error that does not say
+/// whether any of a head had arrived, and its read buffer is its own. One
+/// atomic add per read; the relay's own reads do not come through here.
+///
+/// It also keeps each head's request line (a copy of a hundred bytes or
+/// so per request), for the access log to name what a stalled head asked
+/// for; the headers after it are never kept.
+#[derive(Debug)]
+pub struct CountReads<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    /// The start of the head being read, up to the end of its request line.
+    line: Vec<u8>,
+    /// False once the connection is seen to speak HTTP/2, whose frames
+    /// have no request line (and no header read timeout) to keep.
+    keep_lines: bool,
+}
+
+/// The longest request line [`CountReads`] keeps; the access log names
+/// nothing of a longer one.
+pub const REQUEST_LINE_MAX: usize = 8 * 1024;
+
+impl<S> CountReads<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> CountReads<S> {
+        CountReads {
+            inner,
+            activity,
+            line: Vec::new(),
+            keep_lines: true,
+        }
+    }
+
+    /// Notes `fresh`, just read: a first read since the last request ended
+    /// starts a head, whose request line is kept.
+    fn note(&mut self, fresh: &[u8]) {
+        let before = self
+            .activity
+            .read_since_request
+            .fetch_add(fresh.len() as u64, Ordering::AcqRel);
+        if !self.keep_lines {
+            return;
+        }
+        if before == 0 {
+            self.line.clear();
+        }
+        let open = self.line.last() != Some(&b'\n') && self.line.len() < REQUEST_LINE_MAX;
+        if open {
+            let end = memchr::memchr(b'\n', fresh).map_or(fresh.len(), |i| i + 1);
+            let room = REQUEST_LINE_MAX - self.line.len();
+            self.line.extend_from_slice(&fresh[..end.min(room)]);
+            // The HTTP/2 preface's first line (h2c or ALPN h2).
+            if self.line == b"PRI * HTTP/2.0\r\n" {
+                self.keep_lines = false;
+            }
+        }
+    }
+}
+
+impl<S> Drop for CountReads<S> {
+    fn drop(&mut self) {
+        let _ = self.activity.last_head.set(std::mem::take(&mut self.line));
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountReads<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.note(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountReads<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -445,6 +591,48 @@ mod tests {
         let idle_since = activity.idle_deadline(timeout).expect("idle") - timeout;
         assert!(idle_since >= activity.opened + Duration::from_millis(50));
         assert!(idle_since <= Instant::now());
+    }
+
+    #[tokio::test]
+    async fn the_request_line_of_the_head_after_the_last_request_is_kept() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        let activity = Arc::new(Activity::new());
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = CountReads::new(server, activity.clone());
+        assert!(!activity.head_started());
+        client
+            .write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(activity.head_started());
+        // A request ends: what follows is a new head.
+        drop(InFlight::new(activity.clone()));
+        assert!(!activity.head_started());
+        client
+            .write_all(b"POST /b?q HTTP/1.1\r\nHost")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        assert!(activity.head_started());
+        drop(io);
+        assert_eq!(activity.last_head(), b"POST /b?q HTTP/1.1\r\n");
+
+        // HTTP/2 frames are not copied: nothing after the preface is kept.
+        let activity = Arc::new(Activity::new());
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = CountReads::new(server, activity.clone());
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        drop(InFlight::new(activity.clone()));
+        client.write_all(b"\x00\x00\x04\x01frame\n").await.unwrap();
+        let _ = io.read(&mut buf).await.unwrap();
+        drop(io);
+        assert_eq!(activity.last_head(), b"PRI * HTTP/2.0\r\n");
     }
 
     #[tokio::test]

@@ -653,3 +653,69 @@ impl GateBuilder {
             .await
     }
 }
+
+/// The access log of the keygates this test process runs, as the compact
+/// tracing format prints it (tests/lifecycle.rs checks the real binary's
+/// own output). Lines are told apart by their request id or path.
+#[derive(Clone)]
+pub struct AccessLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl AccessLog {
+    /// The process's access log, capturing from the first call on (one
+    /// subscriber per process; tests running in threads share it).
+    pub fn capture() -> AccessLog {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        static LOG: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
+        LOG.get_or_init(|| {
+            let log = AccessLog(Arc::default());
+            let writer = log.clone();
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(false)
+                        .with_writer(move || writer.clone()),
+                )
+                .with(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("keygate::access", tracing::Level::INFO),
+                )
+                .init();
+            log
+        })
+        .clone()
+    }
+
+    /// The lines that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits up to `within` for a line that contains `needle`.
+    pub async fn line_with(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.lines_with(needle).pop() {
+                return Some(line);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl std::io::Write for AccessLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -9,10 +9,13 @@
 //! refused key gets `reject`'s answer, the one hyper's path gives), copies
 //! the head with the rewrite of `headers` applied, streams the body by its
 //! length, and passes the upstream's response back by its framing, through
-//! its own pool of upstream connections. Every other request is handed to hyper
-//! with the bytes read so far ([`Ended::Handoff`]), and hyper serves the
-//! rest of that connection through `handler`, so each limit and odd case
-//! keeps one implementation.
+//! its own pool of upstream connections. While it waits on the upstream it
+//! also listens to the client (the readiness tokio already has, no system
+//! call): the upstream's answer may come before the body has all arrived,
+//! and the client may leave (logged as 499, as on hyper's path). Every
+//! other request is handed to hyper with the bytes read so far
+//! ([`Ended::Handoff`]), and hyper serves the rest of that connection
+//! through `handler`, so each limit and odd case keeps one implementation.
 //!
 //! Why by hand: on one core, hyper's server and client with the pooled
 //! legacy client cost about twice nginx's CPU per proxied request (README,
@@ -46,6 +49,7 @@ use crate::config::UpstreamProtocol;
 
 use super::handler::{
     authenticate, is_grpc_content_type, record, record_refusal, LoggedRequest, Outcome,
+    CLIENT_CLOSED_REQUEST,
 };
 use super::headers::{
     connection_tokens, request_id_bytes, write_response_head, ConnectionInfo, RawHead,
@@ -204,6 +208,9 @@ enum Failure {
     },
     /// The client's connection failed (a reset) while it sent its body.
     Client,
+    /// The client left (closed or reset its connection) after sending its
+    /// request, before the response head.
+    ClientLeft,
 }
 
 /// The upstream's response head, as the relay needs it after parsing.
@@ -329,10 +336,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         // Recorded when the response head is known, before it is sent (as
         // on hyper's path): whoever sees the answer also sees it counted.
         match forwarded {
-            Ok((head, upstream)) => {
+            Ok((head, upstream, body)) => {
                 let recorded = record(state, &request, head.status, None, &outcome, started);
-                self.relay_response(upstream, head, plan.route, state, recorded)
+                self.relay_response(upstream, head, body, plan.route, state, recorded)
                     .await
+            }
+            Err(Failure::ClientLeft) => {
+                // Logged and counted as hyper's path logs a request whose
+                // client left before its answer; the upstream connection,
+                // its answer unread, is dropped with the exchange.
+                record(
+                    state,
+                    &request,
+                    CLIENT_CLOSED_REQUEST,
+                    None,
+                    &outcome,
+                    started,
+                );
+                Next::Close
             }
             Err(Failure::Client) => {
                 // Counted as on hyper's path, as the client's broken body,
@@ -364,11 +385,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         &mut self,
         mut upstream: TcpStream,
         head: ResponseHead,
+        body: BodyLeft,
         route: &Route,
         state: &ProxyState,
         head_at: std::time::Instant,
     ) -> Next {
-        let relayed = self.relay_body(&mut upstream, head.framing, state).await;
+        let relayed = self
+            .relay_body(&mut upstream, head.framing, body, state)
+            .await;
         let next = match relayed {
             Relayed::Complete if head.upstream_keep_alive && self.ubuf.is_empty() => {
                 state.relay_pools[route.index].put(upstream, head_at);
@@ -393,7 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         key: &Arc<VerifiedKey>,
         clock: Clock,
         drain: &watch::Receiver<()>,
-    ) -> Result<(ResponseHead, TcpStream), Failure> {
+    ) -> Result<(ResponseHead, TcpStream, BodyLeft), Failure> {
         let request_deadline = clock.request_deadline;
         // Whatever of the body is already buffered goes out with the head.
         let buffered = usize::try_from(plan.body)
@@ -402,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         self.out.extend_from_slice(&self.buf[..buffered]);
         self.buf.advance(buffered);
         state.bytes_in.inc_by(buffered as u64);
-        let mut body_left = plan.body - buffered as u64;
+        let body_left = plan.body - buffered as u64;
 
         let pool = &state.relay_pools[plan.route.index];
         let unavailable = |body_left: u64| Failure::Proxy {
@@ -410,80 +434,119 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             body_consumed: body_left == 0,
         };
         let mut retried = false;
-        let mut deadline;
-        // Whether connecting or sending the body took a wait since
-        // `clock.upstream_started`, which then no longer says when the
-        // request was sent.
-        let mut waited = false;
-        let mut upstream = loop {
+        let mut body = BodyLeft {
+            left: body_left,
+            sending: true,
+        };
+        let (mut upstream, mut sent_at) = loop {
             let (mut upstream, reused) = match pool.take(clock.upstream_started) {
                 Some(idle) => (idle, true),
                 None => {
-                    waited = true;
                     let connected =
                         connect(&plan.route.upstream, state.upstream.connect_timeout()).await;
-                    (connected.map_err(|_| unavailable(body_left))?, false)
+                    (connected.map_err(|_| unavailable(body.left))?, false)
                 }
             };
             self.ubuf.clear();
-            let sent = upstream.write_all(&self.out).await.is_ok();
-            if sent && body_left > 0 {
-                waited = true;
-                self.send_body(&mut upstream, &mut body_left, state, request_deadline)
-                    .await?;
-            }
-            // upstream_timeout starts once the request is sent; whichever
-            // clock runs out first names the error.
-            let sent_at = if waited {
-                Instant::now()
-            } else {
-                Instant::from_std(clock.upstream_started)
-            };
-            let upstream_deadline = sent_at + state.upstream.response_timeout();
-            deadline = upstream_deadline.min(request_deadline);
-            match read_response_head(&mut upstream, &mut self.ubuf, &mut self.timer, deadline).await
-            {
-                Ok(()) => break upstream,
-                Err(UpstreamRead::TimedOut) => {
-                    let error = if upstream_deadline <= request_deadline {
-                        tracing::warn!(
-                            upstream = %plan.route.upstream.authority,
-                            "upstream did not answer within upstream_timeout"
-                        );
-                        ProxyError::UpstreamTimeout
-                    } else {
-                        ProxyError::RequestTimeout
-                    };
-                    return Err(Failure::Proxy {
-                        error,
-                        body_consumed: body_left == 0,
-                    });
+            // A failed write shows in the read that follows.
+            let _ = upstream.write_all(&self.out).await;
+            // upstream_timeout starts once the request is sent: with its
+            // head, unless a body follows; `clock.upstream_started` says
+            // when, unless connecting took a wait since.
+            let mut sent_at = (body.left == 0).then(|| {
+                if reused {
+                    Instant::from_std(clock.upstream_started)
+                } else {
+                    Instant::now()
                 }
+            });
+            match self
+                .read_response_head(
+                    &mut upstream,
+                    &mut body,
+                    &mut sent_at,
+                    state,
+                    request_deadline,
+                )
+                .await
+            {
+                Ok(()) => break (upstream, sent_at),
                 // A reused connection the upstream closed just before our
                 // request: nothing was processed, so one retry on a new
                 // connection is safe when there was no body to lose.
                 Err(UpstreamRead::Closed) if reused && plan.body == 0 && !retried => {
                     retried = true;
                 }
-                Err(_) => return Err(unavailable(body_left)),
+                Err(read) => return Err(self.failure(read, &body, sent_at, plan, state, clock)),
             }
         };
 
         let head = loop {
-            match self.parse_response_head(plan, drain) {
+            match self.parse_response_head(plan, drain, body.left > 0) {
                 Ok(Some(head)) => break head,
                 // An informational response (100, 103): skipped, like
                 // hyper's client does; the final one follows.
                 Ok(None) => {
-                    read_response_head(&mut upstream, &mut self.ubuf, &mut self.timer, deadline)
-                        .await
-                        .map_err(|_| unavailable(0))?
+                    let read = self
+                        .read_response_head(
+                            &mut upstream,
+                            &mut body,
+                            &mut sent_at,
+                            state,
+                            request_deadline,
+                        )
+                        .await;
+                    if let Err(read) = read {
+                        return Err(self.failure(read, &body, sent_at, plan, state, clock));
+                    }
                 }
-                Err(BadFraming) => return Err(unavailable(0)),
+                Err(BadFraming) => return Err(unavailable(body.left)),
             }
         };
         state.usage.record(key, clock.wall);
-        Ok((head, upstream))
+        Ok((head, upstream, body))
+    }
+
+    /// What an exchange whose response head did not come fails with.
+    fn failure(
+        &self,
+        read: UpstreamRead,
+        body: &BodyLeft,
+        sent_at: Option<Instant>,
+        plan: &Plan<'_>,
+        state: &ProxyState,
+        clock: Clock,
+    ) -> Failure {
+        let body_consumed = body.left == 0;
+        let error = match read {
+            UpstreamRead::TimedOut => {
+                // Whichever clock ran out first names the error; while the
+                // body is uploading only request_timeout runs.
+                let upstream_deadline = sent_at.map(|at| at + state.upstream.response_timeout());
+                if upstream_deadline.is_some_and(|at| at <= clock.request_deadline) {
+                    tracing::warn!(
+                        upstream = %plan.route.upstream.authority,
+                        "upstream did not answer within upstream_timeout"
+                    );
+                    ProxyError::UpstreamTimeout
+                } else {
+                    ProxyError::RequestTimeout
+                }
+            }
+            // Whoever sent all of its request and then left is gone.
+            UpstreamRead::ClientClosed | UpstreamRead::ClientFailed if body_consumed => {
+                return Failure::ClientLeft
+            }
+            // The client closed its side before the declared length: it
+            // may still read the answer that says so.
+            UpstreamRead::ClientClosed => ProxyError::MalformedBody,
+            UpstreamRead::ClientFailed => return Failure::Client,
+            UpstreamRead::Closed | UpstreamRead::Failed => ProxyError::UpstreamUnavailable,
+        };
+        Failure::Proxy {
+            error,
+            body_consumed,
+        }
     }
 
     /// Drops a refused request's body if all of it is buffered already.
@@ -497,59 +560,70 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         }
     }
 
-    /// Streams the rest of a `Content-Length` request body to the upstream.
-    async fn send_body(
+    /// Reads until `ubuf` holds a whole response head, by the deadline:
+    /// `request_timeout`'s while the body uploads, then the earlier of that
+    /// and `upstream_timeout` from `sent_at`, which is set when the body
+    /// has all been sent. Meanwhile the rest of the body goes upstream and
+    /// the client is watched ([`pump`]): an upstream that answers before the
+    /// body has all arrived (a 413, a 401) is heard at once, not after the
+    /// client's stalled upload runs out of time, and a client that leaves
+    /// is noticed when it does, not when its answer is written to nobody.
+    async fn read_response_head(
         &mut self,
         upstream: &mut TcpStream,
-        body_left: &mut u64,
+        body: &mut BodyLeft,
+        sent_at: &mut Option<Instant>,
         state: &ProxyState,
-        deadline: Instant,
-    ) -> Result<(), Failure> {
-        while *body_left > 0 {
-            if self.buf.is_empty() {
-                self.buf.reserve(READ_CHUNK);
-                let read = self.io.read_buf(&mut self.buf);
-                match self.timer.run(deadline, read).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    // The client closed its side before the declared
-                    // length: it may still read the answer that says so.
-                    Ok(Ok(_)) => {
-                        return Err(Failure::Proxy {
-                            error: ProxyError::MalformedBody,
-                            body_consumed: false,
-                        })
-                    }
-                    Ok(Err(_)) => return Err(Failure::Client),
-                    Err(_) => {
-                        return Err(Failure::Proxy {
-                            error: ProxyError::RequestTimeout,
-                            body_consumed: false,
-                        })
-                    }
+        request_deadline: Instant,
+    ) -> Result<(), UpstreamRead> {
+        let mut scanned = 0;
+        loop {
+            if head_complete(&self.ubuf, scanned) {
+                return Ok(());
+            }
+            if self.ubuf.len() > MAX_RESPONSE_HEAD {
+                return Err(UpstreamRead::Failed);
+            }
+            scanned = self.ubuf.len().saturating_sub(2);
+            self.ubuf.reserve(READ_CHUNK);
+            let deadline = match *sent_at {
+                Some(at) => (at + state.upstream.response_timeout()).min(request_deadline),
+                None => request_deadline,
+            };
+            let pumped = pump(
+                &mut *self.io,
+                &mut self.buf,
+                upstream,
+                &mut self.ubuf,
+                body,
+                self.limits.max_header_bytes,
+                state,
+            );
+            match self.timer.run(deadline, pumped).await {
+                Err(_) => return Err(UpstreamRead::TimedOut),
+                Ok(Pumped::Upstream(Ok(0))) if self.ubuf.is_empty() => {
+                    return Err(UpstreamRead::Closed)
                 }
+                Ok(Pumped::Upstream(Ok(0) | Err(_))) => return Err(UpstreamRead::Failed),
+                Ok(Pumped::Upstream(Ok(_))) => {}
+                Ok(Pumped::BodySent) => *sent_at = Some(Instant::now()),
+                Ok(Pumped::ClientClosed) => return Err(UpstreamRead::ClientClosed),
+                Ok(Pumped::ClientFailed) => return Err(UpstreamRead::ClientFailed),
             }
-            let n = usize::try_from(*body_left)
-                .unwrap_or(usize::MAX)
-                .min(self.buf.len());
-            if upstream.write_all(&self.buf[..n]).await.is_err() {
-                return Err(Failure::Proxy {
-                    error: ProxyError::UpstreamUnavailable,
-                    body_consumed: false,
-                });
-            }
-            self.buf.advance(n);
-            state.bytes_in.inc_by(n as u64);
-            *body_left -= n as u64;
         }
-        Ok(())
     }
 
     /// Parses the response head in `ubuf` and writes the client's version
     /// of it into `out`. `None`: it was informational and is dropped.
+    ///
+    /// `body_unsent`: the upstream answered before the whole request body
+    /// was sent. Neither connection is kept after such an exchange, as the
+    /// rest of the body would be read as a next request.
     fn parse_response_head(
         &mut self,
         plan: &Plan<'_>,
         drain: &watch::Receiver<()>,
+        body_unsent: bool,
     ) -> Result<Option<ResponseHead>, BadFraming> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut res = httparse::Response::new(&mut headers);
@@ -577,10 +651,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         // A close-delimited body ends with the connection: it is never
         // pooled (the pool would find it closed on its next take, but
         // keep its descriptor, in CLOSE-WAIT, until then).
-        let upstream_keep_alive = res.version == Some(1)
+        let upstream_keep_alive = !body_unsent
+            && res.version == Some(1)
             && !matches!(framing, Framing::UntilClose)
             && !connection_tokens(res.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
-        let close_client = plan.close || draining(drain) || matches!(framing, Framing::UntilClose);
+        let close_client =
+            body_unsent || plan.close || draining(drain) || matches!(framing, Framing::UntilClose);
         self.out.clear();
         write_response_head(
             &mut self.out,
@@ -604,6 +680,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         &mut self,
         upstream: &mut TcpStream,
         framing: Framing,
+        mut body: BodyLeft,
         state: &ProxyState,
     ) -> Relayed {
         let mut framing = framing;
@@ -641,24 +718,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             // and frees the upstream connection, where waiting for the
             // upstream's next bytes to fail on the client could hold both
             // for as long as the upstream stays quiet. A closed write side
-            // counts as gone, as on hyper's path (no half-close). What a
-            // pipelining client sends meanwhile is kept for its next
-            // request, up to a head's worth; past that it waits unread.
-            let watch_client = self.buf.len() < self.limits.max_header_bytes;
-            if watch_client {
-                self.buf.reserve(READ_CHUNK);
-            }
-            let read = tokio::select! {
-                read = upstream.read_buf(&mut self.ubuf) => read,
-                client = self.io.read_buf(&mut self.buf), if watch_client => match client {
-                    Ok(n) if n > 0 => continue,
-                    _ => return Relayed::Broken,
-                },
-            };
-            match read {
-                Ok(0) if matches!(framing, Framing::UntilClose) => return Relayed::Complete,
-                Ok(0) | Err(_) => return Relayed::Broken,
-                Ok(_) => {}
+            // counts as gone, as on hyper's path (no half-close). After an
+            // early answer, what is left of the request body still goes
+            // upstream meanwhile (an upstream may answer as it reads).
+            let pumped = pump(
+                &mut *self.io,
+                &mut self.buf,
+                upstream,
+                &mut self.ubuf,
+                &mut body,
+                self.limits.max_header_bytes,
+                state,
+            );
+            match pumped.await {
+                Pumped::Upstream(Ok(0)) if matches!(framing, Framing::UntilClose) => {
+                    return Relayed::Complete
+                }
+                Pumped::Upstream(Ok(0) | Err(_)) => return Relayed::Broken,
+                Pumped::Upstream(Ok(_)) | Pumped::BodySent => {}
+                Pumped::ClientClosed | Pumped::ClientFailed => return Relayed::Broken,
             }
         }
     }
@@ -834,30 +912,91 @@ enum UpstreamRead {
     /// The upstream closed before a whole head arrived.
     Closed,
     Failed,
+    /// The client closed its connection.
+    ClientClosed,
+    /// The client's connection failed (a reset).
+    ClientFailed,
 }
 
-/// Reads until `ubuf` holds a whole response head, by `deadline`.
-async fn read_response_head(
+/// What of a request body is still to be sent upstream.
+struct BodyLeft {
+    /// Bytes by its `Content-Length`.
+    left: u64,
+    /// False once the upstream stopped taking it (it may have answered and
+    /// closed): what it answered is still read.
+    sending: bool,
+}
+
+/// What ended a [`pump`].
+enum Pumped {
+    /// The upstream sent bytes into `ubuf` (0: it closed), or failed.
+    Upstream(std::io::Result<usize>),
+    /// The last of the request body went upstream.
+    BodySent,
+    /// The client closed its connection.
+    ClientClosed,
+    /// The client's connection failed.
+    ClientFailed,
+}
+
+/// Waits for the upstream's next bytes (`ubuf` must have room) while
+/// sending it the rest of the request body from `buf` as the client sends
+/// it, and watching the client: its departure ends the wait. Bytes past
+/// the body (a pipelined request) are kept in `buf`, up to `keep`; past
+/// that they wait unread.
+///
+/// The upstream is always polled first. Polling a socket that has nothing
+/// to read costs no system call (tokio remembers its readiness from
+/// epoll), so watching the client costs nothing while it is quiet.
+async fn pump<S: AsyncRead + Unpin>(
+    client: &mut S,
+    buf: &mut BytesMut,
     upstream: &mut TcpStream,
     ubuf: &mut BytesMut,
-    timer: &mut Deadline,
-    deadline: Instant,
-) -> Result<(), UpstreamRead> {
-    let mut scanned = 0;
+    body: &mut BodyLeft,
+    keep: usize,
+    state: &ProxyState,
+) -> Pumped {
+    let (mut from, mut to) = upstream.split();
     loop {
-        if head_complete(ubuf, scanned) {
-            return Ok(());
-        }
-        if ubuf.len() > MAX_RESPONSE_HEAD {
-            return Err(UpstreamRead::Failed);
-        }
-        scanned = ubuf.len().saturating_sub(2);
-        ubuf.reserve(READ_CHUNK);
-        match timer.run(deadline, upstream.read_buf(ubuf)).await {
-            Err(_) => return Err(UpstreamRead::TimedOut),
-            Ok(Ok(0)) if ubuf.is_empty() => return Err(UpstreamRead::Closed),
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(UpstreamRead::Failed),
-            Ok(Ok(_)) => {}
+        let pending = if body.sending {
+            usize::try_from(body.left)
+                .unwrap_or(usize::MAX)
+                .min(buf.len())
+        } else {
+            0
+        };
+        if pending > 0 {
+            tokio::select! {
+                biased;
+                read = from.read_buf(ubuf) => return Pumped::Upstream(read),
+                wrote = to.write(&buf[..pending]) => match wrote {
+                    Ok(n) if n > 0 => {
+                        buf.advance(n);
+                        state.bytes_in.inc_by(n as u64);
+                        body.left -= n as u64;
+                        if body.left == 0 {
+                            return Pumped::BodySent;
+                        }
+                    }
+                    // The upstream takes no more: what it says is read.
+                    _ => body.sending = false,
+                },
+            }
+        } else {
+            let watch_client = (body.sending && body.left > 0) || buf.len() < keep;
+            if watch_client {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                read = from.read_buf(ubuf) => return Pumped::Upstream(read),
+                read = client.read_buf(buf), if watch_client => match read {
+                    Ok(n) if n > 0 => {}
+                    Ok(_) => return Pumped::ClientClosed,
+                    Err(_) => return Pumped::ClientFailed,
+                },
+            }
         }
     }
 }
