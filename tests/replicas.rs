@@ -84,23 +84,7 @@ impl Replica {
 
     /// The proxy's answer to a request with `token`: status and error code.
     async fn call(&self, client: &reqwest::Client, token: &str) -> (u16, String) {
-        let response = client
-            .get(format!("http://{}/work", self.proxy))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("proxy answers");
-        let status = response.status().as_u16();
-        let code = if status == 200 {
-            String::new()
-        } else {
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            body["error"]["code"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        };
-        (status, code)
+        answer(client, self.proxy, token).await
     }
 
     async fn readyz(&self, client: &reqwest::Client) -> u16 {
@@ -113,18 +97,11 @@ impl Replica {
             .as_u16()
     }
 
-    /// `keygate_invalidation_delay_seconds` on this replica: (count, sum).
     async fn metrics(&self, client: &reqwest::Client) -> String {
-        client
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        scrape(client, self.admin).await
     }
 
+    /// `keygate_invalidation_delay_seconds` on this replica: (count, sum).
     async fn invalidation_delays(&self, client: &reqwest::Client) -> (u64, f64) {
         let text = self.metrics(client).await;
         (
@@ -234,6 +211,39 @@ impl Shared {
     }
 }
 
+/// A proxy's answer to a request with `token`: status and error code.
+async fn answer(client: &reqwest::Client, proxy: SocketAddr, token: &str) -> (u16, String) {
+    let response = client
+        .get(format!("http://{proxy}/work"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("proxy answers");
+    let status = response.status().as_u16();
+    let code = if status == 200 {
+        String::new()
+    } else {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (status, code)
+}
+
+/// The `/metrics` text of the keygate whose admin listener is `admin`.
+async fn scrape(client: &reqwest::Client, admin: SocketAddr) -> String {
+    client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The value of an unlabelled metric in a scrape; 0 when absent.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -243,14 +253,18 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Waits until `replica`'s feed has applied every change up to the store's
-/// current head (its first read included, which empties the cache): a key
-/// cached after that is not dropped by a late announcement of its own
-/// creation.
+/// current head (its first read included, which empties the cache).
 async fn in_step(replica: &Replica, client: &reqwest::Client, shared: &Shared) {
-    let head = shared.head().await;
+    caught_up(client, replica.admin, &*shared.store).await;
+}
+
+/// Waits until the feed of the keygate whose admin listener is `admin` has
+/// applied every change up to `store`'s current head.
+async fn caught_up(client: &reqwest::Client, admin: SocketAddr, store: &dyn KeyStore) {
+    let (head, _) = store.changes_since(i64::MAX).await.expect("change head");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let seq = replica.feed_seq(client).await;
+        let seq = metric(&scrape(client, admin).await, "keygate_change_feed_seq") as i64;
         if seq >= head {
             return;
         }
@@ -1286,4 +1300,214 @@ async fn a_listener_cut_off_silently_is_replaced() {
     println!("listener cut off: revocation seen after {delay:?}");
     assert_eq!(refusal, (401, "api_key_disabled".to_string()));
     replica.stop().await;
+}
+
+// === a key's creation, as the replicas see it ===
+//
+// A creation is announced like any change, for the replica that remembers
+// the id as unknown (a token presented before it was imported). It must
+// not evict the key from a replica that has read it since: the first
+// requests of every new key would read the store twice, and fail with 503
+// if the store were down by the time the announcement arrived.
+
+/// Two replicas (proxy, admin) on one store, on either backend.
+struct Pair {
+    a: (SocketAddr, SocketAddr),
+    b: (SocketAddr, SocketAddr),
+    /// A handle on the store they share, to import keys as the CLI would
+    /// and to read the change feed's head.
+    store: Arc<dyn KeyStore>,
+    admin: Principal,
+    admin_token: String,
+    tokens: TokenFormat,
+}
+
+/// The replicas' `[cache]`: a feed read every 3 s, so that a key can be
+/// used well before its creation arrives; unknown ids remembered for a
+/// minute, so that only the creation can make one known within the test.
+const SLOW_FEED: &str = "[cache]\npoll_interval = \"3s\"\nnegative_ttl = \"60s\"\n";
+
+/// Two SQLite replicas on one file; the gates serve while they live.
+async fn sqlite_pair(upstream: SocketAddr) -> (Pair, support::Gate, support::Gate) {
+    let a = support::Gate::builder()
+        .upstream(upstream)
+        .extra(SLOW_FEED)
+        .start()
+        .await;
+    let b = support::Gate::builder()
+        .upstream(upstream)
+        .extra(SLOW_FEED)
+        .start_on(&a)
+        .await;
+    let pair = Pair {
+        a: (a.proxy, a.admin),
+        b: (b.proxy, b.admin),
+        store: a.store.clone(),
+        admin: a.admin_user.clone(),
+        admin_token: a.admin_token.clone(),
+        tokens: a.tokens.clone(),
+    };
+    (pair, a, b)
+}
+
+/// Two PostgreSQL replicas polling (no announcements, so the creation
+/// arrives at the poll and not within milliseconds).
+async fn postgres_pair(shared: &Shared, upstream: SocketAddr) -> (Pair, Replica, Replica) {
+    let a = Replica::start(&shared.db.url, upstream, false, SLOW_FEED).await;
+    let b = Replica::start(&shared.db.url, upstream, false, SLOW_FEED).await;
+    let pair = Pair {
+        a: (a.proxy, a.admin),
+        b: (b.proxy, b.admin),
+        store: shared.store.clone(),
+        admin: shared.admin.clone(),
+        admin_token: shared.admin_token.clone(),
+        tokens: shared.tokens.clone(),
+    };
+    (pair, a, b)
+}
+
+/// A key created through A's admin API, used on both replicas before
+/// their feeds bring its creation and after: each reads it from the store
+/// once (`keygate_cache_misses_total`), and, where `outage` can cut the
+/// store, serves it while the store is down right after the creation
+/// arrived.
+async fn a_new_key_stays_cached(pair: &Pair, outage: Option<&PgDatabase>) {
+    let client = reqwest::Client::new();
+    for (_, admin) in [pair.a, pair.b] {
+        caught_up(&client, admin, &*pair.store).await;
+    }
+    let expiry =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let created: serde_json::Value = client
+        .post(format!("http://{}/api/v1/api-keys", pair.a.1))
+        .bearer_auth(&pair.admin_token)
+        .json(&serde_json::json!({"spec": {"displayName": "new", "expiryTime": expiry}}))
+        .send()
+        .await
+        .expect("admin API answers")
+        .json()
+        .await
+        .expect("the created key");
+    let token = created["token"].as_str().expect("a token").to_string();
+    let (creation, _) = pair.store.changes_since(i64::MAX).await.unwrap();
+    let misses = |admin| {
+        let client = client.clone();
+        async move { metric(&scrape(&client, admin).await, "keygate_cache_misses_total") }
+    };
+    let before = [misses(pair.a.1).await, misses(pair.b.1).await];
+
+    // Used at once: the feeds have not brought the creation yet.
+    for (proxy, _) in [pair.a, pair.b] {
+        assert_eq!(answer(&client, proxy, &token).await, (200, String::new()));
+    }
+    let b_seq = metric(&scrape(&client, pair.b.1).await, "keygate_change_feed_seq") as i64;
+    assert!(
+        b_seq < creation,
+        "B read its feed within milliseconds of the creation; the test needs it to come later"
+    );
+    // Then the creation arrives, and the key is used again.
+    for (_, admin) in [pair.a, pair.b] {
+        caught_up(&client, admin, &*pair.store).await;
+    }
+    if let Some(db) = outage {
+        db.cut().await;
+        for (proxy, _) in [pair.a, pair.b] {
+            assert_eq!(
+                answer(&client, proxy, &token).await,
+                (200, String::new()),
+                "a key cached before its creation arrived is served through an outage"
+            );
+        }
+        db.restore().await;
+    }
+    for (proxy, _) in [pair.a, pair.b] {
+        assert_eq!(answer(&client, proxy, &token).await, (200, String::new()));
+    }
+    let after = [misses(pair.a.1).await, misses(pair.b.1).await];
+    assert_eq!(
+        [after[0] - before[0], after[1] - before[1]],
+        [1.0, 1.0],
+        "store reads of the new key on A and B"
+    );
+}
+
+/// A token presented to B before it is imported is refused (and remembered
+/// as unknown for a minute); it is accepted as soon as B's feed brings the
+/// import, whose creation notice drops that note.
+async fn an_imported_key_is_known_once_its_import_arrives(pair: &Pair) {
+    let client = reqwest::Client::new();
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    let (id, token, digest) = pair.tokens.generate();
+    let token = token.expose().to_string();
+    for _ in 0..2 {
+        assert_eq!(
+            answer(&client, pair.b.0, &token).await,
+            (401, "invalid_api_key".to_string()),
+            "not imported yet"
+        );
+    }
+    let key = store::NewKey {
+        id,
+        digest,
+        display_name: "imported".into(),
+        description: String::new(),
+        owner_id: pair.admin.id.clone(),
+        owner_type: pair.admin.kind,
+        namespaces: Vec::new(),
+        expiry: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        disabled: false,
+    };
+    pair.store
+        .import_keys(&Actor::system("test"), &[key])
+        .await
+        .expect("import");
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(
+        answer(&client, pair.b.0, &token).await,
+        (200, String::new()),
+        "the import reached B, and B still refuses the token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_new_key_is_read_once_though_used_before_its_creation_arrives() {
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = sqlite_pair(upstream).await;
+    a_new_key_stays_cached(&pair, None).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_new_key_is_read_once_and_served_through_an_outage() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = postgres_pair(&shared, upstream).await;
+    a_new_key_stays_cached(&pair, Some(&shared.db)).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_an_id_refused_before_its_import_is_accepted_once_the_import_arrives() {
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = sqlite_pair(upstream).await;
+    an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_an_id_refused_before_its_import_is_accepted_once_the_import_arrives() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = postgres_pair(&shared, upstream).await;
+    an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    b.stop().await;
+    a.stop().await;
 }
