@@ -1,4 +1,6 @@
-//! Several keygate replicas on one PostgreSQL database, and a store outage.
+//! Several keygate replicas on one PostgreSQL database, and a store outage;
+//! and how a key's creation reaches a replica, on PostgreSQL and on two
+//! replicas sharing one SQLite file.
 //!
 //! Each replica is a real `keygate::app::run` on 127.0.0.1:0 with its own
 //! store pool, cache and change feed; they share only the database, as
@@ -108,11 +110,6 @@ impl Replica {
             metric(&text, "keygate_invalidation_delay_seconds_count") as u64,
             metric(&text, "keygate_invalidation_delay_seconds_sum"),
         )
-    }
-
-    /// The last change its feed has applied.
-    async fn feed_seq(&self, client: &reqwest::Client) -> i64 {
-        metric(&self.metrics(client).await, "keygate_change_feed_seq") as i64
     }
 
     async fn stop(mut self) {
@@ -393,8 +390,8 @@ async fn measure_propagation(
             keys.push((op, shared.key().await));
         }
     }
-    // B must have applied the creations, or a warm entry could be dropped
-    // by a late create announcement and the measurement would be a miss.
+    // B's feed must be past its first read, which empties the cache, or a
+    // warm entry could be dropped and the measurement would be a miss.
     in_step(b, &client, shared).await;
     for (_, (_, token)) in &keys {
         assert_eq!(b.call(&client, token).await, (200, String::new()));
@@ -1133,7 +1130,7 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
         unseen.push(shared.key().await.1);
     }
     let (_, counted_before) = shared.key().await;
-    // Their creations applied, so that none evicts a key cached after.
+    // The feed past its first read (which empties the cache) and caught up.
     in_step(&replica, &client, &shared).await;
     assert_eq!(replica.call(&client, &counted_before).await.0, 200);
     // All in one statement, so that no flush or read holds one of them
@@ -1470,6 +1467,53 @@ async fn an_imported_key_is_known_once_its_import_arrives(pair: &Pair) {
     );
 }
 
+/// A key id comes back only when a token is imported again after its key
+/// was deleted. The deletion, before the creation in the feed, drops the
+/// old key from B's cache: the old secret is refused, the new one works.
+async fn a_deleted_key_imported_again_is_read_afresh(pair: &Pair) {
+    let client = reqwest::Client::new();
+    let (id, old, old_digest) = pair.tokens.generate();
+    let old = old.expose().to_string();
+    let import = |digest| {
+        let key = store::NewKey {
+            id,
+            digest,
+            display_name: "imported".into(),
+            description: String::new(),
+            owner_id: pair.admin.id.clone(),
+            owner_type: pair.admin.kind,
+            namespaces: Vec::new(),
+            expiry: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            disabled: false,
+        };
+        async move {
+            pair.store
+                .import_keys(&Actor::system("test"), &[key])
+                .await
+                .expect("import");
+        }
+    };
+    import(old_digest).await;
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(answer(&client, pair.b.0, &old).await, (200, String::new()));
+    pair.store
+        .delete_key(&Actor::system("test"), &id)
+        .await
+        .unwrap();
+    let (new, new_digest) = pair.tokens.issue_secret(&id);
+    import(new_digest).await;
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(
+        answer(&client, pair.b.0, &old).await,
+        (401, "invalid_api_key".to_string()),
+        "the deleted key's secret still works on B"
+    );
+    assert_eq!(
+        answer(&client, pair.b.0, new.expose()).await,
+        (200, String::new())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_new_key_is_read_once_though_used_before_its_creation_arrives() {
     let upstream = support::echo_upstream().await;
@@ -1492,22 +1536,100 @@ async fn postgres_a_new_key_is_read_once_and_served_through_an_outage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_an_id_refused_before_its_import_is_accepted_once_the_import_arrives() {
+async fn sqlite_imports_reach_a_replica_that_knew_the_id_otherwise() {
     let upstream = support::echo_upstream().await;
     let (pair, a, b) = sqlite_pair(upstream).await;
     an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    a_deleted_key_imported_again_is_read_afresh(&pair).await;
     b.stop().await;
     a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_an_id_refused_before_its_import_is_accepted_once_the_import_arrives() {
+async fn postgres_imports_reach_a_replica_that_knew_the_id_otherwise() {
     let Some(shared) = Shared::create().await else {
         return;
     };
     let upstream = support::echo_upstream().await;
     let (pair, a, b) = postgres_pair(&shared, upstream).await;
     an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    a_deleted_key_imported_again_is_read_afresh(&pair).await;
     b.stop().await;
     a.stop().await;
+}
+
+/// The race inside one replica, through the real authenticator on a store
+/// whose reads are held (a lock on `api_keys`): a creation applied while a
+/// read is in flight keeps that read from caching "unknown" (the id may
+/// have been created after it was read), and lets a read of the key itself
+/// cache it (a key read is never older than its creation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_creation_racing_a_read_drops_unknown_but_keeps_the_key() {
+    use keygate::auth::{AuthError, Authenticator, CacheSettings};
+    use keygate::telemetry::metrics::Metrics;
+
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let metrics = Arc::new(Metrics::new(10));
+    let auth = Arc::new(Authenticator::new(
+        shared.store.clone(),
+        CacheSettings {
+            capacity: 100,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(60),
+        },
+        metrics.clone(),
+    ));
+    let (_, known) = shared.key().await;
+    let known = shared.tokens.parse(known.as_bytes()).unwrap();
+    let (id, unknown, digest) = shared.tokens.generate();
+    let unknown = shared.tokens.parse(unknown.expose().as_bytes()).unwrap();
+
+    // Both reads wait behind the lock while the creation notices apply.
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let reads = [known, unknown].map(|token| {
+        let auth = auth.clone();
+        tokio::spawn(async move { auth.verify(&token, now).await.map(|_| ()) })
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    auth.invalidate_unknown(&[known.id, unknown.id]);
+    lock.rollback().await.unwrap();
+    let [read_known, read_unknown] = reads;
+    assert_eq!(read_known.await.unwrap(), Ok(()));
+    assert_eq!(read_unknown.await.unwrap(), Err(AuthError::Invalid));
+    let misses = metrics.cache_misses.get();
+
+    // The key was cached: no second read.
+    assert_eq!(auth.verify(&known, now).await.map(|_| ()), Ok(()));
+    assert_eq!(metrics.cache_misses.get(), misses, "the key is read again");
+    // "Unknown" was not: once the key exists, it is read and accepted.
+    let key = store::NewKey {
+        id,
+        digest,
+        display_name: "imported".into(),
+        description: String::new(),
+        owner_id: shared.admin.id.clone(),
+        owner_type: shared.admin.kind,
+        namespaces: Vec::new(),
+        expiry: Some(now + Duration::from_secs(3600)),
+        disabled: false,
+    };
+    shared
+        .store
+        .import_keys(&Actor::system("test"), &[key])
+        .await
+        .unwrap();
+    assert_eq!(
+        auth.verify(&unknown, now).await.map(|_| ()),
+        Ok(()),
+        "a read that overlapped the creation cached the id as unknown"
+    );
 }
