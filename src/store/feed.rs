@@ -6,11 +6,12 @@
 //! `apiKeysEnabled` switch after a settings change. Of keys just created it
 //! drops only what says their ids are unknown ([`Change::created`]): a copy
 //! of the key read since is current, and the feed arriving after a client's
-//! first requests must not make the next one read the store again. It reads when an
-//! announcement arrives (PostgreSQL `NOTIFY`, typically a few milliseconds
-//! after the commit) and on every `poll_interval` tick, which bounds
-//! staleness when announcements are lost (a dropped listening connection,
-//! `notify = false`) and is the only path on SQLite.
+//! first requests must not make the next one read the store again.
+//!
+//! It reads when an announcement arrives (PostgreSQL `NOTIFY`, typically a
+//! few milliseconds after the commit) and on every `poll_interval` tick,
+//! which bounds staleness when announcements are lost (a dropped listening
+//! connection, `notify = false`) and is the only path on SQLite.
 //!
 //! Correctness never depends on an announcement arriving: announcements only
 //! say *when* to read. And a fill racing an invalidation is the
