@@ -1,4 +1,6 @@
-//! Several keygate replicas on one PostgreSQL database, and a store outage.
+//! Several keygate replicas on one PostgreSQL database, and a store outage;
+//! and how a key's creation reaches a replica, on PostgreSQL and on two
+//! replicas sharing one SQLite file.
 //!
 //! Each replica is a real `keygate::app::run` on 127.0.0.1:0 with its own
 //! store pool, cache and change feed; they share only the database, as
@@ -84,23 +86,7 @@ impl Replica {
 
     /// The proxy's answer to a request with `token`: status and error code.
     async fn call(&self, client: &reqwest::Client, token: &str) -> (u16, String) {
-        let response = client
-            .get(format!("http://{}/work", self.proxy))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("proxy answers");
-        let status = response.status().as_u16();
-        let code = if status == 200 {
-            String::new()
-        } else {
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            body["error"]["code"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        };
-        (status, code)
+        answer(client, self.proxy, token).await
     }
 
     async fn readyz(&self, client: &reqwest::Client) -> u16 {
@@ -113,29 +99,17 @@ impl Replica {
             .as_u16()
     }
 
-    /// `keygate_invalidation_delay_seconds` on this replica: (count, sum).
     async fn metrics(&self, client: &reqwest::Client) -> String {
-        client
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
+        scrape(client, self.admin).await
     }
 
+    /// `keygate_invalidation_delay_seconds` on this replica: (count, sum).
     async fn invalidation_delays(&self, client: &reqwest::Client) -> (u64, f64) {
         let text = self.metrics(client).await;
         (
             metric(&text, "keygate_invalidation_delay_seconds_count") as u64,
             metric(&text, "keygate_invalidation_delay_seconds_sum"),
         )
-    }
-
-    /// The last change its feed has applied.
-    async fn feed_seq(&self, client: &reqwest::Client) -> i64 {
-        metric(&self.metrics(client).await, "keygate_change_feed_seq") as i64
     }
 
     async fn stop(mut self) {
@@ -277,6 +251,39 @@ async fn replica_with_a_stale_key(shared: &Shared, client: &reqwest::Client) -> 
     (replica, cached)
 }
 
+/// A proxy's answer to a request with `token`: status and error code.
+async fn answer(client: &reqwest::Client, proxy: SocketAddr, token: &str) -> (u16, String) {
+    let response = client
+        .get(format!("http://{proxy}/work"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("proxy answers");
+    let status = response.status().as_u16();
+    let code = if status == 200 {
+        String::new()
+    } else {
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (status, code)
+}
+
+/// The `/metrics` text of the keygate whose admin listener is `admin`.
+async fn scrape(client: &reqwest::Client, admin: SocketAddr) -> String {
+    client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The value of an unlabelled metric in a scrape; 0 when absent.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -286,14 +293,18 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Waits until `replica`'s feed has applied every change up to the store's
-/// current head (its first read included, which empties the cache): a key
-/// cached after that is not dropped by a late announcement of its own
-/// creation.
+/// current head (its first read included, which empties the cache).
 async fn in_step(replica: &Replica, client: &reqwest::Client, shared: &Shared) {
-    let head = shared.head().await;
+    caught_up(client, replica.admin, &*shared.store).await;
+}
+
+/// Waits until the feed of the keygate whose admin listener is `admin` has
+/// applied every change up to `store`'s current head.
+async fn caught_up(client: &reqwest::Client, admin: SocketAddr, store: &dyn KeyStore) {
+    let (head, _) = store.changes_since(i64::MAX).await.expect("change head");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let seq = replica.feed_seq(client).await;
+        let seq = metric(&scrape(client, admin).await, "keygate_change_feed_seq") as i64;
         if seq >= head {
             return;
         }
@@ -422,8 +433,8 @@ async fn measure_propagation(
             keys.push((op, shared.key().await));
         }
     }
-    // B must have applied the creations, or a warm entry could be dropped
-    // by a late create announcement and the measurement would be a miss.
+    // B's feed must be past its first read, which empties the cache, or a
+    // warm entry could be dropped and the measurement would be a miss.
     in_step(b, &client, shared).await;
     for (_, (_, token)) in &keys {
         assert_eq!(b.call(&client, token).await, (200, String::new()));
@@ -1195,7 +1206,7 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
         unseen.push(shared.key().await.1);
     }
     let (_, counted_before) = shared.key().await;
-    // Their creations applied, so that none evicts a key cached after.
+    // The feed past its first read (which empties the cache) and caught up.
     in_step(&replica, &client, &shared).await;
     assert_eq!(replica.call(&client, &counted_before).await.0, 200);
     // All in one statement, so that no flush or read holds one of them
@@ -1362,4 +1373,339 @@ async fn a_listener_cut_off_silently_is_replaced() {
     println!("listener cut off: revocation seen after {delay:?}");
     assert_eq!(refusal, (401, "api_key_disabled".to_string()));
     replica.stop().await;
+}
+
+// === a key's creation, as the replicas see it ===
+//
+// A creation is announced like any change, for the replica that remembers
+// the id as unknown (a token presented before it was imported). It must
+// not evict the key from a replica that has read it since: the first
+// requests of every new key would read the store twice, and fail with 503
+// if the store were down by the time the announcement arrived.
+
+/// Two replicas (proxy, admin) on one store, on either backend.
+struct Pair {
+    a: (SocketAddr, SocketAddr),
+    b: (SocketAddr, SocketAddr),
+    /// A handle on the store they share, to import keys as the CLI would
+    /// and to read the change feed's head.
+    store: Arc<dyn KeyStore>,
+    admin: Principal,
+    admin_token: String,
+    tokens: TokenFormat,
+}
+
+/// The replicas' `[cache]`: a feed read every 3 s, so that a key can be
+/// used well before its creation arrives; unknown ids remembered for a
+/// minute, so that only the creation can make one known within the test.
+const SLOW_FEED: &str = "[cache]\npoll_interval = \"3s\"\nnegative_ttl = \"60s\"\n";
+
+/// Two SQLite replicas on one file; the gates serve while they live.
+async fn sqlite_pair(upstream: SocketAddr) -> (Pair, support::Gate, support::Gate) {
+    let a = support::Gate::builder()
+        .upstream(upstream)
+        .extra(SLOW_FEED)
+        .start()
+        .await;
+    let b = support::Gate::builder()
+        .upstream(upstream)
+        .extra(SLOW_FEED)
+        .start_on(&a)
+        .await;
+    let pair = Pair {
+        a: (a.proxy, a.admin),
+        b: (b.proxy, b.admin),
+        store: a.store.clone(),
+        admin: a.admin_user.clone(),
+        admin_token: a.admin_token.clone(),
+        tokens: a.tokens.clone(),
+    };
+    (pair, a, b)
+}
+
+/// Two PostgreSQL replicas polling (no announcements, so the creation
+/// arrives at the poll and not within milliseconds).
+async fn postgres_pair(shared: &Shared, upstream: SocketAddr) -> (Pair, Replica, Replica) {
+    let a = Replica::start(&shared.db.url, upstream, false, SLOW_FEED).await;
+    let b = Replica::start(&shared.db.url, upstream, false, SLOW_FEED).await;
+    let pair = Pair {
+        a: (a.proxy, a.admin),
+        b: (b.proxy, b.admin),
+        store: shared.store.clone(),
+        admin: shared.admin.clone(),
+        admin_token: shared.admin_token.clone(),
+        tokens: shared.tokens.clone(),
+    };
+    (pair, a, b)
+}
+
+/// A key created through A's admin API, used on both replicas before
+/// their feeds bring its creation and after: each reads it from the store
+/// once (`keygate_cache_misses_total`), and, where `outage` can cut the
+/// store, serves it while the store is down right after the creation
+/// arrived.
+async fn a_new_key_stays_cached(pair: &Pair, outage: Option<&PgDatabase>) {
+    let client = reqwest::Client::new();
+    for (_, admin) in [pair.a, pair.b] {
+        caught_up(&client, admin, &*pair.store).await;
+    }
+    let expiry =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let created: serde_json::Value = client
+        .post(format!("http://{}/api/v1/api-keys", pair.a.1))
+        .bearer_auth(&pair.admin_token)
+        .json(&serde_json::json!({"spec": {"displayName": "new", "expiryTime": expiry}}))
+        .send()
+        .await
+        .expect("admin API answers")
+        .json()
+        .await
+        .expect("the created key");
+    let token = created["token"].as_str().expect("a token").to_string();
+    let (creation, _) = pair.store.changes_since(i64::MAX).await.unwrap();
+    let misses = |admin| {
+        let client = client.clone();
+        async move { metric(&scrape(&client, admin).await, "keygate_cache_misses_total") }
+    };
+    let before = [misses(pair.a.1).await, misses(pair.b.1).await];
+
+    // Used at once: the feeds have not brought the creation yet.
+    for (proxy, _) in [pair.a, pair.b] {
+        assert_eq!(answer(&client, proxy, &token).await, (200, String::new()));
+    }
+    let b_seq = metric(&scrape(&client, pair.b.1).await, "keygate_change_feed_seq") as i64;
+    assert!(
+        b_seq < creation,
+        "B read its feed within milliseconds of the creation; the test needs it to come later"
+    );
+    // Then the creation arrives, and the key is used again.
+    for (_, admin) in [pair.a, pair.b] {
+        caught_up(&client, admin, &*pair.store).await;
+    }
+    if let Some(db) = outage {
+        db.cut().await;
+        for (proxy, _) in [pair.a, pair.b] {
+            assert_eq!(
+                answer(&client, proxy, &token).await,
+                (200, String::new()),
+                "a key cached before its creation arrived is served through an outage"
+            );
+        }
+        db.restore().await;
+    }
+    for (proxy, _) in [pair.a, pair.b] {
+        assert_eq!(answer(&client, proxy, &token).await, (200, String::new()));
+    }
+    let after = [misses(pair.a.1).await, misses(pair.b.1).await];
+    assert_eq!(
+        [after[0] - before[0], after[1] - before[1]],
+        [1.0, 1.0],
+        "store reads of the new key on A and B"
+    );
+}
+
+/// A token presented to B before it is imported is refused (and remembered
+/// as unknown for a minute); it is accepted as soon as B's feed brings the
+/// import, whose creation notice drops that note.
+async fn an_imported_key_is_known_once_its_import_arrives(pair: &Pair) {
+    let client = reqwest::Client::new();
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    let (id, token, digest) = pair.tokens.generate();
+    let token = token.expose().to_string();
+    for _ in 0..2 {
+        assert_eq!(
+            answer(&client, pair.b.0, &token).await,
+            (401, "invalid_api_key".to_string()),
+            "not imported yet"
+        );
+    }
+    let key = store::NewKey {
+        id,
+        digest,
+        display_name: "imported".into(),
+        description: String::new(),
+        owner_id: pair.admin.id.clone(),
+        owner_type: pair.admin.kind,
+        namespaces: Vec::new(),
+        expiry: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        disabled: false,
+    };
+    pair.store
+        .import_keys(&Actor::system("test"), &[key])
+        .await
+        .expect("import");
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(
+        answer(&client, pair.b.0, &token).await,
+        (200, String::new()),
+        "the import reached B, and B still refuses the token"
+    );
+}
+
+/// A key id comes back only when a token is imported again after its key
+/// was deleted. The deletion, before the creation in the feed, drops the
+/// old key from B's cache: the old secret is refused, the new one works.
+async fn a_deleted_key_imported_again_is_read_afresh(pair: &Pair) {
+    let client = reqwest::Client::new();
+    let (id, old, old_digest) = pair.tokens.generate();
+    let old = old.expose().to_string();
+    let import = |digest| {
+        let key = store::NewKey {
+            id,
+            digest,
+            display_name: "imported".into(),
+            description: String::new(),
+            owner_id: pair.admin.id.clone(),
+            owner_type: pair.admin.kind,
+            namespaces: Vec::new(),
+            expiry: Some(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            disabled: false,
+        };
+        async move {
+            pair.store
+                .import_keys(&Actor::system("test"), &[key])
+                .await
+                .expect("import");
+        }
+    };
+    import(old_digest).await;
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(answer(&client, pair.b.0, &old).await, (200, String::new()));
+    pair.store
+        .delete_key(&Actor::system("test"), &id)
+        .await
+        .unwrap();
+    let (new, new_digest) = pair.tokens.issue_secret(&id);
+    import(new_digest).await;
+    caught_up(&client, pair.b.1, &*pair.store).await;
+    assert_eq!(
+        answer(&client, pair.b.0, &old).await,
+        (401, "invalid_api_key".to_string()),
+        "the deleted key's secret still works on B"
+    );
+    assert_eq!(
+        answer(&client, pair.b.0, new.expose()).await,
+        (200, String::new())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_new_key_is_read_once_though_used_before_its_creation_arrives() {
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = sqlite_pair(upstream).await;
+    a_new_key_stays_cached(&pair, None).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_new_key_is_read_once_and_served_through_an_outage() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = postgres_pair(&shared, upstream).await;
+    a_new_key_stays_cached(&pair, Some(&shared.db)).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_imports_reach_a_replica_that_knew_the_id_otherwise() {
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = sqlite_pair(upstream).await;
+    an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    a_deleted_key_imported_again_is_read_afresh(&pair).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_imports_reach_a_replica_that_knew_the_id_otherwise() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let upstream = support::echo_upstream().await;
+    let (pair, a, b) = postgres_pair(&shared, upstream).await;
+    an_imported_key_is_known_once_its_import_arrives(&pair).await;
+    a_deleted_key_imported_again_is_read_afresh(&pair).await;
+    b.stop().await;
+    a.stop().await;
+}
+
+/// The race inside one replica, through the real authenticator on a store
+/// whose reads are held (a lock on `api_keys`): a creation applied while a
+/// read is in flight keeps that read from caching "unknown" (the id may
+/// have been created after it was read), and lets a read of the key itself
+/// cache it (a key read is never older than its creation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_creation_racing_a_read_drops_unknown_but_keeps_the_key() {
+    use keygate::auth::{AuthError, Authenticator, CacheSettings};
+    use keygate::telemetry::metrics::Metrics;
+
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let metrics = Arc::new(Metrics::new(10));
+    let auth = Arc::new(Authenticator::new(
+        shared.store.clone(),
+        CacheSettings {
+            capacity: 100,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(60),
+        },
+        metrics.clone(),
+    ));
+    let (_, known) = shared.key().await;
+    let known = shared.tokens.parse(known.as_bytes()).unwrap();
+    let (id, unknown, digest) = shared.tokens.generate();
+    let unknown = shared.tokens.parse(unknown.expose().as_bytes()).unwrap();
+
+    // Both reads wait behind the lock while the creation notices apply.
+    let mut locker = shared.db.connect().await;
+    let mut lock = sqlx::Connection::begin(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let reads = [known, unknown].map(|token| {
+        let auth = auth.clone();
+        tokio::spawn(async move { auth.verify(&token, now).await.map(|_| ()) })
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    auth.invalidate_unknown(&[known.id, unknown.id]);
+    lock.rollback().await.unwrap();
+    let [read_known, read_unknown] = reads;
+    assert_eq!(read_known.await.unwrap(), Ok(()));
+    assert_eq!(read_unknown.await.unwrap(), Err(AuthError::Invalid));
+    let misses = metrics.cache_misses.get();
+
+    // The key was cached: no second read.
+    assert_eq!(auth.verify(&known, now).await.map(|_| ()), Ok(()));
+    assert_eq!(metrics.cache_misses.get(), misses, "the key is read again");
+    // "Unknown" was not: once the key exists, it is read and accepted.
+    let key = store::NewKey {
+        id,
+        digest,
+        display_name: "imported".into(),
+        description: String::new(),
+        owner_id: shared.admin.id.clone(),
+        owner_type: shared.admin.kind,
+        namespaces: Vec::new(),
+        expiry: Some(now + Duration::from_secs(3600)),
+        disabled: false,
+    };
+    shared
+        .store
+        .import_keys(&Actor::system("test"), &[key])
+        .await
+        .unwrap();
+    assert_eq!(
+        auth.verify(&unknown, now).await.map(|_| ()),
+        Ok(()),
+        "a read that overlapped the creation cached the id as unknown"
+    );
 }

@@ -1811,6 +1811,13 @@ async fn change_feed_lists_every_key_affecting_change(store: Arc<dyn KeyStore>) 
         settings,
         [false, false, false, false, false, false, false, true, false]
     );
+    // Creations say so (a replica then drops only an unknown-id note),
+    // and every other change does not (a replica drops its copies).
+    let created: Vec<bool> = changes.iter().map(|c| c.created).collect();
+    assert_eq!(
+        created,
+        [true, true, true, false, false, false, false, false, false]
+    );
     let now = SystemTime::now();
     assert!(changes
         .iter()
@@ -1872,9 +1879,16 @@ async fn imports_span_batches_all_or_nothing(store: Arc<dyn KeyStore>) {
     keys.extend(batch(1_200, &b));
     keys[7].disabled = true;
     keys[2_222].display_name = "named in the third batch".into();
+    let (before, _) = store.changes_since(i64::MAX).await.unwrap();
     assert_eq!(store.import_keys(&actor(), &keys).await.unwrap(), 2_500);
 
     let ids: Vec<KeyId> = keys.iter().map(|k| k.id).collect();
+    // Announced as creations, every id once, in changes of a batch each.
+    let (_, changes) = store.changes_since(before).await.unwrap();
+    assert_eq!(changes.len(), 3);
+    assert!(changes.iter().all(|c| c.created && !c.settings));
+    let announced: Vec<KeyId> = changes.iter().flat_map(|c| c.key_ids.clone()).collect();
+    assert_eq!(announced, ids);
     assert_eq!(store.existing_keys(&ids).await.unwrap().len(), 2_500);
     for i in [0, 7, 999, 1_000, 1_299, 1_300, 1_999, 2_000, 2_222, 2_499] {
         let record = store

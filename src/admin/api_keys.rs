@@ -258,7 +258,7 @@ async fn create(
         .await
         .map_err(|e| AdminError::from(e).namespaces_in("spec.namespaces"))?;
     // The id may sit in the negative cache from a probe before it existed.
-    state.authenticator.invalidate(&[key.id]);
+    state.authenticator.invalidate_unknown(&[key.id]);
     Ok((StatusCode::CREATED, Json(IssuedResponse::new(&key, &token))))
 }
 

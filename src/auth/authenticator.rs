@@ -22,7 +22,13 @@
 //! asked, and waited). Every
 //! change invalidates the affected ids at once, and bumps an epoch so that a
 //! lookup that was in flight during the change never caches what it read
-//! before it.
+//! before it. A key's creation is the one change that leaves a cached key
+//! alone ([`Authenticator::invalidate_unknown`]): what can predate it is
+//! only a note that its id was unknown, and a lookup that read the key has
+//! read it after the creation committed. Dropping that key too made the
+//! first requests of a new key read the store twice, the second time when
+//! the creation reached this replica's change feed, and fail with 503 if the
+//! store was down by then.
 //!
 //! Memory: the cache is `quick_cache` rather than moka because moka spends
 //! about 320 bytes of bookkeeping per entry (measured here: 1,000,000
@@ -229,6 +235,10 @@ pub struct Authenticator {
     settings: CacheSettings,
     /// Bumped by every invalidation; a fill that saw it change does not cache.
     epoch: AtomicU64,
+    /// Bumped by every creation; a fill of an unknown id that saw it change
+    /// does not cache (the id may have been created since it was read), a
+    /// fill of a key does (see [`Authenticator::invalidate_unknown`]).
+    creations: AtomicU64,
     /// The account-wide switch (`apiKeysEnabled`).
     api_keys_enabled: AtomicBool,
     /// Until when (milliseconds after `started`) a key past `ttl` is served
@@ -260,6 +270,7 @@ impl Authenticator {
             owners: Cache::new(capacity.min(100_000)),
             settings,
             epoch: AtomicU64::new(0),
+            creations: AtomicU64::new(0),
             api_keys_enabled: AtomicBool::new(true),
             store_failing_until: AtomicU64::new(0),
             store_failed: Notify::new(),
@@ -358,7 +369,10 @@ impl Authenticator {
             self.store_failing_until
                 .fetch_max(now.saturating_add(probing), Ordering::Relaxed);
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let seen = Epochs {
+            all: self.epoch.load(Ordering::Acquire),
+            creations: self.creations.load(Ordering::Acquire),
+        };
         let read = tokio::time::timeout(STORE_READ_TIMEOUT, self.store.find_key(id)).await;
         let read = match read {
             Ok(Ok(found)) => {
@@ -404,7 +418,7 @@ impl Authenticator {
                         key: key.clone(),
                         fresh_until,
                     },
-                    epoch,
+                    seen,
                 );
                 Ok(key)
             }
@@ -417,7 +431,7 @@ impl Authenticator {
                         key: stand_in.clone(),
                         fresh_until,
                     },
-                    epoch,
+                    seen,
                 );
                 Ok(stand_in)
             }
@@ -441,19 +455,38 @@ impl Authenticator {
         }
     }
 
-    /// Caches what the store said, unless an invalidation ran since the
-    /// read began (`epoch`): then the answer may predate it.
-    fn fill(&self, id: &KeyId, entry: Cached, epoch: u64) {
-        if self.epoch.load(Ordering::Acquire) != epoch {
-            self.cache.remove(id);
+    /// Caches what the store said, unless an invalidation that concerns it
+    /// ran since the read began (`seen`): then the answer may predate it.
+    fn fill(&self, id: &KeyId, entry: Cached, seen: Epochs) {
+        let real = entry.key.real;
+        if self.overtaken(seen, real) {
+            self.drop_filled(id, real);
             return;
         }
         self.cache.insert(*id, entry);
         // An invalidation may have landed between the check and the insert
         // (its own removal then ran before our insert): look again, so a
-        // slow fill never brings back a key revoked while it was loading.
-        if self.epoch.load(Ordering::Acquire) != epoch {
+        // slow fill never brings back a key revoked while it was loading,
+        // nor an id as unknown after its key was created.
+        if self.overtaken(seen, real) {
+            self.drop_filled(id, real);
+        }
+    }
+
+    /// Whether an invalidation that concerns a fill begun at `seen` has run
+    /// since: any, for a key; any or a creation, for an unknown id.
+    fn overtaken(&self, seen: Epochs, real: bool) -> bool {
+        self.epoch.load(Ordering::Acquire) != seen.all
+            || (!real && self.creations.load(Ordering::Acquire) != seen.creations)
+    }
+
+    /// Drops what an overtaken fill may have cached. An unknown id's fill
+    /// drops only an unknown entry: a key there was cached by a later read.
+    fn drop_filled(&self, id: &KeyId, real: bool) {
+        if real {
             self.cache.remove(id);
+        } else {
+            self.cache.remove_if(id, |cached| !cached.key.real);
         }
     }
 
@@ -476,6 +509,19 @@ impl Authenticator {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for id in ids {
             self.cache.remove(id);
+        }
+    }
+
+    /// For keys just created: drops the ids cached as unknown (presented
+    /// before the key existed, as imported tokens are), and keeps any
+    /// cached key, which was read after the creation committed. A key id
+    /// can be used again only by importing a token after its key was
+    /// deleted, and the deletion, earlier in the change feed, has dropped
+    /// the old key by then (or kept a read racing it from caching).
+    pub fn invalidate_unknown(&self, ids: &[KeyId]) {
+        self.creations.fetch_add(1, Ordering::AcqRel);
+        for id in ids {
+            self.cache.remove_if(id, |cached| !cached.key.real);
         }
     }
 
@@ -643,6 +689,15 @@ pub async fn run_store_probe(
             }
         }
     }
+}
+
+/// The invalidation counters as a store read began.
+#[derive(Clone, Copy)]
+struct Epochs {
+    /// [`Authenticator::epoch`].
+    all: u64,
+    /// [`Authenticator::creations`].
+    creations: u64,
 }
 
 fn duration_millis(d: Duration) -> u64 {

@@ -3,11 +3,15 @@
 //!
 //! It reads what changed with [`KeyStore::changes_since`] from a watermark,
 //! drops those keys from the [`Authenticator`]'s cache and reloads the
-//! `apiKeysEnabled` switch after a settings change. It reads when an
-//! announcement arrives (PostgreSQL `NOTIFY`, typically a few milliseconds
-//! after the commit) and on every `poll_interval` tick, which bounds
-//! staleness when announcements are lost (a dropped listening connection,
-//! `notify = false`) and is the only path on SQLite.
+//! `apiKeysEnabled` switch after a settings change. Of keys just created it
+//! drops only what says their ids are unknown ([`Change::created`]): a copy
+//! of the key read since is current, and the feed arriving after a client's
+//! first requests must not make the next one read the store again.
+//!
+//! It reads when an announcement arrives (PostgreSQL `NOTIFY`, typically a
+//! few milliseconds after the commit) and on every `poll_interval` tick,
+//! which bounds staleness when announcements are lost (a dropped listening
+//! connection, `notify = false`) and is the only path on SQLite.
 //!
 //! Correctness never depends on an announcement arriving: announcements only
 //! say *when* to read. And a fill racing an invalidation is the
@@ -224,12 +228,23 @@ impl Feed {
     }
 
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let ids: Vec<KeyId> = changes
-            .iter()
-            .flat_map(|c| c.key_ids.iter().copied())
-            .collect();
+        let ids_of = |created: bool| -> Vec<KeyId> {
+            changes
+                .iter()
+                .filter(|c| c.created == created)
+                .flat_map(|c| c.key_ids.iter().copied())
+                .collect()
+        };
+        // The order within a batch does not matter: an id created and then
+        // changed (or deleted and then imported again) is in both lists,
+        // and the full drop covers it.
+        let ids = ids_of(false);
         if !ids.is_empty() {
             self.authenticator.invalidate(&ids);
+        }
+        let created = ids_of(true);
+        if !created.is_empty() {
+            self.authenticator.invalidate_unknown(&created);
         }
         if changes.iter().any(|c| c.settings) {
             // The latest settings, not the change's: a later change may
@@ -246,6 +261,7 @@ impl Feed {
         tracing::debug!(
             changes = changes.len(),
             keys = ids.len(),
+            created = created.len(),
             "change feed: applied"
         );
         Ok(())

@@ -271,8 +271,15 @@ pub struct Change {
     /// When the change was written (the writer's clock), to measure how long
     /// it took to reach each replica.
     pub time: SystemTime,
-    /// Keys whose cached copies are now stale.
+    /// Keys whose cached copies are now stale, or, when `created`, keys
+    /// that did not exist before this change.
     pub key_ids: Vec<KeyId>,
+    /// The change created `key_ids` (a create, an import, a bootstrap): no
+    /// replica can hold a copy older than the change, only a note that an
+    /// id was unknown, so that note is all there is to drop. A copy read
+    /// after the creation is current, and dropping it only made the key's
+    /// first use read the store twice.
+    pub created: bool,
     /// The account settings changed (the `apiKeysEnabled` switch).
     pub settings: bool,
 }

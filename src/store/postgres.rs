@@ -30,7 +30,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::queries::{Sql, NO_LOCK};
 use super::sql_store::sql_key_store;
-use super::writes::{Dialect, Lock};
+use super::writes::{Changed, Dialect, Lock};
 use super::*;
 use crate::key::{Digest, KeyId};
 
@@ -170,16 +170,12 @@ impl Dialect for Postgres {
     /// in order; its holder must never wait for a row lock, so this is the
     /// change's last write. Then `NOTIFY`, which PostgreSQL delivers only if
     /// and when the transaction commits.
-    async fn record_change(
-        tx: &mut PgConnection,
-        keys: &[KeyId],
-        settings: bool,
-    ) -> Result<(), StoreError> {
+    async fn record_change(tx: &mut PgConnection, change: Changed<'_>) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(CHANGE_LOCK)
             .execute(&mut *tx)
             .await?;
-        let seq = Sql::<Postgres>::append_change(tx, keys, settings).await?;
+        let seq = Sql::<Postgres>::append_change(tx, change).await?;
         // The payload is only the seq: replicas read what changed from the
         // table, so a payload never nears NOTIFY's 8000-byte limit and a lost
         // notification loses nothing but time.

@@ -247,6 +247,7 @@ pub(super) struct ChangeRow {
     time_ms: i64,
     key_ids: String,
     settings: bool,
+    created: bool,
 }
 
 impl TryFrom<ChangeRow> for Change {
@@ -258,6 +259,7 @@ impl TryFrom<ChangeRow> for Change {
             seq: r.seq,
             time: from_ms(r.time_ms),
             key_ids: ids.iter().map(|id| key_id(id)).collect::<Result<_, _>>()?,
+            created: r.created,
             settings: r.settings,
         })
     }

@@ -20,7 +20,7 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool, Tra
 
 use super::queries::{Sql, NO_LOCK};
 use super::sql_store::sql_key_store;
-use super::writes::{Dialect, Lock};
+use super::writes::{Changed, Dialect, Lock};
 use super::*;
 use crate::key::{Digest, KeyId};
 
@@ -290,10 +290,9 @@ impl Dialect for Sqlite {
 
     async fn record_change(
         tx: &mut SqliteConnection,
-        keys: &[KeyId],
-        settings: bool,
+        change: Changed<'_>,
     ) -> Result<(), StoreError> {
-        Sql::<Sqlite>::append_change(tx, keys, settings).await?;
+        Sql::<Sqlite>::append_change(tx, change).await?;
         Ok(())
     }
 }

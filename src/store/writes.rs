@@ -40,6 +40,18 @@ pub(super) enum Lock {
     UpdateKeyRow,
 }
 
+/// What a change tells every replica's cache, as its change-feed entry.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Changed<'a> {
+    /// These keys changed or are gone: every copy is stale.
+    Keys(&'a [KeyId]),
+    /// These keys were just created: only a note that an id was unknown is
+    /// stale (see [`Change::created`]).
+    Created(&'a [KeyId]),
+    /// The account settings (the `apiKeysEnabled` switch).
+    Settings,
+}
+
 /// What a backend does differently inside a change.
 pub(super) trait Dialect: Database {
     /// The clause that makes a read lock what it returns, `lock`.
@@ -64,8 +76,7 @@ pub(super) trait Dialect: Database {
     /// the change where the backend can. The change's last write.
     fn record_change(
         tx: &mut Self::Connection,
-        keys: &[KeyId],
-        settings: bool,
+        change: Changed<'_>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -122,7 +133,7 @@ where
         });
         let action = "account.settings.update";
         Self::audit(&mut *tx, actor, action, "account", "settings", detail).await?;
-        DB::record_change(&mut tx, &[], true).await?;
+        DB::record_change(&mut tx, Changed::Settings).await?;
         let updated = Self::settings(&mut *tx, NO_LOCK).await?;
         tx.commit().await?;
         Ok(updated)
@@ -210,7 +221,7 @@ where
         let principal = Self::principal_in(&mut *tx, kind, id, NO_LOCK).await?;
         // The owner row is locked, so no key can be added to it meanwhile.
         let keys = Self::owner_key_ids(&mut tx, id).await?;
-        DB::record_change(&mut tx, &keys, false).await?;
+        DB::record_change(&mut tx, Changed::Keys(&keys)).await?;
         tx.commit().await?;
         Ok((principal, keys))
     }
@@ -244,7 +255,7 @@ where
         });
         let action = format!("{kind}.delete");
         Self::audit(&mut *tx, actor, &action, kind.as_str(), id, detail).await?;
-        DB::record_change(&mut tx, &keys, false).await?;
+        DB::record_change(&mut tx, Changed::Keys(&keys)).await?;
         tx.commit().await?;
         Ok(keys)
     }
@@ -351,7 +362,7 @@ where
         let detail = json!({ "name": name, "grantsRemovedFrom": revoked });
         Self::audit(&mut *tx, actor, "namespace.delete", "namespace", id, detail).await?;
         if !keys.is_empty() {
-            DB::record_change(&mut tx, &keys, false).await?;
+            DB::record_change(&mut tx, Changed::Keys(&keys)).await?;
         }
         tx.commit().await?;
         Ok(keys)
@@ -381,7 +392,9 @@ where
         let id = key.id.as_str();
         Self::audit(&mut *tx, actor, "api-key.create", "api-key", id, detail).await?;
         // Announced too: other replicas may remember this id as unknown.
-        DB::record_change(&mut tx, &[key.id], false).await?;
+        // As a creation, so that they drop only that: a replica that has
+        // just read the new key keeps it.
+        DB::record_change(&mut tx, Changed::Created(&[key.id])).await?;
         let created = Self::key_in(&mut tx, &key.id, NO_LOCK).await?;
         tx.commit().await?;
         Ok(created)
@@ -420,7 +433,7 @@ where
         // keeps each row's list of ids small.
         for batch in keys.chunks(IMPORT_BATCH) {
             let ids: Vec<KeyId> = batch.iter().map(|key| key.id).collect();
-            DB::record_change(&mut tx, &ids, false).await?;
+            DB::record_change(&mut tx, Changed::Created(&ids)).await?;
         }
         tx.commit().await?;
         Ok(keys.len() as u64)
@@ -468,7 +481,7 @@ where
             "disabled": update.disabled,
         });
         Self::audit(&mut *tx, actor, action, "api-key", id.as_str(), detail).await?;
-        DB::record_change(&mut tx, &[*id], false).await?;
+        DB::record_change(&mut tx, Changed::Keys(&[*id])).await?;
         let key = Self::key_in(&mut tx, id, NO_LOCK).await?;
         tx.commit().await?;
         Ok(key)
@@ -507,7 +520,7 @@ where
             detail,
         )
         .await?;
-        DB::record_change(&mut tx, &[*id], false).await?;
+        DB::record_change(&mut tx, Changed::Keys(&[*id])).await?;
         let key = Self::key_in(&mut tx, id, NO_LOCK).await?;
         tx.commit().await?;
         Ok(key)
@@ -533,7 +546,7 @@ where
             detail,
         )
         .await?;
-        DB::record_change(&mut tx, &[*id], false).await?;
+        DB::record_change(&mut tx, Changed::Keys(&[*id])).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -545,18 +558,27 @@ where
     /// feed to [`CHANGE_RETENTION`]. `MAX(seq) + 1` is gapless and in commit
     /// order because appends are serialised (SQLite's one writer,
     /// PostgreSQL's change lock). Returns the change's seq.
+    ///
+    /// A creation's ids are written to `key_ids` like any other's, with
+    /// `created` set: a replica of the previous keygate (a rolling upgrade)
+    /// reads only `key_ids`, and drops them as it always did.
     pub(super) async fn append_change(
         tx: &mut DB::Connection,
-        keys: &[KeyId],
-        settings: bool,
+        change: Changed<'_>,
     ) -> Result<i64, StoreError> {
+        let (keys, created, settings): (&[KeyId], bool, bool) = match change {
+            Changed::Keys(keys) => (keys, false, false),
+            Changed::Created(keys) => (keys, true, false),
+            Changed::Settings => (&[], false, true),
+        };
         let (seq,): (i64,) = sqlx::query_as(
-            "INSERT INTO changes (seq, time_ms, key_ids, settings) \
-             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM changes RETURNING seq",
+            "INSERT INTO changes (seq, time_ms, key_ids, settings, created) \
+             SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4 FROM changes RETURNING seq",
         )
         .bind(to_ms(SystemTime::now()))
         .bind(key_ids_json(keys))
         .bind(settings)
+        .bind(created)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM changes WHERE seq <= $1")
