@@ -106,6 +106,8 @@ behaviour!(
     change_feed_lists_every_key_affecting_change,
     settings_round_trip,
     imports_span_batches_all_or_nothing,
+    concurrent_bootstraps_make_one_admin,
+    a_refused_bootstrap_leaves_nothing,
 );
 
 // === fixtures ===
@@ -1942,4 +1944,75 @@ async fn imports_span_batches_all_or_nothing(store: Arc<dyn KeyStore>) {
     );
     let over_ids: Vec<KeyId> = over.iter().map(|k| k.id).collect();
     assert!(store.existing_keys(&over_ids).await.unwrap().is_empty());
+}
+
+/// Bootstrap counts the users and writes the admin and its key in one
+/// transaction: of bootstraps run at once, one makes an admin and the
+/// others are refused. Before, each counted the users on its own and then
+/// wrote, so all of them could make an admin.
+async fn concurrent_bootstraps_make_one_admin(store: Arc<dyn KeyStore>) {
+    use keygate::admin::bootstrap::{bootstrap, BootstrapError};
+    let tokens = TokenFormat::new("kg");
+    let runs = (0..8).map(|i| {
+        let (store, tokens) = (store.clone(), tokens.clone());
+        tokio::spawn(async move {
+            let email = format!("admin{i}@example.com");
+            bootstrap(&*store, &tokens, &email, Some(Duration::from_secs(3600))).await
+        })
+    });
+    let mut made = Vec::new();
+    for run in runs.collect::<Vec<_>>() {
+        match run.await.unwrap() {
+            Ok((admin, key, _)) => made.push((admin, key)),
+            Err(BootstrapError::UsersExist(_)) => {}
+            Err(e) => panic!("bootstrap failed otherwise: {e}"),
+        }
+    }
+    assert_eq!(
+        made.len(),
+        1,
+        "admins made: {:?}",
+        made.iter().map(|(a, _)| &a.name).collect::<Vec<_>>()
+    );
+    assert_eq!(store.count_principals(OwnerType::User).await.unwrap(), 1);
+    let (admin, key) = &made[0];
+    assert_eq!(key.owner_id, admin.id);
+    assert_eq!(admin.access.account_role, AccountRole::Admin);
+}
+
+/// A bootstrap whose key the store refuses writes no admin either (a
+/// keyless admin would refuse every later bootstrap).
+async fn a_refused_bootstrap_leaves_nothing(store: Arc<dyn KeyStore>) {
+    use keygate::admin::bootstrap::{bootstrap, BootstrapError};
+    let tokens = TokenFormat::new("kg");
+    let too_long = Some(Duration::from_secs(1000 * 86_400));
+    let refused = bootstrap(&*store, &tokens, "admin@example.com", too_long).await;
+    assert!(
+        matches!(
+            refused,
+            Err(BootstrapError::Store(StoreError::Policy(
+                PolicyViolation::LifetimeTooLong { .. }
+            )))
+        ),
+        "{:?}",
+        refused.map(|(admin, ..)| admin.name)
+    );
+    assert_eq!(store.count_principals(OwnerType::User).await.unwrap(), 0);
+    let audit = store
+        .list_audit(&PageRequest {
+            size: 100,
+            after: None,
+        })
+        .await
+        .unwrap();
+    assert!(audit.items.is_empty(), "audited: {:?}", audit.items.len());
+    // And the next bootstrap, within the policy, succeeds.
+    bootstrap(
+        &*store,
+        &tokens,
+        "admin@example.com",
+        Some(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("bootstrap within the policy");
 }

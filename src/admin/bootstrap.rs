@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::key::{IssuedToken, TokenFormat};
 use crate::store::{
-    check_lifetime, Access, AccountRole, Actor, ApiKey, KeyStore, NewKey, OwnerType, Principal,
+    Access, AccountRole, Actor, ApiKey, KeyStore, NewKey, OwnerType, PolicyViolation, Principal,
     PrincipalSpec, StoreError,
 };
 
@@ -36,15 +36,8 @@ pub async fn bootstrap(
     if users > 0 {
         return Err(BootstrapError::UsersExist(users));
     }
-    // The admin and its key are two writes: a key the policy refuses after
-    // the admin was written would leave an admin nobody holds a key of, and
-    // every later bootstrap refused (a user exists). So the policy is
-    // checked first.
-    let expiry = lifetime_or_account_max(store, lifetime)
-        .await?
-        .map(|l| SystemTime::now() + l);
-    check_lifetime(&store.settings().await?, expiry).map_err(StoreError::Policy)?;
-    let actor = Actor::system("bootstrap");
+    let lifetime = lifetime_or_account_max(store, lifetime).await?;
+    let (id, token, digest) = tokens.generate();
     let spec = PrincipalSpec {
         name: email.into(),
         description: "first account admin, created by keygate bootstrap".into(),
@@ -54,11 +47,31 @@ pub async fn bootstrap(
         },
         disabled: false,
     };
-    let admin = store
-        .create_principal(&actor, OwnerType::User, spec)
-        .await?;
-    let (key, token) = issue_key(store, tokens, &actor, &admin, "bootstrap", "", lifetime).await?;
-    Ok((admin, key, token))
+    let key = NewKey {
+        id,
+        digest,
+        display_name: "bootstrap".into(),
+        description: String::new(),
+        // The store puts the new admin here.
+        owner_id: String::new(),
+        owner_type: OwnerType::User,
+        namespaces: Vec::new(),
+        expiry: lifetime.map(|l| SystemTime::now() + l),
+        disabled: false,
+    };
+    // The admin and its key in one transaction, which counts the users
+    // again: the count above only gives the usual refusal its words
+    // before a key is generated.
+    match store
+        .bootstrap(&Actor::system("bootstrap"), spec, key)
+        .await
+    {
+        Ok((admin, key)) => Ok((admin, key, token)),
+        Err(StoreError::Policy(PolicyViolation::UsersExist(users))) => {
+            Err(BootstrapError::UsersExist(users))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Issues a key for an existing principal directly in the store. `lifetime`

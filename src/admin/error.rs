@@ -103,7 +103,9 @@ fn policy_field(violation: &PolicyViolation) -> Option<&'static str> {
         PolicyViolation::TooManyKeys { .. } | PolicyViolation::UnknownOwner { .. } => {
             Some("spec.ownerId")
         }
-        PolicyViolation::UnknownNamespace(_) | PolicyViolation::LastAdmin { .. } => None,
+        PolicyViolation::UnknownNamespace(_)
+        | PolicyViolation::LastAdmin { .. }
+        | PolicyViolation::UsersExist(_) => None,
     }
 }
 

@@ -78,6 +78,8 @@ pub enum PolicyViolation {
         "{name:?} is the last enabled account admin: make another user or service account an admin first, or nobody could manage the account"
     )]
     LastAdmin { name: String },
+    #[error("refusing to bootstrap: {0} user(s) already exist; use an admin's API key instead")]
+    UsersExist(u64),
 }
 
 /// Storage behind the proxy cache and the admin API. Object-safe, so both
@@ -177,6 +179,15 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Creates a key, enforcing the account's lifetime and per-owner cap in
     /// the same transaction as the insert.
     async fn create_key(&self, actor: &Actor, key: NewKey) -> Result<ApiKey, StoreError>;
+    /// Creates the first account admin (a user, from `spec`) and `key` for
+    /// it, in one transaction, refused with [`PolicyViolation::UsersExist`]
+    /// when any user exists. `key`'s owner is replaced by the new admin.
+    async fn bootstrap(
+        &self,
+        actor: &Actor,
+        spec: PrincipalSpec,
+        key: NewKey,
+    ) -> Result<(Principal, ApiKey), StoreError>;
     /// Creates many keys in one transaction (migrating keys issued
     /// elsewhere): the same lifetime and per-owner cap as `create_key`, all
     /// or nothing, one audit event per owner.

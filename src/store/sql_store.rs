@@ -173,6 +173,15 @@ macro_rules! sql_key_store {
                 Sql::create_key(self.begin().await?, actor, key).await
             }
 
+            async fn bootstrap(
+                &self,
+                actor: &Actor,
+                spec: PrincipalSpec,
+                key: NewKey,
+            ) -> Result<(Principal, ApiKey), StoreError> {
+                Sql::bootstrap(self.begin().await?, actor, spec, key).await
+            }
+
             async fn import_keys(&self, actor: &Actor, keys: &[NewKey]) -> Result<u64, StoreError> {
                 Sql::import_keys(self.begin().await?, actor, keys).await
             }

@@ -145,7 +145,47 @@ where
         kind: OwnerType,
         spec: PrincipalSpec,
     ) -> Result<Principal, StoreError> {
-        let unknown = DB::unknown_namespace(&mut tx, &granted_names(&spec)).await?;
+        let created = Self::insert_principal(&mut tx, actor, kind, spec).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Creates the first account admin and its key in one transaction, so
+    /// that no failure leaves an admin nobody holds a key of (which would
+    /// refuse every later bootstrap), and two bootstraps at once cannot
+    /// both find no user. `key.owner_id` and `owner_type` are replaced by
+    /// the new admin's.
+    pub(super) async fn bootstrap(
+        mut tx: Transaction<'static, DB>,
+        actor: &Actor,
+        spec: PrincipalSpec,
+        mut key: NewKey,
+    ) -> Result<(Principal, ApiKey), StoreError> {
+        // Taken first: a concurrent bootstrap waits here, then counts the
+        // user this one made.
+        Self::settings(&mut *tx, DB::lock(Lock::Update)).await?;
+        let (users,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM principals WHERE kind = $1")
+            .bind(OwnerType::User.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if users > 0 {
+            return Err(PolicyViolation::UsersExist(u64::try_from(users).unwrap_or(0)).into());
+        }
+        let admin = Self::insert_principal(&mut tx, actor, OwnerType::User, spec).await?;
+        key.owner_id = admin.id.clone();
+        key.owner_type = OwnerType::User;
+        let created = Self::insert_key(&mut tx, actor, key).await?;
+        tx.commit().await?;
+        Ok((admin, created))
+    }
+
+    async fn insert_principal(
+        tx: &mut Transaction<'static, DB>,
+        actor: &Actor,
+        kind: OwnerType,
+        spec: PrincipalSpec,
+    ) -> Result<Principal, StoreError> {
+        let unknown = DB::unknown_namespace(tx, &granted_names(&spec)).await?;
         namespaces_known(unknown)?;
         let id = random_id();
         let now = to_ms(SystemTime::now());
@@ -162,16 +202,15 @@ where
         .bind(spec.disabled)
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await;
         if let Err(e) = inserted {
             return Err(name_taken(e, principal_kind(kind), spec.name));
         }
         let detail = json!({ "name": spec.name, "role": spec.access.account_role.as_str() });
         let action = format!("{kind}.create");
-        Self::audit(&mut *tx, actor, &action, kind.as_str(), &id, detail).await?;
-        let created = Self::principal_in(&mut *tx, kind, &id, NO_LOCK).await?;
-        tx.commit().await?;
+        Self::audit(&mut **tx, actor, &action, kind.as_str(), &id, detail).await?;
+        let created = Self::principal_in(&mut **tx, kind, &id, NO_LOCK).await?;
         Ok(created)
     }
 
@@ -375,14 +414,24 @@ where
         actor: &Actor,
         key: NewKey,
     ) -> Result<ApiKey, StoreError> {
-        let settings = Self::settings(&mut *tx, DB::lock(Lock::Share)).await?;
+        let created = Self::insert_key(&mut tx, actor, key).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn insert_key(
+        tx: &mut Transaction<'static, DB>,
+        actor: &Actor,
+        key: NewKey,
+    ) -> Result<ApiKey, StoreError> {
+        let settings = Self::settings(&mut **tx, DB::lock(Lock::Share)).await?;
         check_lifetime(&settings, key.expiry)?;
-        Self::lock_owner(&mut tx, &key.owner_id, key.owner_type).await?;
+        Self::lock_owner(&mut *tx, &key.owner_id, key.owner_type).await?;
         let names: Vec<&str> = key.namespaces.iter().map(String::as_str).collect();
-        let unknown = Self::first_unknown_namespace(&mut tx, &names).await?;
+        let unknown = Self::first_unknown_namespace(&mut *tx, &names).await?;
         namespaces_known(unknown)?;
-        Self::check_room(&mut tx, &key.owner_id, 1, &settings).await?;
-        Self::insert_keys(&mut tx, std::slice::from_ref(&key)).await?;
+        Self::check_room(&mut *tx, &key.owner_id, 1, &settings).await?;
+        Self::insert_keys(&mut *tx, std::slice::from_ref(&key)).await?;
         let detail = json!({
             "displayName": key.display_name,
             "ownerId": key.owner_id,
@@ -390,13 +439,12 @@ where
             "expiryTime": key.expiry.map(to_ms),
         });
         let id = key.id.as_str();
-        Self::audit(&mut *tx, actor, "api-key.create", "api-key", id, detail).await?;
+        Self::audit(&mut **tx, actor, "api-key.create", "api-key", id, detail).await?;
         // Announced too: other replicas may remember this id as unknown.
         // As a creation, so that they drop only that: a replica that has
         // just read the new key keeps it.
-        DB::record_change(&mut tx, Changed::Created(&[key.id])).await?;
-        let created = Self::key_in(&mut tx, &key.id, NO_LOCK).await?;
-        tx.commit().await?;
+        DB::record_change(&mut *tx, Changed::Created(&[key.id])).await?;
+        let created = Self::key_in(&mut *tx, &key.id, NO_LOCK).await?;
         Ok(created)
     }
 
