@@ -279,6 +279,34 @@ pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
     }
 }
 
+/// The migrations of this build, set to run against a store that may have
+/// newer ones: during a rolling upgrade a replica still on the previous
+/// keygate may restart after an upgraded one migrated the store, and must
+/// start (sqlx refuses, by default, a store holding a migration it does not
+/// know). That is safe because migrations only add (tables, columns with
+/// defaults, indexes), so older code reads and writes a newer schema as it
+/// did its own; a migration that could not be read so would have to come
+/// with its own upgrade notes.
+fn tolerant(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// Says, once at open, that the store was migrated by a newer keygate than
+/// this one (`applied` is the newest migration the store holds).
+fn note_newer_schema(migrator: &sqlx::migrate::Migrator, applied: Option<i64>) {
+    let known = migrator.iter().map(|m| m.version).max();
+    if let (Some(applied), Some(known)) = (applied, known) {
+        if applied > known {
+            tracing::warn!(
+                store_migration = applied,
+                newest_known = known,
+                "the key store was migrated by a newer keygate; serving, as during a rolling upgrade, but this replica should be upgraded"
+            );
+        }
+    }
+}
+
 /// Why the store named by `url` could not be opened, found from the URL
 /// alone (no file or connection is opened): what [`open`] would refuse as
 /// the configuration's fault. The reason never repeats the URL, which may

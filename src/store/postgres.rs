@@ -112,10 +112,16 @@ impl PostgresStore {
             .after_release(|conn, _| Box::pin(answers_in_time(conn)))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/postgres")
+        let migrator = super::tolerant(sqlx::migrate!("./migrations/postgres"));
+        migrator
             .run(&pool)
             .await
             .map_err(|e| StoreError::Corrupt(format!("migration failed: {e}")))?;
+        let (applied,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations")
+                .fetch_one(&pool)
+                .await?;
+        super::note_newer_schema(&migrator, applied);
         Ok(PostgresStore { pool })
     }
 

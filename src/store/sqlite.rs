@@ -117,10 +117,16 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite")
+        let migrator = super::tolerant(sqlx::migrate!("./migrations/sqlite"));
+        migrator
             .run(&writer)
             .await
             .map_err(|e| StoreError::Corrupt(format!("migration failed: {e}")))?;
+        let (applied,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations")
+                .fetch_one(&writer)
+                .await?;
+        super::note_newer_schema(&migrator, applied);
         let file = OpenedFile::of(options.get_filename());
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
