@@ -286,3 +286,33 @@ async fn postgres_a_store_migrated_by_a_newer_keygate_opens() {
     let newer: Vec<&str> = newer.iter().map(String::as_str).collect();
     a_store_migrated_by_a_newer_keygate_opens(&db.url, &newer).await;
 }
+
+/// The rule that lets a replica on the previous keygate serve a store the
+/// next one migrated (`store::tolerant`): from `changes_created` on, a
+/// migration adds and never drops, renames or retypes what older code
+/// reads.
+#[test]
+fn later_migrations_only_add() {
+    let forbidden = ["DROP TABLE", "DROP COLUMN", "RENAME", "ALTER COLUMN"];
+    for (dir, first_additive) in [("migrations/postgres", 6), ("migrations/sqlite", 7)] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let file = entry.unwrap().path();
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            let version: u32 = name[..4].parse().unwrap();
+            if version < first_additive {
+                continue;
+            }
+            let sql: String = std::fs::read_to_string(&file)
+                .unwrap()
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .to_uppercase();
+            for word in forbidden {
+                assert!(!sql.contains(word), "{dir}/{name} holds {word}");
+            }
+        }
+    }
+}

@@ -283,10 +283,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
 /// newer ones: during a rolling upgrade a replica still on the previous
 /// keygate may restart after an upgraded one migrated the store, and must
 /// start (sqlx refuses, by default, a store holding a migration it does not
-/// know). That is safe because migrations only add (tables, columns with
-/// defaults, indexes), so older code reads and writes a newer schema as it
-/// did its own; a migration that could not be read so would have to come
-/// with its own upgrade notes.
+/// know). That is safe because migrations from `changes_created` on only
+/// add (tables, columns with defaults, indexes; tests/migrations.rs holds
+/// them to it), so older code reads and writes a newer schema as it did
+/// its own; a migration that could not be read so would have to come with
+/// its own upgrade notes.
 fn tolerant(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
     migrator.set_ignore_missing(true);
     migrator
