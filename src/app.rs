@@ -82,6 +82,9 @@ pub async fn run_with_reload(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
     // TLS first: a bad certificate must stop the start before anything runs.
     // An expired or not yet valid one starts, with a warning

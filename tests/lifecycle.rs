@@ -797,6 +797,16 @@ fn invalid_configs_exit_64_naming_the_field() {
              [admin]\nlisten = \"127.0.0.1:32530\"\n",
             "admin.listen",
         ),
+        // Both were taken: zero cut every request in flight at SIGTERM,
+        // and refused every admin request with a body.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"0s\"\n",
+            "proxy.drain_timeout",
+        ),
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[admin]\nmax_body_bytes = 0\n",
+            "admin.max_body_bytes",
+        ),
     ];
     for (text, field) in cases {
         let path = dir.path().join("bad.toml");

@@ -13,10 +13,14 @@ use crate::proxy::cert_validity;
 
 /// What `serve` checks before it binds or opens anything: the config's
 /// fields, then the files it names (certificate and key, CA bundle).
-/// A certificate that is expired, not yet valid or due within 14 days is a
-/// warning on stderr, not a failure: `serve` starts with it too.
+/// What `Config::warnings` finds, and a certificate that is expired, not
+/// yet valid or due within 14 days, is a warning on stderr, not a failure:
+/// `serve` starts with it too (and logs it).
 pub fn check(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     if let Some(tls) = &config.proxy.tls {
         let certified = crate::proxy::tls::load_certified_key(&tls.cert_file, &tls.key_file)
             .map_err(|e| Failure::usage(format!("proxy.tls: {e}")))?;
