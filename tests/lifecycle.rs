@@ -1163,6 +1163,72 @@ async fn access_log_lines_in_compact_and_json_formats() {
     }
 }
 
+/// A client that puts its key in the path (by mistake, or a badly written
+/// client) does not get it written to the access log: the path field has
+/// `[redacted]` where the token was, on the relay's path and hyper's, in
+/// the compact and the JSON format. Before, the path was logged as sent.
+#[tokio::test]
+async fn a_token_in_the_path_is_not_logged() {
+    let upstream = RecordingUpstream::start().await;
+    for (format, relay) in [("pretty", true), ("json", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = format!("http1_relay = {relay}\n[log]\nformat = \"{format}\"");
+        let (config, proxy, admin) = write_config(dir.path(), upstream.addr, &extra);
+        let key = bootstrap(&config);
+        let mut server = serve(&config, proxy, admin).await;
+        let client = reqwest::Client::new();
+        // Forwarded (with the key in the header too) and refused (none).
+        let ok = client
+            .get(format!("http://127.0.0.1:{proxy}/v1/{key}/thing"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        let refused = client
+            .get(format!("http://127.0.0.1:{proxy}/keys/{key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        signal(&server.child, "TERM");
+        let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+        assert!(status.success());
+        let secret = &key[20..];
+        assert!(
+            !logs.contains(secret),
+            "relay {relay}: the secret was logged: {logs}"
+        );
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("keygate::access"))
+            .collect();
+        assert_eq!(access.len(), 2, "{logs}");
+        let paths: Vec<String> = if format == "json" {
+            access
+                .iter()
+                .map(|l| {
+                    let line: serde_json::Value = serde_json::from_str(l).unwrap();
+                    line["path"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        } else {
+            access
+                .iter()
+                .map(|l| {
+                    let rest = l.split_once(" path=\"").unwrap().1;
+                    rest.split_once('"').unwrap().0.to_owned()
+                })
+                .collect()
+        };
+        assert_eq!(
+            paths,
+            ["/v1/[redacted]/thing", "/keys/[redacted]"],
+            "{logs}"
+        );
+    }
+}
+
 /// A key whose secret verified but whose state refuses it (here disabled)
 /// is named in its access-log line and counted under its id, on both
 /// paths: the operator can tell which key is being refused. A wrong secret

@@ -463,6 +463,7 @@ pub(super) fn record(
         refusal: refusal.map(ProxyError::code),
         latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         request_id: request.request_id,
+        tokens: state.credentials.format(),
     });
     ended
 }
