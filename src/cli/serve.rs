@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 
 use super::{Failure, EX_UNAVAILABLE, EX_USAGE};
+use crate::app::StartError;
 use crate::config::Config;
 use crate::proxy::cert_validity;
 
@@ -77,11 +78,13 @@ pub fn run(path: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure {
                 // 64 tells systemd (RestartPreventExitStatus) and the
                 // operator that restarting will not help until the file is
-                // fixed; 69, that what it names may come back.
-                code: if e.is_configuration() {
-                    EX_USAGE
-                } else {
-                    EX_UNAVAILABLE
+                // fixed; 69, that what it names may come back; 1, a
+                // runtime failure (the proxy or the admin API stopped by
+                // itself), which a restart may get past.
+                code: match e {
+                    _ if e.is_configuration() => EX_USAGE,
+                    StartError::Ended { .. } => 1,
+                    _ => EX_UNAVAILABLE,
                 },
                 message: e.to_string(),
             })
