@@ -1,7 +1,9 @@
 //! Wiring: opens the store, builds the cache, the proxy and the admin API,
 //! and runs them on listeners the caller bound, until a shutdown future
-//! resolves. Binaries and tests both start keygate through [`run`], so tests
-//! can bind port 0.
+//! resolves (or the proxy or the admin API stops by itself, which is an
+//! error). It owns the order of shutdown: the proxy drains while the admin
+//! API still answers, then the rest stops. Binaries and tests both start
+//! keygate through [`run`], so tests can bind port 0.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminState};
@@ -28,13 +31,18 @@ use crate::store::{self, StoreError};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::usage;
 
-/// Why keygate could not start.
+/// Why keygate could not start, or stopped by itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open the key store at {url}: {source}")]
     Store { url: String, source: StoreError },
     #[error("TLS: {0}")]
     Tls(TlsError),
+    /// A task that serves for keygate's whole life (the proxy, the admin
+    /// API) ended before the shutdown signal. Running on would leave a
+    /// process that looks alive, and ready, with nothing behind it.
+    #[error("the {task} stopped before any shutdown signal ({how}); keygate stopped with it")]
+    Ended { task: &'static str, how: String },
 }
 
 impl StartError {
@@ -49,6 +57,7 @@ impl StartError {
                 source,
                 StoreError::Unavailable(sqlx::Error::Configuration(_))
             ),
+            StartError::Ended { .. } => false,
         }
     }
 }
@@ -64,7 +73,9 @@ pub struct ReloadSource {
 }
 
 /// Runs the proxy and the admin API until `shutdown` resolves, then drains
-/// the proxy and flushes usage.
+/// the proxy (the admin API answering meanwhile, not ready), stops the
+/// admin API and flushes usage. The proxy or the admin API ending before
+/// `shutdown` stops everything the same way and is an error.
 pub async fn run(
     config: Config,
     proxy_listener: TcpListener,
@@ -82,6 +93,9 @@ pub async fn run_with_reload(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let metrics = Arc::new(Metrics::new(config.metrics.max_key_series));
     // TLS first: a bad certificate must stop the start before anything runs.
     // An expired or not yet valid one starts, with a warning
@@ -127,6 +141,26 @@ pub async fn run_with_reload(
         )),
     };
     let proxy_state = Arc::new(ProxyState::new(&config, &shared).map_err(StartError::Tls)?);
+    // Shutdown comes in two steps, each a signal fanned out to its tasks.
+    // `drain`: the proxy stops accepting and finishes its requests, for up
+    // to drain_timeout. Meanwhile the admin API keeps answering (/healthz
+    // alive, /readyz not ready, /metrics scraped), so that an orchestrator
+    // neither kills the process mid-drain nor sends it traffic, and the
+    // change feed, the cache sweeper and the usage flusher keep working
+    // for the requests still running. `stop`: once the proxy has drained,
+    // the rest winds down, the final usage flush last.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let on = |rx: &watch::Receiver<bool>| {
+        let rx = rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|signalled| *signalled).await;
+            }
+        }
+    };
+    let (draining, stopped) = (on(&drain_rx), on(&stop_rx));
     let admin_state = AdminState {
         store: store.clone(),
         authenticator: authenticator.clone(),
@@ -134,15 +168,7 @@ pub async fn run_with_reload(
         tokens: TokenFormat::new(&config.keys.prefix),
         max_body_bytes: config.admin.max_body_bytes,
         credentials: proxy_state.credentials.clone(),
-    };
-
-    // One shutdown signal fanned out to every task.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
+        draining: drain_rx,
     };
     tracing::info!(
         proxy = %proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -163,19 +189,19 @@ pub async fn run_with_reload(
             reloader,
             source.triggers,
             source.poll,
-            stopped(),
+            draining(),
         ))
     });
     let pool_sweeper = tokio::spawn(crate::proxy::relay::run_pool_sweeper(
         live_state.clone(),
-        stopped(),
+        draining(),
     ));
     let proxy = tokio::spawn(server::serve(
         proxy_listener,
         live_state,
         acceptor,
         ServerLimits::from(&config.proxy),
-        stopped(),
+        draining(),
     ));
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stopped()));
     let flusher = tokio::spawn(usage::run_flusher(
@@ -211,7 +237,7 @@ pub async fn run_with_reload(
         Some(addr) => match TcpListener::bind(addr).await {
             Ok(listener) => {
                 tracing::info!(%addr, "echo upstream serving");
-                Some(tokio::spawn(crate::echo::serve(listener, stopped())))
+                Some(tokio::spawn(crate::echo::serve(listener, draining())))
             }
             Err(error) => {
                 tracing::warn!(%error, %addr, "cannot start the echo upstream");
@@ -220,10 +246,16 @@ pub async fn run_with_reload(
         },
         None => None,
     };
-    shutdown.await;
-    tracing::info!("shutting down: draining in-flight requests");
-    let _ = stop_tx.send(true);
-    let _ = proxy.await;
+    let (mut proxy, mut admin) = (Some(proxy), Some(admin));
+    let ended = until_shutdown(shutdown, [("proxy", &mut proxy), ("admin API", &mut admin)]).await;
+    match &ended {
+        Ok(()) => tracing::info!("shutting down: draining in-flight requests"),
+        Err(error) => tracing::error!(%error, "shutting down"),
+    }
+    let _ = drain_tx.send(true);
+    if let Some(proxy) = proxy {
+        let _ = proxy.await;
+    }
     if let Some(reloader) = reloader {
         let _ = reloader.await;
     }
@@ -237,8 +269,11 @@ pub async fn run_with_reload(
     // answering (a partition that drops packets, a lock on a table) would
     // hold the exit for as long as it lasts, so it gets STORE_WIND_DOWN; the
     // usage not flushed by then is lost, and said so.
+    let _ = stop_tx.send(true);
     let wind_down = async {
-        let _ = admin.await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         let _ = flusher.await;
         let _ = feed.await;
         let _ = sweeper.await;
@@ -255,10 +290,90 @@ pub async fn run_with_reload(
             "the key store did not answer at shutdown; exiting without it (usage counted since the last flush may be lost)"
         );
     }
-    Ok(())
+    ended
+}
+
+/// Waits for `shutdown`, watching `tasks` that must run until it: the first
+/// that ends before it (returns or panics) is taken out of its slot, as its
+/// handle has nothing more to give, and named in the error.
+async fn until_shutdown(
+    shutdown: impl Future<Output = ()>,
+    tasks: [(&'static str, &mut Option<JoinHandle<()>>); 2],
+) -> Result<(), StartError> {
+    let [(first, first_slot), (second, second_slot)] = tasks;
+    let (Some(first_task), Some(second_task)) = (first_slot.as_mut(), second_slot.as_mut()) else {
+        shutdown.await;
+        return Ok(());
+    };
+    let (task, slot, result) = tokio::select! {
+        _ = shutdown => return Ok(()),
+        result = first_task => (first, first_slot, result),
+        result = second_task => (second, second_slot, result),
+    };
+    *slot = None;
+    let how = match result {
+        Ok(()) => "it returned".to_owned(),
+        Err(error) => error.to_string(),
+    };
+    Err(StartError::Ended { task, how })
 }
 
 /// How long, once the proxy has drained, the admin API, the final usage
 /// flush and the store's connections may take to finish before keygate
 /// exits without them.
 pub const STORE_WIND_DOWN: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bounded, so that a watcher that waits for the signal alone fails
+    /// rather than hangs.
+    async fn within(watch: impl Future<Output = Result<(), StartError>>) -> Result<(), StartError> {
+        tokio::time::timeout(Duration::from_secs(5), watch)
+            .await
+            .expect("the watcher saw the task end")
+    }
+
+    /// `server::serve` and `admin::serve` return only after their shutdown
+    /// signal (an accept error is retried), so no request can make one end
+    /// early; what would is a bug (a panic) or a future change. The watcher
+    /// is tested here on tasks that end as those would.
+    #[tokio::test]
+    async fn a_serving_task_that_ends_before_the_signal_is_an_error() {
+        let never = || tokio::spawn(std::future::pending::<()>());
+        let panics = tokio::spawn(async { panic!("a bug in the proxy") });
+        let returns = tokio::spawn(async {});
+        for (ended, expected) in [(panics, "panicked"), (returns, "it returned")] {
+            let (mut proxy, mut admin) = (Some(ended), Some(never()));
+            let result = within(until_shutdown(
+                std::future::pending(),
+                [("proxy", &mut proxy), ("admin API", &mut admin)],
+            ))
+            .await;
+            let error = result.expect_err("the proxy ended first").to_string();
+            assert!(error.contains("the proxy stopped"), "{error}");
+            assert!(error.contains(expected), "{error}");
+            assert!(proxy.is_none(), "an ended task is taken out");
+            assert!(admin.is_some(), "the other is left to stop in order");
+        }
+        // The admin API alike.
+        let (mut proxy, mut admin) = (Some(never()), Some(tokio::spawn(async {})));
+        let result = within(until_shutdown(
+            std::future::pending(),
+            [("proxy", &mut proxy), ("admin API", &mut admin)],
+        ))
+        .await;
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("the admin API stopped"));
+        assert!(proxy.is_some() && admin.is_none());
+        // The signal first: both are left to drain and stop.
+        let (mut proxy, mut admin) = (Some(never()), Some(never()));
+        until_shutdown(async {}, [("proxy", &mut proxy), ("admin API", &mut admin)])
+            .await
+            .expect("the signal came first");
+        assert!(proxy.is_some() && admin.is_some());
+    }
+}

@@ -27,6 +27,12 @@ pub const MAX_HEADERS_LIMIT: usize = 10_000;
 pub const MAX_WORKER_THREADS: usize = 1024;
 /// The largest `proxy.max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
+/// The smallest `admin.max_body_bytes`: below it, creating a key with a
+/// description of any length is refused with 413.
+pub const MIN_ADMIN_BODY_BYTES: usize = 1024;
+/// The largest `admin.max_body_bytes`: an admin body is a few hundred bytes
+/// of JSON, and one is read whole before its caller is known to be allowed.
+pub const MAX_ADMIN_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// A configuration error, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +166,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     /// Most client connections served at once; more wait in the accept queue.
     pub max_connections: usize,
-    /// How long in-flight requests may run after SIGTERM.
+    /// How long in-flight requests may run after SIGTERM; more than zero
+    /// (see `Config::validate`).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Runtime worker threads; 0 means one per CPU this process may use
@@ -297,7 +304,8 @@ fn default_path_prefix() -> String {
 pub struct AdminConfig {
     /// Address of the admin listener; it serves /api/v1, /metrics, /healthz, /readyz.
     pub listen: SocketAddr,
-    /// Largest admin request body, in bytes.
+    /// Largest admin request body, in bytes, from
+    /// [`MIN_ADMIN_BODY_BYTES`] to [`MAX_ADMIN_BODY_BYTES`].
     pub max_body_bytes: usize,
 }
 
@@ -553,6 +561,27 @@ impl Config {
                 return Err(invalid(field, "0s", "must be greater than zero"));
             }
         }
+        // Zero reads as "do not wait" to some and "wait for ever" to others;
+        // what it did was cut every request in flight at SIGTERM, with a
+        // warning that the deadline was reached. Neither reading is a safe
+        // guess, so it is refused like the other timeouts.
+        if self.proxy.drain_timeout.is_zero() {
+            return Err(invalid(
+                "proxy.drain_timeout",
+                "0s",
+                "must be greater than zero: at 0s every request in flight at SIGTERM would be \
+                 cut; for a quick stop set a short one such as \"1s\"",
+            ));
+        }
+        // Zero refused every admin request with a body (413), creating keys
+        // included.
+        if !(MIN_ADMIN_BODY_BYTES..=MAX_ADMIN_BODY_BYTES).contains(&self.admin.max_body_bytes) {
+            return Err(invalid(
+                "admin.max_body_bytes",
+                self.admin.max_body_bytes,
+                format!("must be from {MIN_ADMIN_BODY_BYTES} to {MAX_ADMIN_BODY_BYTES}"),
+            ));
+        }
         if self.proxy.max_header_bytes < 1024 {
             return Err(invalid(
                 "proxy.max_header_bytes",
@@ -714,6 +743,29 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// What is valid but cannot be what was meant, one sentence each naming
+    /// the fields: `keygate check` prints them, `serve` logs them at start
+    /// and at each reload. Warnings, not refusals: a config that started
+    /// before keeps starting.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        // Routes from the file are tried before the default one (the same
+        // host and prefix, earlier in the table), so a host-less `/` route
+        // takes every request `proxy.upstream` was there for.
+        let catch_all = self
+            .routes
+            .iter()
+            .position(|r| r.host.is_none() && r.path_prefix == "/");
+        if let (Some(_), Some(i)) = (&self.proxy.upstream, catch_all) {
+            warnings.push(format!(
+                "proxy.upstream is never used: routes[{i}] (no host, path_prefix \"/\") \
+                 matches every request first; remove proxy.upstream, or give routes[{i}] a \
+                 host or a longer path_prefix"
+            ));
+        }
+        warnings
     }
 }
 
@@ -894,11 +946,67 @@ mod tests {
                 "[proxy]\nupstream = \"http://a\"\n[log]\nlevel = \"keygate=verbose\"",
                 "log.level",
             ),
+            (
+                "[proxy]\nupstream = \"http://a\"\ndrain_timeout = \"0s\"",
+                "proxy.drain_timeout",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[admin]\nmax_body_bytes = 0",
+                "admin.max_body_bytes",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[admin]\nmax_body_bytes = 1023",
+                "admin.max_body_bytes",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\n[admin]\nmax_body_bytes = 16777217",
+                "admin.max_body_bytes",
+            ),
         ];
         for (text, field) in cases {
             let err = text.parse::<Config>().expect_err(text).to_string();
             assert!(err.contains(field), "{err:?} should name {field}");
         }
+    }
+
+    #[test]
+    fn admin_body_limits_at_the_bounds_are_accepted() {
+        for bytes in [MIN_ADMIN_BODY_BYTES, MAX_ADMIN_BODY_BYTES] {
+            let text =
+                format!("[proxy]\nupstream = \"http://a\"\n[admin]\nmax_body_bytes = {bytes}");
+            let config: Config = text.parse().expect(&text);
+            assert_eq!(config.admin.max_body_bytes, bytes);
+        }
+    }
+
+    /// A host-less `/` route takes every request from `proxy.upstream`:
+    /// a warning naming both, and only then.
+    #[test]
+    fn a_catch_all_route_beside_an_upstream_is_warned_of() {
+        let route = |extra: &str| format!("[[routes]]\n{extra}upstream = \"http://b\"\n");
+        let with_upstream = |routes: &str| -> Config {
+            format!("[proxy]\nupstream = \"http://a\"\n{routes}")
+                .parse()
+                .unwrap()
+        };
+        let warned = with_upstream(&format!(
+            "{}{}",
+            route("path_prefix = \"/api\"\n"),
+            route("")
+        ))
+        .warnings();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("proxy.upstream"), "{warned:?}");
+        assert!(warned[0].contains("routes[1]"), "{warned:?}");
+        for quiet in [
+            route("path_prefix = \"/api\"\n"),
+            route("host = \"a.example\"\npath_prefix = \"/\"\n"),
+        ] {
+            assert!(with_upstream(&quiet).warnings().is_empty(), "{quiet}");
+        }
+        // Without an upstream, a catch-all route is the ordinary setup.
+        let routes_only: Config = route("").parse().unwrap();
+        assert!(routes_only.warnings().is_empty());
     }
 
     /// What the store would refuse when it opens is refused at load, so

@@ -111,6 +111,9 @@ impl Reloader {
         };
         let kept = keep_restart_only(&self.active, &mut config);
         let state = ProxyState::new(&config, &self.shared)?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         for field in kept {
             tracing::warn!(
                 field,

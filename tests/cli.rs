@@ -733,6 +733,61 @@ fn check_validates_a_config_file_without_starting() {
     assert!(stderr.contains("store.url"), "{stderr}");
 }
 
+/// `admin.max_body_bytes = 0` refused every admin request with a body, and
+/// `drain_timeout = "0s"` cut every request in flight at SIGTERM; both
+/// were taken. `check` refuses them naming the field, as `serve` does.
+#[test]
+fn check_refuses_a_zero_admin_body_limit_or_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[store]\nurl = \"sqlite://{}/k.db\"\n[proxy]\nupstream = \"http://127.0.0.1:9\"\n",
+        dir.path().display()
+    );
+    for (extra, field) in [
+        ("drain_timeout = \"0s\"\n", "proxy.drain_timeout"),
+        ("[admin]\nmax_body_bytes = 0\n", "admin.max_body_bytes"),
+        (
+            "[admin]\nmax_body_bytes = 1099511627776\n",
+            "admin.max_body_bytes",
+        ),
+    ] {
+        let path = dir.path().join("keygate.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let run = keygate_local(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(run.code, 64, "{extra}: {}", run.stderr);
+        assert!(run.stderr.contains(field), "{field}: {}", run.stderr);
+    }
+}
+
+/// A route with no host and the prefix `/` takes every request, so
+/// `proxy.upstream` is never used: `check` warns naming both (exit 0, as
+/// `serve` starts with it); without the catch-all it says nothing.
+#[test]
+fn check_warns_when_a_catch_all_route_shadows_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!(
+        "[store]\nurl = \"sqlite://{}/k.db\"\n[proxy]\nupstream = \"http://127.0.0.1:9\"\n\
+         [[routes]]\npath_prefix = \"/api\"\nupstream = \"http://127.0.0.1:10\"\n",
+        dir.path().display()
+    );
+    let path = dir.path().join("keygate.toml");
+    let catch_all = "[[routes]]\nupstream = \"http://127.0.0.1:11\"\n";
+    std::fs::write(&path, format!("{base}{catch_all}")).unwrap();
+    let run = keygate_local(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("configuration OK"), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("warning: proxy.upstream is never used: routes[1]"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(&path, &base).unwrap();
+    let run = keygate_local(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.is_empty(), "{}", run.stderr);
+}
+
 /// A certificate out of its validity period, or due within 14 days, is a
 /// warning of `check` naming the file and the time, not a failure: `serve`
 /// starts with it too.

@@ -148,6 +148,83 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// During the drain the admin listener keeps answering: `/healthz` 200
+/// (a liveness probe that failed would get the pod killed mid-drain),
+/// `/readyz` 503 "not ready: draining" (so load balancers stop sending),
+/// `/metrics` scraped; it closes once the proxy has drained. Before, it
+/// stopped at SIGTERM with the proxy's accept loop.
+#[tokio::test]
+async fn the_admin_api_answers_until_the_proxy_has_drained() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), upstream.addr, "");
+    let key = bootstrap(&config);
+    let mut server = serve(&config, proxy, admin).await;
+    // The upstream answers /slow after 5 s; drain_timeout is 10 s.
+    let slow = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{proxy}/slow"))
+            .bearer_auth(&key)
+            .timeout(Duration::from_secs(20))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&server.child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let get = |path: &str| {
+        let url = format!("http://127.0.0.1:{admin}{path}");
+        async move {
+            // A new connection each time: the listener must still accept.
+            let response = reqwest::Client::new()
+                .get(url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .expect("the admin listener answers during the drain");
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let mut checks = 0;
+    while !slow.is_finished() {
+        assert_eq!(get("/healthz").await, (200, "ok\n".to_owned()));
+        assert_eq!(
+            get("/readyz").await,
+            (503, "not ready: draining\n".to_owned())
+        );
+        let (status, metrics) = get("/metrics").await;
+        assert_eq!(status, 200);
+        assert!(metrics.contains("keygate_requests_total"), "{metrics}");
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(checks >= 5, "only {checks} checks during the drain");
+    let response = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completed");
+    assert_eq!(response.status(), 200);
+    let (status, _) = wait_exit(&mut server.child, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_err(),
+        "the admin listener is closed"
+    );
+    // The usage flusher ran through the drain too: the request that ended
+    // in it is counted (its count had been lost, the final flush made at
+    // SIGTERM).
+    let store = keygate::store::open(&format!("sqlite://{}/keygate.db", dir.path().display()))
+        .await
+        .unwrap();
+    let used = store.get_key(&key_id(&key)).await.unwrap().unwrap();
+    assert_eq!(used.request_count, 1);
+    store.close().await;
+}
+
 /// A response that was in flight at SIGTERM says `Connection: close`, and
 /// the connection takes no further request. The relay (the default for
 /// plain HTTP/1.1) read the drain once, when the request arrived: the
@@ -797,6 +874,16 @@ fn invalid_configs_exit_64_naming_the_field() {
              [admin]\nlisten = \"127.0.0.1:32530\"\n",
             "admin.listen",
         ),
+        // Both were taken: zero cut every request in flight at SIGTERM,
+        // and refused every admin request with a body.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"0s\"\n",
+            "proxy.drain_timeout",
+        ),
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[admin]\nmax_body_bytes = 0\n",
+            "admin.max_body_bytes",
+        ),
     ];
     for (text, field) in cases {
         let path = dir.path().join("bad.toml");
@@ -1150,6 +1237,72 @@ async fn access_log_lines_in_compact_and_json_formats() {
             );
             assert!(!unparsed.contains("request_id="), "{unparsed}");
         }
+    }
+}
+
+/// A client that puts its key in the path (by mistake, or a badly written
+/// client) does not get it written to the access log: the path field has
+/// `[redacted]` where the token was, on the relay's path and hyper's, in
+/// the compact and the JSON format. Before, the path was logged as sent.
+#[tokio::test]
+async fn a_token_in_the_path_is_not_logged() {
+    let upstream = RecordingUpstream::start().await;
+    for (format, relay) in [("pretty", true), ("json", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = format!("http1_relay = {relay}\n[log]\nformat = \"{format}\"");
+        let (config, proxy, admin) = write_config(dir.path(), upstream.addr, &extra);
+        let key = bootstrap(&config);
+        let mut server = serve(&config, proxy, admin).await;
+        let client = reqwest::Client::new();
+        // Forwarded (with the key in the header too) and refused (none).
+        let ok = client
+            .get(format!("http://127.0.0.1:{proxy}/v1/{key}/thing"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        let refused = client
+            .get(format!("http://127.0.0.1:{proxy}/keys/{key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        signal(&server.child, "TERM");
+        let (status, logs) = wait_exit(&mut server.child, Duration::from_secs(10));
+        assert!(status.success());
+        let secret = &key[20..];
+        assert!(
+            !logs.contains(secret),
+            "relay {relay}: the secret was logged: {logs}"
+        );
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("keygate::access"))
+            .collect();
+        assert_eq!(access.len(), 2, "{logs}");
+        let paths: Vec<String> = if format == "json" {
+            access
+                .iter()
+                .map(|l| {
+                    let line: serde_json::Value = serde_json::from_str(l).unwrap();
+                    line["path"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        } else {
+            access
+                .iter()
+                .map(|l| {
+                    let rest = l.split_once(" path=\"").unwrap().1;
+                    rest.split_once('"').unwrap().0.to_owned()
+                })
+                .collect()
+        };
+        assert_eq!(
+            paths,
+            ["/v1/[redacted]/thing", "/keys/[redacted]"],
+            "{logs}"
+        );
     }
 }
 

@@ -121,6 +121,67 @@ async fn requests_failures_bytes_cache_and_latency_are_exported() {
     gate.stop().await;
 }
 
+/// A fresh gate exports every refusal reason and every upstream error kind
+/// of every route at zero, before any request: a series that appeared only
+/// at its first increment had no earlier sample for `rate()` to start
+/// from. Nothing per key is created.
+#[tokio::test]
+async fn failure_series_start_at_zero_on_a_fresh_gate() {
+    let gate = Gate::builder()
+        .upstream(support::dead_address().await)
+        .extra("[[routes]]\npath_prefix = \"/orders\"\nupstream = \"http://127.0.0.1:9\"\n")
+        .start()
+        .await;
+    let text = scrape(&gate).await;
+    let failures = samples(&text, "keygate_auth_failures_total");
+    for reason in [
+        "missing_api_key",
+        "malformed_api_key",
+        "invalid_api_key",
+        "api_key_disabled",
+        "api_key_expired",
+        "owner_disabled",
+        "api_keys_disabled",
+        "forbidden",
+        "rate_limited",
+        "no_route",
+        "store_unavailable",
+        "request_timeout",
+        "malformed_request",
+    ] {
+        let found: Vec<_> = failures
+            .iter()
+            .filter(|(l, _)| l["reason"] == reason)
+            .collect();
+        assert_eq!(found.len(), 1, "{reason}: {text}");
+        assert_eq!(found[0].1, 0.0, "{reason}: {text}");
+    }
+    // The upstream's failures have their own metric.
+    assert!(
+        failures
+            .iter()
+            .all(|(l, _)| !l["reason"].starts_with("upstream_") && l.len() == 1),
+        "{text}"
+    );
+    let upstream_errors = samples(&text, "keygate_upstream_errors_total");
+    for route in ["default", "/orders"] {
+        for kind in ["unavailable", "timeout"] {
+            let found: Vec<_> = upstream_errors
+                .iter()
+                .filter(|(l, _)| l["route"] == route && l["kind"] == kind)
+                .collect();
+            assert_eq!(found.len(), 1, "{route} {kind}: {text}");
+            assert_eq!(found[0].1, 0.0, "{route} {kind}: {text}");
+        }
+    }
+    assert_eq!(upstream_errors.len(), 4, "{text}");
+    assert!(
+        samples(&text, "keygate_requests_total").is_empty(),
+        "{text}"
+    );
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn per_key_series_are_capped_with_the_rest_under_other() {
     let upstream = RecordingUpstream::start().await;

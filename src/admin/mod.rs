@@ -1,5 +1,7 @@
 //! The control plane listener: the admin REST API under `/api/v1`, and
-//! `/metrics`, `/healthz` and `/readyz`.
+//! `/metrics`, `/healthz` and `/readyz`. At shutdown it keeps answering
+//! while the proxy drains (`/readyz` then says `not ready: draining`), and
+//! stops after.
 //!
 //! It shares the process with the proxy: every change it makes invalidates
 //! the affected keys in the proxy's cache before the response is sent.
@@ -57,6 +59,12 @@ pub struct AdminState {
     pub credentials: CredentialExtractor,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// True once shutdown has begun and the proxy is draining: `/readyz`
+    /// says not ready, so that load balancers stop sending, while
+    /// `/healthz`, `/metrics` and the API keep answering until the proxy
+    /// has drained (a failing liveness probe would get the process killed
+    /// mid-drain).
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -129,7 +137,8 @@ async fn within_request_timeout(request: Request, next: Next) -> Response {
     }
 }
 
-/// Serves the admin listener until `shutdown` resolves.
+/// Serves the admin listener until `shutdown` resolves (at shutdown, once
+/// the proxy has drained).
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
@@ -148,6 +157,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if *state.draining.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n");
+    }
     // A store that does not answer is as unready as one that refuses.
     let reason = match tokio::time::timeout(STORE_READ_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => return (StatusCode::OK, "ready\n"),

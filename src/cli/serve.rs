@@ -8,15 +8,20 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 
 use super::{Failure, EX_UNAVAILABLE, EX_USAGE};
+use crate::app::StartError;
 use crate::config::Config;
 use crate::proxy::cert_validity;
 
 /// What `serve` checks before it binds or opens anything: the config's
 /// fields, then the files it names (certificate and key, CA bundle).
-/// A certificate that is expired, not yet valid or due within 14 days is a
-/// warning on stderr, not a failure: `serve` starts with it too.
+/// What `Config::warnings` finds, and a certificate that is expired, not
+/// yet valid or due within 14 days, is a warning on stderr, not a failure:
+/// `serve` starts with it too (and logs it).
 pub fn check(path: &Path) -> Result<(), Failure> {
     let config = Config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     if let Some(tls) = &config.proxy.tls {
         let certified = crate::proxy::tls::load_certified_key(&tls.cert_file, &tls.key_file)
             .map_err(|e| Failure::usage(format!("proxy.tls: {e}")))?;
@@ -73,11 +78,13 @@ pub fn run(path: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure {
                 // 64 tells systemd (RestartPreventExitStatus) and the
                 // operator that restarting will not help until the file is
-                // fixed; 69, that what it names may come back.
-                code: if e.is_configuration() {
-                    EX_USAGE
-                } else {
-                    EX_UNAVAILABLE
+                // fixed; 69, that what it names may come back; 1, a
+                // runtime failure (the proxy or the admin API stopped by
+                // itself), which a restart may get past.
+                code: match e {
+                    _ if e.is_configuration() => EX_USAGE,
+                    StartError::Ended { .. } => 1,
+                    _ => EX_UNAVAILABLE,
                 },
                 message: e.to_string(),
             })

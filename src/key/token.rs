@@ -16,6 +16,7 @@
 //! and verified like a native key.
 
 use std::fmt;
+use std::ops::Range;
 
 use super::Digest;
 
@@ -333,6 +334,33 @@ impl TokenFormat {
         (IssuedToken(token), secret.digest())
     }
 
+    /// The first stretch of `text` at or after byte `from` that looks like
+    /// a token with this prefix: `<prefix>_` and the URL-safe characters
+    /// after it, at least as long as the shortest imported token, wherever
+    /// it starts (`/user_kg_...` too). Looser than [`Self::parse`] on
+    /// purpose: for a log, a token that is truncated, mistyped, imported or
+    /// glued to other text is a secret all the same. One substring search
+    /// when nothing matches; allocates nothing.
+    pub fn find_token_like(&self, text: &str, from: usize) -> Option<Range<usize>> {
+        let bytes = text.as_bytes();
+        let shortest = *self.imported_lengths().start();
+        let mut at = from;
+        while let Some(found) = text.get(at..)?.find(&*self.prefix) {
+            let start = at + found;
+            let after = start + self.prefix.len();
+            let end = after
+                + bytes[after..]
+                    .iter()
+                    .take_while(|&&c| imported_character(c))
+                    .count();
+            if bytes.get(after) == Some(&b'_') && end - start >= shortest {
+                return Some(start..end);
+            }
+            at = after;
+        }
+        None
+    }
+
     fn checksum(&self, id: &KeyId, secret: &[u8]) -> u32 {
         let mut crc = crc32fast::Hasher::new();
         crc.update(self.prefix.as_bytes());
@@ -373,6 +401,40 @@ mod tests {
 
     fn format() -> TokenFormat {
         TokenFormat::new("kg")
+    }
+
+    #[test]
+    fn token_like_stretches_are_found_where_they_start_a_run() {
+        let f = format();
+        let (_, token, _) = f.generate();
+        let token = token.expose();
+        let find = |text: &str| f.find_token_like(text, 0).map(|r| text[r].to_owned());
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(find(&format!("/v1/{token}/thing")), some(token));
+        assert_eq!(find(&format!("/{token}")), some(token));
+        assert_eq!(find(&format!("/k={token};x")), some(token));
+        // Truncated, or imported: a secret all the same.
+        assert_eq!(find(&format!("/{}", &token[..30])), some(&token[..30]));
+        assert_eq!(
+            find("/kg_imported-Token.0123456789"),
+            some("kg_imported-Token.0123456789")
+        );
+        // Glued to what comes before it.
+        assert_eq!(find(&format!("/user_{token}")), some(token));
+        for plain in [
+            "/v1/orders",
+            "/backgrounds/kg",
+            "/kg_short",
+            "/kg_0123456789/abcdefghijkl",
+            "/kgx0123456789abcdefghijklmnop",
+            "",
+        ] {
+            assert_eq!(find(plain), None, "{plain}");
+        }
+        // A later match after an early near miss, and from an offset.
+        let text = format!("/kg_x/{token}");
+        assert_eq!(find(&text), some(token));
+        assert_eq!(f.find_token_like(&text, text.len()), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::io::copy_bidirectional;
 use crate::auth::{authorize, required_permission, Credential, CredentialError, VerifiedKey};
 use crate::telemetry::access::{self, AccessEntry};
 use crate::telemetry::counted::CountedBody;
+use crate::telemetry::metrics;
 
 use super::cors;
 use super::forward_auth;
@@ -411,9 +412,9 @@ fn record_failure(state: &ProxyState, error: ProxyError, outcome: &Outcome<'_>) 
         Blame::Upstream => {
             let route = outcome.route.map_or("", |r| r.name.as_str());
             let kind = if error == ProxyError::UpstreamTimeout {
-                "timeout"
+                metrics::UPSTREAM_TIMEOUT
             } else {
-                "unavailable"
+                metrics::UPSTREAM_UNAVAILABLE
             };
             state.metrics.upstream_error(route, kind);
         }
@@ -469,6 +470,7 @@ pub(super) fn record(
         refusal: refusal.map(ProxyError::code),
         latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         request_id: request.request_id,
+        tokens: state.credentials.format(),
     });
     ended
 }

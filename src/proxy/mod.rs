@@ -124,6 +124,10 @@ impl ProxyState {
                 }
             })
             .collect();
+        metrics.start_failure_series(
+            reject::ProxyError::counted_reasons(),
+            (0..routes.len()).map(|i| routes.name(i)),
+        );
         let api_key_header = http::HeaderName::from_bytes(proxy.api_key_header.as_bytes())
             .expect("validated by config");
         Ok(ProxyState {

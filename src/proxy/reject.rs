@@ -162,6 +162,14 @@ pub enum Blame {
 }
 
 impl ProxyError {
+    /// The `reason` of every refusal counted in `keygate_auth_failures_total`:
+    /// all but the upstream's failures, which have a metric of their own.
+    pub fn counted_reasons() -> impl Iterator<Item = &'static str> {
+        ALL.into_iter()
+            .filter(|e| e.blame() != Blame::Upstream)
+            .map(ProxyError::code)
+    }
+
     /// The stable machine-readable code, also the metric's `reason` label.
     pub fn code(self) -> &'static str {
         match self {

@@ -1,7 +1,9 @@
 //! The access log: one line per proxied request, at INFO under the target
 //! `keygate::access`, with the key id, owner id, client address, method,
 //! path, route, upstream, status, refusal reason, latency and request id.
-//! Never the credential, nor the query (where a misplaced secret would be).
+//! Never the credential, nor the query (where a misplaced secret would be),
+//! nor a token a client put in the path: a stretch of the path that looks
+//! like one of the configured prefix is written as `[redacted]`.
 //!
 //! When [`super::init_logging`] installs the process's logging and lines go
 //! to a file or collector (JSON, or the compact format off a terminal), the
@@ -26,6 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use super::compact::{prints_as_is, timestamp};
+use crate::key::TokenFormat;
 
 /// What the access log says of one request.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +49,30 @@ pub struct AccessEntry<'a> {
     /// The `x-request-id` the upstream received (the client's or a new
     /// one), which correlates this line with the upstream's logs.
     pub request_id: Option<&'a str>,
+    /// The configured token format, to find tokens in `path` (a client
+    /// that put its key there, by mistake or by a badly written client).
+    pub tokens: &'a TokenFormat,
+}
+
+/// What a token in the logged path is replaced with.
+const REDACTED: &str = "[redacted]";
+
+/// `path` with every stretch that looks like a token replaced by
+/// [`REDACTED`]; `None` when it has none, the common case, which costs one
+/// substring search and no allocation.
+fn redact_tokens(path: &str, tokens: &TokenFormat) -> Option<String> {
+    let first = tokens.find_token_like(path, 0)?;
+    let mut out = String::with_capacity(path.len());
+    let mut copied = 0;
+    let mut found = Some(first);
+    while let Some(token) = found {
+        out.push_str(&path[copied..token.start]);
+        out.push_str(REDACTED);
+        copied = token.end;
+        found = tokens.find_token_like(path, copied);
+    }
+    out.push_str(&path[copied..]);
+    Some(out)
 }
 
 /// The shape of the lines written directly.
@@ -79,6 +106,11 @@ pub fn log(entry: &AccessEntry<'_>) {
     if !tracing::enabled!(target: "keygate::access", tracing::Level::INFO) {
         return;
     }
+    let redacted = entry.path.and_then(|p| redact_tokens(p, entry.tokens));
+    let entry = &AccessEntry {
+        path: redacted.as_deref().or(entry.path),
+        ..*entry
+    };
     let Some(sink) = SINK.get() else {
         tracing::info!(
             target: "keygate::access",
@@ -189,8 +221,34 @@ mod tests {
 
     use super::*;
 
+    static TOKENS: OnceLock<TokenFormat> = OnceLock::new();
+
+    fn tokens() -> &'static TokenFormat {
+        TOKENS.get_or_init(|| TokenFormat::new("kg"))
+    }
+
+    #[test]
+    fn tokens_in_the_path_are_redacted() {
+        let (_, first, _) = tokens().generate();
+        let (_, second, _) = tokens().generate();
+        let (first, second) = (first.expose(), second.expose());
+        assert_eq!(
+            redact_tokens(&format!("/v1/{first}/thing/{second}"), tokens()).as_deref(),
+            Some("/v1/[redacted]/thing/[redacted]")
+        );
+        assert_eq!(
+            redact_tokens(&format!("/{first}"), tokens()).as_deref(),
+            Some("/[redacted]")
+        );
+        assert_eq!(redact_tokens("/v1/orders", tokens()), None);
+        // Another prefix's token is not this keygate's.
+        let other = TokenFormat::new("zz");
+        assert_eq!(redact_tokens(&format!("/v1/{first}"), &other), None);
+    }
+
     fn entry() -> AccessEntry<'static> {
         AccessEntry {
+            tokens: tokens(),
             key_id: Some("1mf7b9nsycnm6tzn"),
             owner_id: Some("zwf1rfd5fz3vhj8p"),
             client: "127.0.0.1",

@@ -48,6 +48,12 @@ const REQUESTS_HELP: &str = "Proxied requests by key, owner, route and status cl
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// `kind` of `keygate_upstream_errors_total`: the upstream refused or
+/// failed (502).
+pub const UPSTREAM_UNAVAILABLE: &str = "unavailable";
+/// `kind` of `keygate_upstream_errors_total`: it did not answer in time (504).
+pub const UPSTREAM_TIMEOUT: &str = "timeout";
+
 /// Key series written per chunk of a scrape: about 80 KB of text, enough
 /// that a chunk is worth a write, small enough that what a scrape holds at
 /// once does not grow with the number of keys.
@@ -415,6 +421,27 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Starts the series of every refusal reason and, for each route, of
+    /// every upstream error kind at zero. A series that appears only at its
+    /// first increment has no earlier sample, so `rate()` and
+    /// `increase()` miss that first failure and an alert on it stays
+    /// silent; creating them is idempotent, so a reload's new routes get
+    /// theirs too. No per-key label is involved.
+    pub fn start_failure_series<'r, 'n>(
+        &self,
+        reasons: impl IntoIterator<Item = &'r str>,
+        routes: impl IntoIterator<Item = &'n str>,
+    ) {
+        for reason in reasons {
+            self.auth_failures.with_label_values(&[reason]);
+        }
+        for route in routes {
+            for kind in [UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT] {
+                self.upstream_errors.with_label_values(&[route, kind]);
+            }
+        }
     }
 
     pub fn request_duration(&self, route: &str) -> Histogram {
