@@ -119,18 +119,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let mut server = serve(&config, proxy, admin).await;
 
     // A request the upstream answers after 5 s is in flight at SIGTERM.
-    let client = reqwest::Client::new();
-    let slow = tokio::spawn(
-        client
-            .get(format!("http://127.0.0.1:{}/slow", server.proxy))
-            .bearer_auth(&key)
-            .timeout(Duration::from_secs(20))
-            .send(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while upstream.count() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = slow_request_in_flight(server.proxy, &key, &upstream).await;
     signal(&server.child, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // No new connections once draining.
@@ -148,6 +137,27 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A request for `/slow` (the upstream answers it after 5 s) through the
+/// proxy at `proxy`, once the upstream has it.
+async fn slow_request_in_flight(
+    proxy: u16,
+    key: &str,
+    upstream: &RecordingUpstream,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let slow = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{proxy}/slow"))
+            .bearer_auth(key)
+            .timeout(Duration::from_secs(20))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slow
+}
+
 /// During the drain the admin listener keeps answering: `/healthz` 200
 /// (a liveness probe that failed would get the pod killed mid-drain),
 /// `/readyz` 503 "not ready: draining" (so load balancers stop sending),
@@ -161,17 +171,7 @@ async fn the_admin_api_answers_until_the_proxy_has_drained() {
     let key = bootstrap(&config);
     let mut server = serve(&config, proxy, admin).await;
     // The upstream answers /slow after 5 s; drain_timeout is 10 s.
-    let slow = tokio::spawn(
-        reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{proxy}/slow"))
-            .bearer_auth(&key)
-            .timeout(Duration::from_secs(20))
-            .send(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while upstream.count() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = slow_request_in_flight(proxy, &key, &upstream).await;
     signal(&server.child, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let get = |path: &str| {
@@ -450,17 +450,7 @@ async fn a_second_stop_signal_ends_the_drain_at_once() {
     let key = bootstrap(&config);
     let mut server = serve(&config, proxy, admin).await;
     // The upstream answers /slow after 5 s; drain_timeout is 10 s.
-    let slow = tokio::spawn(
-        reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/slow", server.proxy))
-            .bearer_auth(&key)
-            .timeout(Duration::from_secs(20))
-            .send(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while upstream.count() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = slow_request_in_flight(server.proxy, &key, &upstream).await;
     signal(&server.child, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = Instant::now();
