@@ -826,3 +826,71 @@ async fn a_rotated_out_secret_may_only_read() {
     assert!(!users.to_string().contains("new@example.com"), "{users}");
     gate.stop().await;
 }
+
+/// An account admin's disable of someone else's key holds against its
+/// owner: the owner may still read, edit and delete the key, but not
+/// enable it (403), whether by `:enable` or by `PUT` with `disabled:
+/// false`; an admin may. The owner's own disable holds nothing. Before,
+/// the owner could undo the admin's decision at once.
+#[tokio::test]
+async fn an_admins_disable_is_not_undone_by_the_owner() {
+    let gate = Gate::builder().start().await;
+    let admin = Api::new(&gate, &gate.admin_token);
+    let dev = gate
+        .user("dev@example.com", AccountRole::Developer, &[])
+        .await;
+    let (held, _) = gate.key_for(&dev).await;
+    let (_, dev_token) = gate.key_for(&dev).await;
+    let api = admin.as_key(&dev_token);
+    let (status, body) = admin
+        .post(&format!("/api/v1/api-keys/{held}/disable"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let version = |key: &serde_json::Value| key["resourceVersion"].clone();
+    let (_, current) = api.get(&format!("/api/v1/api-keys/{held}")).await;
+    let refusals = [
+        api.post(&format!("/api/v1/api-keys/{held}/enable"), json!({}))
+            .await,
+        api.put(
+            &format!("/api/v1/api-keys/{held}"),
+            json!({ "resourceVersion": version(&current), "spec": { "disabled": false } }),
+        )
+        .await,
+    ];
+    for (i, (status, body)) in refusals.iter().enumerate() {
+        assert_eq!(*status, 403, "refusal #{i}: {body}");
+        assert_eq!(code(body), "forbidden", "refusal #{i}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("disabled by an account admin"),
+            "{body}"
+        );
+    }
+    // Editing is still the owner's, and leaves the key disabled.
+    let (status, edited) = api
+        .put(
+            &format!("/api/v1/api-keys/{held}"),
+            json!({ "resourceVersion": version(&current), "spec": { "description": "why?" } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{edited}");
+    assert_eq!(edited["state"], "disabled", "{edited}");
+    // An admin lifts it; the owner's own disable and enable then work.
+    let (status, body) = admin
+        .post(&format!("/api/v1/api-keys/{held}/enable"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for action in ["disable", "enable"] {
+        let (status, body) = api
+            .post(&format!("/api/v1/api-keys/{held}/{action}"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{action}: {body}");
+    }
+    assert_eq!(
+        admin.get(&format!("/api/v1/api-keys/{held}")).await.1["state"],
+        "active"
+    );
+    gate.stop().await;
+}

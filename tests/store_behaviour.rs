@@ -108,6 +108,7 @@ behaviour!(
     imports_span_batches_all_or_nothing,
     concurrent_bootstraps_make_one_admin,
     a_refused_bootstrap_leaves_nothing,
+    an_admins_disable_holds_against_the_owner,
 );
 
 // === fixtures ===
@@ -668,6 +669,7 @@ async fn keys_crud_and_find_key(store: Arc<dyn KeyStore>) {
                 display_name: Some("renamed".into()),
                 description: Some("new words".into()),
                 disabled: Some(true),
+                by_admin: false,
             },
             Some(1),
         )
@@ -2015,4 +2017,53 @@ async fn a_refused_bootstrap_leaves_nothing(store: Arc<dyn KeyStore>) {
     )
     .await
     .expect("bootstrap within the policy");
+}
+
+/// A disable made with admin authority over someone else's key holds: a
+/// change without it may not enable the key (it may still edit it), one
+/// with it may. An owner's own disable holds nothing.
+async fn an_admins_disable_holds_against_the_owner(store: Arc<dyn KeyStore>) {
+    let owner = user(&*store, "held@example.com").await;
+    let (created, _) = key(&*store, &owner).await;
+    let change = |disabled: Option<bool>, by_admin: bool| KeyUpdate {
+        disabled,
+        by_admin,
+        description: Some(format!("{disabled:?} by admin {by_admin}")),
+        ..KeyUpdate::default()
+    };
+    let held = store
+        .update_key(&actor(), &created.id, change(Some(true), true), None)
+        .await
+        .unwrap();
+    assert!(held.disabled && held.disabled_by_admin);
+    // The owner edits, and disables again: still held.
+    for update in [change(None, false), change(Some(true), false)] {
+        let key = store
+            .update_key(&actor(), &created.id, update, None)
+            .await
+            .unwrap();
+        assert!(key.disabled && key.disabled_by_admin, "{key:?}");
+    }
+    let refused = store
+        .update_key(&actor(), &created.id, change(Some(false), false), None)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Policy(PolicyViolation::DisabledByAdmin(ref id))) if id == created.id.as_str()),
+        "{refused:?}"
+    );
+    let unchanged = store.get_key(&created.id).await.unwrap().unwrap();
+    assert!(unchanged.disabled && unchanged.disabled_by_admin);
+    let enabled = store
+        .update_key(&actor(), &created.id, change(Some(false), true), None)
+        .await
+        .unwrap();
+    assert!(!enabled.disabled && !enabled.disabled_by_admin);
+    // The owner's own disable and enable.
+    for disabled in [true, false] {
+        let key = store
+            .update_key(&actor(), &created.id, change(Some(disabled), false), None)
+            .await
+            .unwrap();
+        assert_eq!((key.disabled, key.disabled_by_admin), (disabled, false));
+    }
 }

@@ -29,7 +29,10 @@
 //!   do everything;
 //! - every caller may read the account settings, the namespaces it has
 //!   access to (within its key's scope), its own principal and its own keys;
-//! - every caller may edit, enable, disable, rotate and delete its own keys;
+//! - every caller may edit, enable, disable, rotate and delete its own keys,
+//!   but not enable one that an account admin (not the owner) disabled:
+//!   the admin's disable holds until an admin enables the key (the store
+//!   keeps `disabled_by_admin`, checked in the update's transaction);
 //! - a user may create keys for itself, scoped within its own access (and
 //!   within its calling key's scope, so a scoped key cannot mint a broader
 //!   one);
@@ -288,6 +291,12 @@ impl Caller {
                 self.scope()
             )))
         }
+    }
+
+    /// Whether a change to `key` is an account admin's over a key it does
+    /// not own: its disable then holds against the owner.
+    pub fn overrules_owner_of(&self, key: &ApiKey) -> bool {
+        self.is_admin() && !self.owns(key)
     }
 
     fn owns(&self, key: &ApiKey) -> bool {

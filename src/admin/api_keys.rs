@@ -283,6 +283,7 @@ async fn update(
         display_name: spec.display_name,
         description: spec.description,
         disabled: spec.disabled,
+        by_admin: caller.overrules_owner_of(&current),
     };
     let key = state
         .store
@@ -326,6 +327,7 @@ async fn set_disabled(
         .transpose()?;
     let update = KeyUpdate {
         disabled: Some(disabled),
+        by_admin: caller.overrules_owner_of(&current),
         ..KeyUpdate::default()
     };
     let key = state

@@ -81,6 +81,10 @@ impl AdminError {
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
         match e {
+            // Who may enable the key, not what a key may be: a 403.
+            StoreError::Policy(violation @ PolicyViolation::DisabledByAdmin(_)) => {
+                AdminError::Forbidden(violation.to_string())
+            }
             StoreError::Policy(violation) => AdminError::Policy {
                 field: policy_field(&violation),
                 violation,
@@ -105,7 +109,8 @@ fn policy_field(violation: &PolicyViolation) -> Option<&'static str> {
         }
         PolicyViolation::UnknownNamespace(_)
         | PolicyViolation::LastAdmin { .. }
-        | PolicyViolation::UsersExist(_) => None,
+        | PolicyViolation::UsersExist(_)
+        | PolicyViolation::DisabledByAdmin(_) => None,
     }
 }
 

@@ -80,6 +80,8 @@ pub enum PolicyViolation {
     LastAdmin { name: String },
     #[error("refusing to bootstrap: {0} user(s) already exist; use an admin's API key instead")]
     UsersExist(u64),
+    #[error("API key {0} was disabled by an account admin; only an account admin may enable it")]
+    DisabledByAdmin(String),
 }
 
 /// Storage behind the proxy cache and the admin API. Object-safe, so both

@@ -165,6 +165,9 @@ pub struct ApiKey {
     pub namespaces: Vec<String>,
     pub expiry: Option<SystemTime>,
     pub disabled: bool,
+    /// Disabled by an account admin other than its owner: only an admin
+    /// may enable it again.
+    pub disabled_by_admin: bool,
     /// Until when the secret replaced by the last rotation still works.
     pub previous_secret_valid_until: Option<SystemTime>,
     pub resource_version: i64,
@@ -194,6 +197,10 @@ pub struct KeyUpdate {
     pub display_name: Option<String>,
     pub description: Option<String>,
     pub disabled: Option<bool>,
+    /// The change is made by an account admin on a key it does not own. Its
+    /// disable holds the key disabled against the owner, and only such a
+    /// change may enable a key so held.
+    pub by_admin: bool,
 }
 
 /// Everything the proxy needs to verify and describe one key: the key, its

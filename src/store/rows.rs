@@ -108,7 +108,7 @@ impl From<NamespaceRow> for Namespace {
 /// used).
 pub(super) const KEY_COLUMNS: &str =
     "k.id, k.display_name, k.description, k.owner_id, k.owner_type, \
-     k.namespaces, k.expiry_ms, k.disabled, k.previous_valid_until_ms, k.resource_version, \
+     k.namespaces, k.expiry_ms, k.disabled, k.disabled_by_admin, k.previous_valid_until_ms, k.resource_version, \
      k.created_ms, k.modified_ms, u.last_used_ms, COALESCE(u.request_count, 0) AS request_count \
      FROM api_keys k LEFT JOIN key_usage u ON u.key_id = k.id";
 
@@ -122,6 +122,7 @@ pub(super) struct KeyRow {
     namespaces: String,
     expiry_ms: Option<i64>,
     disabled: bool,
+    disabled_by_admin: bool,
     previous_valid_until_ms: Option<i64>,
     resource_version: i64,
     created_ms: i64,
@@ -150,6 +151,7 @@ impl TryFrom<KeyRow> for ApiKey {
             owner_id: r.owner_id,
             expiry: r.expiry_ms.map(from_ms),
             disabled: r.disabled,
+            disabled_by_admin: r.disabled_by_admin,
             previous_secret_valid_until: r.previous_valid_until_ms.map(from_ms),
             resource_version: r.resource_version,
             created: from_ms(r.created_ms),

@@ -497,9 +497,20 @@ where
     ) -> Result<ApiKey, StoreError> {
         let current = Self::key_in(&mut tx, id, DB::lock(Lock::UpdateKeyRow)).await?;
         check_version(expected_version, current.resource_version)?;
+        // An admin's disable holds against the owner; only an admin lifts it.
+        let disabled = update.disabled.unwrap_or(current.disabled);
+        if current.disabled_by_admin && !disabled && !update.by_admin {
+            return Err(PolicyViolation::DisabledByAdmin(id.to_string()).into());
+        }
+        let held = match update.disabled {
+            Some(true) => update.by_admin || (current.disabled && current.disabled_by_admin),
+            Some(false) => false,
+            None => current.disabled_by_admin,
+        };
         sqlx::query(
             "UPDATE api_keys SET display_name = $1, description = $2, disabled = $3, \
-             resource_version = resource_version + 1, modified_ms = $4 WHERE id = $5",
+             disabled_by_admin = $4, resource_version = resource_version + 1, modified_ms = $5 \
+             WHERE id = $6",
         )
         .bind(
             update
@@ -513,7 +524,8 @@ where
                 .as_deref()
                 .unwrap_or(&current.description),
         )
-        .bind(update.disabled.unwrap_or(current.disabled))
+        .bind(disabled)
+        .bind(held)
         .bind(to_ms(SystemTime::now()))
         .bind(id.as_str())
         .execute(&mut *tx)
