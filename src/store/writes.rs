@@ -498,14 +498,16 @@ where
         let current = Self::key_in(&mut tx, id, DB::lock(Lock::UpdateKeyRow)).await?;
         check_version(expected_version, current.resource_version)?;
         // An admin's disable holds against the owner; only an admin lifts it.
+        // (The flag is read only on a disabled key: a replica on the
+        // previous keygate enables without clearing it.)
         let disabled = update.disabled.unwrap_or(current.disabled);
-        if current.disabled_by_admin && !disabled && !update.by_admin {
+        if current.disabled && current.disabled_by_admin && !disabled && !update.by_admin {
             return Err(PolicyViolation::DisabledByAdmin(id.to_string()).into());
         }
         let held = match update.disabled {
             Some(true) => update.by_admin || (current.disabled && current.disabled_by_admin),
             Some(false) => false,
-            None => current.disabled_by_admin,
+            None => current.disabled && current.disabled_by_admin,
         };
         sqlx::query(
             "UPDATE api_keys SET display_name = $1, description = $2, disabled = $3, \
