@@ -321,6 +321,28 @@ async fn a_request_whose_client_left_is_logged() {
     assert!(!line.contains(&key), "{line}");
 }
 
+/// The status of `GET /` through the proxy with `key`.
+async fn root_status(proxy: u16, key: &str) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{proxy}/"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Waits (8 s at most) until a reloaded config that points at a dead
+/// upstream is in force: `GET /` answers 502 instead of 200.
+async fn until_the_dead_upstream_answers(proxy: u16, key: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while root_status(proxy, key).await == 200 {
+        assert!(Instant::now() < deadline, "{what} was never loaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(root_status(proxy, key).await, 502);
+}
+
 /// A config file swapped for another by its symlink (NixOS points
 /// /etc at a new store path, whose files all have mtime 1; a ConfigMap's
 /// `..data` swap) is a change even when both files have the same mtime:
@@ -352,28 +374,11 @@ async fn a_symlink_swap_to_a_file_of_the_same_mtime_is_reloaded() {
     let link = dir.path().join("keygate-link.toml");
     std::os::unix::fs::symlink(&old, &link).unwrap();
     let server = serve(&link, proxy, admin).await;
-    let get = || async {
-        reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/", server.proxy))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(get().await, 200);
+    assert_eq!(root_status(server.proxy, &key).await, 200);
     let swapping = dir.path().join("swapping");
     std::os::unix::fs::symlink(&new, &swapping).unwrap();
     std::fs::rename(&swapping, &link).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while get().await == 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the swapped config was not loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(get().await, 502);
+    until_the_dead_upstream_answers(server.proxy, &key, "the swapped config").await;
 }
 
 /// An edit made while a reload runs is loaded after it. The reload
@@ -405,16 +410,7 @@ async fn an_edit_made_during_a_reload_is_loaded_after_it() {
     let start = feed(pem.clone(), fifo.clone());
     let server = serve(&config, proxy, admin).await;
     start.join().unwrap();
-    let get = || async {
-        reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/", server.proxy))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(get().await, 200);
+    assert_eq!(root_status(server.proxy, &key).await, 200);
 
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}# edit 1\n")).unwrap();
@@ -432,12 +428,7 @@ async fn an_edit_made_during_a_reload_is_loaded_after_it() {
     // feed the same read.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _next = feed(pem, fifo);
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while get().await == 200 {
-        assert!(Instant::now() < deadline, "edit 2 was never loaded");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(get().await, 502);
+    until_the_dead_upstream_answers(server.proxy, &key, "edit 2").await;
 }
 
 /// A second stop signal during the drain stops keygate at once (exit 1),
