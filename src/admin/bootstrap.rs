@@ -32,10 +32,6 @@ pub async fn bootstrap(
     if !looks_like_email(email) {
         return Err(BootstrapError::BadEmail(email.into()));
     }
-    let users = store.count_principals(OwnerType::User).await?;
-    if users > 0 {
-        return Err(BootstrapError::UsersExist(users));
-    }
     let lifetime = lifetime_or_account_max(store, lifetime).await?;
     let (id, token, digest) = tokens.generate();
     let spec = PrincipalSpec {
@@ -59,9 +55,8 @@ pub async fn bootstrap(
         expiry: lifetime.map(|l| SystemTime::now() + l),
         disabled: false,
     };
-    // The admin and its key in one transaction, which counts the users
-    // again: the count above only gives the usual refusal its words
-    // before a key is generated.
+    // The admin and its key in one transaction, which first counts the
+    // users: any refuses the bootstrap.
     match store
         .bootstrap(&Actor::system("bootstrap"), spec, key)
         .await
