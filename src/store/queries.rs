@@ -113,13 +113,13 @@ where
     }
 
     /// How many principals of one kind there are.
-    pub(super) async fn count_principals(
-        pool: &Pool<DB>,
+    pub(super) async fn count_principals<'e>(
+        store: impl Executor<'e, Database = DB>,
         kind: OwnerType,
     ) -> Result<u64, StoreError> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM principals WHERE kind = $1")
             .bind(kind.as_str())
-            .fetch_one(pool)
+            .fetch_one(store)
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }

@@ -164,12 +164,9 @@ where
         // Taken first: a concurrent bootstrap waits here, then counts the
         // user this one made.
         Self::settings(&mut *tx, DB::lock(Lock::Update)).await?;
-        let (users,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM principals WHERE kind = $1")
-            .bind(OwnerType::User.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
+        let users = Self::count_principals(&mut *tx, OwnerType::User).await?;
         if users > 0 {
-            return Err(PolicyViolation::UsersExist(u64::try_from(users).unwrap_or(0)).into());
+            return Err(PolicyViolation::UsersExist(users).into());
         }
         let admin = Self::insert_principal(&mut tx, actor, OwnerType::User, spec).await?;
         key.owner_id = admin.id.clone();
