@@ -831,3 +831,64 @@ async fn an_upload_goes_on_after_an_early_response_head() {
         gate.stop().await;
     }
 }
+
+/// Sends a `size`-byte upload behind `head` while reading what comes back;
+/// returns the whole answer and how the upload and the read ended.
+async fn upload_reading_the_answer(
+    proxy: SocketAddr,
+    head: &str,
+    size: usize,
+) -> (String, std::io::Result<()>, std::io::Result<()>) {
+    let client = TcpStream::connect(proxy).await.unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    let head = head.to_owned();
+    let upload = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < size {
+            let n = chunk.len().min(size - sent);
+            writer.write_all(&chunk[..n]).await?;
+            sent += n;
+        }
+        Ok(())
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match reader.read(&mut chunk).await? {
+                0 => return Ok(()),
+                n => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the connection ends within 10 s");
+    let uploaded = tokio::time::timeout(Duration::from_secs(10), upload)
+        .await
+        .expect("the upload ends within 10 s")
+        .unwrap();
+    (String::from_utf8_lossy(&got).into_owned(), uploaded, read)
+}
+
+#[tokio::test]
+async fn a_refused_upload_is_read_on_so_its_answer_is_not_reset() {
+    // A client that sends its whole body before it reads (curl, most
+    // libraries) must get the refusal, not a reset: closing with unread
+    // bytes sends one, and the client's next write fails on it.
+    let upstream = raw_upstream().await;
+    for relay in [true, false] {
+        let gate = gate_for(&upstream, relay).await;
+        let head = "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kg_not_a_key\r\n\
+                    content-length: 16777216\r\n\r\n";
+        let (answer, uploaded, read) =
+            upload_reading_the_answer(gate.proxy, head, 16 * 1024 * 1024).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "relay {relay}: {answer:?}");
+        assert!(answer.contains("malformed_api_key"), "relay {relay}: {answer}");
+        uploaded.unwrap_or_else(|e| panic!("relay {relay}: the upload failed: {e}"));
+        read.unwrap_or_else(|e| panic!("relay {relay}: the read failed: {e}"));
+        gate.stop().await;
+    }
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 0);
+}

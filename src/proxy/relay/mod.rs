@@ -77,6 +77,11 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const HYPER_MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// Buffer space made available before each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// How long a connection closed with the request body unread goes on
+/// reading (and dropping) what the client still sends, at most and between
+/// two reads: nginx's `lingering_time` and `lingering_timeout` defaults.
+const LINGER_AT_MOST: Duration = Duration::from_secs(30);
+const LINGER_QUIET: Duration = Duration::from_secs(5);
 
 /// How a relayed connection ended.
 pub enum Ended {
@@ -123,6 +128,12 @@ where
         match relay.exchange(&state, started, drain, &mut noted).await {
             Next::KeepAlive if !draining(drain) => {}
             Next::KeepAlive | Next::Close => return Ended::Closed,
+            Next::Linger => {
+                if !draining(drain) {
+                    relay.linger(drained.as_mut()).await;
+                }
+                return Ended::Closed;
+            }
             Next::Handoff => return Ended::Handoff(relay.buf),
         }
     }
@@ -171,6 +182,9 @@ enum HeadRead {
 enum Next {
     KeepAlive,
     Close,
+    /// Close, but the client may still be sending the request body the
+    /// answer came before: see [`Relay::linger`].
+    Linger,
     Handoff,
 }
 
@@ -219,6 +233,8 @@ struct ResponseHead {
     framing: Framing,
     upstream_keep_alive: bool,
     close_client: bool,
+    /// The answer came before the whole request body was sent upstream.
+    body_unsent: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
@@ -370,10 +386,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 let close = plan.close || draining(drain) || !body_consumed;
                 self.out.clear();
                 error.render_http1(&mut self.out, close);
-                if self.write_out().await && !close {
-                    Next::KeepAlive
-                } else {
-                    Next::Close
+                match (self.write_out().await, close) {
+                    (true, false) => Next::KeepAlive,
+                    (true, true) if !body_consumed => Next::Linger,
+                    _ => Next::Close,
                 }
             }
         }
@@ -401,10 +417,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             Relayed::Complete => Next::KeepAlive,
             Relayed::Broken => Next::Close,
         };
-        if head.close_client {
-            Next::Close
-        } else {
-            next
+        match next {
+            Next::KeepAlive if head.close_client && head.body_unsent => Next::Linger,
+            Next::KeepAlive if head.close_client => Next::Close,
+            next => next,
         }
     }
 
@@ -672,6 +688,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             framing,
             upstream_keep_alive,
             close_client,
+            body_unsent,
         }))
     }
 
@@ -737,6 +754,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Pumped::Upstream(Ok(0) | Err(_)) => return Relayed::Broken,
                 Pumped::Upstream(Ok(_)) | Pumped::BodySent => {}
                 Pumped::ClientClosed | Pumped::ClientFailed => return Relayed::Broken,
+            }
+        }
+    }
+
+    /// Ends a connection whose answer came before the request body had all
+    /// arrived. Closing with unread bytes makes the kernel send a reset,
+    /// and a client still writing its body (most send it all before they
+    /// read) gets that reset, not the answer. So the write side is closed
+    /// first (the client reads the end of the answer) and what the client
+    /// still sends is read and dropped until it closes too, goes quiet, the
+    /// time is up or the proxy drains: nginx's lingering close.
+    async fn linger<D: Future>(&mut self, mut drained: Pin<&mut D>) {
+        let started = Instant::now();
+        let shut = self
+            .timer
+            .run(started + LINGER_QUIET, self.io.shutdown())
+            .await;
+        if !matches!(shut, Ok(Ok(()))) {
+            return;
+        }
+        loop {
+            self.buf.clear();
+            self.buf.reserve(READ_CHUNK);
+            let quiet_until = (Instant::now() + LINGER_QUIET).min(started + LINGER_AT_MOST);
+            let read = tokio::select! {
+                biased;
+                read = self.timer.run(quiet_until, self.io.read_buf(&mut self.buf)) => read,
+                _ = drained.as_mut() => return,
+            };
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
             }
         }
     }
