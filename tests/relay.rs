@@ -884,8 +884,14 @@ async fn a_refused_upload_is_read_on_so_its_answer_is_not_reset() {
                     content-length: 16777216\r\n\r\n";
         let (answer, uploaded, read) =
             upload_reading_the_answer(gate.proxy, head, 16 * 1024 * 1024).await;
-        assert!(answer.starts_with("HTTP/1.1 401"), "relay {relay}: {answer:?}");
-        assert!(answer.contains("malformed_api_key"), "relay {relay}: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "relay {relay}: {answer:?}"
+        );
+        assert!(
+            answer.contains("malformed_api_key"),
+            "relay {relay}: {answer}"
+        );
         uploaded.unwrap_or_else(|e| panic!("relay {relay}: the upload failed: {e}"));
         read.unwrap_or_else(|e| panic!("relay {relay}: the read failed: {e}"));
         gate.stop().await;

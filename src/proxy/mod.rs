@@ -6,6 +6,7 @@ pub mod cors;
 pub mod forward_auth;
 pub mod handler;
 pub mod headers;
+pub mod linger;
 pub mod path;
 pub mod reject;
 pub mod relay;

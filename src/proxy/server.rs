@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::handler::{handle, record_refusal, LoggedRequest, Outcome};
 use super::headers::ConnectionInfo;
+use super::linger::LingerOnClose;
 use super::reject::ProxyError;
 use super::relay::{self, Ended, Rewind};
 use super::timeouts::{self, Connections, CountReads, OpenConnection};
@@ -233,10 +234,10 @@ async fn serve_hyper<S>(
             handle(states.load_full(), conn_info.clone(), req, head_limit),
         )
     });
-    let connection = shared.builder.serve_connection_with_upgrades(
-        TokioIo::new(CountReads::new(stream, reads.clone())),
-        service,
-    );
+    let io = LingerOnClose::new(stream, reads.clone(), open.drain_signal());
+    let connection = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(CountReads::new(io, reads.clone())), service);
     if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
         let hyper_error = error.downcast_ref::<hyper::Error>();
         let unparsed = hyper_error.and_then(ProxyError::from_unparsed_head);

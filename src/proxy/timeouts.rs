@@ -171,6 +171,9 @@ pub struct Activity {
     /// The start of the last head read, up to the end of its request line,
     /// left here by [`CountReads`] when the connection ends.
     last_head: OnceLock<Vec<u8>>,
+    /// A request was answered `101 Switching Protocols`: the connection is
+    /// a tunnel's from then on (see `linger`).
+    upgraded: AtomicBool,
 }
 
 impl Activity {
@@ -181,7 +184,13 @@ impl Activity {
             opened: Instant::now(),
             read_since_request: AtomicU64::new(0),
             last_head: OnceLock::new(),
+            upgraded: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a request on the connection was answered `101`.
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
     }
 
     /// Whether the client has sent anything since its last request ended:
@@ -252,8 +261,12 @@ where
 {
     // Counted from the call, not the first poll.
     let in_flight = InFlight::new(activity.clone());
+    let activity = activity.clone();
     async move {
         let response = response.await?;
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            activity.upgraded.store(true, Ordering::Release);
+        }
         Ok(response.map(|inner| Tracked {
             inner,
             _in_flight: in_flight,

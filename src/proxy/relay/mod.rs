@@ -54,6 +54,7 @@ use super::handler::{
 use super::headers::{
     connection_tokens, request_id_bytes, write_response_head, ConnectionInfo, RawHead,
 };
+use super::linger::Lingering;
 use super::path;
 use super::reject::ProxyError;
 use super::routes::{strip_port, valid_host, Route, Upstream};
@@ -77,11 +78,6 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const HYPER_MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// Buffer space made available before each read.
 const READ_CHUNK: usize = 16 * 1024;
-/// How long a connection closed with the request body unread goes on
-/// reading (and dropping) what the client still sends, at most and between
-/// two reads: nginx's `lingering_time` and `lingering_timeout` defaults.
-const LINGER_AT_MOST: Duration = Duration::from_secs(30);
-const LINGER_QUIET: Duration = Duration::from_secs(5);
 
 /// How a relayed connection ended.
 pub enum Ended {
@@ -129,9 +125,7 @@ where
             Next::KeepAlive if !draining(drain) => {}
             Next::KeepAlive | Next::Close => return Ended::Closed,
             Next::Linger => {
-                if !draining(drain) {
-                    relay.linger(drained.as_mut()).await;
-                }
+                Lingering::new(drain.clone()).run(relay.io).await;
                 return Ended::Closed;
             }
             Next::Handoff => return Ended::Handoff(relay.buf),
@@ -183,7 +177,7 @@ enum Next {
     KeepAlive,
     Close,
     /// Close, but the client may still be sending the request body the
-    /// answer came before: see [`Relay::linger`].
+    /// answer came before: a lingering close (`linger`).
     Linger,
     Handoff,
 }
@@ -754,37 +748,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                 Pumped::Upstream(Ok(0) | Err(_)) => return Relayed::Broken,
                 Pumped::Upstream(Ok(_)) | Pumped::BodySent => {}
                 Pumped::ClientClosed | Pumped::ClientFailed => return Relayed::Broken,
-            }
-        }
-    }
-
-    /// Ends a connection whose answer came before the request body had all
-    /// arrived. Closing with unread bytes makes the kernel send a reset,
-    /// and a client still writing its body (most send it all before they
-    /// read) gets that reset, not the answer. So the write side is closed
-    /// first (the client reads the end of the answer) and what the client
-    /// still sends is read and dropped until it closes too, goes quiet, the
-    /// time is up or the proxy drains: nginx's lingering close.
-    async fn linger<D: Future>(&mut self, mut drained: Pin<&mut D>) {
-        let started = Instant::now();
-        let shut = self
-            .timer
-            .run(started + LINGER_QUIET, self.io.shutdown())
-            .await;
-        if !matches!(shut, Ok(Ok(()))) {
-            return;
-        }
-        loop {
-            self.buf.clear();
-            self.buf.reserve(READ_CHUNK);
-            let quiet_until = (Instant::now() + LINGER_QUIET).min(started + LINGER_AT_MOST);
-            let read = tokio::select! {
-                biased;
-                read = self.timer.run(quiet_until, self.io.read_buf(&mut self.buf)) => read,
-                _ = drained.as_mut() => return,
-            };
-            if !matches!(read, Ok(Ok(n)) if n > 0) {
-                return;
             }
         }
     }
