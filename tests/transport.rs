@@ -845,3 +845,35 @@ async fn a_connection_that_never_sends_a_request_is_closed_after_the_idle_timeou
     assert!(out.is_empty());
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+    // On both paths: as nginx's `client_header_timeout`, the header read
+    // timeout, not the idle timeout, bounds the wait for a first byte.
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!(
+                "http1_relay = {relay}\nheader_read_timeout = \"500ms\"\nidle_timeout = \"30s\""
+            ))
+            .start()
+            .await;
+        let mut stream = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "relay {relay}: still open after 5 s");
+        assert!(
+            out.is_empty(),
+            "relay {relay}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "relay {relay}: closed too early"
+        );
+        gate.stop().await;
+    }
+}

@@ -95,7 +95,7 @@ pub async fn serve(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
     let drain_timeout = limits.drain_timeout;
-    let connections = Connections::new(limits.idle_timeout);
+    let connections = Connections::new(limits.idle_timeout, limits.header_read_timeout);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let shared = Arc::new(Shared {
         states: state,

@@ -40,18 +40,22 @@ use tokio::time::Instant;
 use super::reject::ProxyError;
 
 /// Every client connection of one listener: they share the drain signal and
-/// the idle timeout.
+/// the idle timeouts.
 pub struct Connections {
     drain: watch::Sender<()>,
     idle_timeout: Duration,
+    first_byte_timeout: Duration,
 }
 
 impl Connections {
-    pub fn new(idle_timeout: Duration) -> Connections {
+    /// `header_read_timeout` also bounds the wait for a new connection's
+    /// first byte, when it is the shorter (see [`OpenConnection::serve`]).
+    pub fn new(idle_timeout: Duration, header_read_timeout: Duration) -> Connections {
         let (drain, _) = watch::channel(());
         Connections {
             drain,
             idle_timeout,
+            first_byte_timeout: idle_timeout.min(header_read_timeout),
         }
     }
 
@@ -63,6 +67,7 @@ impl Connections {
             activity: Arc::new(Activity::new()),
             drain: self.drain.subscribe(),
             idle_timeout: self.idle_timeout,
+            first_byte_timeout: self.first_byte_timeout,
         }
     }
 
@@ -80,6 +85,7 @@ pub struct OpenConnection {
     activity: Arc<Activity>,
     drain: watch::Receiver<()>,
     idle_timeout: Duration,
+    first_byte_timeout: Duration,
 }
 
 impl OpenConnection {
@@ -98,7 +104,10 @@ impl OpenConnection {
     /// Marks the connection idle from now: the relay served requests before
     /// handing it over, so the idle clock restarts at the handover.
     pub fn restart_idle_clock(&self) {
-        let ms = u64::try_from(self.activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // At least 1: 0 means no request has ended (`Activity::never_read`).
+        let ms = u64::try_from(self.activity.opened.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
@@ -122,12 +131,16 @@ impl OpenConnection {
             activity,
             mut drain,
             idle_timeout,
+            first_byte_timeout,
         } = self;
         let mut conn = pin!(conn);
         // The wait for the first request counts as idle too: hyper has no
         // timeout for a client that connects and never sends an HTTP/2
-        // preface (or any first byte).
-        let mut idle = pin!(tokio::time::sleep_until(activity.opened + idle_timeout));
+        // preface (or any first byte), and its HTTP/1 header timer starts
+        // at the first byte. A client that sends nothing gets no longer
+        // than one that sends a head slowly, as on the relay and in nginx.
+        let first_byte_deadline = activity.opened + first_byte_timeout;
+        let mut idle = pin!(tokio::time::sleep_until(first_byte_deadline));
         let mut closing = false;
         loop {
             tokio::select! {
@@ -140,7 +153,12 @@ impl OpenConnection {
                 }
                 () = idle.as_mut(), if !closing => {
                     let now = Instant::now();
-                    match activity.idle_deadline(idle_timeout) {
+                    let idle_deadline = if activity.never_read() {
+                        Some(first_byte_deadline)
+                    } else {
+                        activity.idle_deadline(idle_timeout)
+                    };
+                    match idle_deadline {
                         Some(deadline) if deadline <= now => {
                             tracing::debug!("closing an idle client connection");
                             closing = true;
@@ -212,6 +230,14 @@ impl Activity {
         self.last_head.get().map_or(&[], Vec::as_slice)
     }
 
+    /// Whether nothing has been read from the client yet (the relay's
+    /// reads count once it hands a request over).
+    fn never_read(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.idle_since_ms.load(Ordering::Acquire) == 0
+            && self.read_since_request.load(Ordering::Acquire) == 0
+    }
+
     /// When the connection will have been idle for `idle_timeout`; `None`
     /// while a request is in progress. A request starting concurrently can
     /// make this stale, which is harmless: a graceful close lets requests in
@@ -243,7 +269,10 @@ impl Drop for InFlight {
         // from here.
         self.0.read_since_request.store(0, Ordering::Release);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            // At least 1: 0 means no request has ended (`never_read`).
+            let ms = u64::try_from(self.0.opened.elapsed().as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
             // fetch_max: two requests ending at once must not move it back.
             self.0.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
         }
