@@ -42,6 +42,8 @@ const READS_PER_POLL: usize = 16;
 
 /// One lingering close in progress.
 pub struct Lingering {
+    /// Ready once: later polls (a second shutdown) find it ended.
+    ended: bool,
     shut: bool,
     /// When the client was last heard from (or the lingering started).
     heard: Instant,
@@ -56,6 +58,7 @@ impl Lingering {
     pub fn new(mut drain: watch::Receiver<()>) -> Lingering {
         let now = Instant::now();
         Lingering {
+            ended: false,
             shut: false,
             heard: now,
             ends: now + AT_MOST,
@@ -74,6 +77,19 @@ impl Lingering {
     /// Polls the lingering close of `io`; ready when it has ended (the
     /// socket itself closes when `io` is dropped).
     pub fn poll<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut S,
+    ) -> Poll<()> {
+        if self.ended {
+            return Poll::Ready(());
+        }
+        let polled = self.poll_to_end(cx, io);
+        self.ended = polled.is_ready();
+        polled
+    }
+
+    fn poll_to_end<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut S,
@@ -252,5 +268,26 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         drain.send_replace(());
         assert_eq!(lingered.await.unwrap() - start, Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_shutdown_after_the_end_is_answered_at_once() {
+        use tokio::io::AsyncWriteExt as _;
+        let (drain, drained) = watch::channel(());
+        let (server, _client) = duplex(1024);
+        let activity = crate::proxy::timeouts::Connections::new(
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+        )
+        .open()
+        .activity();
+        let mut io = LingerOnClose::new(server, activity, drained);
+        // Lingering, with a quiet client: still going after a second.
+        let lingering = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        assert!(lingering.is_err());
+        // A drain ends it; a shutdown after that is answered at once.
+        drain.send_replace(());
+        io.shutdown().await.unwrap();
+        io.shutdown().await.unwrap();
     }
 }
