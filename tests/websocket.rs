@@ -137,3 +137,66 @@ async fn an_h2c_upgrade_is_served_as_a_plain_request() {
         gate.stop().await;
     }
 }
+
+/// A tunnel whose upstream closes its sending side first still carries
+/// what the client sends after that, and its end. (keygate's lingering
+/// close, which reads and drops what a client sends after keygate closes,
+/// is kept off upgraded connections; tokio's `copy_bidirectional` reads the
+/// client before it shuts it down, so this passes without that guard too.)
+#[tokio::test]
+async fn a_tunnel_the_upstream_half_closes_still_carries_the_client_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (heard_tx, heard_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&chunk[..n]);
+        }
+        tcp.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: raw\r\nconnection: upgrade\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // Done sending; still listening.
+        tcp.shutdown().await.unwrap();
+        let mut heard = Vec::new();
+        let _ = tcp.read_to_end(&mut heard).await;
+        let _ = heard_tx.send(heard);
+    });
+    let gate = Gate::builder().upstream(upstream).start().await;
+    let mut client = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let request = format!(
+        "GET /raw HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nupgrade: raw\r\nconnection: upgrade\r\n\r\n",
+        gate.admin_token
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    // The 101, then the end of the upstream's side.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.read_to_end(&mut got),
+    );
+    read.await.expect("the upstream's side ends").unwrap();
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    client
+        .write_all(b"after the upstream's close")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(5), heard_rx)
+        .await
+        .expect("the upstream hears the end")
+        .unwrap();
+    assert_eq!(heard, b"after the upstream's close");
+    gate.stop().await;
+}
