@@ -898,3 +898,56 @@ async fn a_refused_upload_is_read_on_so_its_answer_is_not_reset() {
     }
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn an_upload_that_stalls_after_an_early_answer_does_not_hold_hyper_s_path() {
+    // hyper goes on reading a body after its answer (the relay closes
+    // instead): a client that keeps sending keeps the connection, one that
+    // stops loses it an idle timeout after the close began, and the
+    // upstream connection goes with it.
+    let early = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
+    let (addr, mut closed) = upstream_reporting_close(early, None).await;
+    let gate = Gate::builder()
+        .upstream(addr)
+        .proxy("http1_relay = false\nidle_timeout = \"500ms\"\nheader_read_timeout = \"500ms\"")
+        .start()
+        .await;
+    let mut client = TcpStream::connect(gate.proxy).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         content-length: 100000\r\n\r\nfirst part",
+        gate.admin_token
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.ends_with(b"too big!") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("the early answer")
+            .unwrap();
+        assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    // Two seconds of a slow upload: four idle timeouts, the connection kept.
+    for _ in 0..10 {
+        client.write_all(b"more bytes").await.unwrap();
+        let read = tokio::time::timeout(Duration::from_millis(200), client.read(&mut chunk)).await;
+        assert!(
+            read.is_err(),
+            "the connection ended during the upload: {read:?}"
+        );
+    }
+    // Stalled: let go.
+    let stalled_at = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+        .await
+        .expect("a stalled upload is let go")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(stalled_at.elapsed() >= Duration::from_millis(400));
+    tokio::time::timeout(Duration::from_secs(3), closed.recv())
+        .await
+        .expect("the upstream connection is let go");
+    gate.stop().await;
+}

@@ -238,7 +238,7 @@ async fn serve_hyper<S>(
     let connection = shared
         .builder
         .serve_connection_with_upgrades(TokioIo::new(CountReads::new(io, reads.clone())), service);
-    if let Err(error) = open.serve(connection, |c| c.graceful_shutdown()).await {
+    if let Some(Err(error)) = open.serve(connection, |c| c.graceful_shutdown()).await {
         let hyper_error = error.downcast_ref::<hyper::Error>();
         let unparsed = hyper_error.and_then(ProxyError::from_unparsed_head);
         // hyper's server times out nothing but a request head (HTTP/1

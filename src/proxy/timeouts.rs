@@ -122,11 +122,18 @@ impl OpenConnection {
     /// hyper's HTTP/2 server has no idle timeout, and `hyper_util`'s
     /// `GracefulShutdown` cannot be combined with another reason to close
     /// (its connection trait is sealed), so both reasons are watched here.
+    ///
+    /// A graceful close waits for hyper to finish the request body it is
+    /// reading, and on HTTP/1.1 hyper goes on reading one after its answer
+    /// has been sent (an upstream that answered early), however slowly the
+    /// client sends it. So once closing, a connection with no request in
+    /// progress that has read nothing for another `idle_timeout` is dropped
+    /// (`None`): a stalled upload cannot hold it, or the drain, for ever.
     pub async fn serve<C: Future>(
         self,
         conn: C,
         graceful_shutdown: impl Fn(Pin<&mut C>),
-    ) -> C::Output {
+    ) -> Option<C::Output> {
         let OpenConnection {
             activity,
             mut drain,
@@ -142,17 +149,30 @@ impl OpenConnection {
         let first_byte_deadline = activity.opened + first_byte_timeout;
         let mut idle = pin!(tokio::time::sleep_until(first_byte_deadline));
         let mut closing = false;
+        // Once closing: what had been read when the idle timer was last set.
+        let mut read_when_closing = None;
         loop {
             tokio::select! {
                 biased;
-                output = conn.as_mut() => return output,
+                output = conn.as_mut() => return Some(output),
                 // Err: the listener is gone, which also means shut down.
                 _ = drain.changed(), if !closing => {
                     closing = true;
                     graceful_shutdown(conn.as_mut());
                 }
-                () = idle.as_mut(), if !closing => {
+                () = idle.as_mut() => {
                     let now = Instant::now();
+                    if closing {
+                        let read = activity.read_total.load(Ordering::Acquire);
+                        let quiet = read_when_closing == Some(read);
+                        if quiet && activity.in_flight.load(Ordering::Acquire) == 0 {
+                            tracing::debug!("dropping a closing client connection whose upload stalled");
+                            return None;
+                        }
+                        read_when_closing = Some(read);
+                        idle.as_mut().reset(now + idle_timeout);
+                        continue;
+                    }
                     let idle_deadline = if activity.never_read() {
                         Some(first_byte_deadline)
                     } else {
@@ -163,6 +183,8 @@ impl OpenConnection {
                             tracing::debug!("closing an idle client connection");
                             closing = true;
                             graceful_shutdown(conn.as_mut());
+                            read_when_closing = Some(activity.read_total.load(Ordering::Acquire));
+                            idle.as_mut().reset(now + idle_timeout);
                         }
                         Some(deadline) => idle.as_mut().reset(deadline),
                         // Busy: look again one idle timeout from now.
@@ -186,6 +208,8 @@ pub struct Activity {
     /// connection opened): the start of a next head, when hyper's header
     /// read timeout closes the connection.
     read_since_request: AtomicU64,
+    /// Bytes read from the client through [`CountReads`], ever.
+    read_total: AtomicU64,
     /// The start of the last head read, up to the end of its request line,
     /// left here by [`CountReads`] when the connection ends.
     last_head: OnceLock<Vec<u8>>,
@@ -201,6 +225,7 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
             read_since_request: AtomicU64::new(0),
+            read_total: AtomicU64::new(0),
             last_head: OnceLock::new(),
             upgraded: AtomicBool::new(false),
         }
@@ -371,6 +396,9 @@ impl<S> CountReads<S> {
             .activity
             .read_since_request
             .fetch_add(fresh.len() as u64, Ordering::AcqRel);
+        self.activity
+            .read_total
+            .fetch_add(fresh.len() as u64, Ordering::Release);
         if !self.keep_lines {
             return;
         }
