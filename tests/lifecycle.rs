@@ -861,6 +861,11 @@ fn invalid_configs_exit_64_naming_the_field() {
             "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"0s\"\n",
             "proxy.drain_timeout",
         ),
+        // A stop that could wait for hours: past any supervisor's patience.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"2h\"\n",
+            "proxy.drain_timeout",
+        ),
         (
             "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[admin]\nmax_body_bytes = 0\n",
             "admin.max_body_bytes",
