@@ -27,6 +27,9 @@ pub const MAX_HEADERS_LIMIT: usize = 10_000;
 pub const MAX_WORKER_THREADS: usize = 1024;
 /// The largest `proxy.max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: usize = 10_000_000;
+/// The longest `proxy.drain_timeout`: past it a stop is not a drain but a
+/// hang, and what stops keygate (systemd, Kubernetes) gives up long before.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// The smallest `admin.max_body_bytes`: below it, creating a key with a
 /// description of any length is refused with 413.
 pub const MIN_ADMIN_BODY_BYTES: usize = 1024;
@@ -167,7 +170,7 @@ pub struct ProxyConfig {
     /// Most client connections served at once; more wait in the accept queue.
     pub max_connections: usize,
     /// How long in-flight requests may run after SIGTERM; more than zero
-    /// (see `Config::validate`).
+    /// and at most [`MAX_DRAIN_TIMEOUT`] (see `Config::validate`).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Runtime worker threads; 0 means one per CPU this process may use
@@ -565,12 +568,25 @@ impl Config {
         // what it did was cut every request in flight at SIGTERM, with a
         // warning that the deadline was reached. Neither reading is a safe
         // guess, so it is refused like the other timeouts.
-        if self.proxy.drain_timeout.is_zero() {
+        let drain_timeout = self.proxy.drain_timeout;
+        let max_drain = humantime::format_duration(MAX_DRAIN_TIMEOUT);
+        if drain_timeout.is_zero() {
             return Err(invalid(
                 "proxy.drain_timeout",
                 "0s",
-                "must be greater than zero: at 0s every request in flight at SIGTERM would be \
-                 cut; for a quick stop set a short one such as \"1s\"",
+                format!(
+                    "must be greater than zero and at most {max_drain}: at 0s every request in \
+                     flight at SIGTERM would be cut; for a quick stop set a short one such as \"1s\""
+                ),
+            ));
+        }
+        // A stop that may wait for hours is a hang to whoever sent it (and
+        // their own deadline kills keygate first, the drain undone).
+        if drain_timeout > MAX_DRAIN_TIMEOUT {
+            return Err(invalid(
+                "proxy.drain_timeout",
+                humantime::format_duration(drain_timeout),
+                format!("must be greater than zero and at most {max_drain}"),
             ));
         }
         // Zero refused every admin request with a body (413), creating keys
@@ -951,6 +967,14 @@ mod tests {
                 "proxy.drain_timeout",
             ),
             (
+                "[proxy]\nupstream = \"http://a\"\ndrain_timeout = \"1h 1s\"",
+                "`proxy.drain_timeout` = \"1h 1s\" is invalid: must be greater than zero and at most 1h",
+            ),
+            (
+                "[proxy]\nupstream = \"http://a\"\ndrain_timeout = \"100years\"",
+                "proxy.drain_timeout",
+            ),
+            (
                 "[proxy]\nupstream = \"http://a\"\n[admin]\nmax_body_bytes = 0",
                 "admin.max_body_bytes",
             ),
@@ -966,6 +990,17 @@ mod tests {
         for (text, field) in cases {
             let err = text.parse::<Config>().expect_err(text).to_string();
             assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn a_drain_timeout_at_the_bounds_is_accepted() {
+        for (text, drain) in [("1ms", Duration::from_millis(1)), ("1h", MAX_DRAIN_TIMEOUT)] {
+            let config: Config =
+                format!("[proxy]\nupstream = \"http://a\"\ndrain_timeout = \"{text}\"")
+                    .parse()
+                    .expect(text);
+            assert_eq!(config.proxy.drain_timeout, drain);
         }
     }
 

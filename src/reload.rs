@@ -9,10 +9,12 @@
 //! swapped in is warned about near its expiry and sets
 //! `keygate_tls_certificate_expiry_timestamp_seconds`.
 //! Open connections are never dropped: they pick up the new state on their
-//! next request. The log level applies at once; what a running process
-//! cannot change ([`keep_restart_only`]) keeps its value until a restart,
-//! with a warning.
+//! next request. The metric series of routes the new config no longer has
+//! are dropped; those of routes it keeps count on. The log level applies at
+//! once; what a running process cannot change ([`keep_restart_only`])
+//! keeps its value until a restart, with a warning.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, ConfigError};
 use crate::proxy::cert_validity::{check_replacement, now_serving, ValidityError};
+use crate::proxy::routes::retire_series_ids;
 use crate::proxy::tls::{load_certified_key, CertResolver, TlsError};
 use crate::proxy::{ProxyState, SharedParts};
 
@@ -129,7 +132,27 @@ impl Reloader {
             now_serving(&tls.cert_file, &certificate, now, &self.shared.metrics);
             resolver.replace(certificate);
         }
+        // Names, not numbers: the metric series of a route are labelled
+        // by its name, and a route kept under the same name keeps them.
+        let kept_names: HashSet<&str> = state.routes.names().collect();
+        let removed: Vec<String> = self
+            .proxy
+            .load()
+            .routes
+            .names()
+            .filter(|name| !kept_names.contains(name))
+            .map(str::to_owned)
+            .collect();
         self.proxy.store(Arc::new(state));
+        // After the swap, so that no new request finds a removed route. A
+        // request still in flight on the old state that ends after this
+        // can bring one of its route's series back (an upstream error, or a
+        // key counted on that route for the first time): a race left open,
+        // as it needs a request to outlive the reload.
+        self.shared
+            .metrics
+            .forget_routes(removed.iter().map(String::as_str));
+        retire_series_ids(removed.iter().map(String::as_str));
         self.active = config;
         self.stamps = loaded;
         Ok(())

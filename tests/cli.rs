@@ -735,7 +735,8 @@ fn check_validates_a_config_file_without_starting() {
 
 /// `admin.max_body_bytes = 0` refused every admin request with a body, and
 /// `drain_timeout = "0s"` cut every request in flight at SIGTERM; both
-/// were taken. `check` refuses them naming the field, as `serve` does.
+/// were taken, as was a drain of hours. `check` refuses them naming the
+/// field, as `serve` does.
 #[test]
 fn check_refuses_a_zero_admin_body_limit_or_drain_timeout() {
     let dir = tempfile::tempdir().unwrap();
@@ -745,6 +746,7 @@ fn check_refuses_a_zero_admin_body_limit_or_drain_timeout() {
     );
     for (extra, field) in [
         ("drain_timeout = \"0s\"\n", "proxy.drain_timeout"),
+        ("drain_timeout = \"2h\"\n", "proxy.drain_timeout"),
         ("[admin]\nmax_body_bytes = 0\n", "admin.max_body_bytes"),
         (
             "[admin]\nmax_body_bytes = 1099511627776\n",

@@ -861,6 +861,11 @@ fn invalid_configs_exit_64_naming_the_field() {
             "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"0s\"\n",
             "proxy.drain_timeout",
         ),
+        // A stop that could wait for hours: past any supervisor's patience.
+        (
+            "[proxy]\nupstream = \"http://127.0.0.1:1\"\ndrain_timeout = \"2h\"\n",
+            "proxy.drain_timeout",
+        ),
         (
             "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[admin]\nmax_body_bytes = 0\n",
             "admin.max_body_bytes",
@@ -1223,7 +1228,7 @@ async fn access_log_lines_in_compact_and_json_formats() {
 
 /// A client that puts its key in the path (by mistake, or a badly written
 /// client) does not get it written to the access log: the path field has
-/// `[redacted]` where the token was, on the relay's path and hyper's, in
+/// `<redacted>` where the token was, on the relay's path and hyper's, in
 /// the compact and the JSON format. Before, the path was logged as sent.
 #[tokio::test]
 async fn a_token_in_the_path_is_not_logged() {
@@ -1281,7 +1286,7 @@ async fn a_token_in_the_path_is_not_logged() {
         };
         assert_eq!(
             paths,
-            ["/v1/[redacted]/thing", "/keys/[redacted]"],
+            ["/v1/<redacted>/thing", "/keys/<redacted>"],
             "{logs}"
         );
     }

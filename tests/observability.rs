@@ -182,6 +182,121 @@ async fn failure_series_start_at_zero_on_a_fresh_gate() {
     gate.stop().await;
 }
 
+/// A reload that removes a route drops every series labelled with it:
+/// request counts, latency histograms, upstream errors. The route that
+/// stays keeps its counts. Added back later, the route counts afresh, also
+/// for a key still cached from before.
+#[tokio::test]
+async fn a_route_removed_by_a_reload_leaves_no_series() {
+    let upstream = RecordingUpstream::start().await;
+    let orders = format!(
+        "[[routes]]\npath_prefix = \"/orders\"\nupstream = \"http://{}\"\n",
+        upstream.addr
+    );
+    let gate = Gate::builder()
+        .upstream(upstream.addr)
+        .extra(&orders)
+        .start()
+        .await;
+    let client = reqwest::Client::new();
+    let get = |path: &str| {
+        let request = client
+            .get(gate.proxy_url(path))
+            .bearer_auth(&gate.admin_token);
+        async move { assert_eq!(request.send().await.unwrap().status(), 200) }
+    };
+    // The change feed's first contact empties the cache: past it, the key
+    // stays cached through the reloads below.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while samples(&scrape(&gate).await, "keygate_change_feed_seq")[0].1 == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change feed made no contact"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The key is counted on /orders first: that is the route its cached
+    // counts are for.
+    get("/orders/1").await;
+    get("/orders/2").await;
+    for _ in 0..3 {
+        get("/").await;
+    }
+    let on = |text: &str, name: &str, route: &str| -> Vec<f64> {
+        samples(text, name)
+            .into_iter()
+            .filter(|(l, _)| l["route"] == route)
+            .map(|(_, v)| v)
+            .collect()
+    };
+    let requests_2xx = |text: &str, route: &str| -> f64 {
+        samples(text, "keygate_requests_total")
+            .iter()
+            .filter(|(l, _)| l["route"] == route && l["status_class"] == "2xx")
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let text = scrape(&gate).await;
+    assert_eq!(requests_2xx(&text, "/orders"), 2.0, "{text}");
+    assert_eq!(requests_2xx(&text, "default"), 3.0, "{text}");
+    assert_eq!(
+        on(&text, "keygate_upstream_errors_total", "/orders").len(),
+        2
+    );
+
+    gate.rewrite_config(|text| text.replace(&orders, ""));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(&gate).await;
+        if !text.contains("route=\"/orders\"") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed route kept its series: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(!text.contains("/orders"), "{text}");
+    assert_eq!(requests_2xx(&text, "default"), 3.0, "{text}");
+    assert_eq!(
+        on(&text, "keygate_request_duration_seconds_count", "default"),
+        [3.0],
+        "{text}"
+    );
+    assert_eq!(
+        on(&text, "keygate_upstream_duration_seconds_count", "default"),
+        [3.0],
+        "{text}"
+    );
+    assert_eq!(
+        on(&text, "keygate_upstream_errors_total", "default"),
+        [0.0, 0.0],
+        "{text}"
+    );
+
+    // Back again: its failure series start at zero, its counts from one.
+    gate.rewrite_config(|text| format!("{text}{orders}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !scrape(&gate).await.contains("route=\"/orders\"") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the route was not added back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    get("/orders/3").await;
+    let text = scrape(&gate).await;
+    assert_eq!(
+        samples(&text, "keygate_cache_misses_total")[0].1,
+        1.0,
+        "{text}"
+    );
+    assert_eq!(requests_2xx(&text, "/orders"), 1.0, "{text}");
+    assert_eq!(requests_2xx(&text, "default"), 3.0, "{text}");
+    gate.stop().await;
+}
+
 #[tokio::test]
 async fn per_key_series_are_capped_with_the_rest_under_other() {
     let upstream = RecordingUpstream::start().await;

@@ -16,6 +16,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::auth::{AuthError, CredentialError};
+use crate::key::REDACTED;
 use crate::store::{PolicyViolation, StoreError};
 
 /// Everything an admin handler can fail with.
@@ -270,8 +271,8 @@ impl IntoResponse for AdminError {
 }
 
 /// Replaces every run of token characters (`[A-Za-z0-9_.-]`) that may hold
-/// a key, or the secret part of one, by `<redacted>`: a run of 24 or more
-/// with an underscore (a whole token), or one holding an alphanumeric run
+/// a key, or the secret part of one, by [`REDACTED`] (`<redacted>`): a run
+/// of 24 or more with an underscore (a whole token), or one holding an alphanumeric run
 /// as long as a secret (the secret alone, as pasted from the `Basic` form
 /// `<id>:<secret>` or cut out of a token). Ids (16 characters) and every
 /// legitimate part of a message are shorter, and stay readable.
@@ -281,7 +282,7 @@ pub fn redact_token_like(message: &str) -> String {
     let mut run = String::new();
     let flush = |run: &mut String, out: &mut String| {
         if (run.len() >= 24 && run.contains('_')) || holds_secret_length_run(run) {
-            out.push_str("<redacted>");
+            out.push_str(REDACTED);
         } else {
             out.push_str(run);
         }

@@ -8,6 +8,11 @@
 mod digest;
 mod token;
 
+/// What is written where a token, or the secret of one, was found in text
+/// that goes out: the access log's path, an admin API error message. One
+/// marker for both, so that one search finds every redaction.
+pub const REDACTED: &str = "<redacted>";
+
 pub use digest::Digest;
 pub use token::{
     imported_character, random_id, IssuedToken, KeyId, ParsedToken, TokenError, TokenFormat,

@@ -73,15 +73,39 @@ impl Route {
     }
 }
 
+/// Route names and their numbers, and the next number to give.
+#[derive(Default)]
+struct SeriesIds {
+    ids: HashMap<String, u64>,
+    next: u64,
+}
+
+fn series_ids() -> std::sync::MutexGuard<'static, SeriesIds> {
+    static IDS: OnceLock<Mutex<SeriesIds>> = OnceLock::new();
+    IDS.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
 /// The process-wide number of a route name (see [`Route::series_id`]).
 fn series_id(name: &str) -> u64 {
-    static IDS: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
-    let mut ids = IDS
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let next = ids.len() as u64;
-    *ids.entry(name.to_owned()).or_insert(next)
+    let mut series = series_ids();
+    let SeriesIds { ids, next } = &mut *series;
+    *ids.entry(name.to_owned()).or_insert_with(|| {
+        *next += 1;
+        *next - 1
+    })
+}
+
+/// Forgets the numbers of routes a reload removed (whose metric series are
+/// dropped), so that a route of the same name added back later gets a new
+/// one: a key still cached with its counts for the removed route then
+/// resolves new ones, instead of counting where no scrape looks.
+pub fn retire_series_ids<'n>(names: impl IntoIterator<Item = &'n str>) {
+    let mut series = series_ids();
+    for name in names {
+        series.ids.remove(name);
+    }
 }
 
 /// `/api` matches `/api`, `/api/x` and `/api;v=1/x`, but not `/apix`.
@@ -187,6 +211,11 @@ impl RouteTable {
         &self.routes[index].name
     }
 
+    /// The metrics labels of every route.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.name.as_str())
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }
@@ -242,6 +271,17 @@ pub fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_route_name_gets_a_new_series_id() {
+        let (kept, gone) = (series_id("/retire-kept"), series_id("/retire-gone"));
+        assert_ne!(kept, gone);
+        retire_series_ids(["/retire-gone"]);
+        assert_eq!(series_id("/retire-kept"), kept);
+        let back = series_id("/retire-gone");
+        assert!(back != gone && back != kept);
+        assert_eq!(series_id("/retire-gone"), back);
+    }
 
     #[test]
     fn hosts_are_host_and_port_only() {

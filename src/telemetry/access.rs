@@ -3,7 +3,8 @@
 //! path, route, upstream, status, refusal reason, latency and request id.
 //! Never the credential, nor the query (where a misplaced secret would be),
 //! nor a token a client put in the path: a stretch of the path that looks
-//! like one of the configured prefix is written as `[redacted]`.
+//! like one of the configured prefix is written as `<redacted>`
+//! ([`REDACTED`]).
 //!
 //! When [`super::init_logging`] installs the process's logging and lines go
 //! to a file or collector (JSON, or the compact format off a terminal), the
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use super::compact::{prints_as_is, timestamp};
-use crate::key::TokenFormat;
+use crate::key::{TokenFormat, REDACTED};
 
 /// What the access log says of one request.
 #[derive(Debug, Clone, Copy)]
@@ -53,9 +54,6 @@ pub struct AccessEntry<'a> {
     /// that put its key there, by mistake or by a badly written client).
     pub tokens: &'a TokenFormat,
 }
-
-/// What a token in the logged path is replaced with.
-const REDACTED: &str = "[redacted]";
 
 /// `path` with every stretch that looks like a token replaced by
 /// [`REDACTED`]; `None` when it has none, the common case, which costs one
@@ -234,11 +232,11 @@ mod tests {
         let (first, second) = (first.expose(), second.expose());
         assert_eq!(
             redact_tokens(&format!("/v1/{first}/thing/{second}"), tokens()).as_deref(),
-            Some("/v1/[redacted]/thing/[redacted]")
+            Some("/v1/<redacted>/thing/<redacted>")
         );
         assert_eq!(
             redact_tokens(&format!("/{first}"), tokens()).as_deref(),
-            Some("/[redacted]")
+            Some("/<redacted>")
         );
         assert_eq!(redact_tokens("/v1/orders", tokens()), None);
         // Another prefix's token is not this keygate's.

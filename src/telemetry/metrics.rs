@@ -204,6 +204,20 @@ impl KeyRequests {
         before - series.admitted.len()
     }
 
+    /// Drops every series of the `routes` named, and frees the slot of a
+    /// key left with no series at all (nothing else would: the sweeper
+    /// looks for keys by their series).
+    fn forget_routes(&self, routes: &HashSet<&str>) {
+        let mut series = self.lock();
+        let SeriesMap { admitted, counts } = &mut *series;
+        counts.retain(|(_, _, route), _| !routes.contains(&**route));
+        let counted: HashSet<KeyId> = counts
+            .keys()
+            .filter_map(|(key, _, _)| KeyId::parse(key).ok())
+            .collect();
+        admitted.retain(|id| counted.contains(id));
+    }
+
     /// Appends, in Prometheus' text format, up to `limit` series that come
     /// after `after` (from the first when `None`), and returns the labels of
     /// the last one written, to resume after; `None` when none was left.
@@ -444,6 +458,27 @@ impl Metrics {
         }
     }
 
+    /// Drops every series labelled with one of `routes`, which a reload
+    /// has removed: their request counts, latency histograms and upstream
+    /// errors. Without this a removed route was exported, frozen, until a
+    /// restart, and every reload that renamed routes added more. Routes
+    /// still served must not be named here: their counts would restart.
+    pub fn forget_routes<'r>(&self, routes: impl IntoIterator<Item = &'r str>) {
+        let routes: HashSet<&str> = routes.into_iter().collect();
+        if routes.is_empty() {
+            return;
+        }
+        for &route in &routes {
+            // Err: no such series (a histogram never observed, say).
+            let _ = self.request_duration.remove_label_values(&[route]);
+            let _ = self.upstream_duration.remove_label_values(&[route]);
+            for kind in [UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT] {
+                let _ = self.upstream_errors.remove_label_values(&[route, kind]);
+            }
+        }
+        self.requests.forget_routes(&routes);
+    }
+
     pub fn request_duration(&self, route: &str) -> Histogram {
         self.request_duration.with_label_values(&[route])
     }
@@ -662,6 +697,37 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains(c.as_str()));
         assert!(!text.contains(OTHER_KEY));
+    }
+
+    #[test]
+    fn forgotten_routes_lose_every_series_and_free_key_slots() {
+        let metrics = Metrics::new(2);
+        let (a, b, c) = (KeyId::generate(), KeyId::generate(), KeyId::generate());
+        metrics.start_failure_series([], ["gone", "kept"]);
+        metrics.key_counts(&a, "o", "gone", 1).count(200);
+        metrics.key_counts(&a, "o", "kept", 2).count(200);
+        metrics.key_counts(&b, "o", "gone", 1).count(200);
+        metrics.request_duration("gone").observe(0.1);
+        metrics.upstream_duration("kept").observe(0.1);
+        metrics.upstream_error("gone", UPSTREAM_TIMEOUT);
+        metrics.forget_routes(["gone"]);
+        let text = metrics.render();
+        assert!(!text.contains("\"gone\""), "{text}");
+        assert_eq!(
+            line(
+                &text,
+                &format!(
+                    "key_id=\"{}\",owner_id=\"o\",route=\"kept\",status_class=\"2xx\"",
+                    a.as_str()
+                )
+            ),
+            Some("1")
+        );
+        assert!(text.contains("keygate_upstream_duration_seconds_count{route=\"kept\"} 1"));
+        assert!(text.contains("keygate_upstream_errors_total{kind=\"timeout\",route=\"kept\"} 0"));
+        // b had series on the removed route only: its slot is c's now.
+        metrics.key_counts(&c, "o", "kept", 2).count(200);
+        assert!(metrics.render().contains(c.as_str()));
     }
 
     /// A scrape's chunks, as the admin listener would send them.
