@@ -81,9 +81,17 @@ fn spawn_keygate(config: &std::path::Path, rust_log: Option<&str>) -> Child {
 }
 
 /// `keygate serve` that is expected to stop by itself (a refused start):
-/// its exit code and what it logged.
+/// its exit code and what it logged. One that is still serving after 30 s
+/// (a config it should have refused) is killed and the test fails.
 fn serve_to_exit(config: &std::path::Path, rust_log: Option<&str>) -> (Option<i32>, String) {
-    let out = spawn_keygate(config, rust_log).wait_with_output().unwrap();
+    let child = spawn_keygate(config, rust_log);
+    let pid = child.id().to_string();
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output().unwrap()));
+    let Ok(out) = exited.recv_timeout(Duration::from_secs(30)) else {
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+        panic!("keygate serve --config {config:?} did not exit within 30 s");
+    };
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.code(), stderr)
 }
