@@ -877,3 +877,56 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout
         gate.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_refused_upload_over_tls_gets_its_answer_not_a_reset() {
+    // The lingering close over TLS: keygate sends close_notify, then reads
+    // and drops the rest of the body; the client, which writes all of it
+    // before it reads, gets the 401.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "linger");
+    let upstream = RecordingUpstream::start().await;
+    for relay in [true, false] {
+        let gate = Gate::builder()
+            .upstream(upstream.addr)
+            .proxy(&format!("http1_relay = {relay}\n{}", tls_lines(&cert)))
+            .start()
+            .await;
+        let config = client_config(&[&cert], &[b"http/1.1"]);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+        let tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("TLS handshake");
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let size = 8 * 1024 * 1024;
+        let upload = tokio::spawn(async move {
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kg_not_a_key\r\n\
+                 content-length: {size}\r\n\r\n"
+            );
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..size / chunk.len() {
+                writer.write_all(&chunk).await?;
+            }
+            writer.flush().await
+        });
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut got))
+            .await
+            .expect("the connection ends within 10 s");
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 401"),
+            "relay {relay}: {got:?} ({read:?})"
+        );
+        let uploaded = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .expect("the upload ends within 10 s")
+            .unwrap();
+        uploaded.unwrap_or_else(|e| panic!("relay {relay}: the upload failed: {e}"));
+        gate.stop().await;
+    }
+}
