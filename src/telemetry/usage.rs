@@ -15,7 +15,7 @@ use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
 use crate::key::KeyId;
-use crate::store::{from_ms, to_ms, KeyStore, UsageDelta};
+use crate::store::{from_ms, to_ms, FlushId, KeyStore, UsageDelta};
 
 /// The in-memory counter of one key.
 #[derive(Debug, Default)]
@@ -135,13 +135,16 @@ pub async fn run_flusher(
     tokio::pin!(shutdown);
     let mut stopping = false;
     let mut carried = Vec::new();
+    let mut next_id = FlushId::first_of_new_stream();
     while !stopping {
         tokio::select! {
             _ = &mut shutdown => stopping = true,
             _ = tokio::time::sleep(interval) => {}
         }
         let batch = queue.drain(carried);
-        let failed = match tokio::time::timeout(FLUSH_TIMEOUT, flush(&*store, &batch)).await {
+        let id = next_id.clone();
+        next_id = next_id.next();
+        let failed = match tokio::time::timeout(FLUSH_TIMEOUT, flush(&*store, &id, &batch)).await {
             Ok(failed) => failed,
             Err(_) => Some(Failed::NoAnswer),
         };
@@ -178,9 +181,13 @@ enum Failed {
 }
 
 /// Writes one batch.
-async fn flush(store: &dyn KeyStore, batch: &[UsageDelta]) -> Option<Failed> {
+async fn flush(store: &dyn KeyStore, id: &FlushId, batch: &[UsageDelta]) -> Option<Failed> {
     if batch.is_empty() {
         return None;
     }
-    store.record_usage(batch).await.err().map(Failed::Refused)
+    store
+        .record_usage(id, batch)
+        .await
+        .err()
+        .map(Failed::Refused)
 }
