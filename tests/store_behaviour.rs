@@ -102,6 +102,7 @@ behaviour!(
     cache_sweep_drops_only_what_nothing_can_use,
     usage_is_recorded,
     a_flush_sent_again_counts_once,
+    concurrent_sends_of_one_flush_count_once,
     concurrent_usage_flushes_add_up,
     existing_keys_are_told_from_deleted_and_unknown_ones,
     every_change_is_audited_and_no_digest_appears,
@@ -1624,6 +1625,33 @@ async fn a_flush_sent_again_counts_once(store: Arc<dyn KeyStore>) {
         Recorded::Applied
     );
     assert_eq!(count(a.id).await, 10);
+}
+
+/// Two attempts of one flush in flight at once (the first not yet given
+/// up by the server when the second comes): one applies, the other finds
+/// it applied (on PostgreSQL it waits for the first's transaction).
+async fn concurrent_sends_of_one_flush_count_once(store: Arc<dyn KeyStore>) {
+    let owner = user(&*store, "twice@example.com").await;
+    let (a, _) = key(&*store, &owner).await;
+    let flush = FlushId::first_of_new_stream();
+    let batch = [UsageDelta {
+        id: a.id,
+        requests: 3,
+        last_used: SystemTime::now(),
+    }];
+    let sends = (0..4).map(|_| {
+        let (store, flush) = (store.clone(), flush.clone());
+        tokio::spawn(async move { store.record_usage(&flush, &batch).await })
+    });
+    let mut applied = 0;
+    for send in futures_util::future::join_all(sends).await {
+        if send.unwrap().expect("a send failed") == Recorded::Applied {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    let a = store.get_key(&a.id).await.unwrap().unwrap();
+    assert_eq!(a.request_count, 3);
 }
 
 /// Replicas flush usage of the same hot keys at the same time: no flush

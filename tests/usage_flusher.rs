@@ -226,3 +226,97 @@ async fn postgres_a_write_that_never_answered_is_sent_again() {
     };
     a_lost_answer_counts_once(store, Lose::BeforeTheWrite).await;
 }
+
+/// The rows of `usage_flushes` by stream, as `(stream, last_sequence)`.
+const FLUSH_ROWS: &str = "SELECT stream, last_sequence FROM usage_flushes ORDER BY stream";
+
+/// What a store's flushes do to `usage_flushes`, seen with `sql` (which
+/// runs a statement on the store's database and returns [`FLUSH_ROWS`]):
+/// the first flush of a store deletes the streams not heard from for 7
+/// days, keeps the others and adds its own; later ones within the hour
+/// leave old rows for the next sweep.
+async fn idle_streams_are_forgotten<F, Fut>(store: Arc<dyn KeyStore>, sql: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Vec<(String, i64)>>,
+{
+    let id = a_key(&*store).await;
+    let now_ms = store::to_ms(SystemTime::now());
+    let day_ms = 24 * 3600 * 1000;
+    sql(format!(
+        "INSERT INTO usage_flushes (stream, last_sequence, flushed_ms) VALUES \
+         ('gone', 7, {}), ('quiet', 9, {})",
+        now_ms - 8 * day_ms,
+        now_ms - 6 * day_ms
+    ))
+    .await;
+    let batch = [UsageDelta {
+        id,
+        requests: 1,
+        last_used: SystemTime::now(),
+    }];
+    let flush = FlushId {
+        stream: "this".into(),
+        sequence: 1,
+    };
+    store.record_usage(&flush, &batch).await.unwrap();
+    let rows = sql(String::new()).await;
+    assert_eq!(
+        rows,
+        vec![("quiet".to_string(), 9), ("this".to_string(), 1)]
+    );
+
+    // Within the hour: no sweep, the old row stays for the next one.
+    sql(format!(
+        "INSERT INTO usage_flushes (stream, last_sequence, flushed_ms) VALUES ('gone', 7, {})",
+        now_ms - 8 * day_ms
+    ))
+    .await;
+    store.record_usage(&flush.next(), &batch).await.unwrap();
+    let rows = sql(String::new()).await;
+    assert_eq!(
+        rows,
+        vec![
+            ("gone".to_string(), 7),
+            ("quiet".to_string(), 9),
+            ("this".to_string(), 2)
+        ]
+    );
+    assert_eq!(count(&*store, &id).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_idle_streams_are_forgotten() {
+    let (store, dir) = sqlite().await;
+    let url = format!("sqlite://{}", dir.path().join("keygate.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    idle_streams_are_forgotten(store, |statement| {
+        let pool = pool.clone();
+        async move {
+            if !statement.is_empty() {
+                sqlx::query(&statement).execute(&pool).await.unwrap();
+            }
+            sqlx::query_as(FLUSH_ROWS).fetch_all(&pool).await.unwrap()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_idle_streams_are_forgotten() {
+    let Some((store, db)) = postgres().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    idle_streams_are_forgotten(store, |statement| {
+        let pool = pool.clone();
+        async move {
+            if !statement.is_empty() {
+                sqlx::query(&statement).execute(&pool).await.unwrap();
+            }
+            sqlx::query_as(FLUSH_ROWS).fetch_all(&pool).await.unwrap()
+        }
+    })
+    .await;
+    pool.close().await;
+}
