@@ -142,6 +142,7 @@ async fn a_lost_answer_counts_once(store: Arc<dyn KeyStore>, lose: Lose) {
     let settings = FlushSettings {
         interval: Duration::from_millis(50),
         timeout: Duration::from_millis(300),
+        give_up_after: Duration::from_secs(60),
     };
     let (recorder, queue) = usage::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -319,4 +320,143 @@ async fn postgres_idle_streams_are_forgotten() {
     })
     .await;
     pool.close().await;
+}
+
+/// A flusher over a SQLite store that loses every answer before the write
+/// until told otherwise, giving a batch up after `give_up_after`.
+struct Unanswered {
+    store: Arc<dyn KeyStore>,
+    _dir: tempfile::TempDir,
+    sink: Arc<LosesAnswers>,
+    counters: FlushCounters,
+    recorder: usage::UsageRecorder,
+    used: Arc<Used>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl Unanswered {
+    async fn start(give_up_after: Duration) -> Unanswered {
+        let (store, dir) = sqlite().await;
+        let id = a_key(&*store).await;
+        let sink = Arc::new(LosesAnswers {
+            store: store.clone(),
+            lose: Lose::BeforeTheWrite,
+            left: AtomicU32::new(u32::MAX),
+            calls: AtomicU32::new(0),
+        });
+        let counters = FlushCounters {
+            failures: IntCounter::new("failures", "failures").unwrap(),
+            dropped: IntCounter::new("dropped", "dropped").unwrap(),
+        };
+        let settings = FlushSettings {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+            give_up_after,
+        };
+        let (recorder, queue) = usage::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let flusher = tokio::spawn(usage::run_flusher(
+            sink.clone(),
+            queue,
+            settings,
+            counters.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let used = Arc::new(Used {
+            id,
+            cell: UsageCell::default(),
+        });
+        Unanswered {
+            store,
+            _dir: dir,
+            sink,
+            counters,
+            recorder,
+            used,
+            stop: Some(stop),
+            flusher,
+        }
+    }
+
+    fn requests(&self, n: usize) {
+        for _ in 0..n {
+            self.recorder.record(&self.used, SystemTime::now());
+        }
+    }
+
+    async fn counted(&self) -> u64 {
+        count(&*self.store, &self.used.id).await
+    }
+
+    /// Waits until `done` holds of the counters.
+    async fn until(&self, what: &str, done: impl Fn(&FlushCounters) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.counters) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} failures, {} given up",
+                self.counters.failures.get(),
+                self.counters.dropped.get()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        (&mut self.flusher).await.unwrap();
+    }
+}
+
+/// A batch that never gets an answer is sent again until `give_up_after`,
+/// then given up and counted, and the counts behind it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_never_answered_is_given_up_in_the_end() {
+    let mut gate = Unanswered::start(Duration::from_millis(400)).await;
+    gate.requests(3);
+    gate.until("the batch given up", |c| c.dropped.get() == 3)
+        .await;
+    assert!(
+        gate.counters.failures.get() >= 3,
+        "sent again until given up"
+    );
+    gate.sink.left.store(0, Ordering::SeqCst);
+    gate.requests(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.counted().await != 2 {
+        assert!(Instant::now() < deadline, "the newer counts never went");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.stop().await;
+    assert_eq!(gate.counted().await, 2);
+    assert_eq!(gate.counters.dropped.get(), 3);
+}
+
+/// At the last flush, a batch still unanswered is sent once more, then
+/// given up with the counts waiting behind it; stopping does not wait on
+/// the store for longer than that attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_flush_gives_up_what_the_store_does_not_answer() {
+    let mut gate = Unanswered::start(Duration::from_secs(60)).await;
+    gate.requests(3);
+    gate.until("the first attempt lost", |c| c.failures.get() >= 1)
+        .await;
+    gate.requests(2);
+    let calls = gate.sink.calls.load(Ordering::SeqCst);
+    let stopping = Instant::now();
+    gate.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        gate.sink.calls.load(Ordering::SeqCst) > calls,
+        "not sent again at the end"
+    );
+    assert_eq!(gate.counters.dropped.get(), 5);
+    assert_eq!(gate.counted().await, 0);
 }

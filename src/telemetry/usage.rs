@@ -101,11 +101,13 @@ fn take(batch: &mut HashMap<KeyId, UsageDelta>, id: KeyId, cell: &UsageCell) {
 /// waiting counts rather than let them grow without bound.
 const MAX_CARRIED_KEYS: usize = 100_000;
 
-/// How many times a batch is sent again, as it was, before its counts are
-/// given up: a poison batch (one the store refuses whatever its state)
-/// must not stop usage for good. 60 is five minutes at the default
-/// interval, more when the attempts wait out their timeout.
-pub const MAX_RETRIES: u32 = 60;
+/// How long a batch is sent again, as it was, before its counts are given
+/// up: a poison batch (one the store refuses whatever its state) must not
+/// stop usage for good. A time, not a number of retries, so that it does
+/// not shrink with a short `flush_interval`; long enough for a failover or
+/// a short outage, and for a first attempt cut off by a partition to be
+/// ended by the server (`idle_in_transaction_session_timeout`, 15 s).
+pub const MAX_UNSETTLED: Duration = Duration::from_secs(10 * 60);
 
 /// What the flusher counts about itself.
 #[derive(Clone)]
@@ -155,14 +157,19 @@ pub struct FlushSettings {
     /// How long one attempt may wait for the store's answer
     /// ([`FLUSH_TIMEOUT`]; tests shorten it).
     pub timeout: Duration,
+    /// How long a batch is sent again before it is given up
+    /// ([`MAX_UNSETTLED`]; tests shorten it).
+    pub give_up_after: Duration,
 }
 
 impl FlushSettings {
-    /// Flushes every `interval`, each attempt given [`FLUSH_TIMEOUT`].
+    /// Flushes every `interval`, each attempt given [`FLUSH_TIMEOUT`], a
+    /// batch sent again for [`MAX_UNSETTLED`].
     pub fn every(interval: Duration) -> FlushSettings {
         FlushSettings {
             interval,
             timeout: FLUSH_TIMEOUT,
+            give_up_after: MAX_UNSETTLED,
         }
     }
 }
@@ -175,7 +182,9 @@ impl FlushSettings {
 struct Unsettled {
     id: FlushId,
     batch: Vec<UsageDelta>,
-    /// Times sent again so far.
+    /// When its first attempt failed.
+    since: tokio::time::Instant,
+    /// Times sent again so far (for the log).
     retries: u32,
 }
 
@@ -190,7 +199,8 @@ struct Unsettled {
 /// and nothing if it did. Usage counts each request once. The counts made
 /// meanwhile wait, merged, behind it (up to [`MAX_CARRIED_KEYS`] keys;
 /// past that they are dropped). A batch still unsettled after
-/// [`MAX_RETRIES`] retries, or at the last flush, is given up, and so are
+/// `settings.give_up_after` ([`MAX_UNSETTLED`]), or at the last flush, is
+/// given up, and so are
 /// the counts waiting behind it at the last flush: all are logged and
 /// counted in `dropped` (a batch given up may still have been written, so
 /// `dropped` is at most the requests missing). Usage is best-effort and
@@ -230,7 +240,7 @@ pub async fn run_flusher<S: UsageSink + ?Sized>(
                     counters.failures.inc();
                     batch.retries += 1;
                     blocked = true;
-                    if stopping || batch.retries > MAX_RETRIES {
+                    if stopping || batch.since.elapsed() >= settings.give_up_after {
                         give_up(&counters, &batch.batch, &failed);
                     } else {
                         tracing::warn!(error = %failed, keys = batch.batch.len(), retries = batch.retries, "usage flush failed again; it is sent again as it was with the next flush");
@@ -261,6 +271,7 @@ pub async fn run_flusher<S: UsageSink + ?Sized>(
                 unsettled = Some(Unsettled {
                     id,
                     batch,
+                    since: tokio::time::Instant::now(),
                     retries: 0,
                 });
             }
