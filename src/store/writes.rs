@@ -689,7 +689,10 @@ where
     }
 
     /// Deletes the rows of flush streams last heard from before
-    /// `before_ms` (processes long gone), inside a flush's transaction.
+    /// `before_ms` (processes long gone), inside a flush's transaction. Two
+    /// PostgreSQL replicas sweeping the same old rows at once may wait for
+    /// each other; should the server end one as a deadlock, that flush
+    /// fails and is sent again as it was, which is safe.
     async fn forget_usage_streams(
         tx: &mut DB::Connection,
         before_ms: i64,
