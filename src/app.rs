@@ -207,7 +207,7 @@ pub async fn run_with_reload(
     let flusher = tokio::spawn(usage::run_flusher(
         store.clone(),
         queue,
-        config.usage.flush_interval,
+        usage::FlushSettings::every(config.usage.flush_interval),
         usage::FlushCounters {
             failures: metrics.usage_flush_failures.clone(),
             dropped: metrics.usage_dropped.clone(),

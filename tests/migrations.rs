@@ -9,7 +9,9 @@ mod support;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate::key::KeyId;
-use keygate::store::{self, Actor, KeyFilter, KeyStore, OwnerType, PageRequest, UsageDelta};
+use keygate::store::{
+    self, Actor, FlushId, KeyFilter, KeyStore, OwnerType, PageRequest, UsageDelta,
+};
 use sqlx::migrate::Migrator;
 use support::postgres::PgDatabase;
 use support::run_cli;
@@ -82,7 +84,10 @@ async fn check_upgraded(store: &dyn KeyStore, used: &KeyId, unused: &KeyId) {
         requests: 1,
         last_used: now,
     });
-    store.record_usage(&deltas).await.unwrap();
+    store
+        .record_usage(&FlushId::first_of_new_stream(), &deltas)
+        .await
+        .unwrap();
     assert_eq!(
         store.get_key(used).await.unwrap().unwrap().request_count,
         43

@@ -1261,7 +1261,9 @@ async fn a_silent_partition_costs_seconds_not_the_pool() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Usage is written again: the flush the partition caught is given up.
+    // Usage is written again: the flush the partition caught is sent again
+    // (once the server has ended the transaction it cut off, which holds
+    // the flush's row in usage_flushes), then the newer counts.
     let (counted_id, counted) = shared.key().await;
     for _ in 0..3 {
         assert_eq!(replica.call(&client, &counted).await.0, 200);

@@ -17,8 +17,9 @@ use std::time::{Duration, SystemTime};
 use keygate::auth::{AuthError, Authenticator, CacheSettings};
 use keygate::key::{KeyId, TokenFormat};
 use keygate::store::{
-    self, Access, AccountRole, Actor, ApiKey, KeyFilter, KeyStore, KeyUpdate, NewKey, OwnerType,
-    PageRequest, Permission, PolicyViolation, Principal, PrincipalSpec, StoreError, UsageDelta,
+    self, Access, AccountRole, Actor, ApiKey, FlushId, KeyFilter, KeyStore, KeyUpdate, NewKey,
+    OwnerType, PageRequest, Permission, PolicyViolation, Principal, PrincipalSpec, Recorded,
+    StoreError, UsageDelta,
 };
 use keygate::telemetry::metrics::Metrics;
 use support::postgres::PgDatabase;
@@ -100,6 +101,8 @@ behaviour!(
     rotation_keeps_previous_digest_until_grace,
     cache_sweep_drops_only_what_nothing_can_use,
     usage_is_recorded,
+    a_flush_sent_again_counts_once,
+    concurrent_sends_of_one_flush_count_once,
     concurrent_usage_flushes_add_up,
     existing_keys_are_told_from_deleted_and_unknown_ones,
     every_change_is_audited_and_no_digest_appears,
@@ -1473,38 +1476,53 @@ async fn usage_is_recorded(store: Arc<dyn KeyStore>) {
     let (b, _) = key(store, &owner).await;
     let t1 = SystemTime::now();
     let t2 = t1 + Duration::from_secs(5);
+    let mut flush = FlushId::first_of_new_stream();
+    let mut next = || {
+        let this = flush.clone();
+        flush = flush.next();
+        this
+    };
     store
-        .record_usage(&[
-            UsageDelta {
-                id: a.id,
-                requests: 3,
-                last_used: t2,
-            },
-            UsageDelta {
-                id: b.id,
-                requests: 1,
-                last_used: t1,
-            },
-        ])
+        .record_usage(
+            &next(),
+            &[
+                UsageDelta {
+                    id: a.id,
+                    requests: 3,
+                    last_used: t2,
+                },
+                UsageDelta {
+                    id: b.id,
+                    requests: 1,
+                    last_used: t1,
+                },
+            ],
+        )
         .await
         .unwrap();
     // An older timestamp never moves last_used back; counts add up.
     store
-        .record_usage(&[UsageDelta {
-            id: a.id,
-            requests: 4,
-            last_used: t1,
-        }])
+        .record_usage(
+            &next(),
+            &[UsageDelta {
+                id: a.id,
+                requests: 4,
+                last_used: t1,
+            }],
+        )
         .await
         .unwrap();
-    store.record_usage(&[]).await.unwrap();
+    store.record_usage(&next(), &[]).await.unwrap();
     // Usage of a deleted key is dropped, not an error.
     store
-        .record_usage(&[UsageDelta {
-            id: KeyId::generate(),
-            requests: 1,
-            last_used: t1,
-        }])
+        .record_usage(
+            &next(),
+            &[UsageDelta {
+                id: KeyId::generate(),
+                requests: 1,
+                last_used: t1,
+            }],
+        )
         .await
         .unwrap();
     let a = store.get_key(&a.id).await.unwrap().unwrap();
@@ -1529,12 +1547,111 @@ async fn usage_is_recorded(store: Arc<dyn KeyStore>) {
     many[10].id = a.id;
     many[640].id = b.id;
     many[640].requests = 5;
-    store.record_usage(&many).await.unwrap();
+    store.record_usage(&next(), &many).await.unwrap();
     let a = store.get_key(&a.id).await.unwrap().unwrap();
     let b = store.get_key(&b.id).await.unwrap().unwrap();
     assert_eq!(a.request_count, 8);
     assert_eq!(b.request_count, 6);
     assert_eq!(b.last_used.map(store::to_ms), Some(store::to_ms(t1)));
+}
+
+/// A flush sent again because its answer was lost (its first attempt
+/// committed) is applied once: the store knows each stream's latest flush.
+/// A later flush of the stream counts, an earlier one sent late does not,
+/// and another stream's flush of the same number counts (its own stream).
+async fn a_flush_sent_again_counts_once(store: Arc<dyn KeyStore>) {
+    let store = &*store;
+    let owner = user(store, "again@example.com").await;
+    let (a, _) = key(store, &owner).await;
+    let (b, _) = key(store, &owner).await;
+    let t1 = SystemTime::now();
+    let t2 = t1 + Duration::from_secs(5);
+    let delta = |id: KeyId, requests: u64, last_used: SystemTime| UsageDelta {
+        id,
+        requests,
+        last_used,
+    };
+    let count = |id: KeyId| async move { store.get_key(&id).await.unwrap().unwrap().request_count };
+
+    let first = FlushId::first_of_new_stream();
+    let batch = [delta(a.id, 3, t1), delta(b.id, 1, t1)];
+    assert_eq!(
+        store.record_usage(&first, &batch).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(
+        store.record_usage(&first, &batch).await.unwrap(),
+        Recorded::AlreadyApplied
+    );
+    assert_eq!((count(a.id).await, count(b.id).await), (3, 1));
+
+    let second = first.next();
+    let later = [delta(a.id, 2, t2)];
+    assert_eq!(
+        store.record_usage(&second, &later).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(count(a.id).await, 5);
+    // The first flush arriving late, after the second: still once.
+    assert_eq!(
+        store.record_usage(&first, &batch).await.unwrap(),
+        Recorded::AlreadyApplied
+    );
+    assert_eq!(
+        store.record_usage(&second, &later).await.unwrap(),
+        Recorded::AlreadyApplied
+    );
+    assert_eq!((count(a.id).await, count(b.id).await), (5, 1));
+    let a_now = store.get_key(&a.id).await.unwrap().unwrap();
+    assert_eq!(a_now.last_used.map(store::to_ms), Some(store::to_ms(t2)));
+
+    // Another process's stream, at the same number: its own counts.
+    let other = FlushId {
+        stream: "another-process".to_string(),
+        sequence: first.sequence,
+    };
+    assert_eq!(
+        store.record_usage(&other, &batch).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!((count(a.id).await, count(b.id).await), (8, 2));
+    // Numbers may skip (a flush given up): a higher one counts.
+    let skipped = FlushId {
+        sequence: second.sequence + 5,
+        ..second.clone()
+    };
+    assert_eq!(
+        store.record_usage(&skipped, &later).await.unwrap(),
+        Recorded::Applied
+    );
+    assert_eq!(count(a.id).await, 10);
+}
+
+/// Two attempts of one flush in flight at once (the first not yet given
+/// up by the server when the second comes): one applies, the other finds
+/// it applied (on PostgreSQL it waits for the first's transaction).
+async fn concurrent_sends_of_one_flush_count_once(store: Arc<dyn KeyStore>) {
+    let owner = user(&*store, "twice@example.com").await;
+    let (a, _) = key(&*store, &owner).await;
+    let flush = FlushId::first_of_new_stream();
+    let batch = [UsageDelta {
+        id: a.id,
+        requests: 3,
+        last_used: SystemTime::now(),
+    }];
+    let sends = (0..4).map(|_| {
+        let (store, flush) = (store.clone(), flush.clone());
+        tokio::spawn(async move { store.record_usage(&flush, &batch).await })
+    });
+    let mut applied = 0;
+    for send in futures_util::future::join_all(sends).await {
+        if send.unwrap().expect("a send failed") == Recorded::Applied {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1);
+    let a = store.get_key(&a.id).await.unwrap().unwrap();
+    assert_eq!(a.request_count, 3);
 }
 
 /// Replicas flush usage of the same hot keys at the same time: no flush
@@ -1565,7 +1682,9 @@ async fn concurrent_usage_flushes_add_up(store: Arc<dyn KeyStore>) {
     let flushes = (0..8).map(|i| {
         let store = store.clone();
         let deltas = batch(i % 2 == 1);
-        tokio::spawn(async move { store.record_usage(&deltas).await })
+        // One flush stream per replica.
+        let flush = FlushId::first_of_new_stream();
+        tokio::spawn(async move { store.record_usage(&flush, &deltas).await })
     });
     for flush in futures_util::future::join_all(flushes).await {
         flush.unwrap().expect("a concurrent flush failed");
@@ -1740,11 +1859,14 @@ async fn change_feed_lists_every_key_affecting_change(store: Arc<dyn KeyStore>) 
     let (b, _) = key(store, &owner).await; // 2
     let (c, _) = key(store, &sa).await; // 3
     store
-        .record_usage(&[UsageDelta {
-            id: a.id,
-            requests: 1,
-            last_used: SystemTime::now(),
-        }])
+        .record_usage(
+            &FlushId::first_of_new_stream(),
+            &[UsageDelta {
+                id: a.id,
+                requests: 1,
+                last_used: SystemTime::now(),
+            }],
+        )
         .await
         .unwrap();
     store

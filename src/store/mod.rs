@@ -18,7 +18,7 @@ mod writes;
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -217,8 +217,17 @@ pub trait KeyStore: Send + Sync + 'static {
     ) -> Result<ApiKey, StoreError>;
     async fn delete_key(&self, actor: &Actor, id: &KeyId) -> Result<(), StoreError>;
 
-    /// Adds a batch of usage counts (one transaction for the batch).
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
+    /// Adds a batch of usage counts (one transaction for the batch), once
+    /// per `flush`: the same transaction records `flush` as its stream's
+    /// latest, and a flush whose stream has reached its sequence already
+    /// writes nothing ([`Recorded::AlreadyApplied`]). So a batch whose
+    /// answer was lost may be sent again, as it was, without counting twice.
+    /// Streams not heard from for [`USAGE_STREAM_RETENTION`] are forgotten.
+    async fn record_usage(
+        &self,
+        flush: &FlushId,
+        batch: &[UsageDelta],
+    ) -> Result<Recorded, StoreError>;
 
     async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError>;
 
@@ -456,6 +465,13 @@ pub const CHANGE_BATCH: i64 = 1000;
 /// How many of the newest changes the feed keeps; a replica that falls
 /// further behind than this drops its whole cache instead.
 pub const CHANGE_RETENTION: i64 = 10_000;
+
+/// How long a usage flush stream (a keygate process) may go unheard before
+/// its row in `usage_flushes` is deleted. Far above how long a flush is
+/// retried, so no flush still being sent loses its record.
+pub const USAGE_STREAM_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often a store deletes the rows of idle flush streams, at most.
+pub const USAGE_STREAM_SWEEP: Duration = Duration::from_secs(3600);
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;

@@ -320,6 +320,49 @@ pub struct UsageDelta {
     pub last_used: SystemTime,
 }
 
+/// Names one usage flush, so that the store applies it once however often
+/// it is sent: `sequence` numbers the flushes of one `stream` (one keygate
+/// process) from 1 up, and the store keeps the highest one it applied per
+/// stream. A flush sent again because its first answer was lost finds its
+/// sequence applied and writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushId {
+    /// Random per process (an 80-bit id), so that no two processes share
+    /// one and a restarted process does not find its old numbers applied.
+    pub stream: String,
+    /// Increases with every new batch of the stream; a batch sent again
+    /// keeps its number.
+    pub sequence: u64,
+}
+
+impl FlushId {
+    /// The first flush of a new, random stream.
+    pub fn first_of_new_stream() -> FlushId {
+        FlushId {
+            stream: crate::key::random_id(),
+            sequence: 1,
+        }
+    }
+
+    /// The stream's flush after this one.
+    pub fn next(&self) -> FlushId {
+        FlushId {
+            stream: self.stream.clone(),
+            sequence: self.sequence + 1,
+        }
+    }
+}
+
+/// What [`KeyStore::record_usage`](super::KeyStore::record_usage) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The counts were added.
+    Applied,
+    /// This flush (or a later one of its stream) was applied before: its
+    /// counts are in already, and nothing was written.
+    AlreadyApplied,
+}
+
 pub fn to_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -30,7 +30,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::queries::{Sql, NO_LOCK};
 use super::sql_store::sql_key_store;
-use super::writes::{Changed, Dialect, Lock};
+use super::writes::{Changed, Dialect, Lock, UsageSweep};
 use super::*;
 use crate::key::{Digest, KeyId};
 
@@ -97,6 +97,8 @@ async fn answers_in_time(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
 pub struct PostgresStore {
     /// Every query and transaction; also lends the listener its connection.
     pool: PgPool,
+    /// When a usage flush next forgets idle flush streams.
+    usage_sweep: UsageSweep,
 }
 
 impl PostgresStore {
@@ -122,7 +124,10 @@ impl PostgresStore {
                 .fetch_one(&pool)
                 .await?;
         super::note_newer_schema(&migrator, applied);
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            usage_sweep: UsageSweep::default(),
+        })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, sqlx::Postgres>, StoreError> {
@@ -224,9 +229,13 @@ impl PostgresStore {
             .collect())
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(
+        &self,
+        flush: &FlushId,
+        batch: &[UsageDelta],
+    ) -> Result<Recorded, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Recorded::Applied);
         }
         let mut ordered: Vec<&UsageDelta> = batch.iter().collect();
         ordered.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
@@ -237,6 +246,12 @@ impl PostgresStore {
             .collect();
         let last_used: Vec<i64> = ordered.iter().map(|d| to_ms(d.last_used)).collect();
         let mut tx = self.begin().await?;
+        // The flush's claim comes first: it is the only row two attempts
+        // of one flush both write, so the later waits there holding nothing.
+        if !Sql::<Postgres>::open_usage_flush(&mut tx, flush, &self.usage_sweep).await? {
+            tx.rollback().await?;
+            return Ok(Recorded::AlreadyApplied);
+        }
         // The keys are share-locked first, so none is deleted between the
         // join below and the foreign key's check (a deleted key's usage is
         // dropped, not an error). Every replica flushes usage for the same
@@ -260,7 +275,7 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(Recorded::Applied)
     }
 
     async fn change_subscription(&self) -> Result<Option<Box<dyn ChangeSubscription>>, StoreError> {

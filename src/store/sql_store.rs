@@ -17,7 +17,7 @@
 //! - `still_there(&self) -> Result<(), StoreError>`, checked by `ping`
 //!   (the SQLite file may have been deleted under the process)
 //! - `close_pools(&self)`, `keys_that_exist(&self, &[KeyId])`,
-//!   `add_usage(&self, &[UsageDelta])` and `change_subscription(&self)`
+//!   `add_usage(&self, &FlushId, &[UsageDelta])` and `change_subscription(&self)`
 //!   (async), the trait's `close`, `existing_keys`, `record_usage` and
 //!   `subscribe`.
 
@@ -223,8 +223,12 @@ macro_rules! sql_key_store {
                 Sql::delete_key(self.begin().await?, actor, id).await
             }
 
-            async fn record_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
-                self.add_usage(batch).await
+            async fn record_usage(
+                &self,
+                flush: &FlushId,
+                batch: &[UsageDelta],
+            ) -> Result<Recorded, StoreError> {
+                self.add_usage(flush, batch).await
             }
 
             async fn list_audit(&self, page: &PageRequest) -> Result<Page<AuditEvent>, StoreError> {

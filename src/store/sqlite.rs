@@ -20,7 +20,7 @@ use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection, SqlitePool, Tra
 
 use super::queries::{Sql, NO_LOCK};
 use super::sql_store::sql_key_store;
-use super::writes::{Changed, Dialect, Lock};
+use super::writes::{Changed, Dialect, Lock, UsageSweep};
 use super::*;
 use crate::key::{Digest, KeyId};
 
@@ -37,6 +37,8 @@ pub struct SqliteStore {
     /// The database file as opened, to notice it deleted or replaced under
     /// the running process ([`SqliteStore::still_there`]).
     file: OpenedFile,
+    /// When a usage flush next forgets idle flush streams.
+    usage_sweep: UsageSweep,
 }
 
 /// A database file's path and identity (device and inode) when opened.
@@ -136,6 +138,7 @@ impl SqliteStore {
             reader,
             writer,
             file,
+            usage_sweep: UsageSweep::default(),
         })
     }
 
@@ -355,9 +358,13 @@ impl SqliteStore {
         Ok(existing)
     }
 
-    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+    async fn add_usage(
+        &self,
+        flush: &FlushId,
+        batch: &[UsageDelta],
+    ) -> Result<Recorded, StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Recorded::Applied);
         }
         // One statement per chunk of keys, not per key: a flush of
         // thousands of keys was as many statements through the worker
@@ -366,6 +373,10 @@ impl SqliteStore {
         // true` is SQLite's way to tell the upsert's ON CONFLICT from a
         // join's ON.
         let mut tx = self.begin().await?;
+        if !Sql::<Sqlite>::open_usage_flush(&mut tx, flush, &self.usage_sweep).await? {
+            tx.rollback().await?;
+            return Ok(Recorded::AlreadyApplied);
+        }
         for chunk in batch.chunks(KEYS_PER_STATEMENT) {
             let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
             let sql = format!(
@@ -387,7 +398,7 @@ impl SqliteStore {
             query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Recorded::Applied)
     }
 
     /// No notifications: the feed polls `changes_since`.

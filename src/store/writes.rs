@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
@@ -38,6 +39,36 @@ pub(super) enum Lock {
     /// A key read with its owner ([`super::rows::KEY_COLUMNS`]): the key's
     /// row only, so that the owner stays free for changes to its other keys.
     UpdateKeyRow,
+}
+
+/// When a store's next usage flush also forgets the flush streams idle for
+/// [`USAGE_STREAM_RETENTION`]: its first flush, then at most once per
+/// [`USAGE_STREAM_SWEEP`], so that the other flushes pay for one statement
+/// more than before, not two.
+#[derive(Debug, Default)]
+pub(super) struct UsageSweep {
+    /// Unix milliseconds from which the next flush sweeps.
+    next_ms: AtomicI64,
+}
+
+impl UsageSweep {
+    /// Whether the flush starting at `now_ms` sweeps; if so, the next one
+    /// after [`USAGE_STREAM_SWEEP`] does. A sweep in a flush that then
+    /// fails waits for the next turn: nothing hurries it.
+    pub(super) fn due(&self, now_ms: i64) -> bool {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let period = i64::try_from(USAGE_STREAM_SWEEP.as_millis()).unwrap_or(i64::MAX);
+        now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(period),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
 }
 
 /// What a change tells every replica's cache, as its change-feed entry.
@@ -607,6 +638,69 @@ where
         .await?;
         DB::record_change(&mut tx, Changed::Keys(&[*id])).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    // === usage flushes ===
+
+    /// Opens a usage flush in `tx`, before its counts: records `flush` as
+    /// its stream's latest and, when `sweep` says so, forgets idle streams.
+    /// False when the stream has reached `flush`'s sequence already: the
+    /// batch was applied before, and the caller must write nothing.
+    pub(super) async fn open_usage_flush(
+        tx: &mut DB::Connection,
+        flush: &FlushId,
+        sweep: &UsageSweep,
+    ) -> Result<bool, StoreError> {
+        let now_ms = to_ms(SystemTime::now());
+        if !Self::claim_usage_flush(tx, flush, now_ms).await? {
+            return Ok(false);
+        }
+        if sweep.due(now_ms) {
+            let retention = i64::try_from(USAGE_STREAM_RETENTION.as_millis()).unwrap_or(i64::MAX);
+            Self::forget_usage_streams(tx, now_ms.saturating_sub(retention)).await?;
+        }
+        Ok(true)
+    }
+
+    /// Records `flush` as its stream's latest. False when the stream has
+    /// reached `flush`'s sequence already. On PostgreSQL a second attempt of
+    /// the same flush (its first one still in flight) waits here for the
+    /// stream's row until the first commits or rolls back, then sees what
+    /// it did; the streams of different processes never share a row.
+    async fn claim_usage_flush(
+        tx: &mut DB::Connection,
+        flush: &FlushId,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let claimed: Option<(i64,)> = sqlx::query_as(
+            "INSERT INTO usage_flushes (stream, last_sequence, flushed_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (stream) DO UPDATE SET \
+             last_sequence = excluded.last_sequence, flushed_ms = excluded.flushed_ms \
+             WHERE usage_flushes.last_sequence < excluded.last_sequence \
+             RETURNING last_sequence",
+        )
+        .bind(flush.stream.as_str())
+        .bind(i64::try_from(flush.sequence).unwrap_or(i64::MAX))
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Deletes the rows of flush streams last heard from before
+    /// `before_ms` (processes long gone), inside a flush's transaction. Two
+    /// PostgreSQL replicas sweeping the same old rows at once may wait for
+    /// each other; should the server end one as a deadlock, that flush
+    /// fails and is sent again as it was, which is safe.
+    async fn forget_usage_streams(
+        tx: &mut DB::Connection,
+        before_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM usage_flushes WHERE flushed_ms < $1")
+            .bind(before_ms)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 

@@ -81,9 +81,10 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Request and response body bytes, by direction.
     bytes: IntCounterVec,
-    /// Requests whose usage count was dropped (see `usage::run_flusher`).
+    /// Requests whose usage count was given up (see `usage::run_flusher`).
     pub usage_dropped: IntCounter,
-    /// Usage flushes the store refused (their counts are retried).
+    /// Usage flush attempts that failed or got no answer (each batch is
+    /// sent again as it was).
     pub usage_flush_failures: IntCounter,
     /// Time from a key change to its cache invalidation here.
     pub invalidation_delay: Histogram,
@@ -334,12 +335,12 @@ impl Metrics {
         .expect("valid metric");
         let usage_dropped = IntCounter::new(
             "keygate_usage_dropped_total",
-            "Requests whose usage count was dropped because the store refused its flushes.",
+            "Requests whose usage count was given up (a flush unsettled after its retries or at shutdown); some may still have been written, none twice.",
         )
         .expect("valid metric");
         let usage_flush_failures = IntCounter::new(
             "keygate_usage_flush_failures_total",
-            "Usage flushes the store refused; their counts are tried again with the next flush.",
+            "Usage flush attempts that failed or got no answer; each batch is sent again as it was, and the store applies it once.",
         )
         .expect("valid metric");
         let invalidation_delay = Histogram::with_opts(
