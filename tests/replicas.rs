@@ -37,8 +37,19 @@ struct Replica {
 impl Replica {
     /// `notify` is `[store] notify`; `extra` is more TOML (other sections).
     async fn start(db_url: &str, upstream: SocketAddr, notify: bool, extra: &str) -> Replica {
+        Replica::start_with_proxy(db_url, upstream, notify, "", extra).await
+    }
+
+    /// [`Replica::start`] with more `[proxy]` lines.
+    async fn start_with_proxy(
+        db_url: &str,
+        upstream: SocketAddr,
+        notify: bool,
+        proxy: &str,
+        extra: &str,
+    ) -> Replica {
         let text = format!(
-            "[proxy]\nupstream = \"http://{upstream}\"\ndrain_timeout = \"1s\"\n\
+            "[proxy]\nupstream = \"http://{upstream}\"\ndrain_timeout = \"1s\"\n{proxy}\n\
              [store]\nurl = \"{db_url}\"\nnotify = {notify}\n\
              [usage]\nflush_interval = \"100ms\"\n{extra}"
         );
@@ -1710,4 +1721,52 @@ async fn a_creation_racing_a_read_drops_unknown_but_keeps_the_key() {
         Ok(()),
         "a read that overlapped the creation cached the id as unknown"
     );
+}
+
+#[tokio::test]
+async fn a_client_gone_during_a_store_read_is_logged_as_499_and_not_forwarded() {
+    let Some(shared) = Shared::create().await else {
+        return;
+    };
+    let log = support::AccessLog::capture();
+    let client = reqwest::Client::new();
+    for relay in [true, false] {
+        let upstream = support::RecordingUpstream::start().await;
+        let proxy = format!("http1_relay = {relay}");
+        let replica =
+            Replica::start_with_proxy(&shared.db.url, upstream.addr, true, &proxy, "").await;
+        in_step(&replica, &client, &shared).await;
+        // Not cached: its request reads the store, which waits on the lock.
+        let (_, token) = shared.key().await;
+        let lock = shared.lock_api_keys().await;
+        let mut stream = tokio::net::TcpStream::connect(replica.proxy).await.unwrap();
+        let request = format!(
+            "GET /gone HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             x-request-id: gone-during-read-{relay}\r\n\r\n"
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let left = Instant::now();
+        drop(stream);
+        // Logged when the client leaves, not when the read gives up (2 s).
+        let line = log
+            .line_with(
+                &format!("request_id=\"gone-during-read-{relay}\""),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_or_else(|| panic!("relay {relay}: no access line within a second"));
+        assert!(line.contains("status=499"), "relay {relay}: {line}");
+        assert!(left.elapsed() < Duration::from_secs(1), "relay {relay}");
+        lock.release().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            upstream.count(),
+            0,
+            "relay {relay}: the request went upstream"
+        );
+        replica.stop().await;
+    }
 }

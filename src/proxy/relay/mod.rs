@@ -9,10 +9,12 @@
 //! refused key gets `reject`'s answer, the one hyper's path gives), copies
 //! the head with the rewrite of `headers` applied, streams the body by its
 //! length, and passes the upstream's response back by its framing, through
-//! its own pool of upstream connections. While it waits on the upstream it
-//! also listens to the client (the readiness tokio already has, no system
-//! call): the upstream's answer may come before the body has all arrived,
-//! and the client may leave (logged as 499, as on hyper's path). Every
+//! its own pool of upstream connections. While it waits (on the store for
+//! a cache miss, on a new upstream connection, on the upstream's answer)
+//! it also listens to the client (the readiness tokio already has, no
+//! system call): the upstream's answer may come before the body has all
+//! arrived, and the client may leave (logged as 499, as on hyper's path,
+//! and nothing more goes upstream). Every
 //! other request is handed to hyper with the bytes read so far
 //! ([`Ended::Handoff`]), and hyper serves the rest of that connection
 //! through `handler`, so each limit and odd case keeps one implementation.
@@ -303,6 +305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
         // documents it for both paths); it covers a store read on a cache
         // miss too, as on hyper's path.
         let request_deadline = Instant::from_std(started) + state.request_timeout;
+        // Outer: whether the client stayed while a cache miss read the store.
         let verified = match &plan.credential {
             Ok(credential) => {
                 let verifying = authenticate(
@@ -313,15 +316,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
                     now,
                     &mut outcome.key,
                 );
+                let keep = self.limits.max_header_bytes;
+                let watched = watching_client(&mut *self.io, &mut self.buf, keep, verifying);
                 self.timer
-                    .run(request_deadline, verifying)
+                    .run(request_deadline, watched)
                     .await
-                    .unwrap_or(Err(ProxyError::RequestTimeout))
+                    .unwrap_or(Ok(Err(ProxyError::RequestTimeout)))
             }
-            Err(error) => Err(ProxyError::from(*error)),
+            Err(error) => Ok(Err(ProxyError::from(*error))),
         };
         let forwarded = match verified {
-            Ok(key) => {
+            Err(gone) => Err(gone),
+            Ok(Ok(key)) => {
                 state
                     .headers
                     .write_identity(&mut self.out, &key, plan.route);
@@ -338,7 +344,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             // closes after the answer unless the whole body has arrived
             // with the head and is skipped, as hyper's path drains what is
             // at hand, so the next pipelined request gets its answer.
-            Err(error) => Err(Failure::Proxy {
+            Ok(Err(error)) => Err(Failure::Proxy {
                 error,
                 body_consumed: self.skip_buffered_body(plan.body),
             }),
@@ -452,8 +458,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Relay<'_, S> {
             let (mut upstream, reused) = match pool.take(clock.upstream_started) {
                 Some(idle) => (idle, true),
                 None => {
+                    let connecting =
+                        connect(&plan.route.upstream, state.upstream.connect_timeout());
+                    let keep = self.limits.max_header_bytes;
                     let connected =
-                        connect(&plan.route.upstream, state.upstream.connect_timeout()).await;
+                        watching_client(&mut *self.io, &mut self.buf, keep, connecting).await?;
                     (connected.map_err(|_| unavailable(body.left))?, false)
                 }
             };
@@ -1008,6 +1017,37 @@ async fn pump<S: AsyncRead + Unpin>(
                     Err(_) => return Pumped::ClientFailed,
                 },
             }
+        }
+    }
+}
+
+/// Runs `work` (a store read on a cache miss, a connection to the upstream)
+/// while watching the client, as [`pump`] does while the upstream answers:
+/// a client that leaves ends the wait ([`Failure::ClientLeft`], logged as
+/// 499, and nothing goes upstream), and what it sends meanwhile (the body,
+/// a pipelined request) is kept in `buf`, up to `keep` bytes; past that it
+/// waits unread. `work` is polled first: a cache hit is answered at its
+/// first poll, and the client is not even looked at.
+async fn watching_client<S: AsyncRead + Unpin, F: Future>(
+    client: &mut S,
+    buf: &mut BytesMut,
+    keep: usize,
+    work: F,
+) -> Result<F::Output, Failure> {
+    let mut work = pin!(work);
+    loop {
+        let watch_client = buf.len() < keep;
+        if watch_client {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            done = work.as_mut() => return Ok(done),
+            read = client.read_buf(buf), if watch_client => match read {
+                Ok(n) if n > 0 => {}
+                // Closed or reset: gone either way.
+                Ok(_) | Err(_) => return Err(Failure::ClientLeft),
+            },
         }
     }
 }
