@@ -200,11 +200,10 @@ struct Unsettled {
 /// meanwhile wait, merged, behind it (up to [`MAX_CARRIED_KEYS`] keys;
 /// past that they are dropped). A batch still unsettled after
 /// `settings.give_up_after` ([`MAX_UNSETTLED`]), or at the last flush, is
-/// given up, and so are
-/// the counts waiting behind it at the last flush: all are logged and
-/// counted in `dropped` (a batch given up may still have been written, so
-/// `dropped` is at most the requests missing). Usage is best-effort and
-/// never holds traffic up.
+/// given up, and so are the counts waiting behind it at the last flush:
+/// all are logged and counted in `dropped` (a batch given up may still
+/// have been written, so `dropped` is at most the requests missing). Usage
+/// is best-effort and never holds traffic up.
 pub async fn run_flusher<S: UsageSink + ?Sized>(
     store: Arc<S>,
     mut queue: UsageQueue,
