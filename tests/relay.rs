@@ -115,6 +115,34 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Reads from `client` into `got` until `done(got)` holds; the test fails
+/// if the connection closes first or nothing comes for 5 s.
+async fn read_until(
+    client: &mut TcpStream,
+    got: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+    what: &str,
+) {
+    let mut chunk = [0u8; 4096];
+    while !done(got) {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{what}: nothing within 5 s after {:?}",
+                    String::from_utf8_lossy(got)
+                )
+            })
+            .unwrap_or(0);
+        assert!(
+            n > 0,
+            "{what}: closed after {:?}",
+            String::from_utf8_lossy(got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Sends raw bytes to the proxy and reads until `responses` complete
 /// responses (by Content-Length or chunked end, or until close) arrived.
 async fn exchange(proxy: SocketAddr, request: &str, until: &str) -> String {
@@ -510,15 +538,8 @@ async fn a_client_gone_mid_body_frees_the_stalled_upstream_connection() {
         );
         client.write_all(request.as_bytes()).await.unwrap();
         let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !got.ends_with(b"abc") {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .expect("the partial response")
-                .unwrap();
-            assert!(n > 0, "relay {relay}: closed early");
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let what = format!("relay {relay}: the partial response");
+        read_until(&mut client, &mut got, |got| got.ends_with(b"abc"), &what).await;
         drop(client);
         tokio::time::timeout(Duration::from_secs(3), closed_rx.recv())
             .await
@@ -716,24 +737,14 @@ async fn an_early_answer_to_a_stalled_upload_is_passed_on() {
         client.write_all(head.as_bytes()).await.unwrap();
         // The upload stalls here; the answer comes anyway.
         let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !got.ends_with(b"too big!") {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "relay {relay}: no answer: {:?}",
-                        String::from_utf8_lossy(&got)
-                    )
-                })
-                .unwrap();
-            assert!(
-                n > 0,
-                "relay {relay}: closed: {:?}",
-                String::from_utf8_lossy(&got)
-            );
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let what = format!("relay {relay}: the early answer");
+        read_until(
+            &mut client,
+            &mut got,
+            |got| got.ends_with(b"too big!"),
+            &what,
+        )
+        .await;
         let got = String::from_utf8_lossy(&got).into_owned();
         assert!(got.starts_with("HTTP/1.1 413"), "relay {relay}: {got}");
         let line = log
@@ -745,6 +756,7 @@ async fn an_early_answer_to_a_stalled_upload_is_passed_on() {
             // Said and done: the connection closes after the answer, and
             // the upstream connection, with a body left unsent, is not kept.
             assert!(got.contains("connection: close\r\n"), "{got}");
+            let mut chunk = [0u8; 64];
             let n = tokio::time::timeout(Duration::from_secs(3), client.read(&mut chunk))
                 .await
                 .expect("closed after the answer")
@@ -804,26 +816,23 @@ async fn an_upload_goes_on_after_an_early_response_head() {
         );
         client.write_all(head.as_bytes()).await.unwrap();
         let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while find(&got, b"\r\n\r\n").is_none() {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .expect("the early head")
-                .unwrap();
-            assert!(n > 0, "relay {relay}");
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let head_read = |got: &[u8]| find(got, b"\r\n\r\n").is_some();
+        read_until(
+            &mut client,
+            &mut got,
+            head_read,
+            &format!("relay {relay}: the early head"),
+        )
+        .await;
         client.write_all(b"0123456789").await.unwrap();
-        while !got.ends_with(b"0\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("relay {relay}: no end: {:?}", String::from_utf8_lossy(&got))
-                })
-                .unwrap();
-            assert!(n > 0, "relay {relay}: {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let ended = |got: &[u8]| got.ends_with(b"0\r\n\r\n");
+        read_until(
+            &mut client,
+            &mut got,
+            ended,
+            &format!("relay {relay}: the end"),
+        )
+        .await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "relay {relay}: {got}");
         assert!(got.contains("\r\n0123456789\r\n"), "relay {relay}: {got}");
@@ -920,15 +929,9 @@ async fn an_upload_that_stalls_after_an_early_answer_does_not_hold_hyper_s_path(
     );
     client.write_all(head.as_bytes()).await.unwrap();
     let mut got = Vec::new();
+    let answered = |got: &[u8]| got.ends_with(b"too big!");
+    read_until(&mut client, &mut got, answered, "the early answer").await;
     let mut chunk = [0u8; 4096];
-    while !got.ends_with(b"too big!") {
-        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
-            .await
-            .expect("the early answer")
-            .unwrap();
-        assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
     // Two seconds of a slow upload: four idle timeouts, the connection kept.
     for _ in 0..10 {
         client.write_all(b"more bytes").await.unwrap();

@@ -128,65 +128,35 @@ async fn count(store: &dyn KeyStore, id: &KeyId) -> u64 {
 /// Three requests whose flush loses its answer (`lose`), two more after
 /// it: five counted, none twice, none given up.
 async fn a_lost_answer_counts_once(store: Arc<dyn KeyStore>, lose: Lose) {
-    let id = a_key(&*store).await;
-    let sink = Arc::new(LosesAnswers {
-        store: store.clone(),
-        lose,
-        left: AtomicU32::new(1),
-        calls: AtomicU32::new(0),
-    });
-    let counters = FlushCounters {
-        failures: IntCounter::new("failures", "failures").unwrap(),
-        dropped: IntCounter::new("dropped", "dropped").unwrap(),
-    };
     let settings = FlushSettings {
         interval: Duration::from_millis(50),
         timeout: Duration::from_millis(300),
         give_up_after: Duration::from_secs(60),
     };
-    let (recorder, queue) = usage::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let flusher = tokio::spawn(usage::run_flusher(
-        sink.clone(),
-        queue,
-        settings,
-        counters.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let used = Arc::new(Used {
-        id,
-        cell: UsageCell::default(),
-    });
-    for _ in 0..3 {
-        recorder.record(&used, SystemTime::now());
-    }
+    let mut gate = Flushing::start(store, lose, 1, settings).await;
+    gate.requests(3);
 
     // The first attempt's answer is lost; the batch is sent again.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(sink.calls.load(Ordering::SeqCst) >= 2 && count(&*store, &id).await >= 3) {
+    while !(gate.sink.calls.load(Ordering::SeqCst) >= 2 && gate.counted().await >= 3) {
         assert!(
             Instant::now() < deadline,
             "{lose:?}: the flush was not sent again and settled: {} attempts, {} of 3 counted, \
              {} given up",
-            sink.calls.load(Ordering::SeqCst),
-            count(&*store, &id).await,
-            counters.dropped.get()
+            gate.sink.calls.load(Ordering::SeqCst),
+            gate.counted().await,
+            gate.counters.dropped.get()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Newer counts flush after it, under the next number.
-    for _ in 0..2 {
-        recorder.record(&used, SystemTime::now());
-    }
-    let _ = stop.send(());
-    flusher.await.unwrap();
+    gate.requests(2);
+    gate.stop().await;
 
-    assert_eq!(count(&*store, &id).await, 5, "{lose:?}");
-    assert_eq!(counters.dropped.get(), 0, "{lose:?}: counts given up");
-    assert_eq!(counters.failures.get(), 1, "{lose:?}");
-    assert_eq!(sink.calls.load(Ordering::SeqCst), 3, "{lose:?}");
+    assert_eq!(gate.counted().await, 5, "{lose:?}");
+    assert_eq!(gate.counters.dropped.get(), 0, "{lose:?}: counts given up");
+    assert_eq!(gate.counters.failures.get(), 1, "{lose:?}");
+    assert_eq!(gate.sink.calls.load(Ordering::SeqCst), 3, "{lose:?}");
 }
 
 async fn sqlite() -> (Arc<dyn KeyStore>, tempfile::TempDir) {
@@ -322,11 +292,10 @@ async fn postgres_idle_streams_are_forgotten() {
     pool.close().await;
 }
 
-/// A flusher over a SQLite store that loses every answer before the write
-/// until told otherwise, giving a batch up after `give_up_after`.
-struct Unanswered {
+/// A flusher writing to `store` through [`LosesAnswers`], and a key's
+/// requests to feed it.
+struct Flushing {
     store: Arc<dyn KeyStore>,
-    _dir: tempfile::TempDir,
     sink: Arc<LosesAnswers>,
     counters: FlushCounters,
     recorder: usage::UsageRecorder,
@@ -335,24 +304,24 @@ struct Unanswered {
     flusher: tokio::task::JoinHandle<()>,
 }
 
-impl Unanswered {
-    async fn start(give_up_after: Duration) -> Unanswered {
-        let (store, dir) = sqlite().await;
+impl Flushing {
+    /// The first `lost` answers are lost (`lose`).
+    async fn start(
+        store: Arc<dyn KeyStore>,
+        lose: Lose,
+        lost: u32,
+        settings: FlushSettings,
+    ) -> Flushing {
         let id = a_key(&*store).await;
         let sink = Arc::new(LosesAnswers {
             store: store.clone(),
-            lose: Lose::BeforeTheWrite,
-            left: AtomicU32::new(u32::MAX),
+            lose,
+            left: AtomicU32::new(lost),
             calls: AtomicU32::new(0),
         });
         let counters = FlushCounters {
             failures: IntCounter::new("failures", "failures").unwrap(),
             dropped: IntCounter::new("dropped", "dropped").unwrap(),
-        };
-        let settings = FlushSettings {
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_millis(100),
-            give_up_after,
         };
         let (recorder, queue) = usage::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -369,9 +338,8 @@ impl Unanswered {
             id,
             cell: UsageCell::default(),
         });
-        Unanswered {
+        Flushing {
             store,
-            _dir: dir,
             sink,
             counters,
             recorder,
@@ -379,6 +347,19 @@ impl Unanswered {
             stop: Some(stop),
             flusher,
         }
+    }
+
+    /// A flusher over a SQLite store that loses every answer before the
+    /// write until told otherwise, giving a batch up after `give_up_after`.
+    async fn unanswered(give_up_after: Duration) -> (Flushing, tempfile::TempDir) {
+        let (store, dir) = sqlite().await;
+        let settings = FlushSettings {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+            give_up_after,
+        };
+        let flushing = Flushing::start(store, Lose::BeforeTheWrite, u32::MAX, settings).await;
+        (flushing, dir)
     }
 
     fn requests(&self, n: usize) {
@@ -415,7 +396,7 @@ impl Unanswered {
 /// then given up and counted, and the counts behind it go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_never_answered_is_given_up_in_the_end() {
-    let mut gate = Unanswered::start(Duration::from_millis(400)).await;
+    let (mut gate, _dir) = Flushing::unanswered(Duration::from_millis(400)).await;
     gate.requests(3);
     gate.until("the batch given up", |c| c.dropped.get() == 3)
         .await;
@@ -440,7 +421,7 @@ async fn a_batch_never_answered_is_given_up_in_the_end() {
 /// the store for longer than that attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_flush_gives_up_what_the_store_does_not_answer() {
-    let mut gate = Unanswered::start(Duration::from_secs(60)).await;
+    let (mut gate, _dir) = Flushing::unanswered(Duration::from_secs(60)).await;
     gate.requests(3);
     gate.until("the first attempt lost", |c| c.failures.get() >= 1)
         .await;
