@@ -139,16 +139,17 @@ async fn an_h2c_upgrade_is_served_as_a_plain_request() {
 }
 
 /// A tunnel whose upstream closes its sending side first still carries
-/// what the client sends after that, and its end. (keygate's lingering
-/// close, which reads and drops what a client sends after keygate closes,
-/// is kept off upgraded connections; tokio's `copy_bidirectional` reads the
-/// client before it shuts it down, so this passes without that guard too.)
+/// all the client sends after that, even while the upstream is slow to
+/// read it: keygate's lingering close, which reads and drops what a client
+/// sends after keygate closes its side, is kept off upgraded connections,
+/// whose bytes are the tunnel's.
 #[tokio::test]
 async fn a_tunnel_the_upstream_half_closes_still_carries_the_client_bytes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SENT: usize = 16 * 1024 * 1024;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
-    let (heard_tx, heard_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let (heard_tx, heard_rx) = tokio::sync::oneshot::channel::<usize>();
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
         let mut head = Vec::new();
@@ -163,10 +164,16 @@ async fn a_tunnel_the_upstream_half_closes_still_carries_the_client_bytes() {
         )
         .await
         .unwrap();
-        // Done sending; still listening.
+        // Done sending; slow to read what comes, then reading it all.
         tcp.shutdown().await.unwrap();
-        let mut heard = Vec::new();
-        let _ = tcp.read_to_end(&mut heard).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut heard = 0;
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => heard += n,
+            }
+        }
         let _ = heard_tx.send(heard);
     });
     let gate = Gate::builder().upstream(upstream).start().await;
@@ -188,15 +195,12 @@ async fn a_tunnel_the_upstream_half_closes_still_carries_the_client_bytes() {
         "{}",
         String::from_utf8_lossy(&got)
     );
-    client
-        .write_all(b"after the upstream's close")
-        .await
-        .unwrap();
+    client.write_all(&vec![b'x'; SENT]).await.unwrap();
     client.shutdown().await.unwrap();
-    let heard = tokio::time::timeout(std::time::Duration::from_secs(5), heard_rx)
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(10), heard_rx)
         .await
         .expect("the upstream hears the end")
         .unwrap();
-    assert_eq!(heard, b"after the upstream's close");
+    assert_eq!(heard, SENT);
     gate.stop().await;
 }
