@@ -31,10 +31,11 @@ mod pool;
 mod rewind;
 
 use std::borrow::Cow;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -1026,8 +1027,7 @@ async fn pump<S: AsyncRead + Unpin>(
 /// a client that leaves ends the wait ([`Failure::ClientLeft`], logged as
 /// 499, and nothing goes upstream), and what it sends meanwhile (the body,
 /// a pipelined request) is kept in `buf`, up to `keep` bytes; past that it
-/// waits unread. `work` is polled first: a cache hit is answered at its
-/// first poll, and the client is not even looked at.
+/// waits unread. `work` is polled first.
 async fn watching_client<S: AsyncRead + Unpin, F: Future>(
     client: &mut S,
     buf: &mut BytesMut,
@@ -1035,6 +1035,11 @@ async fn watching_client<S: AsyncRead + Unpin, F: Future>(
     work: F,
 ) -> Result<F::Output, Failure> {
     let mut work = pin!(work);
+    // A cache hit is ready at its first poll: it is answered as before
+    // this watch existed, without making room in `buf` or the select.
+    if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await {
+        return Ok(done);
+    }
     loop {
         let watch_client = buf.len() < keep;
         if watch_client {
